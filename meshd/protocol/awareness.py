@@ -1,0 +1,45 @@
+"""Local health awareness (Lifeguard, part one).
+
+A node that is itself slow (CPU-starved, paused, on a lossy link) sees its
+probes fail and would wrongly suspect healthy peers.  Lifeguard keeps a small
+score of evidence that *we* are the problem and stretches our own probe
+interval and timeout by ``score + 1``: a sick node slows its accusations
+instead of spreading them.
+
+Evidence, as in memberlist's ``awareness.go`` and the Lifeguard paper:
+a successful probe lowers the score by one; a failed probe raises it by the
+number of nacks that helpers owed us but did not send (or by one when no
+helper was asked); having to refute a suspicion about ourselves raises it by
+one.
+"""
+
+from __future__ import annotations
+
+
+class Awareness:
+    """Score in ``[0, max_multiplier - 1]``; timeouts scale by ``score + 1``."""
+
+    __slots__ = ("_max", "score")
+
+    def __init__(self, max_multiplier: int) -> None:
+        if max_multiplier < 1:
+            raise ValueError("max_multiplier must be at least 1")
+        self._max = max_multiplier
+        self.score = 0
+
+    def apply(self, delta: int) -> None:
+        self.score = min(max(self.score + delta, 0), self._max - 1)
+
+    def scale(self, timeout: float) -> float:
+        return timeout * (self.score + 1)
+
+
+def failed_probe_delta(expected_nacks: int, nacks: int) -> int:
+    """Score change after a probe that got no ack at all.
+
+    Helpers that were asked and stayed silent point at our own link: each
+    missing nack counts.  With no helper to ask, the failure itself counts once.
+    """
+    if expected_nacks <= 0:
+        return 1
+    return max(expected_nacks - nacks, 0)

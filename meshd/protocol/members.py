@@ -1,0 +1,106 @@
+"""Member states and the table of moves between them.
+
+Theory of operation.  Every member of a pool holds a view of every other: a
+status and an incarnation number.  Only the member itself raises its
+incarnation, and it does so to refute a suspicion or death claim about it, so
+an incarnation orders claims about one member: a claim at a higher incarnation
+is newer information.  Claims arrive by gossip in any order; the table below
+says which claim may move which status, and at which incarnation.
+
+- ``alive`` at a *higher* incarnation overrides anything: the member spoke.
+- ``suspect``, ``dead`` and ``left`` at the *same or higher* incarnation
+  override ``alive``: they were said about the member's latest life.
+- ``suspect`` on ``suspect`` is not a move but a confirmation from another
+  accuser, which shortens the suspicion timer (Lifeguard).
+- ``dead`` and ``left`` are final for that incarnation; only a newer ``alive``
+  brings the member back (a restart, or a refutation after a partition).
+- Claims about a member we have never seen are ignored unless they say
+  ``alive``: we cannot probe what we cannot address.
+
+A pair missing from the table is not a move: the claim is stale and ignored.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from meshd.wire import MemberUpdate, Status
+
+
+class Rule(enum.Enum):
+    ANY = "any incarnation"
+    NEWER = "incarnation greater than ours"
+    AT_LEAST = "incarnation at least ours"
+
+
+class Move(enum.Enum):
+    IGNORE = "ignore"
+    APPLY = "apply"
+    CONFIRM = "confirm"
+
+
+A, S, D, L = Status.ALIVE, Status.SUSPECT, Status.DEAD, Status.LEFT
+
+#: (current status, None when unknown; claimed status) -> rule the claim must meet.
+TRANSITIONS: dict[tuple[Status | None, Status], Rule] = {
+    (None, A): Rule.ANY,
+    (A, A): Rule.NEWER,
+    (A, S): Rule.AT_LEAST,
+    (A, D): Rule.AT_LEAST,
+    (A, L): Rule.AT_LEAST,
+    (S, A): Rule.NEWER,
+    (S, S): Rule.AT_LEAST,  # a confirmation, not a move
+    (S, D): Rule.AT_LEAST,
+    (S, L): Rule.AT_LEAST,
+    (D, A): Rule.NEWER,
+    (D, L): Rule.AT_LEAST,  # a late leave notice: record the operator's intent
+    (L, A): Rule.NEWER,
+}
+
+
+@dataclass(slots=True)
+class Member:
+    """Our view of one member.  ``since`` is when ``status`` last changed."""
+
+    node: str
+    address: str
+    region: str
+    zone: str
+    incarnation: int
+    status: Status
+    since: float
+
+    @property
+    def cluster(self) -> str:
+        return self.node.partition("/")[0]
+
+    @property
+    def name(self) -> str:
+        return self.node.partition("/")[2]
+
+    @property
+    def serving(self) -> bool:
+        """Counted in the pool: alive or suspected (not yet dead)."""
+        return self.status in (Status.ALIVE, Status.SUSPECT)
+
+    def update_for(self, status: Status, by: str) -> MemberUpdate:
+        return MemberUpdate(
+            status, self.node, self.incarnation, self.address, self.region, self.zone, by
+        )
+
+
+def decide(current: Member | None, claim: MemberUpdate) -> Move:
+    """What a claim does to our view: ignore it, apply it, or count a confirmation."""
+    cur_status = current.status if current is not None else None
+    rule = TRANSITIONS.get((cur_status, claim.status))
+    if rule is None:
+        return Move.IGNORE
+    if current is not None:
+        if rule is Rule.NEWER and claim.incarnation <= current.incarnation:
+            return Move.IGNORE
+        if rule is Rule.AT_LEAST and claim.incarnation < current.incarnation:
+            return Move.IGNORE
+    if cur_status is Status.SUSPECT and claim.status is Status.SUSPECT:
+        return Move.CONFIRM
+    return Move.APPLY

@@ -1,0 +1,888 @@
+"""The sans-IO protocol core: one member of one gossip pool.
+
+Shape (aioquic's ``QuicConnection``): the driver owns sockets and the clock.
+It hands the core each decoded message with :meth:`Node.receive` and the
+current time, calls :meth:`Node.handle_timer` when :meth:`Node.get_timer`
+says so, and pulls ``(address, message)`` pairs to send with
+:meth:`Node.messages_to_send` and events with :meth:`Node.next_event`.  The
+core never reads a clock, opens a socket or draws unseeded randomness, so the
+asyncio agent and the simulator run the very same code.
+
+What it does:
+
+- SWIM failure detection: one probe per (health-scaled) interval, round-robin
+  over a reshuffled member list; on a missed ack, indirect probes through
+  ``indirect_checks`` helpers; then suspicion, then death.
+- Lifeguard: local health (``awareness``), dynamic suspicion timeouts
+  (``suspicion``), and the buddy system (a ping to a suspect carries the
+  suspicion so that it can refute at once).
+- Dissemination: membership claims and signed origin states ride on pings,
+  acks and gossip rounds through two retransmit-limited queues with separate
+  byte budgets.
+- Anti-entropy: periodic push-pull of record digests (and, less often, of the
+  full member list); only the states the other side lacks are sent.
+- Records: this node's own origin state, re-signed on every change with a
+  version that only grows; other origins' states verified before they are
+  stored; dead or left origins kept as tombstones until reaped.
+
+Peer input never raises: a claim that breaks a rule is ignored, a state that
+fails verification is counted in ``counters`` and dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from meshd.protocol.awareness import Awareness, failed_probe_delta
+from meshd.protocol.config import Config
+from meshd.protocol.events import Event, MemberChanged, OriginChanged
+from meshd.protocol.members import Member, Move, decide
+from meshd.protocol.queue import BroadcastQueue, retransmit_limit
+from meshd.protocol.store import RecordStore, wins
+from meshd.protocol.suspicion import (
+    Suspicion,
+    expected_confirmations,
+    suspicion_max,
+    suspicion_min,
+)
+from meshd.wire import (
+    Ack,
+    AppRecord,
+    Gossip,
+    IndirectPing,
+    MemberUpdate,
+    Message,
+    Nack,
+    OriginState,
+    Ping,
+    PushPull,
+    PushPullReply,
+    Rejection,
+    SignedState,
+    Status,
+    member_id,
+)
+
+#: Bytes of states per anti-entropy message: with a full member list of a
+#: 10,000-node pool (~0.6 MiB) this stays under the 1 MiB frame limit.
+SYNC_CHUNK_BYTES = 256 * 1024
+#: Seconds between join attempts while we know no other member.
+JOIN_RETRY_INTERVAL = 2.0
+#: Pools above this size sync less often (memberlist's pushPullScaleThreshold).
+PUSH_PULL_SCALE_THRESHOLD = 32
+
+
+class Signer(Protocol):
+    def sign(self, state: OriginState) -> SignedState: ...
+
+
+class Verifier(Protocol):
+    def verify(self, signed: SignedState) -> OriginState | Rejection: ...
+
+
+def push_pull_scale(interval: float, n: int) -> float:
+    """Stretch a sync interval above 32 members so the pool-wide sync load stays flat.
+
+    ``interval * (ceil(log2 n - log2 32) + 1)``, as memberlist's ``pushPullScale``.
+    """
+    if n <= PUSH_PULL_SCALE_THRESHOLD:
+        return interval
+    mult = math.ceil(math.log2(n) - math.log2(PUSH_PULL_SCALE_THRESHOLD)) + 1.0
+    return interval * mult
+
+
+def view_term(m: Member) -> int:
+    """A member's contribution to the view fingerprint (order-free, via XOR)."""
+    key = f"{m.node}|{int(m.status)}|{m.incarnation}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
+@dataclass(slots=True)
+class _Probe:
+    target: str
+    seq: int
+    ack_deadline: float
+    end: float
+    indirect: bool = False
+    expected_nacks: int = 0
+    nacks: int = 0
+
+
+@dataclass(slots=True)
+class _Relay:
+    """An indirect probe we run for ``requester``: forward its ack, or a nack."""
+
+    requester_addr: str
+    requester_seq: int
+    deadline: float
+    want_nack: bool
+
+
+class Node:
+    """One member of a gossip pool, with its own origin state (see module doc)."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        node: str,
+        cluster: str,
+        address: str,
+        signer: Signer,
+        verifier: Verifier,
+        rng: random.Random,
+        now: float,
+        region: str = "",
+        zone: str = "",
+        incarnation: int = 0,
+        version: int = 0,
+        apps: Iterable[AppRecord] = (),
+    ) -> None:
+        self.config = config
+        self.id = member_id(cluster, node)
+        self.node_name = node
+        self.cluster = cluster
+        self.region = region
+        self.zone = zone
+        self.address = address
+        self._signer = signer
+        self._verifier = verifier
+        self._rng = rng
+        #: Counters of what happened that an operator may want to see: rejected
+        #: states by reason, impersonation attempts, stale claims, refutations.
+        self.counters: Counter[str] = Counter()
+        self.awareness = Awareness(config.awareness_max_multiplier)
+        self.store = RecordStore()
+        self.left = False
+
+        # A restart must outrank everything said about our previous life, so
+        # both counters move past what the driver persisted.
+        self.incarnation = incarnation + 1
+        self.version = version
+        self._apps: dict[str, AppRecord] = {a.instance: a for a in apps}
+
+        self._probe_order: list[str] = []
+        self._probe_index = 0
+        self.members: dict[str, Member] = {}
+        self._ids: list[str] = []  # for O(1) random sampling
+        self._id_pos: dict[str, int] = {}
+        self._serving = 0
+        #: XOR of ``view_term`` over our members: equal views, equal numbers.
+        #: A digest sync compares it to decide whether member lists must flow.
+        self.view = 0
+        self._add_member(
+            Member(self.id, address, region, zone, self.incarnation, Status.ALIVE, now)
+        )
+
+        self._member_q: BroadcastQueue[MemberUpdate] = BroadcastQueue(lambda u: u.size)
+        self._record_q: BroadcastQueue[SignedState] = BroadcastQueue(lambda s: s.size)
+        self._out: list[tuple[str, Message]] = []
+        self._events: deque[Event] = deque()
+
+        self._seq = 0
+        self._probe: _Probe | None = None
+        self._relays: dict[int, _Relay] = {}
+        self._suspicions: dict[str, Suspicion] = {}
+        self._seeds: list[str] = []
+        #: address -> whether our open sync carried our member list.
+        self._open_syncs: dict[str, bool] = {}
+
+        jitter = rng.random()
+        self._next_probe = now + config.probe_interval * jitter
+        self._next_gossip: float | None = None
+        self._next_push_pull = now + config.push_pull_interval * (0.5 + rng.random())
+        self._next_digest = now + config.digest_interval * (0.5 + rng.random())
+        self._next_reconnect = now + config.reconnect_interval * (0.5 + rng.random())
+        self._next_reap = now + self._reap_period
+        self._next_join: float | None = None
+
+        self._member_q.push(self.id, self.members[self.id].update_for(Status.ALIVE, self.id))
+        self._publish(now)
+
+    # ------------------------------------------------------------------
+    # Queries
+
+    @property
+    def pool_size(self) -> int:
+        """Members alive or suspected, ourselves included (the ``n`` of the formulas)."""
+        return self._serving
+
+    def member_list(self) -> list[Member]:
+        return sorted(self.members.values(), key=lambda m: m.node)
+
+    @property
+    def apps(self) -> dict[str, AppRecord]:
+        return dict(self._apps)
+
+    def suspicion_bounds(self) -> tuple[float, float]:
+        """(min, max) suspicion timeout for the current pool size, in seconds."""
+        cfg = self.config
+        lo = suspicion_min(cfg.suspicion_mult, self.pool_size, cfg.probe_interval)
+        hi = suspicion_max(lo, cfg.suspicion_max_timeout_mult) if cfg.lifeguard else lo
+        return lo, hi
+
+    # ------------------------------------------------------------------
+    # Driver interface
+
+    def messages_to_send(self) -> list[tuple[str, Message]]:
+        out, self._out = self._out, []
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float:
+        t = min(self._next_probe, self._next_push_pull, self._next_digest, self._next_reap)
+        if self.config.reconnect_interval > 0:
+            t = min(t, self._next_reconnect)
+        if self._next_gossip is not None:
+            t = min(t, self._next_gossip)
+        if self._next_join is not None:
+            t = min(t, self._next_join)
+        if self._probe is not None:
+            t = min(t, self._probe.end if self._probe.indirect else self._probe.ack_deadline)
+        for s in self._suspicions.values():
+            t = min(t, s.deadline)
+        for r in self._relays.values():
+            t = min(t, r.deadline)
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        self._expire_relays(now)
+        self._expire_suspicions(now)
+        if self._probe is not None:
+            self._advance_probe(now)
+        if now >= self._next_probe and not self.left:
+            if self._probe is not None:  # a paused driver woke late: close it out first
+                self._finish_probe(now, acked=False)
+            self._start_probe(now)
+        elif now >= self._next_probe:
+            self._next_probe = now + self.config.probe_interval
+        if self._next_gossip is not None and now >= self._next_gossip:
+            self._gossip_round(now)
+        if now >= self._next_push_pull:
+            self._next_push_pull = now + push_pull_scale(
+                self.config.push_pull_interval, self.pool_size
+            )
+            self._start_sync(now, full=True)
+        if now >= self._next_digest:
+            self._next_digest = now + push_pull_scale(self.config.digest_interval, self.pool_size)
+            self._start_sync(now, full=False)
+        if self.config.reconnect_interval > 0 and now >= self._next_reconnect:
+            self._next_reconnect = now + self.config.reconnect_interval
+            self._reconnect(now)
+        if self._next_join is not None and now >= self._next_join:
+            self._retry_join(now)
+        if now >= self._next_reap:
+            self._next_reap = now + self._reap_period
+            self._reap(now)
+
+    def receive(self, msg: Message, now: float, peer: str | None = None) -> None:
+        """Handle one decoded message.
+
+        ``peer`` is the member id the transport authenticated (the TLS
+        certificate's node); a message claiming another source is dropped.
+        """
+        if peer is not None and msg.source != peer:
+            self.counters["impersonation"] += 1
+            return
+        if msg.source == self.id:
+            return
+        members = getattr(msg, "members", ())
+        states = getattr(msg, "states", ())
+        if isinstance(msg, PushPull | PushPullReply):
+            self._merge_remote_members(msg.source, members, now)
+            self._merge_states(states, now, rebroadcast=False)
+        else:
+            for u in members:
+                self._apply(u, now)
+            self._merge_states(states, now, rebroadcast=True)
+
+        if isinstance(msg, Ping):
+            self._on_ping(msg, now)
+        elif isinstance(msg, Ack):
+            self._on_ack(msg, now)
+        elif isinstance(msg, Nack):
+            if self._probe is not None and self._probe.seq == msg.seq and self._probe.indirect:
+                self._probe.nacks += 1
+        elif isinstance(msg, IndirectPing):
+            self._on_indirect_ping(msg, now)
+        elif isinstance(msg, PushPull):
+            self._on_push_pull(msg, now)
+        elif isinstance(msg, PushPullReply):
+            self._on_push_pull_reply(msg, now)
+
+    # -- commands ---------------------------------------------------------
+
+    def join(self, addresses: Iterable[str], now: float) -> None:
+        """Contact seeds with a full push-pull; retried while we know no one."""
+        self._seeds = [a for a in addresses if a != self.address]
+        for addr in self._seeds:
+            self._send_sync(addr, full=True, join=True)
+        self._next_join = now + JOIN_RETRY_INTERVAL if self._seeds else None
+
+    def leave(self, now: float) -> None:
+        """Graceful leave: tell the pool we left, at our current incarnation."""
+        if self.left:
+            return
+        self.left = True
+        me = self.members[self.id]
+        self._set_status(me, Status.LEFT, now)
+        update = me.update_for(Status.LEFT, self.id)
+        self._member_q.push(self.id, update)
+        self._probe = None
+        # Do not wait for the next gossip round: the driver may stop soon.
+        targets = self._random_members(
+            max(self.config.gossip_nodes * 2, 4), lambda m: m.serving and m.node != self.id
+        )
+        for m in targets:
+            self._send(m.address, Gossip(self.id, members=(update,)))
+
+    def set_app(self, record: AppRecord, now: float) -> int:
+        """Register or replace a local instance; returns the new origin version."""
+        self._apps[record.instance] = record
+        return self._publish(now)
+
+    def remove_app(self, instance: str, now: float) -> int | None:
+        """Deregister; None when unknown, else the new origin version."""
+        if self._apps.pop(instance, None) is None:
+            return None
+        return self._publish(now)
+
+    def set_apps(self, records: Iterable[AppRecord], now: float) -> int:
+        self._apps = {r.instance: r for r in records}
+        return self._publish(now)
+
+    def report_refused(self, address: str, now: float) -> None:
+        """The driver got 'connection refused' from ``address``.
+
+        No process listens there: strong evidence, but one kind of evidence,
+        so it only counts as one more independent confirmation of a suspicion.
+        """
+        for m in self.members.values():
+            if m.address == address and m.status is Status.SUSPECT:
+                s = self._suspicions.get(m.node)
+                if s is not None and s.confirm("transport:refused"):
+                    self.counters["refused-confirmation"] += 1
+
+    # ------------------------------------------------------------------
+    # Own state
+
+    def _publish(self, now: float) -> int:
+        self.version += 1
+        state = OriginState(
+            node=self.node_name,
+            cluster=self.cluster,
+            region=self.region,
+            zone=self.zone,
+            version=self.version,
+            apps=tuple(sorted(self._apps.values(), key=lambda a: a.instance)),
+        )
+        signed = self._signer.sign(state)
+        self.store.merge(signed, state, now)
+        self._record_q.push(self.id, signed)
+        self._events.append(OriginChanged(self.id, self.version, True))
+        self._wake_gossip(now)
+        return self.version
+
+    def _refute(self, claim: MemberUpdate, now: float) -> None:
+        if self.left:
+            return
+        self.counters["refutations"] += 1
+        self.incarnation = max(self.incarnation, claim.incarnation) + 1
+        me = self.members[self.id]
+        self._set_status(me, Status.ALIVE, now, self.incarnation)
+        self._member_q.push(self.id, me.update_for(Status.ALIVE, self.id))
+        if self.config.lifeguard:
+            self.awareness.apply(1)
+        self._wake_gossip(now)
+
+    # ------------------------------------------------------------------
+    # Membership
+
+    def _add_member(self, m: Member) -> None:
+        self.members[m.node] = m
+        self.view ^= view_term(m)
+        self._id_pos[m.node] = len(self._ids)
+        self._ids.append(m.node)
+        if m.serving:
+            self._serving += 1
+        if m.node != self.id:
+            # Insert at a random place so a newcomer is probed within one round.
+            self._probe_order.insert(self._rng.randint(0, len(self._probe_order)), m.node)
+
+    def _remove_member(self, node: str) -> None:
+        m = self.members.pop(node)
+        self.view ^= view_term(m)
+        if m.serving:
+            self._serving -= 1
+        pos = self._id_pos.pop(node)
+        last = self._ids.pop()
+        if last != node:
+            self._ids[pos] = last
+            self._id_pos[last] = pos
+
+    def _set_status(
+        self, m: Member, status: Status, now: float, incarnation: int | None = None
+    ) -> None:
+        """The one place a known member's status or incarnation changes."""
+        was = m.serving
+        self.view ^= view_term(m)
+        if incarnation is not None:
+            m.incarnation = incarnation
+        if status is not m.status:
+            m.status = status
+            m.since = now
+        self.view ^= view_term(m)
+        self._serving += int(m.serving) - int(was)
+
+    def _apply(self, u: MemberUpdate, now: float, rebroadcast: bool = True) -> None:
+        if u.node == self.id:
+            self._about_me(u, now)
+            return
+        cur = self.members.get(u.node)
+        move = decide(cur, u)
+        if move is Move.IGNORE:
+            self.counters["stale-claims"] += 1
+            return
+        if move is Move.CONFIRM:
+            s = self._suspicions.get(u.node)
+            if cur is not None and u.incarnation > cur.incarnation:
+                self._set_status(cur, cur.status, now, u.incarnation)
+            if s is not None and self.config.lifeguard and s.confirm(u.by):
+                # Others count confirmations too: pass it on.
+                self._queue_member(u, now)
+            return
+
+        old_status = cur.status if cur is not None else None
+        if cur is None:
+            cur = Member(u.node, u.address, u.region, u.zone, u.incarnation, u.status, now)
+            self._add_member(cur)
+        else:
+            if u.status is Status.ALIVE:
+                cur.address, cur.region, cur.zone = u.address, u.region, u.zone
+            self._set_status(cur, u.status, now, u.incarnation)
+
+        if u.status is Status.SUSPECT:
+            self._start_suspicion(cur, u.by, now)
+        else:
+            self._suspicions.pop(u.node, None)
+        if u.status in (Status.DEAD, Status.LEFT):
+            if self.store.tombstone(u.node, now):
+                self._origin_event(u.node, live=False)
+        elif old_status in (Status.DEAD, Status.LEFT) and self.store.revive(u.node):
+            self._origin_event(u.node, live=True)
+
+        self._events.append(MemberChanged(u.node, u.status, u.incarnation, cur.address))
+        if rebroadcast:
+            self._queue_member(u, now)
+
+    def _about_me(self, u: MemberUpdate, now: float) -> None:
+        if self.left:
+            return
+        if u.status is Status.ALIVE:
+            if u.incarnation > self.incarnation:
+                # Someone remembers a later life of ours (state lost on restart).
+                self._refute(u, now)
+            return
+        if u.incarnation >= self.incarnation:  # an older claim is already refuted
+            self._refute(u, now)
+
+    def _merge_remote_members(
+        self, source: str, updates: Iterable[MemberUpdate], now: float
+    ) -> None:
+        """Merge a peer's member list (push-pull).
+
+        As memberlist's ``mergeState``: a remote 'dead' becomes a local
+        'suspect', so one peer's stale view cannot kill a member outright;
+        and nothing is re-gossiped except the sender's claim about itself
+        (a joiner), so a sync does not flood the queue with old news.
+        """
+        for u in updates:
+            if u.status is Status.DEAD and u.node != self.id:
+                u = MemberUpdate(
+                    Status.SUSPECT, u.node, u.incarnation, u.address, u.region, u.zone, u.by
+                )
+            self._apply(u, now, rebroadcast=(u.node == source))
+
+    def _queue_member(self, u: MemberUpdate, now: float) -> None:
+        self._member_q.push(u.node, u)
+        self._wake_gossip(now)
+
+    def _start_suspicion(self, m: Member, by: str, now: float) -> None:
+        cfg = self.config
+        n = self.pool_size
+        lo, hi = self.suspicion_bounds()
+        k = expected_confirmations(cfg.suspicion_mult, n) if cfg.lifeguard else 0
+        self._suspicions[m.node] = Suspicion(now, by, k, lo, hi)
+
+    def _expire_suspicions(self, now: float) -> None:
+        expired = [node for node, s in self._suspicions.items() if now >= s.deadline]
+        for node in expired:
+            m = self.members.get(node)
+            del self._suspicions[node]
+            if m is None or m.status is not Status.SUSPECT:
+                continue
+            self.counters["declared-dead"] += 1
+            self._apply(m.update_for(Status.DEAD, self.id), now)
+
+    def _origin_event(self, origin: str, live: bool) -> None:
+        entry = self.store.get(origin)
+        if entry is not None:
+            self._events.append(OriginChanged(origin, entry.signed.version, live))
+
+    # ------------------------------------------------------------------
+    # Probing (SWIM + Lifeguard)
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def _next_target(self) -> Member | None:
+        for _ in range(2):
+            while self._probe_index < len(self._probe_order):
+                node = self._probe_order[self._probe_index]
+                self._probe_index += 1
+                m = self.members.get(node)
+                if m is not None and m.serving:
+                    return m
+            # Round over: reshuffle what is there now (memberlist resetNodes).
+            self._probe_order = [n for n, m in self.members.items() if n != self.id and m.serving]
+            self._rng.shuffle(self._probe_order)
+            self._probe_index = 0
+        return None
+
+    def _start_probe(self, now: float) -> None:
+        cfg = self.config
+        interval = self.awareness.scale(cfg.probe_interval) if cfg.lifeguard else cfg.probe_interval
+        self._next_probe = now + interval
+        target = self._next_target()
+        if target is None:
+            return
+        timeout = self.awareness.scale(cfg.probe_timeout) if cfg.lifeguard else cfg.probe_timeout
+        seq = self._next_seq()
+        buddy = None
+        if cfg.lifeguard and target.status is Status.SUSPECT:
+            buddy = target.update_for(Status.SUSPECT, self.id)
+        members, states = self._piggyback()
+        self._send(
+            target.address,
+            Ping(
+                self.id,
+                seq=seq,
+                source_addr=self.address,
+                target=target.node,
+                suspicion=buddy,
+                members=members,
+                states=states,
+            ),
+        )
+        self._probe = _Probe(target.node, seq, now + timeout, now + interval)
+
+    def _advance_probe(self, now: float) -> None:
+        p = self._probe
+        assert p is not None
+        if not p.indirect and now >= p.ack_deadline:
+            p.indirect = True
+            target = self.members.get(p.target)
+            if target is None:
+                self._probe = None
+                return
+            helpers = self._random_members(
+                self.config.indirect_checks,
+                lambda m: m.status is Status.ALIVE and m.node not in (self.id, p.target),
+            )
+            p.expected_nacks = len(helpers)
+            for h in helpers:
+                self._send(
+                    h.address,
+                    IndirectPing(
+                        self.id,
+                        seq=p.seq,
+                        source_addr=self.address,
+                        target=target.node,
+                        target_addr=target.address,
+                        nack=True,
+                    ),
+                )
+        if p.indirect and now >= p.end:
+            self._finish_probe(now, acked=False)
+
+    def _finish_probe(self, now: float, acked: bool) -> None:
+        p = self._probe
+        assert p is not None
+        self._probe = None
+        if acked:
+            if self.config.lifeguard:
+                self.awareness.apply(-1)
+            return
+        if self.config.lifeguard:
+            self.awareness.apply(failed_probe_delta(p.expected_nacks, p.nacks))
+        m = self.members.get(p.target)
+        if m is None or m.status is not Status.ALIVE:
+            return
+        self.counters["probe-failures"] += 1
+        self._apply(m.update_for(Status.SUSPECT, self.id), now)
+
+    def _on_ping(self, msg: Ping, now: float) -> None:
+        if msg.target != self.id:
+            self.counters["misdirected"] += 1
+            return
+        if msg.suspicion is not None and msg.suspicion.node == self.id:
+            self._about_me(msg.suspicion, now)
+        addr = msg.source_addr or self._address_of(msg.source)
+        if addr is None:
+            return
+        members, states = self._piggyback()
+        self._send(addr, Ack(self.id, seq=msg.seq, members=members, states=states))
+
+    def _on_ack(self, msg: Ack, now: float) -> None:
+        p = self._probe
+        if p is not None and p.seq == msg.seq:
+            self._finish_probe(now, acked=True)
+            return
+        relay = self._relays.pop(msg.seq, None)
+        if relay is not None:
+            self._send(relay.requester_addr, Ack(self.id, seq=relay.requester_seq))
+
+    def _on_indirect_ping(self, msg: IndirectPing, now: float) -> None:
+        seq = self._next_seq()
+        self._relays[seq] = _Relay(
+            msg.source_addr, msg.seq, now + self.config.probe_timeout, msg.nack
+        )
+        self._send(
+            msg.target_addr,
+            Ping(self.id, seq=seq, source_addr=self.address, target=msg.target),
+        )
+
+    def _expire_relays(self, now: float) -> None:
+        if not self._relays:
+            return
+        for seq in [s for s, r in self._relays.items() if now >= r.deadline]:
+            r = self._relays.pop(seq)
+            if r.want_nack:
+                self._send(r.requester_addr, Nack(self.id, seq=r.requester_seq))
+
+    # ------------------------------------------------------------------
+    # Dissemination
+
+    def _piggyback(self) -> tuple[tuple[MemberUpdate, ...], tuple[SignedState, ...]]:
+        cfg = self.config
+        limit = retransmit_limit(cfg.retransmit_mult, self.pool_size)
+        members = tuple(self._member_q.take(cfg.member_budget, limit)) if self._member_q else ()
+        states = tuple(self._record_q.take(cfg.record_budget, limit)) if self._record_q else ()
+        return members, states
+
+    def _wake_gossip(self, now: float) -> None:
+        if self._next_gossip is None:
+            self._next_gossip = now + self.config.gossip_interval
+
+    def _gossip_round(self, now: float) -> None:
+        cfg = self.config
+        if not self._member_q and not self._record_q:
+            self._next_gossip = None  # idle until something is queued
+            return
+        self._next_gossip = now + cfg.gossip_interval
+
+        def eligible(m: Member) -> bool:
+            if m.node == self.id:
+                return False
+            if m.serving:
+                return True
+            return m.status is Status.DEAD and now - m.since < cfg.gossip_to_the_dead
+
+        for m in self._random_members(cfg.gossip_nodes, eligible):
+            members, states = self._piggyback()
+            if not members and not states:
+                break
+            self._send(m.address, Gossip(self.id, members=members, states=states))
+
+    def _merge_states(self, states: Iterable[SignedState], now: float, rebroadcast: bool) -> None:
+        for signed in states:
+            entry = self.store.get(signed.origin)
+            if entry is not None and not wins(signed, entry.signed):
+                continue  # already have it or newer: skip verification entirely
+            if signed.origin == self.id:
+                self._own_state_seen(signed, now)
+                continue
+            result = self._verifier.verify(signed)
+            if isinstance(result, Rejection):
+                self.counters[f"rejected-state:{result.reason}"] += 1
+                continue
+            m = self.members.get(signed.origin)
+            dead = m is not None and m.status in (Status.DEAD, Status.LEFT)
+            if self.store.merge(signed, result, now, tombstoned=dead):
+                self._events.append(OriginChanged(signed.origin, signed.version, not dead))
+                if rebroadcast and not dead:
+                    self._record_q.push(signed.origin, signed)
+                    self._wake_gossip(now)
+            else:
+                self.counters["rejected-state:store-full"] += 1
+
+    def _own_state_seen(self, signed: SignedState, now: float) -> None:
+        # A copy of a state we signed in an earlier life that outranks ours:
+        # our version counter was lost.  Move past it and republish.
+        if signed.version >= self.version:
+            self.counters["own-version-behind"] += 1
+            self.version = signed.version
+            self._publish(now)
+
+    # ------------------------------------------------------------------
+    # Anti-entropy
+
+    def _full_member_list(self) -> tuple[MemberUpdate, ...]:
+        return tuple(m.update_for(m.status, m.node) for m in self.members.values())
+
+    def _send_sync(self, address: str, full: bool, join: bool = False) -> None:
+        if len(self._open_syncs) > 1024:  # replies that never came: forget them
+            self._open_syncs.clear()
+        self._open_syncs[address] = full
+        self._send(
+            address,
+            PushPull(
+                self.id,
+                source_addr=self.address,
+                join=join,
+                digest=self.store.digest(),
+                members=self._full_member_list() if full else (),
+                view=self.view,
+            ),
+        )
+
+    def _start_sync(self, now: float, full: bool) -> None:
+        peers = self._random_members(1, lambda m: m.status is Status.ALIVE and m.node != self.id)
+        if peers:
+            self._send_sync(peers[0].address, full)
+
+    def _reconnect(self, now: float) -> None:
+        # A healed partition: both sides think the other dead and would never
+        # probe it again.  Reaching out to one dead member at a time lets the
+        # refutations flow (Serf's reconnect).
+        dead = self._random_members(1, lambda m: m.status is Status.DEAD)
+        if dead:
+            self._send_sync(dead[0].address, full=True)
+
+    def _retry_join(self, now: float) -> None:
+        if self.pool_size > 1 or self.left:
+            self._next_join = None
+            return
+        for addr in self._seeds:
+            self._send_sync(addr, full=True, join=True)
+        self._next_join = now + JOIN_RETRY_INTERVAL
+
+    def _on_push_pull(self, msg: PushPull, now: float) -> None:
+        addr = msg.source_addr or self._address_of(msg.source)
+        if addr is None:
+            return
+        # Views that differ mean some member claim did not reach one of us:
+        # answer a digest sync with our list too, so member views converge
+        # within one digest interval, not one full push-pull interval.
+        full = bool(msg.members) or msg.join or msg.view != self.view
+        chunks = list(_chunks(self.store.newer_than(msg.digest)))
+        self._send(
+            addr,
+            PushPullReply(
+                self.id,
+                digest=self.store.digest(),
+                members=self._full_member_list() if full else (),
+                states=chunks[0] if chunks else (),
+                view=self.view,
+            ),
+        )
+        for chunk in chunks[1:]:
+            self._send(addr, Gossip(self.id, states=chunk))
+
+    def _on_push_pull_reply(self, msg: PushPullReply, now: float) -> None:
+        addr = self._address_of(msg.source)
+        if addr is None:
+            return
+        sent_full = self._open_syncs.pop(addr, None)
+        if sent_full is False and msg.members and msg.view != self.view:
+            # It sent its list because views differed; ours may hold what it
+            # lacks.  Send it back as a reply, which is never answered again.
+            self._send(
+                addr,
+                PushPullReply(
+                    self.id,
+                    digest=self.store.digest(),
+                    members=self._full_member_list(),
+                    view=self.view,
+                ),
+            )
+        for chunk in _chunks(self.store.newer_than(msg.digest)):
+            self._send(addr, Gossip(self.id, states=chunk))
+
+    # ------------------------------------------------------------------
+    # Housekeeping
+
+    @property
+    def _reap_period(self) -> float:
+        return max(1.0, min(self.config.tombstone_timeout / 10, 60.0))
+
+    def _reap(self, now: float) -> None:
+        timeout = self.config.tombstone_timeout
+        gone = [
+            n
+            for n, m in self.members.items()
+            if m.status in (Status.DEAD, Status.LEFT) and now - m.since >= timeout
+        ]
+        for node in gone:
+            self._remove_member(node)
+        self.store.reap(now, timeout)
+
+    # ------------------------------------------------------------------
+    # Helpers
+
+    def _send(self, address: str, msg: Message) -> None:
+        self._out.append((address, msg))
+
+    def _address_of(self, node: str) -> str | None:
+        m = self.members.get(node)
+        return m.address if m is not None else None
+
+    def _random_members(self, k: int, accept: _Accept) -> list[Member]:
+        """Up to ``k`` distinct members passing ``accept``, chosen at random.
+
+        Rejection sampling over the id list keeps this O(k) in large pools;
+        a bounded number of tries falls back to a full scan in sparse ones.
+        """
+        ids = self._ids
+        if not ids or k <= 0:
+            return []
+        picked: dict[str, Member] = {}
+        tries = 3 * k + 8
+        for _ in range(tries):
+            if len(picked) >= k:
+                break
+            m = self.members[ids[self._rng.randrange(len(ids))]]
+            if m.node not in picked and accept(m):
+                picked[m.node] = m
+        if len(picked) < k:
+            rest = [m for m in self.members.values() if m.node not in picked and accept(m)]
+            need = min(k - len(picked), len(rest))
+            for m in self._rng.sample(rest, need):
+                picked[m.node] = m
+        return list(picked.values())
+
+
+class _Accept(Protocol):
+    def __call__(self, m: Member) -> bool: ...
+
+
+def _chunks(states: list[SignedState]) -> Iterator[tuple[SignedState, ...]]:
+    chunk: list[SignedState] = []
+    used = 0
+    for s in states:
+        if chunk and used + s.size > SYNC_CHUNK_BYTES:
+            yield tuple(chunk)
+            chunk, used = [], 0
+        chunk.append(s)
+        used += s.size
+    if chunk:
+        yield tuple(chunk)

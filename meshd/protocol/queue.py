@@ -1,0 +1,96 @@
+"""The retransmit-limited broadcast queue (memberlist ``queue.go``).
+
+Updates ride piggybacked on probes, acks and gossip messages.  Each is sent a
+limited number of times, ``retransmit_mult * ceil(log10(n + 1))``: enough for
+an epidemic to reach every member with high probability, few enough that the
+queue drains.  The least-sent update goes first (ties: the newest), so a fresh
+update overtakes ones that have already spread.  An update about a key (a
+member, an origin) replaces any older one about the same key: only the latest
+claim is worth bandwidth.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from sortedcontainers import SortedList
+
+T = TypeVar("T")
+
+
+def retransmit_limit(retransmit_mult: int, n: int) -> int:
+    """How many times one update is sent in a pool of ``n`` members."""
+    return retransmit_mult * math.ceil(math.log10(n + 1))
+
+
+@dataclass(slots=True)
+class _Item(Generic[T]):
+    key: str
+    value: T
+    size: int
+    seq: int
+    transmits: int = 0
+
+    def order(self) -> tuple[int, int]:
+        return (self.transmits, -self.seq)
+
+
+class BroadcastQueue(Generic[T]):
+    """Updates keyed by ``key``; ``take`` fills a byte budget, fewest-sent first."""
+
+    def __init__(self, size_of: Callable[[T], int]) -> None:
+        self._size_of = size_of
+        self._items: dict[str, _Item[T]] = {}
+        self._order: SortedList = SortedList(key=_Item.order)
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def push(self, key: str, value: T) -> None:
+        """Queue ``value``, replacing whatever was queued about ``key``."""
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._order.remove(old)
+        self._seq += 1
+        item = _Item(key, value, self._size_of(value), self._seq)
+        self._items[key] = item
+        self._order.add(item)
+
+    def discard(self, key: str) -> None:
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._order.remove(old)
+
+    def take(self, budget: int, limit: int) -> list[T]:
+        """Pick updates fitting ``budget`` bytes; each pick counts as one send.
+
+        An update bigger than the whole budget still goes out alone when
+        nothing else was picked, so no update is stuck forever (frames carry
+        up to a MiB; the budget shapes messages, it is not a hard cap).
+        """
+        picked: list[_Item[T]] = []
+        used = 0
+        for item in self._order:
+            if used + item.size <= budget or (not picked and item.size > budget):
+                picked.append(item)
+                used += item.size
+                if used >= budget:
+                    break
+        for item in picked:
+            self._order.remove(item)
+            item.transmits += 1
+            if item.transmits >= limit:
+                del self._items[item.key]
+            else:
+                self._order.add(item)
+        return [item.value for item in picked]
+
+    def values(self) -> list[T]:
+        return [item.value for item in self._order]

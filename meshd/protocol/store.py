@@ -1,0 +1,271 @@
+"""The record store: the latest signed origin state of every origin we know.
+
+Why any delivery order converges: each origin is the only writer of its own
+state and its versions only grow, so the merge rule "keep the greater state"
+under one total order (version, then signature, body and cert bytes as
+tie-breaks) is a max, and a max is commutative, associative and idempotent;
+whatever subset, order or repetition of states a store sees, it ends with the
+maximum of what it saw, and anti-entropy makes every store see the same set.
+A dead origin's state is held as a tombstone but never sent: sending it would
+re-install records that should no longer be served on peers that already
+reaped it.  The digest still lists tombstones, so a peer never re-sends the
+same version of a dead origin to us and we never re-accept it as live.
+
+Sans-IO: no clock is read here; every call that needs a time takes ``now``.
+The store trusts what it is given: signatures are verified before ``merge``.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from meshd.wire import AppRecord, OriginState, SignedState
+
+#: Most origins one store holds, tombstones included.  Bounds memory against a
+#: peer (or a bridge) flooding us with origins; 65,536 matches the largest
+#: digest map the wire accepts (``wire.MAX_MAP_LEN``), so our own digest is
+#: never one a peer must refuse for its entry count.
+MAX_ORIGINS = 65536
+
+
+def _order_key(s: SignedState) -> tuple[int, bytes, bytes, bytes]:
+    # A total order on states.  Version decides; an equal version with other
+    # content means the origin forked its own history (never for a correct
+    # node), and the signature, then body and cert, only make the winner the
+    # same everywhere.  Without body and cert two states with equal signatures
+    # but different bodies would be "equal" and merge would depend on order.
+    return (s.version, s.signature, s.body, s.cert)
+
+
+def wins(candidate: SignedState, incumbent: SignedState | None) -> bool:
+    """True when ``candidate`` should replace ``incumbent`` (the merge rule).
+
+    Strict: a state never wins against itself, which is what makes a repeated
+    delivery a no-op (idempotence) rather than a churn of the index.
+    """
+    if incumbent is None:
+        return True
+    return _order_key(candidate) > _order_key(incumbent)
+
+
+def merge_maps(
+    a: Mapping[str, SignedState], b: Mapping[str, SignedState]
+) -> dict[str, SignedState]:
+    """Join two ``{origin: state}`` maps under :func:`wins`: the CRDT merge itself.
+
+    Pure, for property tests and the simulator; :class:`RecordStore` applies
+    the same rule one state at a time.
+    """
+    out = dict(a)
+    for origin, state in b.items():
+        if wins(state, out.get(origin)):
+            out[origin] = state
+    return out
+
+
+@dataclass(slots=True)
+class Entry:
+    """One origin as held: its signed state and that state decoded.
+
+    Invariant: ``state`` is ``signed.body`` decoded, so ``state.origin`` and
+    ``state.version`` equal ``signed.origin`` and ``signed.version``.  Owned by
+    the store; callers read it and must not change it.
+    """
+
+    signed: SignedState
+    state: OriginState
+    #: None while live and served; otherwise when it became a tombstone (the
+    #: caller's clock), which is what ``reap`` measures from.
+    tombstone_since: float | None = None
+
+
+#: app -> namespace -> origin -> that origin's records of the app in that
+#: namespace, sorted by instance.  Holds live origins only.
+_AppIndex = dict[str, dict[str, dict[str, tuple[AppRecord, ...]]]]
+
+
+class RecordStore:
+    """Origin states keyed by origin, merged by :func:`wins`.
+
+    Tombstones are held (they count in ``len``, ``in``, ``version``,
+    ``digest``, ``signed_states`` and toward ``max_origins``) but not served
+    (absent from ``live``, ``endpoints`` and ``newer_than``).
+    """
+
+    def __init__(self, max_origins: int = MAX_ORIGINS) -> None:
+        if max_origins < 1:
+            raise ValueError("max_origins must be at least 1")
+        self.max_origins = max_origins
+        #: Rises by one on every change to what is held or served, so a
+        #: blocking query can wait for "index > what I last saw".
+        self.index = 0
+        #: Refused states by reason (a metric label), e.g. "store-full".
+        self.rejected: collections.Counter[str] = collections.Counter()
+        self._entries: dict[str, Entry] = {}
+        # Tombstoned origins, so reap scans only them, not every entry.
+        self._tombstones: set[str] = set()
+        self._apps: _AppIndex = {}
+
+    # -- reading ------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, origin: object) -> bool:
+        return origin in self._entries
+
+    def get(self, origin: str) -> Entry | None:
+        return self._entries.get(origin)
+
+    def version(self, origin: str) -> int | None:
+        entry = self._entries.get(origin)
+        return None if entry is None else entry.signed.version
+
+    def digest(self) -> dict[str, int]:
+        """``{origin: version}`` of everything held, tombstones included."""
+        return {origin: e.signed.version for origin, e in self._entries.items()}
+
+    def newer_than(self, remote: Mapping[str, int]) -> list[SignedState]:
+        """Live states the remote lacks or holds at a lower version, sorted by origin.
+
+        Digests carry versions only, so an equal-version fork (which a correct
+        origin never produces) is not repaired here; piggybacked gossip still
+        carries the winning copy.
+        """
+        out = [
+            e.signed
+            for origin, e in self._entries.items()
+            if e.tombstone_since is None and remote.get(origin, -1) < e.signed.version
+        ]
+        out.sort(key=lambda s: s.origin)
+        return out
+
+    def live(self) -> Iterator[Entry]:
+        """Served entries, sorted by origin."""
+        for origin in sorted(self._entries):
+            entry = self._entries[origin]
+            if entry.tombstone_since is None:
+                yield entry
+
+    def signed_states(self) -> list[SignedState]:
+        """Every held state, tombstones included, sorted by origin."""
+        return [self._entries[o].signed for o in sorted(self._entries)]
+
+    def endpoints(
+        self, app: str, namespace: str = "default"
+    ) -> list[tuple[OriginState, AppRecord]]:
+        """Records of ``app`` in ``namespace`` on live origins, by (origin, instance).
+
+        Reads the app index, so the cost follows the number of origins that
+        publish this app, not the size of the mesh.
+        """
+        by_origin = self._apps.get(app, {}).get(namespace)
+        if not by_origin:
+            return []
+        out: list[tuple[OriginState, AppRecord]] = []
+        for origin in sorted(by_origin):
+            state = self._entries[origin].state
+            out.extend((state, rec) for rec in by_origin[origin])
+        return out
+
+    # -- changing -----------------------------------------------------------
+
+    def merge(
+        self, signed: SignedState, state: OriginState, now: float, *, tombstoned: bool = False
+    ) -> bool:
+        """Keep ``signed`` if it wins over what we hold; True if it replaced or added.
+
+        ``state`` is ``signed.body`` already verified and decoded.  With
+        ``tombstoned`` the kept entry is a tombstone since ``now`` (its member
+        is known dead).  A newer version replacing a tombstone without
+        ``tombstoned`` is live again: the origin rejoined and published.
+        """
+        # Our own code pairs these; a mismatch is misuse, not peer input.
+        if state.origin != signed.origin or state.version != signed.version:
+            raise ValueError(
+                f"state {state.origin}@{state.version} does not match "
+                f"signed {signed.origin}@{signed.version}"
+            )
+        origin = signed.origin
+        old = self._entries.get(origin)
+        if not wins(signed, None if old is None else old.signed):
+            return False
+        if old is None and len(self._entries) >= self.max_origins:
+            self.rejected["store-full"] += 1
+            return False
+        if old is not None and old.tombstone_since is None:
+            self._unindex(origin, old.state)
+        self._entries[origin] = Entry(signed, state, now if tombstoned else None)
+        if tombstoned:
+            self._tombstones.add(origin)
+        else:
+            self._tombstones.discard(origin)
+            self._index(origin, state)
+        self.index += 1
+        return True
+
+    def tombstone(self, origin: str, now: float) -> bool:
+        """Stop serving ``origin`` (its member is dead or left); True if it was live."""
+        entry = self._entries.get(origin)
+        if entry is None or entry.tombstone_since is not None:
+            return False
+        entry.tombstone_since = now
+        self._tombstones.add(origin)
+        self._unindex(origin, entry.state)
+        self.index += 1
+        return True
+
+    def revive(self, origin: str) -> bool:
+        """Serve ``origin`` again (its member came back alive); True if it was a tombstone."""
+        entry = self._entries.get(origin)
+        if entry is None or entry.tombstone_since is None:
+            return False
+        entry.tombstone_since = None
+        self._tombstones.discard(origin)
+        self._index(origin, entry.state)
+        self.index += 1
+        return True
+
+    def reap(self, now: float, timeout: float) -> list[str]:
+        """Drop tombstones held ``timeout`` seconds or more; the origins dropped, sorted."""
+        dropped = sorted(
+            origin for origin in self._tombstones if now - self._tombstone_time(origin) >= timeout
+        )
+        for origin in dropped:
+            # Tombstones are not in the app index, so only the entry goes.
+            del self._entries[origin]
+            self._tombstones.discard(origin)
+            self.index += 1
+        return dropped
+
+    # -- the app index ------------------------------------------------------
+
+    def _tombstone_time(self, origin: str) -> float:
+        since = self._entries[origin].tombstone_since
+        assert since is not None, "every origin in _tombstones is a tombstone"
+        return since
+
+    def _index(self, origin: str, state: OriginState) -> None:
+        grouped: dict[tuple[str, str], list[AppRecord]] = {}
+        for rec in state.apps:
+            grouped.setdefault((rec.app, rec.namespace), []).append(rec)
+        for (app, namespace), recs in grouped.items():
+            recs.sort(key=lambda r: r.instance)
+            self._apps.setdefault(app, {}).setdefault(namespace, {})[origin] = tuple(recs)
+
+    def _unindex(self, origin: str, state: OriginState) -> None:
+        # Prune emptied levels so apps that vanish from the mesh cost nothing.
+        for app, namespace in {(rec.app, rec.namespace) for rec in state.apps}:
+            namespaces = self._apps.get(app)
+            if namespaces is None:
+                continue
+            by_origin = namespaces.get(namespace)
+            if by_origin is None:
+                continue
+            by_origin.pop(origin, None)
+            if not by_origin:
+                del namespaces[namespace]
+                if not namespaces:
+                    del self._apps[app]

@@ -1,0 +1,751 @@
+"""The gossip wire: message types, their fields, and the one place that decodes bytes.
+
+A frame is a 4-byte big-endian length followed by one msgpack map
+``{"v": WIRE_VERSION, "t": MsgType, ...fields}``.  Everything a peer sends is
+untrusted: :func:`decode_message` and :class:`FrameDecoder` never raise on peer
+input; they return a :class:`Rejection` naming the reason, which the caller
+counts and logs.  Every size that a peer controls is capped by a named constant
+below and enforced by msgpack's own unpacker limits *before* allocation, so a
+hostile length prefix or a huge declared array costs nothing.
+
+Messages and data are frozen, slotted dataclasses validated when built; a
+value that violates an invariant raises ``ValueError`` (our own misuse), which
+the decoder turns into a rejection (peer input).
+
+The numbers in :class:`MsgType` and :class:`Status` are protocol: append only,
+never renumber, never reuse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+WIRE_VERSION = 1
+
+# ---------------------------------------------------------------------------
+# Caps.  Each is a protocol limit: a peer exceeding it is rejected, not served.
+
+#: Largest frame body.  A full push-pull of 10,000 members is about 0.7 MiB.
+MAX_FRAME_BYTES = 1 << 20
+#: Longest string field (names, addresses, meta values).
+MAX_STR_BYTES = 4096
+#: Largest binary field: an origin-state body plus headroom.
+MAX_BIN_BYTES = 256 * 1024
+#: Longest list: members in a push-pull (fits 10,000-node pools with room).
+MAX_LIST_LEN = 32768
+#: Largest map: a record digest ``{origin: version}`` of a big mesh.
+MAX_MAP_LEN = 65536
+#: Longest node, cluster, region, zone, app, namespace or instance name.
+MAX_NAME_LEN = 253
+#: Most app records one origin may publish.
+MAX_APPS_PER_ORIGIN = 512
+#: Most meta pairs on one record, and their total size.
+MAX_META_PAIRS = 64
+MAX_META_BYTES = 4096
+#: Largest encoded origin-state body.  Fits one piggyback-free frame with room.
+MAX_ORIGIN_BODY_BYTES = 128 * 1024
+#: Largest signature and certificate chain carried with a state.
+MAX_SIGNATURE_BYTES = 512
+MAX_CERT_BYTES = 16 * 1024
+
+_LEN = struct.Struct(">I")
+_NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.\-]{0,251}[A-Za-z0-9])?$")
+HEALTH_VALUES = ("passing", "warning", "critical")
+PROTOCOLS = ("http", "grpc", "tcp")
+
+
+class MsgType(enum.IntEnum):
+    """Message type numbers.  These are protocol: append only."""
+
+    PING = 1
+    INDIRECT_PING = 2
+    ACK = 3
+    NACK = 4
+    GOSSIP = 5
+    PUSH_PULL = 6
+    PUSH_PULL_REPLY = 7
+
+
+class Status(enum.IntEnum):
+    """Member status as carried on the wire.  Protocol numbers: append only."""
+
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+    LEFT = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class WireError(ValueError):
+    """A value that cannot be put on, or taken off, the wire."""
+
+
+def check_name(value: object, what: str) -> str:
+    # fullmatch, not match: ``$`` also matches before a trailing newline.
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
+        raise WireError(f"{what} must be 1-{MAX_NAME_LEN} letters, digits, '.', '-' or '_'")
+    return value
+
+
+def _utf8_len(value: str) -> int:
+    """Encoded size of ``value``; raises WireError if it cannot be UTF-8 (lone surrogates)."""
+    if value.isascii():
+        return len(value)
+    try:
+        return len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise WireError("strings must be valid Unicode (no lone surrogates)") from None
+
+
+def _check_str(value: object, what: str, max_len: int = MAX_STR_BYTES) -> str:
+    # Counted in UTF-8 bytes, as the decoder's max_str_len counts them: a limit in
+    # characters would let us build values that no peer can decode.
+    if (
+        not isinstance(value, str)
+        or len(value) > max_len
+        or (not value.isascii() and _utf8_len(value) > max_len)
+    ):
+        raise WireError(f"{what} must be a string of at most {max_len} UTF-8 bytes")
+    return value
+
+
+def _check_int(value: object, what: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise WireError(f"{what} must be an integer from {lo} to {hi}")
+    return value
+
+
+def _check_bytes(value: object, what: str, max_len: int) -> bytes:
+    if not isinstance(value, bytes) or len(value) > max_len:
+        raise WireError(f"{what} must be at most {max_len} bytes")
+    return value
+
+
+def member_id(cluster: str, node: str) -> str:
+    """The id of a node everywhere in the mesh: ``cluster/node``."""
+    return f"{cluster}/{node}"
+
+
+def split_member_id(mid: str) -> tuple[str, str]:
+    """``cluster/node`` -> (cluster, node); raises WireError if malformed."""
+    if not isinstance(mid, str):
+        raise WireError("a member id is 'cluster/node'")
+    cluster, sep, node = mid.partition("/")
+    if not sep:
+        raise WireError("a member id is 'cluster/node'")
+    return check_name(cluster, "cluster"), check_name(node, "node")
+
+
+# ---------------------------------------------------------------------------
+# Records: what one origin publishes.
+
+
+@dataclass(frozen=True, slots=True)
+class AppRecord:
+    """One app instance published by its node.  Meta is a sorted tuple of pairs."""
+
+    app: str
+    instance: str
+    address: str
+    port: int
+    namespace: str = "default"
+    protocol: str = "http"
+    meta: tuple[tuple[str, str], ...] = ()
+    weight: int = 1
+    health: str = "passing"
+
+    def __post_init__(self) -> None:
+        check_name(self.app, "app")
+        check_name(self.instance, "instance")
+        check_name(self.namespace, "namespace")
+        _check_str(self.address, "address", MAX_NAME_LEN)
+        if not self.address:
+            raise WireError("address must not be empty")
+        _check_int(self.port, "port", 1, 65535)
+        if self.protocol not in PROTOCOLS:
+            raise WireError(f"protocol must be one of {', '.join(PROTOCOLS)}")
+        _check_int(self.weight, "weight", 0, 1_000_000)
+        if self.health not in HEALTH_VALUES:
+            raise WireError(f"health must be one of {', '.join(HEALTH_VALUES)}")
+        if not isinstance(self.meta, tuple) or len(self.meta) > MAX_META_PAIRS:
+            raise WireError(f"meta must have at most {MAX_META_PAIRS} pairs")
+        total = 0
+        for pair in self.meta:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise WireError("meta must be string pairs")
+            k, v = pair
+            _check_str(k, "meta key", MAX_NAME_LEN)
+            _check_str(v, "meta value")
+            total += _utf8_len(k) + _utf8_len(v)
+        if total > MAX_META_BYTES:
+            raise WireError(f"meta must total at most {MAX_META_BYTES} UTF-8 bytes")
+        if list(self.meta) != sorted(dict(self.meta).items()):
+            raise WireError("meta keys must be unique and sorted")
+
+    @staticmethod
+    def make_meta(meta: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
+        return tuple(sorted((meta or {}).items()))
+
+    def to_wire(self) -> list[Any]:
+        return [
+            self.app,
+            self.instance,
+            self.address,
+            self.port,
+            self.namespace,
+            self.protocol,
+            dict(self.meta),
+            self.weight,
+            self.health,
+        ]
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> AppRecord:
+        if not isinstance(raw, list) or len(raw) < 9:
+            raise WireError("an app record is a list of 9 fields")
+        app, instance, address, port, namespace, protocol, meta, weight, health = raw[:9]
+        if not isinstance(meta, dict):
+            raise WireError("meta must be a map")
+        return cls(
+            app=app,
+            instance=instance,
+            address=address,
+            port=port,
+            namespace=namespace,
+            protocol=protocol,
+            meta=cls.make_meta(meta),
+            weight=weight,
+            health=health,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OriginState:
+    """Everything one node publishes.  Only that node writes it; ``version`` only grows."""
+
+    node: str
+    cluster: str
+    region: str
+    zone: str
+    version: int
+    apps: tuple[AppRecord, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_name(self.node, "node")
+        check_name(self.cluster, "cluster")
+        # Empty means unknown; anything else (including None or 0) must be a name.
+        if self.region != "":
+            check_name(self.region, "region")
+        if self.zone != "":
+            check_name(self.zone, "zone")
+        _check_int(self.version, "version", 0)
+        if not isinstance(self.apps, tuple) or len(self.apps) > MAX_APPS_PER_ORIGIN:
+            raise WireError(f"an origin publishes at most {MAX_APPS_PER_ORIGIN} app records")
+        seen = set()
+        for rec in self.apps:
+            if not isinstance(rec, AppRecord):
+                raise WireError("apps must be AppRecord values")
+            if rec.instance in seen:
+                raise WireError(f"instance {rec.instance!r} appears twice")
+            seen.add(rec.instance)
+
+    @property
+    def origin(self) -> str:
+        return member_id(self.cluster, self.node)
+
+    def encode(self) -> bytes:
+        """The canonical body that gets signed.  Same state, same bytes."""
+        body = msgpack.packb(
+            {
+                "n": self.node,
+                "c": self.cluster,
+                "r": self.region,
+                "z": self.zone,
+                "ver": self.version,
+                "a": [rec.to_wire() for rec in self.apps],
+            },
+            use_bin_type=True,
+        )
+        if len(body) > MAX_ORIGIN_BODY_BYTES:
+            raise WireError(f"an origin state encodes to at most {MAX_ORIGIN_BODY_BYTES} bytes")
+        return body
+
+    @classmethod
+    def decode(cls, body: bytes) -> OriginState:
+        """Decode a signed body.  Raises WireError (only) on anything malformed."""
+        if not isinstance(body, bytes) or len(body) > MAX_ORIGIN_BODY_BYTES:
+            raise WireError("origin state body too large")
+        try:
+            raw = _unpack(body)
+        except Exception as exc:  # msgpack raises assorted types on hostile input
+            raise WireError(f"origin state body undecodable: {type(exc).__name__}") from None
+        if not isinstance(raw, dict):
+            raise WireError("origin state body is not a map")
+        apps = raw.get("a")
+        if not isinstance(apps, list):
+            raise WireError("origin state apps must be a list")
+        try:
+            return cls(
+                node=raw["n"],
+                cluster=raw["c"],
+                region=raw["r"],
+                zone=raw["z"],
+                version=raw["ver"],
+                apps=tuple(AppRecord.from_wire(a) for a in apps),
+            )
+        except KeyError as exc:
+            raise WireError(f"origin state lacks field {exc.args[0]!r}") from None
+        except TypeError as exc:  # e.g. meta keys mixing str and bytes cannot be sorted
+            raise WireError(f"origin state malformed: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class SignedState:
+    """An origin state as it travels: the signed body, the signature, the signer's cert.
+
+    Immutable and shared: however many nodes (or simulated nodes) hold a state,
+    it is one object.  ``origin`` and ``version`` are copies of what the body
+    says, for digests and merging without decoding; the verifier checks they
+    agree with the body before the state is accepted.
+    """
+
+    origin: str
+    version: int
+    body: bytes
+    signature: bytes
+    cert: bytes
+    size: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_str(self.origin, "origin", 2 * MAX_NAME_LEN + 1)
+        _check_int(self.version, "version", 0)
+        _check_bytes(self.body, "body", MAX_ORIGIN_BODY_BYTES)
+        _check_bytes(self.signature, "signature", MAX_SIGNATURE_BYTES)
+        _check_bytes(self.cert, "cert", MAX_CERT_BYTES)
+        object.__setattr__(self, "size", len(_pack(self.to_wire())))
+
+    def to_wire(self) -> list[Any]:
+        return [self.origin, self.version, self.body, self.signature, self.cert]
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> SignedState:
+        if not isinstance(raw, list) or len(raw) < 5:
+            raise WireError("a signed state is a list of 5 fields")
+        return cls(*raw[:5])
+
+
+# ---------------------------------------------------------------------------
+# Membership updates: what gossip says about one member.
+
+
+@dataclass(frozen=True, slots=True)
+class MemberUpdate:
+    """A claim about a member: its status at an incarnation, said by ``by``.
+
+    ``node`` is the member id ``cluster/node``.  ``address`` is where it listens
+    for gossip (``host:port``).  ``by`` names who suspects or declares it dead
+    (independent confirmations are counted by distinct ``by``); for alive and
+    left it is the member itself.
+    """
+
+    status: Status
+    node: str
+    incarnation: int
+    address: str
+    region: str = ""
+    zone: str = ""
+    by: str = ""
+    size: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.status, Status):
+            raise WireError("status must be a Status")
+        split_member_id(self.node)
+        _check_int(self.incarnation, "incarnation", 0)
+        _check_str(self.address, "address", MAX_NAME_LEN + 6)
+        _check_str(self.region, "region", MAX_NAME_LEN)
+        _check_str(self.zone, "zone", MAX_NAME_LEN)
+        _check_str(self.by, "by", 2 * MAX_NAME_LEN + 1)
+        object.__setattr__(self, "size", len(_pack(self.to_wire())))
+
+    @property
+    def cluster(self) -> str:
+        return self.node.partition("/")[0]
+
+    def to_wire(self) -> list[Any]:
+        return [
+            int(self.status),
+            self.node,
+            self.incarnation,
+            self.address,
+            self.region,
+            self.zone,
+            self.by,
+        ]
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> MemberUpdate:
+        if not isinstance(raw, list) or len(raw) < 7:
+            raise WireError("a member update is a list of 7 fields")
+        status = raw[0]
+        if type(status) is not int or status not in Status._value2member_map_:
+            raise WireError("unknown member status")
+        return cls(Status(status), *raw[1:7])
+
+
+# ---------------------------------------------------------------------------
+# Messages.  One base class; each subclass declares its type and field codecs.
+
+
+def _updates_to_wire(updates: tuple[MemberUpdate, ...]) -> list[Any]:
+    return [u.to_wire() for u in updates]
+
+
+def _updates_from_wire(raw: Any) -> tuple[MemberUpdate, ...]:
+    if not isinstance(raw, list):
+        raise WireError("member updates must be a list")
+    return tuple(MemberUpdate.from_wire(u) for u in raw)
+
+
+def _states_to_wire(states: tuple[SignedState, ...]) -> list[Any]:
+    return [s.to_wire() for s in states]
+
+
+def _states_from_wire(raw: Any) -> tuple[SignedState, ...]:
+    if not isinstance(raw, list):
+        raise WireError("states must be a list")
+    return tuple(SignedState.from_wire(s) for s in raw)
+
+
+def _digest_from_wire(raw: Any) -> dict[str, int]:
+    if not isinstance(raw, dict):
+        raise WireError("a digest must be a map")
+    return dict(raw)  # entries are checked by Message.__post_init__ (_digest)
+
+
+def _digest(x: Any) -> dict[str, int]:
+    if not isinstance(x, dict) or len(x) > MAX_MAP_LEN:
+        raise WireError(f"a digest must be a map of at most {MAX_MAP_LEN} entries")
+    for k, v in x.items():
+        _check_str(k, "digest origin", 2 * MAX_NAME_LEN + 1)
+        _check_int(v, "digest version", 0)
+    return x
+
+
+def _tuple_of(kind: type, what: str) -> Any:
+    def check(x: Any) -> Any:
+        # A tuple, not a list: decoding yields tuples, and a list would make the
+        # frozen message mutable and unequal to its own round trip.
+        if not isinstance(x, tuple) or len(x) > MAX_LIST_LEN:
+            raise WireError(f"{what} must be a tuple of at most {MAX_LIST_LEN}")
+        for item in x:
+            if not isinstance(item, kind):
+                raise WireError(f"{what} must hold {kind.__name__} values")
+        return x
+
+    return check
+
+
+def _opt_update(x: Any) -> Any:
+    if x is not None and not isinstance(x, MemberUpdate):
+        raise WireError("suspicion must be a MemberUpdate or None")
+    return x
+
+
+def _opt_update_from_wire(raw: Any) -> MemberUpdate | None:
+    return None if raw is None else MemberUpdate.from_wire(raw)
+
+
+def _opt_update_to_wire(update: MemberUpdate | None) -> Any:
+    return None if update is None else update.to_wire()
+
+
+def _same(x: Any) -> Any:
+    return x
+
+
+def _bool(x: Any) -> bool:
+    if not isinstance(x, bool):
+        raise WireError("expected a boolean")
+    return x
+
+
+def _seq(x: Any) -> int:
+    return _check_int(x, "seq", 0, 2**32 - 1)
+
+
+def _mid(x: Any) -> str:
+    split_member_id(x)
+    return str(x)
+
+
+def _addr(x: Any) -> str:
+    return _check_str(x, "address", MAX_NAME_LEN + 6)
+
+
+def _view(x: Any) -> int:
+    return _check_int(x, "view", 0, 2**64 - 1)
+
+
+def _opt_mid(x: Any) -> str:
+    # "" is the field default (not set); anything else must be a member id.
+    return x if x == "" else _mid(x)
+
+
+#: field name -> (wire key, to-wire, from-wire, check).  Keys are protocol.
+#: from-wire only rebuilds structure; ``check`` validates the built value in
+#: Message.__post_init__, so a message is checked once whether built or decoded.
+_CODECS: dict[str, tuple[str, Any, Any, Any]] = {
+    "seq": ("s", _same, _same, _seq),
+    "source": ("f", _same, _same, _mid),
+    "source_addr": ("fa", _same, _same, _addr),
+    "target": ("to", _same, _same, _opt_mid),
+    "target_addr": ("ta", _same, _same, _addr),
+    "nack": ("nk", _same, _same, _bool),
+    "join": ("j", _same, _same, _bool),
+    "suspicion": ("bd", _opt_update_to_wire, _opt_update_from_wire, _opt_update),
+    "digest": ("d", _same, _digest_from_wire, _digest),
+    "view": ("vw", _same, _same, _view),
+    "members": ("m", _updates_to_wire, _updates_from_wire, _tuple_of(MemberUpdate, "members")),
+    "states": ("st", _states_to_wire, _states_from_wire, _tuple_of(SignedState, "states")),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of every gossip message.  ``source`` is the sender's member id."""
+
+    TYPE: ClassVar[MsgType]
+    source: str
+
+    def __post_init__(self) -> None:
+        # Validated when built, so our own bad message raises here rather than
+        # being encoded and rejected by every peer.
+        _mid(self.source)
+        # The bare base class has no TYPE (0 is no message type) and no fields.
+        for name in _FIELD_CACHE.get(getattr(type(self), "TYPE", 0), ()):
+            _CODECS[name][3](getattr(self, name))
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    """Direct probe of ``target``.  ``suspicion`` is the buddy-system warning."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PING
+    seq: int = 0
+    source_addr: str = ""
+    target: str = ""
+    suspicion: MemberUpdate | None = None
+    members: tuple[MemberUpdate, ...] = ()
+    states: tuple[SignedState, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IndirectPing(Message):
+    """Ask a helper to probe ``target`` for us and relay the ack (or a nack)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.INDIRECT_PING
+    seq: int = 0
+    source_addr: str = ""
+    target: str = ""
+    target_addr: str = ""
+    nack: bool = True
+    members: tuple[MemberUpdate, ...] = ()
+    states: tuple[SignedState, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ack(Message):
+    TYPE: ClassVar[MsgType] = MsgType.ACK
+    seq: int = 0
+    members: tuple[MemberUpdate, ...] = ()
+    states: tuple[SignedState, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Nack(Message):
+    """A helper could not reach the target: evidence about the helper's link, not ours."""
+
+    TYPE: ClassVar[MsgType] = MsgType.NACK
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Gossip(Message):
+    """Piggyback-only message: membership updates and origin states."""
+
+    TYPE: ClassVar[MsgType] = MsgType.GOSSIP
+    members: tuple[MemberUpdate, ...] = ()
+    states: tuple[SignedState, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PushPull(Message):
+    """Anti-entropy opener: our record digest, and on a full sync our member list."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PUSH_PULL
+    source_addr: str = ""
+    join: bool = False
+    digest: dict[str, int] = field(default_factory=dict)
+    members: tuple[MemberUpdate, ...] = ()
+    #: Fingerprint of the sender's member view; a mismatch asks for member lists.
+    view: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PushPullReply(Message):
+    """Anti-entropy answer: our digest, the states the opener lacks, our members."""
+
+    TYPE: ClassVar[MsgType] = MsgType.PUSH_PULL_REPLY
+    digest: dict[str, int] = field(default_factory=dict)
+    members: tuple[MemberUpdate, ...] = ()
+    states: tuple[SignedState, ...] = ()
+    view: int = 0
+
+
+MESSAGE_CLASSES: dict[int, type[Message]] = {
+    cls.TYPE: cls for cls in (Ping, IndirectPing, Ack, Nack, Gossip, PushPull, PushPullReply)
+}
+
+
+def _fields(cls: type[Message]) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in ("source", "size"))
+
+
+_FIELD_CACHE = {t: _fields(c) for t, c in MESSAGE_CLASSES.items()}
+
+
+# ---------------------------------------------------------------------------
+# Encoding and decoding.
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why bytes from a peer were refused.  ``reason`` is a short metric label."""
+
+    reason: str
+    detail: str = ""
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpack(data: bytes) -> Any:
+    # The caps make msgpack refuse oversized containers before allocating them.
+    return msgpack.unpackb(
+        data,
+        raw=False,
+        strict_map_key=True,
+        max_str_len=MAX_STR_BYTES,
+        max_bin_len=MAX_BIN_BYTES,
+        max_array_len=MAX_LIST_LEN,
+        max_map_len=MAX_MAP_LEN,
+        max_ext_len=0,
+    )
+
+
+def message_to_wire(msg: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"v": WIRE_VERSION, "t": int(msg.TYPE), "f": msg.source}
+    for name in _FIELD_CACHE[msg.TYPE]:
+        key, enc, _, _ = _CODECS[name]
+        out[key] = enc(getattr(msg, name))
+    return out
+
+
+def encode_message(msg: Message) -> bytes:
+    """The msgpack body of one message (no length prefix)."""
+    body = _pack(message_to_wire(msg))
+    if len(body) > MAX_FRAME_BYTES:
+        raise WireError(f"message of {len(body)} bytes exceeds the frame limit")
+    return body
+
+
+def encode_frame(msg: Message) -> bytes:
+    """A whole frame: length prefix and body."""
+    body = encode_message(msg)
+    return _LEN.pack(len(body)) + body
+
+
+def decode_message(body: bytes) -> Message | Rejection:
+    """Decode one frame body.  Never raises on peer input."""
+    if len(body) > MAX_FRAME_BYTES:
+        return Rejection("oversized", f"{len(body)} bytes")
+    try:
+        raw = _unpack(body)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        return Rejection("undecodable", type(exc).__name__)
+    except Exception as exc:  # msgpack raises assorted types on hostile input
+        return Rejection("undecodable", type(exc).__name__)
+    if not isinstance(raw, dict):
+        return Rejection("malformed", "frame is not a map")
+    version = raw.get("v")
+    # type() is int, not isinstance: True and 1.0 compare equal to 1 but are not it.
+    if type(version) is not int or version != WIRE_VERSION:
+        return Rejection("bad-version", repr(version)[:32])
+    mtype = raw.get("t")
+    cls = MESSAGE_CLASSES.get(mtype) if type(mtype) is int else None
+    if cls is None:
+        return Rejection("unknown-type", repr(mtype)[:32])
+    kwargs: dict[str, Any] = {"source": raw.get("f")}
+    try:
+        for name in _FIELD_CACHE[cls.TYPE]:
+            key, _, dec, _ = _CODECS[name]
+            if key in raw:
+                kwargs[name] = dec(raw[key])
+        return cls(**kwargs)
+    except (WireError, TypeError, ValueError) as exc:
+        return Rejection("malformed", str(exc)[:120])
+
+
+def message_size(msg: Message) -> int:
+    """Bytes this message takes on the wire, length prefix included."""
+    return _LEN.size + len(encode_message(msg))
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames (sans-IO: feed bytes, pull results).
+
+    An oversized length prefix is reported at once, before its body arrives,
+    so the driver can close the connection without buffering anything.  After
+    such an error the decoder is ``closed`` and ignores further input.
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+        self.closed = False
+
+    def feed(self, data: bytes) -> list[Message | Rejection]:
+        if self.closed:
+            return []
+        self._buf += data
+        out: list[Message | Rejection] = []
+        while len(self._buf) >= _LEN.size:
+            (length,) = _LEN.unpack_from(self._buf)
+            if length > self._max:
+                self.closed = True
+                self._buf.clear()
+                out.append(Rejection("oversized", f"length prefix {length}"))
+                break
+            if len(self._buf) < _LEN.size + length:
+                break
+            body = bytes(self._buf[_LEN.size : _LEN.size + length])
+            del self._buf[: _LEN.size + length]
+            out.append(decode_message(body))
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered for an incomplete frame (a truncated frame at EOF)."""
+        return len(self._buf)

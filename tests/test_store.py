@@ -1,0 +1,619 @@
+"""Tests for meshd.protocol.store: the merge rule, the store, and CRDT properties."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meshd.protocol.store import (
+    MAX_ORIGINS,
+    Entry,
+    RecordStore,
+    merge_maps,
+    wins,
+)
+from meshd.wire import MAX_MAP_LEN, AppRecord, OriginState, SignedState
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def rec(app: str, instance: str, namespace: str = "default", port: int = 8080) -> AppRecord:
+    return AppRecord(app=app, instance=instance, address="10.0.0.1", port=port, namespace=namespace)
+
+
+def make(
+    node: str,
+    version: int,
+    apps: tuple[AppRecord, ...] = (),
+    cluster: str = "c",
+    signature: bytes | None = None,
+) -> tuple[SignedState, OriginState]:
+    """A real origin state and a signed copy whose body is its encoding.
+
+    The fake signature is the version plus the origin: distinct for distinct
+    (origin, version), the same for the same, like a real one.
+    """
+    state = OriginState(
+        node=node, cluster=cluster, region="r1", zone="z1", version=version, apps=apps
+    )
+    sig = signature if signature is not None else version.to_bytes(8, "big") + state.origin.encode()
+    signed = SignedState(
+        origin=state.origin, version=version, body=state.encode(), signature=sig, cert=b""
+    )
+    return signed, state
+
+
+def raw(origin: str, version: int, signature: bytes = b"", body: bytes = b"", cert: bytes = b""):
+    """A SignedState whose body need not decode, for the pure merge rule."""
+    return SignedState(origin=origin, version=version, body=body, signature=signature, cert=cert)
+
+
+def add(store: RecordStore, node: str, version: int, *apps: AppRecord, now: float = 0.0) -> bool:
+    signed, state = make(node, version, tuple(apps))
+    return store.merge(signed, state, now)
+
+
+# ---------------------------------------------------------------------------
+# The merge rule
+
+
+def test_max_origins_fits_one_digest() -> None:
+    assert MAX_ORIGINS <= MAX_MAP_LEN
+
+
+def test_wins_against_nothing() -> None:
+    assert wins(raw("c/a", 0), None)
+
+
+def test_wins_higher_version_regardless_of_signature() -> None:
+    assert wins(raw("c/a", 2, b"\x00"), raw("c/a", 1, b"\xff"))
+    assert not wins(raw("c/a", 1, b"\xff"), raw("c/a", 2, b"\x00"))
+
+
+def test_wins_equal_version_greater_signature() -> None:
+    assert wins(raw("c/a", 3, b"b"), raw("c/a", 3, b"a"))
+    assert not wins(raw("c/a", 3, b"a"), raw("c/a", 3, b"b"))
+
+
+def test_wins_never_against_itself() -> None:
+    s = raw("c/a", 3, b"sig", b"body")
+    assert not wins(s, s)
+    assert not wins(raw("c/a", 3, b"sig", b"body"), s)
+
+
+def test_wins_total_order_breaks_equal_signature_ties_on_body_then_cert() -> None:
+    # Never happens with real signatures, but the rule must still be a total
+    # order or merge would depend on delivery order.
+    assert wins(raw("c/a", 1, b"s", b"b"), raw("c/a", 1, b"s", b"a"))
+    assert not wins(raw("c/a", 1, b"s", b"a"), raw("c/a", 1, b"s", b"b"))
+    assert wins(raw("c/a", 1, b"s", b"x", b"2"), raw("c/a", 1, b"s", b"x", b"1"))
+
+
+def test_merge_maps_per_key() -> None:
+    a = {"c/a": raw("c/a", 1), "c/b": raw("c/b", 5)}
+    b = {"c/a": raw("c/a", 2), "c/b": raw("c/b", 4), "c/c": raw("c/c", 0)}
+    out = merge_maps(a, b)
+    assert out == {"c/a": b["c/a"], "c/b": a["c/b"], "c/c": b["c/c"]}
+    # Inputs untouched.
+    assert a["c/a"].version == 1 and "c/c" not in a
+
+
+# ---------------------------------------------------------------------------
+# merge, get, len, contains, version, digest
+
+
+def test_empty_store() -> None:
+    store = RecordStore()
+    assert len(store) == 0
+    assert "c/a" not in store
+    assert store.get("c/a") is None
+    assert store.version("c/a") is None
+    assert store.digest() == {}
+    assert store.signed_states() == []
+    assert list(store.live()) == []
+    assert store.newer_than({}) == []
+    assert store.index == 0
+
+
+def test_merge_adds_and_get_returns_entry() -> None:
+    store = RecordStore()
+    signed, state = make("a", 1, (rec("web", "w1"),))
+    assert store.merge(signed, state, now=10.0)
+    entry = store.get("c/a")
+    assert entry == Entry(signed=signed, state=state, tombstone_since=None)
+    assert len(store) == 1
+    assert "c/a" in store
+    assert store.version("c/a") == 1
+    assert store.digest() == {"c/a": 1}
+    assert store.index == 1
+
+
+def test_merge_replaces_with_higher_version_only() -> None:
+    store = RecordStore()
+    assert add(store, "a", 2)
+    assert not add(store, "a", 1)
+    assert store.version("c/a") == 2
+    assert store.index == 1
+    assert add(store, "a", 3)
+    assert store.version("c/a") == 3
+    assert store.index == 2
+
+
+def test_duplicate_merge_is_a_noop() -> None:
+    store = RecordStore()
+    signed, state = make("a", 1)
+    assert store.merge(signed, state, 0.0)
+    assert not store.merge(signed, state, 1.0)
+    assert store.index == 1
+
+
+def test_equal_version_fork_keeps_greater_signature() -> None:
+    store = RecordStore()
+    lo_signed, lo_state = make("a", 4, (rec("web", "old"),), signature=b"\x01")
+    hi_signed, hi_state = make("a", 4, (rec("web", "new"),), signature=b"\x02")
+    assert store.merge(lo_signed, lo_state, 0.0)
+    assert store.merge(hi_signed, hi_state, 0.0)
+    assert not store.merge(lo_signed, lo_state, 0.0)
+    entry = store.get("c/a")
+    assert entry is not None and entry.signed is hi_signed
+    assert [r.instance for _, r in store.endpoints("web")] == ["new"]
+
+
+def test_merge_rejects_mismatched_pair() -> None:
+    store = RecordStore()
+    signed, _ = make("a", 1)
+    _, other = make("b", 1)
+    _, older = make("a", 0)
+    with pytest.raises(ValueError):
+        store.merge(signed, other, 0.0)
+    with pytest.raises(ValueError):
+        store.merge(signed, older, 0.0)
+    assert len(store) == 0 and store.index == 0
+
+
+def test_merge_tombstoned_stores_a_tombstone_since_now() -> None:
+    store = RecordStore()
+    signed, state = make("a", 1, (rec("web", "w1"),))
+    assert store.merge(signed, state, 7.0, tombstoned=True)
+    entry = store.get("c/a")
+    assert entry is not None and entry.tombstone_since == 7.0
+    assert store.digest() == {"c/a": 1}
+    assert list(store.live()) == []
+    assert store.endpoints("web") == []
+    assert store.newer_than({}) == []
+
+
+def test_newer_version_revives_tombstone_unless_tombstoned_passed() -> None:
+    store = RecordStore()
+    add(store, "a", 1, rec("web", "w1"))
+    store.tombstone("c/a", 5.0)
+    # The origin rejoined and published again: served again.
+    assert add(store, "a", 2, rec("web", "w2"))
+    entry = store.get("c/a")
+    assert entry is not None and entry.tombstone_since is None
+    assert [r.instance for _, r in store.endpoints("web")] == ["w2"]
+    # Known dead while a newer version arrives: stays a tombstone, since now.
+    store.tombstone("c/a", 6.0)
+    signed, state = make("a", 3, (rec("web", "w3"),))
+    assert store.merge(signed, state, 9.0, tombstoned=True)
+    entry = store.get("c/a")
+    assert entry is not None and entry.tombstone_since == 9.0 and entry.signed is signed
+    assert store.endpoints("web") == []
+
+
+def test_stale_state_does_not_revive_tombstone() -> None:
+    store = RecordStore()
+    signed, state = make("a", 2)
+    store.merge(signed, state, 0.0)
+    store.tombstone("c/a", 1.0)
+    index = store.index
+    # Same version again (a peer re-sending it) and an older one: both ignored.
+    assert not store.merge(signed, state, 2.0)
+    assert not add(store, "a", 1)
+    entry = store.get("c/a")
+    assert entry is not None and entry.tombstone_since == 1.0
+    assert store.index == index
+
+
+def test_store_full_rejects_new_origins_and_counts() -> None:
+    store = RecordStore(max_origins=2)
+    assert add(store, "a", 1)
+    assert add(store, "b", 1)
+    assert not add(store, "c", 1)
+    assert not add(store, "d", 1)
+    assert store.rejected["store-full"] == 2
+    assert "c/c" not in store and len(store) == 2
+    assert store.index == 2
+    # Origins already held still update at the cap.
+    assert add(store, "a", 2)
+    assert store.rejected["store-full"] == 2
+    # Tombstones count toward the cap until reaped.
+    store.tombstone("c/b", 0.0)
+    assert not add(store, "c", 1)
+    assert store.rejected["store-full"] == 3
+    store.reap(now=100.0, timeout=10.0)
+    assert add(store, "c", 1)
+
+
+def test_store_full_does_not_count_losing_states() -> None:
+    store = RecordStore(max_origins=1)
+    add(store, "a", 2)
+    assert not add(store, "a", 1)
+    assert not store.rejected
+
+
+def test_max_origins_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        RecordStore(max_origins=0)
+
+
+# ---------------------------------------------------------------------------
+# newer_than
+
+
+def test_newer_than_sends_what_the_remote_lacks_or_has_older() -> None:
+    store = RecordStore()
+    for node, version in (("d", 1), ("a", 3), ("c", 2), ("b", 5)):
+        add(store, node, version)
+    remote = {"c/a": 3, "c/b": 4, "c/c": 9, "c/z": 1}
+    out = store.newer_than(remote)
+    # c/a equal: not sent; c/b older remotely: sent; c/c newer remotely: not
+    # sent; c/d missing remotely: sent.  Sorted by origin.
+    assert [(s.origin, s.version) for s in out] == [("c/b", 5), ("c/d", 1)]
+
+
+def test_newer_than_sorted_by_origin() -> None:
+    store = RecordStore()
+    for node in ("e", "b", "d", "a", "c"):
+        add(store, node, 0)
+    assert [s.origin for s in store.newer_than({})] == ["c/a", "c/b", "c/c", "c/d", "c/e"]
+
+
+def test_newer_than_skips_tombstones() -> None:
+    store = RecordStore()
+    add(store, "a", 1)
+    add(store, "b", 1)
+    store.tombstone("c/a", 0.0)
+    assert [s.origin for s in store.newer_than({})] == ["c/b"]
+    store.revive("c/a")
+    assert [s.origin for s in store.newer_than({})] == ["c/a", "c/b"]
+
+
+# ---------------------------------------------------------------------------
+# tombstone, revive, reap
+
+
+def test_tombstone_and_revive() -> None:
+    store = RecordStore()
+    add(store, "a", 1, rec("web", "w1"))
+    assert store.index == 1
+    assert store.tombstone("c/a", 3.5)
+    assert store.index == 2
+    entry = store.get("c/a")
+    assert entry is not None and entry.tombstone_since == 3.5
+    # Held, not served.
+    assert "c/a" in store and len(store) == 1
+    assert store.digest() == {"c/a": 1}
+    assert store.version("c/a") == 1
+    assert [s.origin for s in store.signed_states()] == ["c/a"]
+    assert list(store.live()) == []
+    assert store.endpoints("web") == []
+    # A second tombstone changes nothing, not even the time it is measured from.
+    assert not store.tombstone("c/a", 4.0)
+    assert entry.tombstone_since == 3.5
+    assert store.index == 2
+    assert store.revive("c/a")
+    assert entry.tombstone_since is None
+    assert store.index == 3
+    assert [r.instance for _, r in store.endpoints("web")] == ["w1"]
+    assert not store.revive("c/a")
+    assert store.index == 3
+
+
+def test_tombstone_and_revive_unknown_origin() -> None:
+    store = RecordStore()
+    assert not store.tombstone("c/nobody", 0.0)
+    assert not store.revive("c/nobody")
+    assert store.index == 0
+
+
+def test_reap_drops_only_old_tombstones() -> None:
+    store = RecordStore()
+    for node in ("a", "b", "c", "d"):
+        add(store, node, 1)
+    store.tombstone("c/a", 10.0)
+    store.tombstone("c/b", 15.0)
+    store.tombstone("c/c", 20.0)
+    index = store.index
+    # Held for timeout seconds or more is dropped: c/a at exactly 30.
+    assert store.reap(now=39.5, timeout=30.0) == []
+    assert store.reap(now=40.0, timeout=30.0) == ["c/a"]
+    assert store.reap(now=49.0, timeout=30.0) == ["c/b"]
+    assert "c/a" not in store and "c/b" not in store
+    assert "c/c" in store and "c/d" in store
+    assert store.index == index + 2
+    assert store.digest() == {"c/c": 1, "c/d": 1}
+    # Live entries are never reaped, however old.
+    assert store.reap(now=1e9, timeout=30.0) == ["c/c"]
+    assert store.digest() == {"c/d": 1}
+    assert store.reap(now=2e9, timeout=30.0) == []
+    assert store.index == index + 3
+
+
+def test_reap_boundary_and_order() -> None:
+    store = RecordStore()
+    for node in ("z", "m", "a"):
+        add(store, node, 1)
+        store.tombstone(f"c/{node}", 100.0)
+    assert store.reap(now=129.999, timeout=30.0) == []
+    assert store.reap(now=130.0, timeout=30.0) == ["c/a", "c/m", "c/z"]
+    assert len(store) == 0
+
+
+def test_reaped_origin_can_return() -> None:
+    store = RecordStore()
+    add(store, "a", 4, rec("web", "w1"))
+    store.tombstone("c/a", 0.0)
+    store.reap(now=60.0, timeout=30.0)
+    assert not store.revive("c/a")
+    # Once reaped, even the same version is accepted again as new.
+    assert add(store, "a", 4, rec("web", "w1"))
+    assert [r.instance for _, r in store.endpoints("web")] == ["w1"]
+
+
+def test_revived_entry_is_not_reaped() -> None:
+    store = RecordStore()
+    add(store, "a", 1)
+    store.tombstone("c/a", 0.0)
+    store.revive("c/a")
+    assert store.reap(now=1000.0, timeout=1.0) == []
+    assert "c/a" in store
+
+
+def test_replacing_tombstone_with_live_state_is_not_reaped() -> None:
+    store = RecordStore()
+    add(store, "a", 1)
+    store.tombstone("c/a", 0.0)
+    add(store, "a", 2)
+    assert store.reap(now=1000.0, timeout=1.0) == []
+
+
+# ---------------------------------------------------------------------------
+# live, signed_states
+
+
+def test_live_sorted_and_skips_tombstones() -> None:
+    store = RecordStore()
+    for node in ("c", "a", "d", "b"):
+        add(store, node, 1)
+    store.tombstone("c/c", 0.0)
+    assert [e.state.origin for e in store.live()] == ["c/a", "c/b", "c/d"]
+    assert all(isinstance(e, Entry) for e in store.live())
+
+
+def test_signed_states_sorted_and_includes_tombstones() -> None:
+    store = RecordStore()
+    for node in ("c", "a", "b"):
+        add(store, node, 2)
+    store.tombstone("c/b", 0.0)
+    assert [(s.origin, s.version) for s in store.signed_states()] == [
+        ("c/a", 2),
+        ("c/b", 2),
+        ("c/c", 2),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# endpoints and its index
+
+
+def test_endpoints_sorted_by_origin_then_instance() -> None:
+    store = RecordStore()
+    add(store, "b", 1, rec("web", "w2"), rec("web", "w1"), rec("db", "d1"))
+    add(store, "a", 1, rec("web", "w9"))
+    add(store, "c", 1, rec("db", "d2"))
+    got = [(s.origin, r.instance) for s, r in store.endpoints("web")]
+    assert got == [("c/a", "w9"), ("c/b", "w1"), ("c/b", "w2")]
+    assert [(s.origin, r.instance) for s, r in store.endpoints("db")] == [
+        ("c/b", "d1"),
+        ("c/c", "d2"),
+    ]
+    assert store.endpoints("nothing") == []
+    # The OriginState returned is the held decoded state.
+    entry = store.get("c/a")
+    assert entry is not None and store.endpoints("web")[0][0] is entry.state
+
+
+def test_endpoints_by_namespace() -> None:
+    store = RecordStore()
+    add(store, "a", 1, rec("web", "w1"), rec("web", "w2", namespace="staging"))
+    add(store, "b", 1, rec("web", "w3", namespace="staging"))
+    assert [r.instance for _, r in store.endpoints("web")] == ["w1"]
+    assert [r.instance for _, r in store.endpoints("web", "staging")] == ["w2", "w3"]
+    assert store.endpoints("web", "prod") == []
+
+
+def test_endpoints_updated_on_replace() -> None:
+    store = RecordStore()
+    add(store, "a", 1, rec("web", "w1"), rec("api", "a1"))
+    add(store, "a", 2, rec("web", "w2", port=9090), rec("db", "d1"))
+    web = store.endpoints("web")
+    assert [(r.instance, r.port) for _, r in web] == [("w2", 9090)]
+    assert web[0][0].version == 2
+    assert store.endpoints("api") == []
+    assert [r.instance for _, r in store.endpoints("db")] == ["d1"]
+    # The api app left the mesh entirely: nothing of it stays in the index.
+    assert "api" not in store._apps
+
+
+def test_endpoints_updated_on_tombstone_revive_reap() -> None:
+    store = RecordStore()
+    add(store, "a", 1, rec("web", "w1"))
+    add(store, "b", 1, rec("web", "w2"))
+    store.tombstone("c/a", 0.0)
+    assert [s.origin for s, _ in store.endpoints("web")] == ["c/b"]
+    store.revive("c/a")
+    assert [s.origin for s, _ in store.endpoints("web")] == ["c/a", "c/b"]
+    store.tombstone("c/a", 1.0)
+    store.tombstone("c/b", 1.0)
+    assert store.endpoints("web") == []
+    assert store._apps == {}
+    store.reap(now=100.0, timeout=10.0)
+    assert store.endpoints("web") == []
+    assert store._apps == {}
+
+
+def test_endpoints_index_matches_full_scan_after_churn() -> None:
+    store = RecordStore()
+    add(store, "a", 1, rec("web", "w1"), rec("web", "w2", namespace="ns"))
+    add(store, "b", 1, rec("web", "w3"))
+    add(store, "a", 2, rec("web", "w4", namespace="ns"))
+    store.tombstone("c/b", 0.0)
+    add(store, "c", 1, rec("api", "x"))
+    store.revive("c/b")
+    add(store, "b", 2)
+    for app in ("web", "api"):
+        for ns in ("default", "ns"):
+            assert store.endpoints(app, ns) == full_scan(store, app, ns)
+
+
+def full_scan(store: RecordStore, app: str, namespace: str) -> list[tuple[OriginState, AppRecord]]:
+    return [
+        (e.state, r)
+        for e in store.live()
+        for r in sorted(e.state.apps, key=lambda r: r.instance)
+        if r.app == app and r.namespace == namespace
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Property tests: the merge is a CRDT join, and stores converge.
+
+ORIGINS = [f"c/n{i}" for i in range(5)]
+
+signed_states_st = st.builds(
+    SignedState,
+    origin=st.sampled_from(ORIGINS),
+    version=st.integers(0, 5),
+    body=st.binary(max_size=2),
+    signature=st.binary(max_size=2),
+    cert=st.binary(max_size=1),
+)
+state_maps = st.lists(signed_states_st, max_size=8).map(lambda xs: {s.origin: s for s in xs})
+
+PROPS = settings(deadline=None, max_examples=100)
+
+
+@PROPS
+@given(state_maps, state_maps)
+def test_merge_maps_commutative(a: dict[str, SignedState], b: dict[str, SignedState]) -> None:
+    assert merge_maps(a, b) == merge_maps(b, a)
+
+
+@PROPS
+@given(state_maps, state_maps, state_maps)
+def test_merge_maps_associative(
+    a: dict[str, SignedState], b: dict[str, SignedState], c: dict[str, SignedState]
+) -> None:
+    assert merge_maps(merge_maps(a, b), c) == merge_maps(a, merge_maps(b, c))
+
+
+@PROPS
+@given(state_maps, state_maps)
+def test_merge_maps_idempotent(a: dict[str, SignedState], b: dict[str, SignedState]) -> None:
+    assert merge_maps(a, a) == a
+    ab = merge_maps(a, b)
+    assert merge_maps(ab, b) == ab
+
+
+@PROPS
+@given(st.lists(signed_states_st, max_size=20))
+def test_wins_is_a_strict_total_order(states: list[SignedState]) -> None:
+    for x in states:
+        assert not wins(x, x)
+        for y in states:
+            if x.origin == y.origin and x != y:
+                assert wins(x, y) != wins(y, x)
+
+
+# A pool of real states: every origin at every version, with apps that change
+# with the version so a wrong winner would show in endpoints too.
+POOL: list[tuple[SignedState, OriginState]] = [
+    make(
+        f"n{i}",
+        v,
+        tuple(rec("web", f"w{i}-{v}-{k}") for k in range(v % 3))
+        + ((rec("db", f"d{i}", namespace="ns"),) if v % 2 else ()),
+    )
+    for i in range(5)
+    for v in range(6)
+]
+DECODED = {signed: state for signed, state in POOL}
+
+
+def anti_entropy(stores: list[RecordStore], now: float) -> int:
+    """One round: every ordered pair pushes what the other's digest lacks."""
+    changed = 0
+    for a in stores:
+        for b in stores:
+            if a is b:
+                continue
+            for s in a.newer_than(b.digest()):
+                changed += b.merge(s, DECODED[s], now)
+    return changed
+
+
+@PROPS
+@given(
+    st.integers(3, 5).flatmap(
+        lambda n: st.lists(
+            st.lists(st.integers(0, len(POOL) - 1), max_size=25), min_size=n, max_size=n
+        )
+    )
+)
+def test_stores_converge_under_anti_entropy(deliveries: list[list[int]]) -> None:
+    stores = [RecordStore() for _ in deliveries]
+    # Each store sees its own subsequence, in its own order, with repeats;
+    # whatever no store saw is lost.
+    for store, picks in zip(stores, deliveries, strict=True):
+        for i in picks:
+            store.merge(*POOL[i], now=0.0)
+
+    seen: dict[str, SignedState] = {}
+    for store in stores:
+        seen = merge_maps(seen, {s.origin: s for s in store.signed_states()})
+    expected = [seen[o] for o in sorted(seen)]
+
+    rounds = 0
+    while anti_entropy(stores, now=1.0):
+        rounds += 1
+        assert rounds <= 2, "anti-entropy did not settle"
+
+    for store in stores:
+        assert store.digest() == {s.origin: s.version for s in expected}
+        assert store.signed_states() == expected
+        for app, ns in (("web", "default"), ("db", "ns")):
+            assert store.endpoints(app, ns) == full_scan(store, app, ns)
+    # Every store agrees on what it serves, too.
+    first = stores[0]
+    for store in stores[1:]:
+        assert store.endpoints("web") == first.endpoints("web")
+
+
+@PROPS
+@given(st.lists(st.integers(0, len(POOL) - 1), max_size=30))
+def test_store_agrees_with_merge_maps(picks: list[int]) -> None:
+    store = RecordStore()
+    folded: dict[str, SignedState] = {}
+    replacements = 0
+    for i in picks:
+        signed, state = POOL[i]
+        replaced = store.merge(signed, state, now=0.0)
+        assert replaced == wins(signed, folded.get(signed.origin))
+        replacements += replaced
+        folded = merge_maps(folded, {signed.origin: signed})
+    assert store.signed_states() == [folded[o] for o in sorted(folded)]
+    # The index counts exactly the merges that changed something.
+    assert store.index == replacements

@@ -1,0 +1,57 @@
+import math
+
+import pytest
+
+from meshd.protocol.suspicion import (
+    Suspicion,
+    expected_confirmations,
+    suspicion_max,
+    suspicion_min,
+    suspicion_timeout,
+)
+
+
+def test_min_is_mult_times_log10_n_times_interval():
+    # 4 * log10(100) * 1 s = 8 s; below 10 nodes log10 is floored at 1.
+    assert suspicion_min(4, 100, 1.0) == pytest.approx(8.0)
+    assert suspicion_min(4, 5, 1.0) == pytest.approx(4.0)
+    assert suspicion_min(4, 64, 0.5) == pytest.approx(4 * math.log10(64) * 0.5)
+
+
+def test_max_is_a_multiple_of_min():
+    assert suspicion_max(8.0, 6) == pytest.approx(48.0)
+
+
+def test_expected_confirmations_need_enough_members():
+    assert expected_confirmations(4, 64) == 2
+    assert expected_confirmations(4, 3) == 0  # n - 2 < k: nobody left to confirm
+
+
+@pytest.mark.parametrize(
+    "c, expected",
+    [
+        (0, 48.0),  # starts at max
+        (1, 48.0 - math.log(2) / math.log(3) * 40.0),
+        (2, 8.0),  # k confirmations: down to min
+        (5, 8.0),  # never below min
+    ],
+)
+def test_timeout_formula_pinned(c, expected):
+    assert suspicion_timeout(c, 2, 8.0, 48.0) == pytest.approx(expected)
+
+
+def test_no_expected_confirmations_means_min():
+    assert suspicion_timeout(0, 0, 8.0, 48.0) == 8.0
+
+
+def test_confirmations_count_distinct_accusers_only():
+    s = Suspicion(start=100.0, first_by="east/a", k=2, min_t=8.0, max_t=48.0)
+    assert s.deadline == pytest.approx(148.0)
+    assert not s.confirm("east/a")  # the original accuser is not a confirmation
+    assert s.confirm("east/b")
+    assert not s.confirm("east/b")
+    assert s.confirmations == 1
+    assert s.deadline == pytest.approx(100.0 + suspicion_timeout(1, 2, 8.0, 48.0))
+    assert s.confirm("east/c")
+    assert s.deadline == pytest.approx(108.0)
+    assert not s.confirm("east/d")  # already at k
