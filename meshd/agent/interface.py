@@ -1,0 +1,190 @@
+"""What the local API and the CLI may ask of a running agent.
+
+The HTTP layer (``meshd/api``) codes against :class:`AgentAPI` only, never
+against the protocol core, so it can be tested with a fake agent and the
+agent can change its insides freely.  Values crossing this line are frozen
+dataclasses with a ``to_json`` that fixes the contract's JSON shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from meshd.metrics import Metrics
+from meshd.wire import AppRecord
+
+CheckKind = Literal["ttl", "http", "tcp"]
+HEALTH = ("passing", "warning", "critical")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSpec:
+    """A health check the agent runs for one instance (contract: ``check``).
+
+    ``ttl``: the app must report within ``ttl`` seconds or turn critical.
+    ``http``: GET ``target`` (a URL) every ``interval``; 2xx passing, 429
+    warning, anything else critical.  ``tcp``: connect to ``target``
+    (HOST:PORT) every ``interval``.
+    """
+
+    kind: CheckKind
+    target: str = ""
+    interval: float = 0.0
+    ttl: float = 0.0
+
+    def to_json(self) -> dict[str, str]:
+        if self.kind == "ttl":
+            return {"ttl": _dur(self.ttl)}
+        return {self.kind: self.target, "interval": _dur(self.interval)}
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A local instance as registered, with its check and its current health."""
+
+    record: AppRecord
+    check: CheckSpec | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.record
+        out: dict[str, Any] = {
+            "instance": r.instance,
+            "app": r.app,
+            "namespace": r.namespace,
+            "address": r.address,
+            "port": r.port,
+            "protocol": r.protocol,
+            "meta": dict(r.meta),
+            "weight": r.weight,
+            "health": r.health,
+        }
+        if self.check is not None:
+            out["check"] = self.check.to_json()
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One row of a resolve answer (contract: ``GET /v1/resolve/{app}``)."""
+
+    app: str
+    namespace: str
+    instance: str
+    address: str
+    port: int
+    protocol: str
+    node: str
+    cluster: str
+    region: str
+    zone: str
+    health: str
+    weight: int
+    meta: dict[str, str] = field(default_factory=dict)
+    tier: str = "any"
+    gateway: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "instance": self.instance,
+            "address": self.address,
+            "port": self.port,
+            "protocol": self.protocol,
+            "node": self.node,
+            "cluster": self.cluster,
+            "region": self.region,
+            "zone": self.zone,
+            "health": self.health,
+            "weight": self.weight,
+            "meta": dict(self.meta),
+            "tier": self.tier,
+        }
+        if self.gateway is not None:
+            out["gateway"] = dict(self.gateway)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    node: str
+    cluster: str
+    region: str
+    zone: str
+    address: str
+    status: Literal["alive", "suspect", "dead", "left"]
+    incarnation: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "cluster": self.cluster,
+            "region": self.region,
+            "zone": self.zone,
+            "address": self.address,
+            "status": self.status,
+            "incarnation": self.incarnation,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterInfo:
+    cluster: str
+    reachable: bool
+    nodes: int
+    bridges: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cluster": self.cluster,
+            "reachable": self.reachable,
+            "nodes": self.nodes,
+            "bridges": self.bridges,
+        }
+
+
+class AgentAPI(Protocol):
+    """The agent as the HTTP layer sees it.  Coroutines may touch disk."""
+
+    node_name: str
+    cluster: str
+    metrics: Metrics
+
+    @property
+    def index(self) -> int:
+        """Rises on every change that can alter a resolve answer."""
+        ...
+
+    async def register(self, reg: Registration) -> int:
+        """Store durably, then publish; returns the new origin version."""
+        ...
+
+    async def deregister(self, instance: str) -> bool:
+        """False when the instance is unknown."""
+        ...
+
+    async def set_health(self, instance: str, status: str) -> bool:
+        """Report a TTL check's status; False when the instance is unknown."""
+        ...
+
+    def local_registrations(self) -> list[Registration]: ...
+
+    def resolve(
+        self, app: str, namespace: str, policy: str | None, include_unhealthy: bool
+    ) -> tuple[int, list[Endpoint]]:
+        """(index, endpoints best first).  Raises KeyError for an unknown policy name."""
+        ...
+
+    async def wait_for_index(self, index: int, timeout: float) -> int:
+        """Return the current index once it exceeds ``index`` or ``timeout`` passes."""
+        ...
+
+    def members(self, cluster: str | None = None) -> list[MemberInfo]: ...
+
+    def clusters(self) -> list[ClusterInfo]: ...
+
+
+def _dur(seconds: float) -> str:
+    """Seconds as a Go-style duration string, the way the contract shows them."""
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{int(round(seconds * 1000))}ms"

@@ -1,0 +1,56 @@
+"""Prometheus metrics of one agent, on a registry of its own.
+
+A registry per agent (not the process-global default) lets tests run several
+agents in one process and keeps the exposition to what meshd measures.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.members = Gauge(
+            "meshd_members", "Members of the pool by status.", ["status"], registry=r
+        )
+        self.records = Gauge(
+            "meshd_records", "App records held, by whether they are served.", ["state"], registry=r
+        )
+        self.messages_sent = Counter(
+            "meshd_messages_sent", "Gossip messages sent, by type.", ["type"], registry=r
+        )
+        self.messages_received = Counter(
+            "meshd_messages_received", "Gossip messages received, by type.", ["type"], registry=r
+        )
+        self.bytes_sent = Counter(
+            "meshd_bytes_sent", "Gossip bytes sent (frames), by type.", ["type"], registry=r
+        )
+        self.bytes_received = Counter(
+            "meshd_bytes_received", "Gossip bytes received (frames), by type.", ["type"], registry=r
+        )
+        self.rejected = Counter(
+            "meshd_rejected",
+            "Frames, connections and states refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.lookup_seconds = Histogram(
+            "meshd_lookup_seconds",
+            "Time to answer a resolve from the local index.",
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "meshd_http_requests",
+            "Local API requests by route and status.",
+            ["route", "status"],
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
