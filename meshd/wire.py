@@ -513,6 +513,7 @@ _CODECS: dict[str, tuple[str, Any, Any, Any]] = {
     "target_addr": ("ta", _same, _same, _addr),
     "nack": ("nk", _same, _same, _bool),
     "join": ("j", _same, _same, _bool),
+    "sync": ("sy", _same, _same, _bool),
     "suspicion": ("bd", _opt_update_to_wire, _opt_update_from_wire, _opt_update),
     "digest": ("d", _same, _digest_from_wire, _digest),
     "view": ("vw", _same, _same, _view),
@@ -587,6 +588,8 @@ class Gossip(Message):
     TYPE: ClassVar[MsgType] = MsgType.GOSSIP
     members: tuple[MemberUpdate, ...] = ()
     states: tuple[SignedState, ...] = ()
+    #: True when the states answer an anti-entropy sync: store, do not re-gossip.
+    sync: bool = False
 
 
 @dataclass(frozen=True, slots=True)

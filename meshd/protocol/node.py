@@ -74,6 +74,8 @@ from meshd.wire import (
 SYNC_CHUNK_BYTES = 256 * 1024
 #: Seconds between join attempts while we know no other member.
 JOIN_RETRY_INTERVAL = 2.0
+#: Fraction of the probe timeout a helper waits before it nacks (see nack_timeout).
+NACK_TIMEOUT_FRACTION = 0.8
 #: Pools above this size sync less often (memberlist's pushPullScaleThreshold).
 PUSH_PULL_SCALE_THRESHOLD = 32
 
@@ -84,6 +86,17 @@ class Signer(Protocol):
 
 class Verifier(Protocol):
     def verify(self, signed: SignedState) -> OriginState | Rejection: ...
+
+
+def nack_timeout(probe_timeout: float) -> float:
+    """How long a helper waits for the target before sending its nack.
+
+    The prober asks helpers at ``probe_timeout`` and gives up at the end of
+    the probe interval; a nack sent at a full ``probe_timeout`` would land
+    after that and be counted missing, blaming a healthy prober.  Lifeguard
+    (footnote 5 of the paper) waits 80% of the timeout.
+    """
+    return NACK_TIMEOUT_FRACTION * probe_timeout
 
 
 def push_pull_scale(interval: float, n: int) -> float:
@@ -302,7 +315,9 @@ class Node:
         else:
             for u in members:
                 self._apply(u, now)
-            self._merge_states(states, now, rebroadcast=True)
+            # States that answer a sync filled a gap here; re-gossiping them
+            # would flood the pool with old news (a new node receives all).
+            self._merge_states(states, now, rebroadcast=not getattr(msg, "sync", False))
 
         if isinstance(msg, Ping):
             self._on_ping(msg, now)
@@ -335,7 +350,7 @@ class Node:
         me = self.members[self.id]
         self._set_status(me, Status.LEFT, now)
         update = me.update_for(Status.LEFT, self.id)
-        self._member_q.push(self.id, update)
+        self._queue_member(update, now)
         self._probe = None
         # Do not wait for the next gossip round: the driver may stop soon.
         targets = self._random_members(
@@ -654,7 +669,7 @@ class Node:
     def _on_indirect_ping(self, msg: IndirectPing, now: float) -> None:
         seq = self._next_seq()
         self._relays[seq] = _Relay(
-            msg.source_addr, msg.seq, now + self.config.probe_timeout, msg.nack
+            msg.source_addr, msg.seq, now + nack_timeout(self.config.probe_timeout), msg.nack
         )
         self._send(
             msg.target_addr,
@@ -796,7 +811,7 @@ class Node:
             ),
         )
         for chunk in chunks[1:]:
-            self._send(addr, Gossip(self.id, states=chunk))
+            self._send(addr, Gossip(self.id, states=chunk, sync=True))
 
     def _on_push_pull_reply(self, msg: PushPullReply, now: float) -> None:
         addr = self._address_of(msg.source)
@@ -816,7 +831,7 @@ class Node:
                 ),
             )
         for chunk in _chunks(self.store.newer_than(msg.digest)):
-            self._send(addr, Gossip(self.id, states=chunk))
+            self._send(addr, Gossip(self.id, states=chunk, sync=True))
 
     # ------------------------------------------------------------------
     # Housekeeping

@@ -1,0 +1,801 @@
+"""Tests for meshd.protocol.node: the sans-IO SWIM + Lifeguard core, driven by hand.
+
+Most tests build two to six ``Node``s with real identities and shuttle their
+messages through ``Net``, a zero-latency in-memory network defined here: it
+fires timers in time order, delivers every message at once (unless ``drop``
+says otherwise) and logs everything sent.  Only the determinism test uses the
+full ``meshd.testing.Cluster``.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import cache
+
+import pytest
+
+from meshd.identity import StateSigner, StateVerifier, create_ca, issue_node_cert
+from meshd.protocol.config import Config
+from meshd.protocol.events import MemberChanged, OriginChanged
+from meshd.protocol.node import Node, nack_timeout
+from meshd.protocol.suspicion import suspicion_timeout
+from meshd.testing import Cluster
+from meshd.wire import (
+    Ack,
+    AppRecord,
+    Gossip,
+    IndirectPing,
+    MemberUpdate,
+    Nack,
+    OriginState,
+    Ping,
+    PushPull,
+    PushPullReply,
+    SignedState,
+    Status,
+)
+
+CA = create_ca("mesh.local")
+VERIFIER = StateVerifier(CA.cert, CA.trust_domain)
+LAN = Config.lan()
+
+
+@cache
+def signer(name: str, cluster: str = "east") -> StateSigner:
+    return StateSigner(issue_node_cert(CA, name, cluster))
+
+
+def address(i: int) -> str:
+    return f"127.0.0.1:{20000 + i}"
+
+
+def make_node(
+    i: int,
+    *,
+    config: Config = LAN,
+    now: float = 0.0,
+    seed: int | None = None,
+    incarnation: int = 0,
+    version: int = 0,
+    apps=(),
+) -> Node:
+    name = f"n{i}"
+    return Node(
+        config=config,
+        node=name,
+        cluster="east",
+        address=address(i),
+        signer=signer(name),
+        verifier=VERIFIER,
+        rng=random.Random(i if seed is None else seed * 1000 + i),
+        now=now,
+        region="r1",
+        zone="z1",
+        incarnation=incarnation,
+        version=version,
+        apps=apps,
+    )
+
+
+def claim(status: Status, about: Node, by: Node | str, incarnation: int | None = None):
+    """A member update about ``about`` said by ``by``, at its incarnation unless given."""
+    return MemberUpdate(
+        status,
+        about.id,
+        about.incarnation if incarnation is None else incarnation,
+        about.address,
+        "r1",
+        "z1",
+        by if isinstance(by, str) else by.id,
+    )
+
+
+def gossip(src: Node, dst: Node, now: float, *members: MemberUpdate, states=()) -> None:
+    dst.receive(Gossip(src.id, members=members, states=tuple(states)), now, peer=src.id)
+
+
+def drain_events(node: Node) -> list:
+    out = []
+    while (e := node.next_event()) is not None:
+        out.append(e)
+    return out
+
+
+def sent(node: Node, kind: type) -> list:
+    return [(addr, m) for addr, m in node.messages_to_send() if isinstance(m, kind)]
+
+
+def rec(instance: str = "o-1", app: str = "orders") -> AppRecord:
+    return AppRecord(app=app, instance=instance, address="127.0.0.1", port=8080)
+
+
+class Net:
+    """Zero-latency network among hand-built nodes (see module doc).
+
+    ``drop(src, dst_address, msg)`` returning True loses a message (it is
+    still logged).  ``log`` holds ``(time, src, dst_address, msg)``.
+    """
+
+    def __init__(self, *nodes: Node, drop=None) -> None:
+        self.nodes = {n.address: n for n in nodes}
+        self.drop = drop or (lambda src, dst, msg: False)
+        self.log: list[tuple[float, Node, str, object]] = []
+        self.now = 0.0
+
+    def flush(self, now: float) -> None:
+        """Deliver until no node has anything left to send (bounded)."""
+        for _ in range(1000):
+            batch = [(n, a, m) for n in self.nodes.values() for a, m in n.messages_to_send()]
+            if not batch:
+                return
+            for src, addr, msg in batch:
+                self.log.append((now, src, addr, msg))
+                dst = self.nodes.get(addr)
+                if dst is not None and not self.drop(src, addr, msg):
+                    dst.receive(msg, now, peer=src.id)
+        raise AssertionError("network never went quiet")
+
+    def run(self, until: float, active=None, stop=None) -> float:
+        """Fire timers of ``active`` nodes (default all) in time order up to ``until``.
+
+        Returns the time reached; stops early once ``stop()`` holds.
+        """
+        active = list(self.nodes.values()) if active is None else active
+        for _ in range(100_000):
+            t = min(n.get_timer() for n in active)
+            if t > until:
+                break
+            self.now = max(self.now, t)
+            for n in active:
+                if n.get_timer() <= self.now:
+                    n.handle_timer(self.now)
+                    self.flush(self.now)
+            if stop is not None and stop():
+                return self.now
+        else:
+            raise AssertionError("timers never passed the deadline")
+        self.now = max(self.now, until)
+        return self.now
+
+    def sent_by(self, node: Node, kind: type, since: float = float("-inf")) -> list:
+        return [
+            (t, addr, m)
+            for t, src, addr, m in self.log
+            if src is node and isinstance(m, kind) and t >= since
+        ]
+
+
+def mesh(*nodes: Node, drop=None, now: float = 0.0) -> Net:
+    """Every node joins every other over a perfect network, then installs ``drop``."""
+    net = Net(*nodes)
+    net.now = now
+    for n in nodes:
+        n.join([m.address for m in nodes if m is not n], now)
+    net.flush(now)
+    for n in nodes:
+        assert {m.node for m in n.members.values()} == {m.id for m in nodes}
+        drain_events(n)
+    if drop is not None:
+        net.drop = drop
+    return net
+
+
+# ---------------------------------------------------------------------------
+# Ping and ack
+
+
+def test_ping_is_acked_with_its_seq_to_source_addr():
+    a, b = make_node(1), make_node(2)
+    b.receive(Ping(a.id, seq=42, source_addr="10.9.9.9:7000", target=b.id), 1.0, peer=a.id)
+    acks = sent(b, Ack)
+    assert len(acks) == 1
+    addr, ack = acks[0]
+    assert addr == "10.9.9.9:7000"
+    assert ack.seq == 42 and ack.source == b.id
+    assert b.counters["misdirected"] == 0
+
+
+def test_ping_naming_another_target_is_ignored_and_counted():
+    a, b, c = make_node(1), make_node(2), make_node(3)
+    b.receive(Ping(a.id, seq=7, source_addr=a.address, target=c.id), 1.0, peer=a.id)
+    assert sent(b, Ack) == []
+    assert b.counters["misdirected"] == 1
+
+
+def test_message_from_a_source_other_than_the_authenticated_peer_is_dropped():
+    a, b, c = make_node(1), make_node(2), make_node(3)
+    b.receive(Ping(a.id, seq=7, source_addr=a.address, target=b.id), 1.0, peer=c.id)
+    gossip_as_a = Gossip(a.id, members=(claim(Status.SUSPECT, c, a),))
+    b.receive(gossip_as_a, 1.0, peer=c.id)
+    assert b.counters["impersonation"] == 2
+    assert b.messages_to_send() == []
+    assert a.id not in b.members
+
+
+# ---------------------------------------------------------------------------
+# The probe cycle
+
+
+def test_probe_pings_once_per_interval_while_acked():
+    a, b = make_node(1), make_node(2)
+    net = mesh(a, b)
+    net.run(3.99, active=[a])
+    pings = net.sent_by(a, Ping)
+    assert len(pings) >= 3
+    t0, addr, ping = pings[0]
+    # The first probe falls within one interval of start (random phase).
+    assert 0.0 <= t0 < LAN.probe_interval
+    assert addr == b.address
+    assert ping.target == b.id and ping.source_addr == a.address and ping.suspicion is None
+    times = [t for t, _, _ in pings]
+    assert [round(y - x, 9) for x, y in zip(times, times[1:], strict=False)] == [1.0] * (
+        len(times) - 1
+    )
+    assert net.sent_by(a, IndirectPing) == []
+    assert a.members[b.id].status is Status.ALIVE
+    assert a.counters["probe-failures"] == 0
+
+
+def test_lone_peer_silent_is_suspected_after_one_interval():
+    a, b = make_node(1), make_node(2)
+    net = mesh(a, b, drop=lambda src, dst, msg: dst == b.address)
+    t0 = net.run(5.0, active=[a], stop=lambda: net.sent_by(a, Ping))
+    net.run(t0 + LAN.probe_interval - 1e-6, active=[a])
+    assert a.members[b.id].status is Status.ALIVE
+    assert net.sent_by(a, IndirectPing) == []  # nobody to ask
+    net.run(t0 + LAN.probe_interval, active=[a])
+    assert a.members[b.id].status is Status.SUSPECT
+    # No helper could be asked: the failure itself counts once.
+    assert a.awareness.score == 1
+    assert a.counters["probe-failures"] == 1
+
+
+def _probe_setup(n: int, seed: int = 0, drop=None, suspect_last: bool = False):
+    nodes = [make_node(i, seed=seed) for i in range(1, n + 1)]
+    net = mesh(*nodes, drop=drop)
+    a = nodes[0]
+    if suspect_last:  # a suspect is never asked to help
+        gossip(nodes[1], a, 0.0, claim(Status.SUSPECT, nodes[-1], nodes[1]))
+    t0 = net.run(5.0, active=[a], stop=lambda: net.sent_by(a, Ping))
+    (_, target_addr, ping) = net.sent_by(a, Ping)[0]
+    target = net.nodes[target_addr]
+    return net, nodes, a, target, ping, t0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_missed_ack_asks_exactly_k_helpers_never_target_nor_self(seed):
+    drop_pings = lambda src, dst, msg: isinstance(msg, Ping)  # noqa: E731
+    net, nodes, a, target, ping, t0 = _probe_setup(6, seed, drop=drop_pings, suspect_last=True)
+    net.run(t0 + LAN.probe_timeout - 1e-6, active=[a])
+    assert net.sent_by(a, IndirectPing) == []
+    net.run(t0 + LAN.probe_timeout, active=[a])
+    asks = net.sent_by(a, IndirectPing)
+    assert len(asks) == LAN.indirect_checks
+    helpers = [addr for _, addr, _ in asks]
+    assert len(set(helpers)) == LAN.indirect_checks
+    assert target.address not in helpers and a.address not in helpers
+    assert nodes[-1].address not in helpers
+    for t, _, msg in asks:
+        assert t == t0 + LAN.probe_timeout
+        assert msg.seq == ping.seq and msg.source_addr == a.address and msg.nack
+        assert msg.target == target.id and msg.target_addr == target.address
+
+
+def test_ack_relayed_by_a_helper_completes_the_probe_and_lowers_awareness():
+    # Only the prober's direct pings are lost: the helpers reach the target.
+    a_direct = lambda src, dst, msg: src.address == address(1) and isinstance(msg, Ping)  # noqa: E731
+    nodes = [make_node(i) for i in range(1, 6)]
+    net = mesh(*nodes, drop=a_direct)
+    a = nodes[0]
+    a.awareness.score = 2  # probe timeout 1.5 s, interval 3 s
+    t0 = net.run(5.0, active=[a], stop=lambda: net.sent_by(a, Ping))
+    (_, target_addr, ping) = net.sent_by(a, Ping)[0]
+    target = net.nodes[target_addr]
+    net.run(t0 + 3 * LAN.probe_interval - 1e-6, active=[a])
+    asks = net.sent_by(a, IndirectPing)
+    assert [t for t, _, _ in asks] == [t0 + 3 * LAN.probe_timeout] * LAN.indirect_checks
+    relayed = [
+        m
+        for _, src, addr, m in net.log
+        if isinstance(m, Ack) and addr == a.address and src is not target
+    ]
+    assert relayed and all(m.seq == ping.seq for m in relayed)
+    assert a.awareness.score == 1
+    assert a.members[target.id].status is Status.ALIVE
+    assert a.counters["probe-failures"] == 0
+
+
+def test_unanswered_probe_suspects_after_scaled_interval_and_counts_missing_nacks():
+    # Every ping is lost and the helpers are never run, so no nack comes back.
+    drop_pings = lambda src, dst, msg: isinstance(msg, Ping)  # noqa: E731
+    nodes = [make_node(i) for i in range(1, 6)]
+    net = mesh(*nodes, drop=drop_pings)
+    a = nodes[0]
+    a.awareness.score = 1  # probe timeout 1 s, interval 2 s
+    t0 = net.run(5.0, active=[a], stop=lambda: net.sent_by(a, Ping))
+    target = net.nodes[net.sent_by(a, Ping)[0][1]]
+    net.run(t0 + 2 * LAN.probe_interval - 1e-6, active=[a])
+    assert [t for t, _, _ in net.sent_by(a, IndirectPing)] == [t0 + 2 * LAN.probe_timeout] * 3
+    assert a.members[target.id].status is Status.ALIVE
+    assert a.awareness.score == 1
+    net.run(t0 + 2 * LAN.probe_interval, active=[a])
+    assert a.members[target.id].status is Status.SUSPECT
+    assert a.awareness.score == 1 + LAN.indirect_checks
+    assert a.counters["probe-failures"] == 1
+    assert MemberChanged(target.id, Status.SUSPECT, target.incarnation, target.address) in (
+        drain_events(a)
+    )
+
+
+def test_direct_ack_lowers_awareness():
+    a, b = make_node(1), make_node(2)
+    net = mesh(a, b)
+    a.awareness.score = 3
+    net.run(5.0, active=[a], stop=lambda: net.sent_by(a, Ping))
+    assert a.awareness.score == 2
+    assert a.members[b.id].status is Status.ALIVE
+
+
+def test_nacks_from_healthy_helpers_arrive_before_the_probe_ends():
+    c = Cluster(5, seed=1, ca=CA)
+    c.run_until_true(lambda: all(n == 5 for n in c.alive_counts()), 10.0)
+    c.crash(4)
+    worst = 0
+    while c.now < 30.0 and c.step():
+        worst = max(worst, *(c.core(i).awareness.score for i in range(4)))
+    assert all(c.status_of(i, 4) is Status.DEAD for i in range(4))
+    # Four healthy nodes, no loss: every helper nacks, so no prober is to blame.
+    assert worst == 0
+
+
+# ---------------------------------------------------------------------------
+# Acting as a helper
+
+
+def test_helper_pings_target_and_forwards_its_ack_with_the_requesters_seq():
+    a, h, t = make_node(1), make_node(2), make_node(3)
+    h.receive(
+        IndirectPing(a.id, seq=77, source_addr=a.address, target=t.id, target_addr=t.address),
+        5.0,
+        peer=a.id,
+    )
+    pings = sent(h, Ping)
+    assert len(pings) == 1
+    addr, ping = pings[0]
+    assert addr == t.address and ping.target == t.id and ping.source_addr == h.address
+    t.receive(ping, 5.0, peer=h.id)
+    (ack_addr, ack) = sent(t, Ack)[0]
+    assert ack_addr == h.address
+    h.receive(ack, 5.001, peer=t.id)
+    forwarded = sent(h, Ack)
+    assert [(addr, m.seq) for addr, m in forwarded] == [(a.address, 77)]
+    # Answered: no nack later.
+    h.handle_timer(5.0 + LAN.probe_timeout)
+    assert sent(h, Nack) == []
+
+
+def test_helper_nacks_after_probe_timeout_when_target_is_silent():
+    a, h, t = make_node(1), make_node(2, now=5.0), make_node(3)
+    ind = IndirectPing(a.id, seq=78, source_addr=a.address, target=t.id, target_addr=t.address)
+    h.receive(ind, 5.0, peer=a.id)
+    net = Net(h)  # alone: the target never answers, the nack goes nowhere
+    net.now = 5.0
+    net.run(7.0)  # driven only by h's own get_timer()
+    nacks = net.sent_by(h, Nack)
+    assert [(t, addr, m.seq) for t, addr, m in nacks] == [
+        (5.0 + nack_timeout(LAN.probe_timeout), a.address, 78)
+    ]
+
+
+def test_helper_asked_for_no_nack_stays_silent():
+    a, h, t = make_node(1), make_node(2), make_node(3)
+    ind = IndirectPing(
+        a.id, seq=79, source_addr=a.address, target=t.id, target_addr=t.address, nack=False
+    )
+    h.receive(ind, 5.0, peer=a.id)
+    h.messages_to_send()
+    h.handle_timer(5.0 + LAN.probe_timeout)
+    assert sent(h, Nack) == []
+
+
+# ---------------------------------------------------------------------------
+# Suspicion and death
+
+
+def _suspect_x(config: Config = LAN):
+    """A, B, C, D and X know each other; X is unreachable; B suspects X at t=10."""
+    nodes = [make_node(i, config=config) for i in range(1, 6)]
+    a, b, c, d, x = nodes
+    net = mesh(*nodes, drop=lambda src, dst, msg: x.address in (dst, src.address))
+    net.now = 10.0
+    gossip(b, a, 10.0, claim(Status.SUSPECT, x, b))
+    net.flush(10.0)
+    assert a.members[x.id].status is Status.SUSPECT
+    return net, a, b, c, d, x
+
+
+def _status_at(net: Net, a: Node, x: Node, t: float) -> Status:
+    net.run(t, active=[a])
+    return a.members[x.id].status
+
+
+def test_suspicion_without_confirmations_runs_the_full_lifeguard_timeout():
+    net, a, b, c, d, x = _suspect_x()
+    lo, hi = a.suspicion_bounds()
+    assert (lo, hi) == (4.0, 24.0)  # 4 * max(1, log10 5) * 1 s, times 6
+    assert _status_at(net, a, x, 10.0 + hi - 1e-6) is Status.SUSPECT
+    assert _status_at(net, a, x, 10.0 + hi) is Status.DEAD
+    assert a.counters["declared-dead"] == 1
+    assert MemberChanged(x.id, Status.DEAD, x.incarnation, x.address) in drain_events(a)
+    # Its origin is now a tombstone, not served.
+    assert a.store.get(x.id).tombstone_since == 10.0 + hi
+    assert x.id not in {e.signed.origin for e in a.store.live()}
+    # A newer state of a dead origin is kept, but as a tombstone.
+    v = x.set_app(rec(), 40.0)
+    gossip(x, a, 40.0, states=[x.store.get(x.id).signed])
+    assert a.store.version(x.id) == v
+    assert a.store.get(x.id).tombstone_since == 40.0
+    assert a.store.endpoints("orders") == []
+
+
+def test_distinct_confirmations_shrink_the_timer_and_repeats_do_not():
+    net, a, b, c, d, x = _suspect_x()
+    lo, hi = a.suspicion_bounds()
+    gossip(b, a, 11.0, claim(Status.SUSPECT, x, b))  # same accuser: not a confirmation
+    gossip(c, a, 12.0, claim(Status.SUSPECT, x, c))  # one confirmation
+    one = 10.0 + suspicion_timeout(1, 2, lo, hi)
+    assert 10.0 + lo < one < 10.0 + hi
+    assert _status_at(net, a, x, one - 1e-6) is Status.SUSPECT
+    assert _status_at(net, a, x, one) is Status.DEAD
+
+
+def test_enough_confirmations_bring_the_timer_down_to_the_minimum():
+    net, a, b, c, d, x = _suspect_x()
+    lo, _ = a.suspicion_bounds()
+    gossip(c, a, 11.0, claim(Status.SUSPECT, x, c))
+    gossip(d, a, 12.0, claim(Status.SUSPECT, x, d))
+    assert _status_at(net, a, x, 10.0 + lo - 1e-6) is Status.SUSPECT
+    assert _status_at(net, a, x, 10.0 + lo) is Status.DEAD
+
+
+def test_without_lifeguard_the_suspicion_timeout_is_the_fixed_minimum():
+    net, a, b, c, d, x = _suspect_x(Config.lan(lifeguard=False))
+    lo, hi = a.suspicion_bounds()
+    assert lo == hi == 4.0
+    gossip(c, a, 11.0, claim(Status.SUSPECT, x, c))
+    gossip(d, a, 11.5, claim(Status.SUSPECT, x, d))
+    assert _status_at(net, a, x, 10.0 + lo - 1e-6) is Status.SUSPECT
+    assert _status_at(net, a, x, 10.0 + lo) is Status.DEAD
+
+
+# ---------------------------------------------------------------------------
+# Refutation
+
+
+@pytest.mark.parametrize("status", [Status.SUSPECT, Status.DEAD])
+def test_claim_about_self_is_refuted_and_others_take_it_back(status):
+    a, b, x = make_node(1), make_node(2), make_node(3)
+    net = mesh(a, b, x)
+    inc = x.incarnation
+    gossip(a, b, 1.0, claim(status, x, a))
+    assert b.members[x.id].status is status
+    gossip(a, x, 1.0, claim(status, x, a))
+    assert x.incarnation == inc + 1
+    assert x.members[x.id].status is Status.ALIVE
+    assert x.counters["refutations"] == 1
+    assert x.awareness.score == 1  # having to refute is evidence against ourselves
+    net.now = 1.0
+    net.flush(1.0)
+    net.run(3.0)
+    refutation = MemberUpdate(Status.ALIVE, x.id, inc + 1, x.address, "r1", "z1", x.id)
+    assert any(refutation in getattr(m, "members", ()) for _, _, m in net.sent_by(x, object))
+    assert b.members[x.id].status is Status.ALIVE
+    assert b.members[x.id].incarnation == inc + 1
+
+
+def test_stale_claim_about_self_is_not_refuted():
+    a, x = make_node(1), make_node(3, incarnation=4)
+    assert x.incarnation == 5
+    gossip(a, x, 1.0, claim(Status.SUSPECT, x, a, incarnation=4))
+    gossip(a, x, 1.0, claim(Status.DEAD, x, a, incarnation=4))
+    assert x.incarnation == 5
+    assert x.counters["refutations"] == 0
+    assert x.members[x.id].status is Status.ALIVE
+
+
+def test_buddy_suspicion_on_a_ping_is_refuted_at_once_in_the_ack():
+    a, x = make_node(1), make_node(3)
+    inc = x.incarnation
+    ping = Ping(
+        a.id, seq=9, source_addr=a.address, target=x.id, suspicion=claim(Status.SUSPECT, x, a)
+    )
+    x.receive(ping, 2.0, peer=a.id)
+    assert x.incarnation == inc + 1
+    (_, ack) = sent(x, Ack)[0]
+    assert ack.seq == 9
+    assert MemberUpdate(Status.ALIVE, x.id, inc + 1, x.address, "r1", "z1", x.id) in ack.members
+
+
+@pytest.mark.parametrize("lifeguard", [True, False])
+def test_prober_attaches_buddy_suspicion_only_with_lifeguard(lifeguard):
+    cfg = Config.lan(lifeguard=lifeguard)
+    a, x = make_node(1, config=cfg), make_node(3, config=cfg)
+    net = mesh(a, x, drop=lambda src, dst, msg: dst == x.address)
+    t0 = net.run(5.0, active=[a], stop=lambda: net.sent_by(a, Ping))
+    net.run(t0 + cfg.probe_interval, active=[a])
+    assert a.members[x.id].status is Status.SUSPECT
+    pings = net.sent_by(a, Ping)
+    assert len(pings) == 2  # the failed probe, then the next one to the suspect
+    buddy = pings[1][2].suspicion
+    if lifeguard:
+        assert buddy == claim(Status.SUSPECT, x, a)
+    else:
+        assert buddy is None
+
+
+# ---------------------------------------------------------------------------
+# Leave
+
+
+def test_leave_tells_peers_directly_and_they_tombstone_its_origin():
+    a, b, c = make_node(1), make_node(2), make_node(3)
+    net = mesh(a, b, c)
+    net.run(2.0)
+    inc = a.incarnation
+    a.leave(2.0)
+    out = a.messages_to_send()
+    left = MemberUpdate(Status.LEFT, a.id, inc, a.address, "r1", "z1", a.id)
+    assert sorted(addr for addr, _ in out) == sorted([b.address, c.address])
+    for addr, msg in out:
+        assert isinstance(msg, Gossip) and msg.members == (left,)
+        net.nodes[addr].receive(msg, 2.0, peer=a.id)
+    for peer in (b, c):
+        assert peer.members[a.id].status is Status.LEFT
+        assert peer.members[a.id].incarnation == inc
+        assert peer.store.get(a.id).tombstone_since == 2.0
+        assert a.id not in {e.signed.origin for e in peer.store.live()}
+        assert OriginChanged(a.id, a.version, False) in drain_events(peer)
+    # The left node does not refute, and no longer probes.
+    gossip(b, a, 2.5, claim(Status.SUSPECT, a, b))
+    assert a.incarnation == inc and a.counters["refutations"] == 0
+    net.now = 2.5
+    net.flush(2.5)
+    net.run(8.0)
+    assert net.sent_by(a, Ping, since=2.0) == []
+    assert net.sent_by(a, IndirectPing, since=2.0) == []
+    assert b.members[a.id].status is Status.LEFT
+
+
+def test_idle_node_keeps_gossiping_its_leave_after_the_direct_notices_are_lost():
+    a, b, c = make_node(1), make_node(2), make_node(3)
+    net = mesh(a, b, c)
+    net.run(10.0)  # long enough for every queue to drain
+    a.leave(10.0)
+    a.messages_to_send()  # the direct notices are lost
+    net.run(10.0 + 5 * LAN.gossip_interval, active=[a])
+    left = MemberUpdate(Status.LEFT, a.id, a.incarnation, a.address, "r1", "z1", a.id)
+    assert any(left in m.members for _, _, m in net.sent_by(a, Gossip, since=10.0))
+
+
+# ---------------------------------------------------------------------------
+# Records
+
+
+def test_set_app_publishes_a_new_signed_version_that_gossip_spreads():
+    a, b = make_node(1), make_node(2)
+    net = mesh(a, b)
+    net.run(1.0)
+    before = a.version
+    v = a.set_app(rec(), 1.0)
+    assert v == before + 1 == a.version
+    own = a.store.get(a.id)
+    assert own.signed.version == v and own.state.apps == (rec(),)
+    assert VERIFIER.verify(own.signed) == own.state
+    net.run(1.0 + LAN.gossip_interval)  # well before any digest sync could carry it
+    carried = [
+        (t, addr) for t, addr, m in net.sent_by(a, Gossip) if any(s.version == v for s in m.states)
+    ]
+    assert carried and carried[0][1] == b.address and carried[0][0] <= 1.0 + LAN.gossip_interval
+    assert b.store.version(a.id) == v
+    assert [r for _, r in b.store.endpoints("orders")] == [rec()]
+
+
+def test_remove_app_of_unknown_instance_returns_none_and_changes_nothing():
+    a = make_node(1)
+    v = a.set_app(rec(), 1.0)
+    assert a.remove_app("nope", 2.0) is None
+    assert a.version == v
+    assert a.remove_app("o-1", 3.0) == v + 1
+    assert a.store.get(a.id).state.apps == ()
+
+
+def test_restart_outranks_the_previous_life():
+    a, b = make_node(1), make_node(2)
+    net = mesh(a, b)
+    a.set_app(rec(), 0.5)
+    net.run(2.0)
+    assert b.store.version(a.id) == a.version
+    a2 = make_node(1, now=2.0, incarnation=a.incarnation, version=a.version, apps=a.apps.values())
+    assert a2.incarnation > a.incarnation
+    assert a2.version > a.version
+    assert a2.store.get(a2.id).state.apps == (rec(),)
+    net2 = Net(a2, b)
+    net2.now = 2.0
+    a2.join([b.address], 2.0)
+    net2.flush(2.0)
+    assert b.members[a.id].incarnation == a2.incarnation
+    assert b.store.version(a.id) == a2.version
+
+
+# ---------------------------------------------------------------------------
+# Anti-entropy
+
+
+def test_push_pull_sends_each_side_only_what_the_other_lacks():
+    a, b, c, d, e = (make_node(i) for i in range(1, 6))
+    c_v1 = c.store.get(c.id).signed
+    c.set_app(rec(), 0.0)
+    c_v2 = c.store.get(c.id).signed
+    d_v1, e_v1 = d.store.get(d.id).signed, e.store.get(e.id).signed
+    # B holds C@2, D, E; A holds C@1 and E.  Both hold E at the same version.
+    gossip(c, b, 0.0, states=[c_v2])
+    gossip(d, b, 0.0, states=[d_v1])
+    gossip(e, b, 0.0, states=[e_v1])
+    gossip(c, a, 0.0, states=[c_v1])
+    gossip(e, a, 0.0, states=[e_v1])
+    assert b.store.version(c.id) == 2 and a.store.version(c.id) == 1
+
+    a.messages_to_send()
+    b.messages_to_send()
+    a.join([b.address], 1.0)
+    (addr, pp) = a.messages_to_send()[0]
+    assert addr == b.address and isinstance(pp, PushPull)
+    assert pp.digest == {a.id: 1, c.id: 1, e.id: 1}
+    b.receive(pp, 1.0, peer=a.id)
+    replies = b.messages_to_send()
+    assert len(replies) == 1
+    addr, reply = replies[0]
+    assert addr == a.address and isinstance(reply, PushPullReply)
+    assert {(s.origin, s.version) for s in reply.states} == {(b.id, 1), (c.id, 2), (d.id, 1)}
+    assert reply.digest == b.store.digest()
+
+    a.receive(reply, 1.0, peer=b.id)
+    back = a.messages_to_send()
+    assert len(back) == 1
+    addr, push = back[0]
+    assert addr == b.address and isinstance(push, Gossip)
+    assert [(s.origin, s.version) for s in push.states] == [(a.id, 1)]
+    b.receive(push, 1.0, peer=a.id)
+    assert a.store.digest() == b.store.digest()
+
+
+def test_digest_sync_with_equal_views_is_answered_without_members():
+    a, b = make_node(1), make_node(2)
+    mesh(a, b)
+    assert a.view == b.view
+    b.messages_to_send()
+    digest_only = PushPull(a.id, source_addr=a.address, digest=a.store.digest(), view=a.view)
+    b.receive(digest_only, 1.0, peer=a.id)
+    (_, reply) = b.messages_to_send()[0]
+    assert isinstance(reply, PushPullReply)
+    assert reply.members == () and reply.states == ()
+    assert reply.view == b.view
+
+
+def test_digest_sync_with_different_views_is_answered_with_members():
+    a, b, c = make_node(1), make_node(2), make_node(3)
+    mesh(a, b)
+    Net(a, c).flush(0.0)
+    c.join([a.address], 0.0)
+    Net(a, c).flush(0.0)
+    assert c.id in a.members and c.id not in b.members
+    assert a.view != b.view
+    b.messages_to_send()
+    digest_only = PushPull(a.id, source_addr=a.address, digest=a.store.digest(), view=a.view)
+    b.receive(digest_only, 1.0, peer=a.id)
+    (_, reply) = b.messages_to_send()[0]
+    assert isinstance(reply, PushPullReply)
+    assert {u.node for u in reply.members} == {a.id, b.id}
+    assert b.view == reply.view
+
+
+# ---------------------------------------------------------------------------
+# Rejected states
+
+
+def test_state_with_altered_body_is_rejected_as_bad_signature():
+    a, b = make_node(1), make_node(2)
+    a.set_app(rec(), 0.0)
+    good = a.store.get(a.id).signed
+    other = OriginState(node="n1", cluster="east", region="r1", zone="z1", version=good.version)
+    forged = SignedState(good.origin, good.version, other.encode(), good.signature, good.cert)
+    drain_events(b)
+    gossip(a, b, 1.0, states=[forged])
+    assert b.counters["rejected-state:bad-signature"] == 1
+    assert b.store.get(a.id) is None
+    assert drain_events(b) == []
+
+
+def test_state_signed_by_another_nodes_key_is_rejected_as_node_mismatch():
+    b = make_node(2)
+    n9 = signer("n9").node_cert
+    body = OriginState(node="n1", cluster="east", region="r1", zone="z1", version=5).encode()
+    forged = SignedState("east/n1", 5, body, n9.key.sign(body), n9.cert_der)
+    b.receive(Gossip("east/n9", states=(forged,)), 1.0, peer="east/n9")
+    assert b.counters["rejected-state:node-mismatch"] == 1
+    assert b.store.get("east/n1") is None
+
+
+# ---------------------------------------------------------------------------
+# Timers
+
+
+def test_next_deadline_is_never_in_the_past_after_handle_timer():
+    nodes = [make_node(i) for i in range(1, 5)]
+    loss = random.Random(3)
+    net = mesh(
+        *nodes,
+        drop=lambda src, dst, msg: dst == address(4) or loss.random() < 0.2,
+    )
+    checked = 0
+    for _ in range(5000):
+        t = min(n.get_timer() for n in nodes)
+        if t > 60.0:
+            break
+        net.now = max(net.now, t)
+        for n in nodes:
+            if n.get_timer() <= net.now:
+                n.handle_timer(net.now)
+                assert n.get_timer() > net.now
+                checked += 1
+                net.flush(net.now)
+    assert checked > 100
+    assert nodes[0].members[nodes[3].id].status is Status.DEAD
+
+
+def test_handle_timer_after_a_long_pause_is_sane():
+    nodes = [make_node(i) for i in range(1, 5)]
+    a, h, t, x = nodes
+    net = mesh(*nodes, drop=lambda src, dst, msg: True)
+    # Leave a probe, a relay and a suspicion in flight, then sleep an hour and more.
+    net.run(5.0, active=[a], stop=lambda: net.sent_by(a, Ping))
+    a.receive(
+        IndirectPing(h.id, seq=5, source_addr=h.address, target=t.id, target_addr=t.address),
+        net.now,
+        peer=h.id,
+    )
+    gossip(h, a, net.now, claim(Status.SUSPECT, x, h))
+    late = net.now + 2 * LAN.tombstone_timeout
+    a.handle_timer(late)
+    nxt = a.get_timer()
+    cap = LAN.probe_interval * LAN.awareness_max_multiplier
+    assert late < nxt <= late + cap
+    assert a.members[x.id].status is Status.DEAD
+    kinds = {type(m) for _, m in a.messages_to_send()}
+    assert Nack in kinds  # the overdue relay still answers its requester
+    a.handle_timer(nxt)
+    assert a.get_timer() > nxt
+
+
+# ---------------------------------------------------------------------------
+# Determinism
+
+
+def _trace(seed: int) -> list[tuple[float, int, object]]:
+    c = Cluster(8, seed=seed, ca=CA, loss=0.05)
+    seen: list[tuple[float, int, object]] = []
+    c.observers.append(lambda i, e, now: seen.append((now, i, e)))
+    c.run_until(10.0)
+    c.register(2, "orders", "o-1")
+    c.run_until(20.0)
+    c.crash(5)
+    c.run_until(60.0)
+    return seen
+
+
+def test_same_seed_same_observations():
+    first, second = _trace(7), _trace(7)
+    assert len(first) > 50
+    assert {type(e) for _, _, e in first} == {MemberChanged, OriginChanged}
+    assert any(isinstance(e, MemberChanged) and e.status is Status.DEAD for _, _, e in first)
+    assert first == second
