@@ -1,0 +1,263 @@
+"""The local HTTP API (contract: "Local HTTP API"), an aiohttp application over AgentAPI.
+
+Handlers are thin: parse and validate (``validation.py``), make one agent call,
+answer JSON.  Everything that can go wrong becomes ``{"error": "<one sentence>"}``
+in one middleware, which also counts every request by route pattern and status;
+no HTML error page and no traceback ever reaches a client.
+
+``GET /v1/resolve/{app}`` is the hot path: it does no I/O besides an optional
+blocking wait, builds its answer with one ``json.dumps``, and times only the
+agent's lookup, so ``meshd_lookup_seconds`` measures the index, not the network.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from meshd.agent.interface import AgentAPI
+from meshd.api.durations import parse_duration
+from meshd.api.validation import ApiError, parse_health, parse_registration
+from meshd.metrics import Metrics
+from meshd.wire import WireError, check_name
+
+__all__ = ["create_app", "AGENT_KEY", "MAX_BODY_BYTES", "DEFAULT_WAIT", "MAX_WAIT"]
+
+log = logging.getLogger("meshd.api")
+
+#: Largest request body.  A registration is well under 8 KiB (meta caps at 4 KiB);
+#: the limit only keeps a broken or hostile client from making us buffer much.
+MAX_BODY_BYTES = 1 << 20
+#: Blocking resolve: wait when ``index`` is given without ``wait`` (Consul's default).
+DEFAULT_WAIT = 30.0
+#: Longest blocking wait; longer requests are clamped, not refused, as Consul does.
+MAX_WAIT = 300.0
+#: The route label for requests that matched no route.  Never the raw path: a
+#: scanner probing random paths must not create unbounded metric series.
+UNMATCHED = "unmatched"
+
+#: Lets later additions on the same listener (the Consul subset) reach the agent.
+AGENT_KEY = web.AppKey("meshd_agent", AgentAPI)
+
+# Compact separators: smaller answers, and slightly faster to produce.
+_dumps = functools.partial(json.dumps, separators=(",", ":"))
+_INDEX = re.compile(r"[0-9]{1,20}")
+_MAX_INDEX = 2**64 - 1
+_TRUE = frozenset(("", "1", "true"))  # "" is a bare ?all, which Consul-style flags treat as set
+_FALSE = frozenset(("0", "false"))
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return _json({"error": message}, status=status, headers=headers)
+
+
+def _loads(raw: bytes) -> Any:
+    def no_constants(name: str) -> Any:
+        # NaN and Infinity are not JSON; Python's json would otherwise accept them.
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(raw, parse_constant=no_constants)
+
+
+async def _read_json(request: web.Request) -> Any:
+    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    if not raw.strip():
+        raise ApiError(400, "request body is empty; send a JSON object")
+    try:
+        return _loads(raw)
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+        raise ApiError(400, "request body is not valid JSON") from None
+
+
+def _name(value: str, what: str) -> str:
+    try:
+        return check_name(value, what)
+    except WireError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (no route, wrong method, body too large) as JSON errors."""
+    path = request.path[:200]
+    headers = None
+    if isinstance(exc, web.HTTPNotFound):
+        message = f"no API route matches {path}"
+    elif isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"method {request.method} is not allowed on {path}; allowed: {allowed}"
+        headers = {"Allow": ",".join(sorted(exc.allowed_methods))}
+    elif isinstance(exc, web.HTTPRequestEntityTooLarge):
+        message = f"request body is larger than the limit of {MAX_BODY_BYTES} bytes"
+    else:
+        message = (exc.reason or "request refused").lower()
+    return _error(exc.status, message, headers)
+
+
+def _errors_and_counts(metrics: Metrics) -> Middleware:
+    # Children of the counter, cached: labels() takes a lock and builds a key on
+    # every call.  Bounded by routes x statuses, both small fixed sets.
+    counters: dict[tuple[str, int], Any] = {}
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except ApiError as exc:
+            response = _error(exc.status, exc.message)
+        except web.HTTPException as exc:
+            response = _from_http_exception(request, exc)
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path[:200])
+            response = _error(500, "internal error in the agent; its log has the details")
+        resource = request.match_info.route.resource
+        route = UNMATCHED if resource is None else resource.canonical
+        key = (route, response.status)
+        counter = counters.get(key)
+        if counter is None:
+            counter = counters[key] = metrics.http_requests.labels(
+                route=route, status=str(response.status)
+            )
+        counter.inc()
+        return response
+
+    return middleware
+
+
+class _Handlers:
+    """One method per route; closes over the agent so handlers skip an app lookup."""
+
+    def __init__(self, agent: AgentAPI) -> None:
+        self.agent = agent
+        self.lookup_seconds = agent.metrics.lookup_seconds
+
+    async def register(self, request: web.Request) -> web.Response:
+        instance = request.match_info["instance"]
+        reg = parse_registration(instance, await _read_json(request))
+        try:
+            version = await self.agent.register(reg)
+        except ValueError as exc:  # the agent's own refusal, e.g. too many apps
+            raise ApiError(400, str(exc) or "the agent refused the registration") from None
+        return _json({"instance": instance, "version": version})
+
+    async def deregister(self, request: web.Request) -> web.Response:
+        instance = _name(request.match_info["instance"], "instance")
+        if not await self.agent.deregister(instance):
+            raise ApiError(404, f"instance {instance!r} is not registered on this node")
+        return _json({"instance": instance, "deregistered": True})
+
+    async def set_health(self, request: web.Request) -> web.Response:
+        instance = _name(request.match_info["instance"], "instance")
+        status = parse_health(await _read_json(request))
+        if not await self.agent.set_health(instance, status):
+            raise ApiError(404, f"instance {instance!r} is not registered on this node")
+        return _json({"instance": instance, "status": status})
+
+    async def list_apps(self, request: web.Request) -> web.Response:
+        return _json([reg.to_json() for reg in self.agent.local_registrations()])
+
+    async def resolve(self, request: web.Request) -> web.Response:
+        app = _name(request.match_info["app"], "app")
+        query = request.query
+        # An empty parameter (?namespace=) means "not given", as in Consul.
+        namespace = _name(query.get("namespace") or "default", "namespace")
+        policy = query.get("policy") or None
+        include_unhealthy = _flag(query.get("all"), "all")
+        wait = _wait(query.get("wait"))
+        index_text = query.get("index")
+        if index_text:
+            if not _INDEX.fullmatch(index_text) or int(index_text) > _MAX_INDEX:
+                raise ApiError(400, "index must be a non-negative integer")
+            await self.agent.wait_for_index(int(index_text), wait)
+        started = time.perf_counter()
+        try:
+            index, endpoints = self.agent.resolve(app, namespace, policy, include_unhealthy)
+        except KeyError:
+            if policy is None:
+                raise  # not a client mistake: a bug, answered as a 500
+            raise ApiError(400, f"policy {policy[:64]!r} is not defined") from None
+        self.lookup_seconds.observe(time.perf_counter() - started)
+        body = {
+            "app": app,
+            "namespace": namespace,
+            "index": index,
+            "endpoints": [e.to_json() for e in endpoints],
+        }
+        return _json(body, headers={"X-Meshd-Index": str(index)})
+
+    async def members(self, request: web.Request) -> web.Response:
+        cluster = request.query.get("cluster") or None
+        if cluster is not None:
+            _name(cluster, "cluster")
+        return _json([m.to_json() for m in self.agent.members(cluster)])
+
+    async def clusters(self, request: web.Request) -> web.Response:
+        return _json([c.to_json() for c in self.agent.clusters()])
+
+    async def health(self, request: web.Request) -> web.Response:
+        agent = self.agent
+        return _json({"status": "ok", "node": agent.node_name, "cluster": agent.cluster})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        # Set as a header: the content type carries parameters, which
+        # web.Response(content_type=...) refuses.
+        return web.Response(
+            body=self.agent.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+
+def _flag(value: str | None, what: str) -> bool:
+    if value is None:
+        return False
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ApiError(400, f"{what} must be 1, true, 0 or false")
+
+
+def _wait(value: str | None) -> float:
+    if not value:
+        return DEFAULT_WAIT
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds < 0:
+        raise ApiError(400, 'wait must be a duration such as "200ms", "30s" or "5m"')
+    return min(seconds, MAX_WAIT)
+
+
+def create_app(agent: AgentAPI) -> web.Application:
+    """The local API over ``agent``, ready for ``web.AppRunner`` or a test server."""
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES, middlewares=[_errors_and_counts(agent.metrics)]
+    )
+    app[AGENT_KEY] = agent
+    h = _Handlers(agent)
+    r = app.router
+    r.add_put("/v1/apps/{instance}", h.register)
+    r.add_delete("/v1/apps/{instance}", h.deregister)
+    r.add_put("/v1/apps/{instance}/health", h.set_health)
+    r.add_get("/v1/apps", h.list_apps)
+    r.add_get("/v1/resolve/{app}", h.resolve)
+    r.add_get("/v1/members", h.members)
+    r.add_get("/v1/clusters", h.clusters)
+    r.add_get("/v1/health", h.health)
+    r.add_get("/metrics", h.metrics)
+    return app
