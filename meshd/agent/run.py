@@ -1,0 +1,226 @@
+"""``meshd agent``: start everything in order, or nothing at all.
+
+Order matters for "nothing half-started": state directory and certificates
+are checked first (no socket yet), then the gossip listener is bound, then
+the API listener; only when both are bound does the core start and contact
+peers.  A failure at any step closes what earlier steps opened and exits 2
+with one line on stderr.  SIGTERM (and SIGINT) leave gracefully and exit 0;
+SIGHUP reloads the certificates without touching membership.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import sys
+import tempfile
+from pathlib import Path
+
+from aiohttp import web
+
+from meshd.agent.config import AgentConfig
+from meshd.agent.statedb import StateDB, StateError
+from meshd.agent.transport import Transport, make_client_context, make_server_context
+from meshd.identity import (
+    IdentityError,
+    NodeCert,
+    StateVerifier,
+    create_ca,
+    issue_node_cert,
+    load_node_cert,
+    write_ca,
+    write_node_cert,
+)
+from meshd.metrics import Metrics
+from meshd.protocol.config import Config
+
+log = logging.getLogger("meshd.agent")
+
+
+class StartError(Exception):
+    """A reason not to start, said in one sentence."""
+
+
+def _protocol_config(profile: str) -> Config:
+    return {"lan": Config.lan, "wan": Config.wan, "local": Config.local}[profile]()
+
+
+def _dev_identity(cfg: AgentConfig, state_dir: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and node certificate kept in the state directory."""
+    tls = state_dir / "tls"
+    ca_pem, cert_pem, key_pem = tls / "ca.pem", tls / f"{cfg.node}.pem", tls / f"{cfg.node}.key"
+    if not (ca_pem.exists() and cert_pem.exists() and key_pem.exists()):
+        ca = create_ca("mesh.local")
+        write_ca(ca, tls, overwrite=True)
+        write_node_cert(
+            issue_node_cert(ca, cfg.node, cfg.cluster, ips=["127.0.0.1"], dns=["localhost"]), tls
+        )
+    return ca_pem, cert_pem, key_pem
+
+
+def _advertise(cfg: AgentConfig, bound: tuple[str, int]) -> str:
+    if cfg.advertise is not None:
+        host, port = cfg.advertise
+        port = port or bound[1]
+    else:
+        host, port = bound
+        if ipaddress.ip_address(host).is_unspecified:
+            # Listening everywhere: advertise the address our name resolves to.
+            try:
+                host = socket.gethostbyname(socket.gethostname())
+            except OSError:
+                host = "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _why(exc: OSError) -> str:
+    """The operating system's reason, without asyncio's wrapping of it."""
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
+
+
+def _fmt(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _serve(cfg: AgentConfig) -> int:
+    loop = asyncio.get_running_loop()
+    cleanup: list = []
+    try:
+        if cfg.state_dir is None:
+            state_dir = Path(tempfile.mkdtemp(prefix="meshd-dev-"))
+        else:
+            state_dir = Path(cfg.state_dir)
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
+
+        if cfg.dev and cfg.tls_cert is None:
+            ca_file, cert_file, key_file = _dev_identity(cfg, state_dir)
+        else:
+            assert cfg.tls_ca and cfg.tls_cert and cfg.tls_key
+            ca_file, cert_file, key_file = cfg.tls_ca, cfg.tls_cert, cfg.tls_key
+        try:
+            node_cert: NodeCert = load_node_cert(cert_file, key_file, ca_file)
+            server_ctx = make_server_context(str(ca_file), str(cert_file), str(key_file))
+            client_ctx = make_client_context(str(ca_file), str(cert_file), str(key_file))
+        except IdentityError as exc:
+            raise StartError(str(exc)) from None
+        except ssl.SSLError as exc:
+            raise StartError(f"cannot use the TLS files: {exc}") from None
+        if node_cert.node != cfg.node or node_cert.cluster != cfg.cluster:
+            raise StartError(
+                f"certificate {cert_file} is for node {node_cert.node!r} in cluster "
+                f"{node_cert.cluster!r}, not node {cfg.node!r} in cluster {cfg.cluster!r}"
+            )
+
+        metrics = Metrics()
+        transport = Transport(
+            server_ctx=server_ctx,
+            client_ctx=client_ctx,
+            ca_certs=[node_cert.ca_cert],
+            trust_domain=node_cert.trust_domain,
+            metrics=metrics,
+            on_message=lambda peer, msg: None,
+            on_refused=lambda addr: None,
+        )
+        try:
+            bound = await transport.listen(*cfg.bind)
+        except OSError as exc:
+            raise StartError(
+                f"cannot listen for gossip on {_fmt(*cfg.bind)}: {_why(exc)}"
+            ) from None
+        cleanup.append(transport.close)
+        advertise = _advertise(cfg, bound)
+
+        from meshd.agent.agent import Agent
+        from meshd.api.app import create_app
+
+        agent = Agent(
+            node_cert=node_cert,
+            verifier=StateVerifier(node_cert.ca_cert, node_cert.trust_domain),
+            transport=transport,
+            metrics=metrics,
+            protocol=_protocol_config(cfg.profile),
+            region=cfg.region,
+            zone=cfg.zone,
+            advertise=advertise,
+        )
+        runner = web.AppRunner(create_app(agent), access_log=None, handle_signals=False)
+        await runner.setup()
+        cleanup.append(runner.cleanup)
+        site = web.TCPSite(runner, cfg.api[0], cfg.api[1])
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartError(
+                f"cannot listen for the API on {_fmt(*cfg.api)}: {_why(exc)}"
+            ) from None
+        api_host, api_port = runner.addresses[0][:2]
+
+        # Last, so that a port in use or a bad certificate leaves no state behind.
+        try:
+            db = StateDB.open(state_dir / "meshd.db")
+        except StateError as exc:
+            raise StartError(str(exc)) from None
+        cleanup.append(db.close)
+        agent.attach_statedb(db)
+
+        agent.start(list(cfg.join))
+        cleanup.remove(transport.close)  # the agent closes it on stop
+    except StartError:
+        for fn in reversed(cleanup):
+            with contextlib.suppress(Exception):
+                r = fn()
+                if asyncio.iscoroutine(r):
+                    await r
+        raise
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def reload() -> None:
+        try:
+            transport.server_ctx = make_server_context(str(ca_file), str(cert_file), str(key_file))
+            transport.client_ctx = make_client_context(str(ca_file), str(cert_file), str(key_file))
+            log.info("reloaded certificates from %s", cert_file)
+        except (ssl.SSLError, OSError) as exc:
+            log.error("SIGHUP: kept the old certificates: %s", exc)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    print(
+        f"meshd agent ready api=http://{_fmt(api_host, api_port)} gossip={advertise}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if cfg.dev:
+        log.info("dev mode: state and throwaway certificates in %s", state_dir)
+    await stop.wait()
+    log.info("leaving the mesh")
+    await agent.stop(leave=True)
+    await runner.cleanup()
+    db.close()
+    if cfg.state_dir is None:  # a throwaway dev directory dies with its agent
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return 0
+
+
+def run_agent(cfg: AgentConfig) -> int:
+    logging.basicConfig(
+        level=getattr(logging, cfg.log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(_serve(cfg))
+    except StartError as exc:
+        print(f"meshd: error: {exc}", file=sys.stderr, flush=True)
+        return 2
