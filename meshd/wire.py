@@ -728,8 +728,12 @@ class FrameDecoder:
         self._buf = bytearray()
         self._max = max_frame
         self.closed = False
+        #: Frame sizes (prefix included) of the results of the last ``feed``,
+        #: in the same order, for byte accounting without re-encoding.
+        self.sizes: list[int] = []
 
     def feed(self, data: bytes) -> list[Message | Rejection]:
+        self.sizes = []
         if self.closed:
             return []
         self._buf += data
@@ -740,12 +744,14 @@ class FrameDecoder:
                 self.closed = True
                 self._buf.clear()
                 out.append(Rejection("oversized", f"length prefix {length}"))
+                self.sizes.append(_LEN.size)
                 break
             if len(self._buf) < _LEN.size + length:
                 break
             body = bytes(self._buf[_LEN.size : _LEN.size + length])
             del self._buf[: _LEN.size + length]
             out.append(decode_message(body))
+            self.sizes.append(_LEN.size + length)
         return out
 
     @property

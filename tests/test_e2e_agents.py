@@ -57,6 +57,25 @@ def test_five_agents_form_a_cluster_and_resolve_everywhere(five):
     assert ep["node"] == "n2" and ep["cluster"] == "east" and ep["port"] == 3500
     assert ep["meta"] == {"v": "2"} and ep["tier"] == "zone"
     assert five[2].resolve("orders")[0]["tier"] == "node"
+    # The metrics a operator watches are there and moving.
+    a = five[0]
+    assert a.metric("meshd_members", status="alive") == 5
+    assert a.metric("meshd_records", state="served") >= 1
+    assert a.metric("meshd_messages_sent_total", type="Ping") > 0
+    assert a.metric("meshd_bytes_received_total", type="Ack") > 0
+    assert a.metric("meshd_lookup_seconds_count") > 0
+
+
+def test_sighup_reloads_without_dropping_members(five):
+    wait_until(lambda: all_alive(five, 5), repair_bound(5, LOCAL) + SLACK, "5 alive")
+    target = five[4]
+    target.signal(signal.SIGHUP)
+    wait_until(
+        lambda: any("reloaded certificates" in ln for ln in target.lines), 10, "reload logged"
+    )
+    assert target.running
+    assert list(target.members().values()).count("alive") == 5
+    assert all(a.members()["east/n4"] == "alive" for a in five)
 
 
 def test_blocking_resolve_returns_within_a_second_of_a_change(five):
@@ -109,7 +128,9 @@ def test_crash_restart_and_leave(five, tmp_path):
         repair_bound(5, LOCAL) + SLACK,
         "billing-1 back everywhere",
     )
-    assert all(a.members()["east/n3"] == "alive" for a in five)
+    wait_until(
+        lambda: all(a.members()["east/n3"] == "alive" for a in five), SLACK, "n3 alive"
+    )
 
     # SIGTERM: graceful leave, exit 0, seen as left (not dead) by the others.
     victim.signal(signal.SIGTERM)

@@ -840,3 +840,13 @@ def test_encode_refuses_frames_over_limit() -> None:
         encode_frame(msg)
     with pytest.raises(WireError):
         message_size(msg)
+
+
+def test_frame_decoder_reports_the_size_of_each_frame():
+    from meshd.wire import FrameDecoder, Gossip, Nack, encode_frame
+
+    a, b = encode_frame(Nack("east/n1", seq=3)), encode_frame(Gossip("east/n2"))
+    dec = FrameDecoder()
+    assert dec.feed(a + b[:3]) == [Nack("east/n1", seq=3)]
+    assert dec.sizes == [len(a)]
+    assert len(dec.feed(b[3:])) == 1 and dec.sizes == [len(b)]

@@ -329,14 +329,17 @@ class _Inbound(asyncio.Protocol):
             return
         self._arm_idle()
         owner = self.owner
-        for item in self.decoder.feed(data):
+        items = self.decoder.feed(data)
+        for item, size in zip(items, self.decoder.sizes, strict=True):
             if isinstance(item, Rejection):
                 owner._reject(self.peer, item.reason, item.detail)
                 if item.reason != "unknown-type":
                     self.abort()  # oversized or undecodable: this peer is broken
                     return
                 continue
-            owner.metrics.messages_received.labels(type(item).__name__).inc()
+            kind = type(item).__name__
+            owner.metrics.messages_received.labels(kind).inc()
+            owner.metrics.bytes_received.labels(kind).inc(size)
             try:
                 owner.on_message(self.peer, item)
             except Exception:  # a bug of ours must not kill the connection loop
