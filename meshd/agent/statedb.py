@@ -421,7 +421,7 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
                 for statement in MIGRATIONS[n - 1]:
                     conn.execute(statement)
                 conn.execute("UPDATE schema_version SET version = ?", (n,))
-                log.info("%s: migrated schema to version %d", path, n)
+                log.debug("%s: migrated schema to version %d", path, n)
             conn.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
