@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from meshd.identity import CA, StateSigner, StateVerifier, create_ca, issue_node_cert
+from meshd.protocol.bridge import LAN, WAN, Bridge
 from meshd.protocol.config import Config
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
 from meshd.protocol.node import Node
@@ -59,7 +60,11 @@ def uniform_latency(lo: float, hi: float) -> Latency:
 
 @dataclass
 class HarnessNode:
-    """One slot of the harness: the identity outlives the core across restarts."""
+    """One slot of the harness: the identity outlives the cores across restarts.
+
+    Every node has a LAN core; a bridge also has a WAN core and the
+    :class:`Bridge` that couples them, exactly as the agent runs them.
+    """
 
     index: int
     name: str
@@ -68,10 +73,14 @@ class HarnessNode:
     region: str
     zone: str
     signer: StateSigner
-    core: Node | None = None
+    is_bridge: bool = False
+    wan_address: str = ""
+    gateway: str = ""
+    cores: dict[str, Node] = field(default_factory=dict)
+    bridge: Bridge | None = None
     crashed: bool = False
     paused: bool = False
-    inbox: list[tuple[int, Message]] = field(default_factory=list)
+    inbox: list[tuple[str, int, Message]] = field(default_factory=list)
     timer_gen: int = 0
     sent_msgs: Counter[str] = field(default_factory=Counter)
     sent_bytes: Counter[str] = field(default_factory=Counter)
@@ -80,12 +89,18 @@ class HarnessNode:
     def id(self) -> str:
         return member_id(self.cluster, self.name)
 
+    @property
+    def core(self) -> Node | None:
+        return self.cores.get(LAN)
+
 
 class Cluster:
     """N cores over a fake network, driven by a virtual clock.
 
     ``observers`` are called as ``observer(index, event, now)`` for every
-    event any core emits; scenario tests use them to time spreads and deaths.
+    event any LAN core emits; scenario tests use them to time spreads and
+    deaths.  Several clusters live in one harness: add nodes with another
+    ``cluster`` and ``bridge=True`` for the ones in the WAN pool.
     """
 
     def __init__(
@@ -94,6 +109,7 @@ class Cluster:
         *,
         seed: int = 0,
         config: Config | None = None,
+        wan_config: Config | None = None,
         cluster: str = "east",
         latency: Latency | None = None,
         loss: float = 0.0,
@@ -104,6 +120,7 @@ class Cluster:
         self.seed = seed
         self.rng = random.Random(seed)
         self.config = config or Config.lan()
+        self.wan_config = wan_config or Config.wan()
         self.latency = latency or uniform_latency(0.0005, 0.002)
         self.loss = loss
         self.encode = encode
@@ -111,7 +128,7 @@ class Cluster:
         self.ca = ca or create_ca("mesh.local")
         self.verifier = StateVerifier(self.ca.cert, self.ca.trust_domain)
         self.nodes: list[HarnessNode] = []
-        self._by_addr: dict[str, int] = {}
+        self._by_addr: dict[str, tuple[int, str]] = {}
         self._heap: list[tuple[float, int, int, int, object]] = []
         self._tie = 0
         self.blocked: set[tuple[int, int]] = set()
@@ -142,19 +159,43 @@ class Cluster:
         zone: str = "z1",
         start: bool = True,
         join: bool = True,
+        bridge: bool = False,
+        gateway: str = "",
+        seed: int | None = None,
+        wan_seed: int | None = None,
     ) -> HarnessNode:
+        """Add a node; ``seed``/``wan_seed`` name the nodes it joins through."""
         i = len(self.nodes)
         name = name or f"n{i}"
         address = f"127.0.0.1:{20000 + i}"
         cert = issue_node_cert(self.ca, name, cluster)
         hn = HarnessNode(i, name, cluster, address, region, zone, StateSigner(cert))
+        hn.gateway = gateway
+        self._by_addr[address] = (i, LAN)
+        if bridge:
+            hn.is_bridge = True
+            hn.wan_address = f"127.0.0.1:{40000 + i}"
+            self._by_addr[hn.wan_address] = (i, WAN)
         self.nodes.append(hn)
-        self._by_addr[address] = i
         if start:
             self._start(hn)
             if join and i > 0:
-                self.join(i, 0)
+                lan_seed = seed if seed is not None else self._first_of(cluster, exclude=i)
+                if lan_seed is not None:
+                    self.join(i, lan_seed)
+                if bridge:
+                    ws = wan_seed if wan_seed is not None else self._first_bridge(exclude=i)
+                    if ws is not None:
+                        self.join_wan(i, ws)
         return hn
+
+    def _first_of(self, cluster: str, exclude: int) -> int | None:
+        return next(
+            (h.index for h in self.nodes if h.cluster == cluster and h.index != exclude), None
+        )
+
+    def _first_bridge(self, exclude: int) -> int | None:
+        return next((h.index for h in self.nodes if h.is_bridge and h.index != exclude), None)
 
     def _start(
         self,
@@ -162,22 +203,33 @@ class Cluster:
         incarnation: int = 0,
         version: int = 0,
         apps: Iterable[AppRecord] = (),
+        wan_incarnation: int = 0,
     ) -> None:
-        hn.core = Node(
-            config=self.config,
-            node=hn.name,
-            cluster=hn.cluster,
-            region=hn.region,
-            zone=hn.zone,
-            address=hn.address,
-            signer=hn.signer,
-            verifier=self.verifier,
-            rng=random.Random(f"{self.seed}/{hn.index}/{incarnation}"),
-            now=self.now,
-            incarnation=incarnation,
-            version=version,
-            apps=apps,
-        )
+        def make(pool: str, config: Config, address: str, inc: int) -> Node:
+            return Node(
+                config=config,
+                node=hn.name,
+                cluster=hn.cluster,
+                region=hn.region,
+                zone=hn.zone,
+                address=address,
+                signer=hn.signer,
+                verifier=self.verifier,
+                rng=random.Random(f"{self.seed}/{hn.index}/{pool}/{inc}"),
+                now=self.now,
+                incarnation=inc,
+                version=version,
+                apps=apps if pool == LAN else (),
+                publisher=pool == LAN,
+                gateway=hn.gateway,
+            )
+
+        hn.cores = {LAN: make(LAN, self.config, hn.address, incarnation)}
+        hn.bridge = None
+        if hn.is_bridge:
+            hn.cores[WAN] = make(WAN, self.wan_config, hn.wan_address, wan_incarnation)
+            hn.bridge = Bridge(hn.cores[LAN], hn.cores[WAN])
+            hn.bridge.start(self.now)
         hn.crashed = False
         self._flush(hn)
 
@@ -186,11 +238,18 @@ class Cluster:
         assert c is not None, f"node {i} has no core"
         return c
 
+    def wan(self, i: int) -> Node:
+        return self.nodes[i].cores[WAN]
+
     # ------------------------------------------------------------------
     # Faults and commands
 
     def join(self, i: int, seed: int) -> None:
         self.core(i).join([self.nodes[seed].address], self.now)
+        self._flush(self.nodes[i])
+
+    def join_wan(self, i: int, seed: int) -> None:
+        self.wan(i).join([self.nodes[seed].wan_address], self.now)
         self._flush(self.nodes[i])
 
     def crash(self, i: int) -> None:
@@ -201,19 +260,30 @@ class Cluster:
         hn.timer_gen += 1
 
     def restart(self, i: int, seeds: Iterable[int] | None = None) -> None:
-        """Start a new core with the same identity and persisted counters and apps."""
+        """Start new cores with the same identity and persisted counters and apps."""
         hn = self.nodes[i]
         old = hn.core
         assert old is not None
+        old_wan = hn.cores.get(WAN)
         last_peers = [m.address for m in old.member_list() if m.node != old.id and m.serving]
         if seeds is not None:
             last_peers = [self.nodes[s].address for s in seeds]
-        self._start(hn, incarnation=old.incarnation, version=old.version, apps=old.apps.values())
+        self._start(
+            hn,
+            incarnation=old.incarnation,
+            version=old.version,
+            apps=old.apps.values(),
+            wan_incarnation=old_wan.incarnation if old_wan is not None else 0,
+        )
         self.core(i).join(last_peers, self.now)
+        if old_wan is not None:
+            wan_peers = [m.address for m in old_wan.member_list() if m.node != old.id and m.serving]
+            self.wan(i).join(wan_peers, self.now)
         self._flush(hn)
 
     def leave(self, i: int) -> None:
-        self.core(i).leave(self.now)
+        for core in self.nodes[i].cores.values():
+            core.leave(self.now)
         self._flush(self.nodes[i])
 
     def pause(self, i: int) -> None:
@@ -224,10 +294,10 @@ class Cluster:
         hn = self.nodes[i]
         hn.paused = False
         inbox, hn.inbox = hn.inbox, []
-        core = self.core(i)
-        for src, msg in inbox:
-            core.receive(msg, self.now, peer=self.nodes[src].id)
-        core.handle_timer(self.now)
+        for pool, src, msg in inbox:
+            hn.cores[pool].receive(msg, self.now, peer=self.nodes[src].id)
+        for core in hn.cores.values():
+            core.handle_timer(self.now)
         self._flush(hn)
 
     def partition(self, a: Iterable[int], b: Iterable[int], one_way: bool = False) -> None:
@@ -238,6 +308,12 @@ class Cluster:
                 self.blocked.add((x, y))
                 if not one_way:
                     self.blocked.add((y, x))
+
+    def isolate_cluster(self, cluster: str) -> None:
+        """Cut every link between ``cluster`` and the rest (a lost cluster)."""
+        inside = [h.index for h in self.nodes if h.cluster == cluster]
+        outside = [h.index for h in self.nodes if h.cluster != cluster]
+        self.partition(inside, outside)
 
     def heal(self) -> None:
         self.blocked.clear()
@@ -262,21 +338,32 @@ class Cluster:
         heapq.heappush(self._heap, (t, self._tie, kind, index, payload))
 
     def _flush(self, hn: HarnessNode) -> None:
-        core = hn.core
-        if core is None or hn.crashed:
+        if not hn.cores or hn.crashed:
             return
-        for addr, msg in core.messages_to_send():
-            self._transmit(hn, addr, msg)
-        event = core.next_event()
-        while event is not None:
-            for obs in self.observers:
-                obs(hn.index, event, self.now)
-            event = core.next_event()
+        # A bridge's injection makes the other core produce more: go round
+        # until both are quiet (bounded: each pass only relays new versions).
+        for _ in range(16):
+            busy = False
+            for pool, core in hn.cores.items():
+                for addr, msg in core.messages_to_send():
+                    self._transmit(hn, pool, addr, msg)
+                event = core.next_event()
+                while event is not None:
+                    busy = True
+                    if pool == LAN:
+                        for obs in self.observers:
+                            obs(hn.index, event, self.now)
+                    if hn.bridge is not None:
+                        hn.bridge.on_event(pool, event, self.now)
+                    event = core.next_event()
+            if not busy:
+                break
         if not hn.paused:
             hn.timer_gen += 1
-            self._push(max(core.get_timer(), self.now), _TIMER, hn.index, hn.timer_gen)
+            t = min(core.get_timer() for core in hn.cores.values())
+            self._push(max(t, self.now), _TIMER, hn.index, hn.timer_gen)
 
-    def _transmit(self, hn: HarnessNode, addr: str, msg: Message) -> None:
+    def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message) -> None:
         kind = type(msg).__name__
         dst = self._by_addr.get(addr)
         payload: object = msg
@@ -285,19 +372,23 @@ class Cluster:
             hn.sent_bytes[kind] += len(frame)
             payload = frame
         hn.sent_msgs[kind] += 1
-        if dst is None or (hn.index, dst) in self.blocked:
+        if dst is None or (hn.index, dst[0]) in self.blocked:
             self.dropped += 1
             return
         if self.loss and self.rng.random() < self.loss:
             self.dropped += 1
             return
         self._push(
-            self.now + self.latency(hn.index, dst, self.rng), _DELIVER, dst, (hn.index, payload)
+            self.now + self.latency(hn.index, dst[0], self.rng),
+            _DELIVER,
+            dst[0],
+            (dst[1], hn.index, payload),
         )
 
-    def _deliver(self, dst: int, src: int, payload: object) -> None:
+    def _deliver(self, dst: int, pool: str, src: int, payload: object) -> None:
         hn = self.nodes[dst]
-        if hn.crashed or hn.core is None:
+        core = hn.cores.get(pool)
+        if hn.crashed or core is None:
             self.dropped += 1
             return
         if isinstance(payload, bytes):
@@ -309,10 +400,10 @@ class Cluster:
         else:
             msg = payload  # type: ignore[assignment]
         if hn.paused:
-            hn.inbox.append((src, msg))
+            hn.inbox.append((pool, src, msg))
             return
         self.delivered += 1
-        hn.core.receive(msg, self.now, peer=self.nodes[src].id)
+        core.receive(msg, self.now, peer=self.nodes[src].id)
         self._flush(hn)
 
     def step(self) -> bool:
@@ -322,13 +413,15 @@ class Cluster:
         t, _, kind, index, payload = heapq.heappop(self._heap)
         self.now = max(self.now, t)
         if kind == _DELIVER:
-            src, data = payload  # type: ignore[misc]
-            self._deliver(index, src, data)
+            pool, src, data = payload  # type: ignore[misc]
+            self._deliver(index, pool, src, data)
         else:
             hn = self.nodes[index]
-            if payload != hn.timer_gen or hn.crashed or hn.paused or hn.core is None:
+            if payload != hn.timer_gen or hn.crashed or hn.paused or not hn.cores:
                 return True
-            hn.core.handle_timer(self.now)
+            for core in hn.cores.values():
+                if core.get_timer() <= self.now:
+                    core.handle_timer(self.now)
             self._flush(hn)
         return True
 

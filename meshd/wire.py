@@ -51,6 +51,12 @@ MAX_META_PAIRS = 64
 MAX_META_BYTES = 4096
 #: Largest encoded origin-state body.  Fits one piggyback-free frame with room.
 MAX_ORIGIN_BODY_BYTES = 128 * 1024
+#: Most clusters one app may be exported to by name (more: export to all).
+MAX_EXPORT_CLUSTERS = 8
+#: Longest document id: ``cluster/node#to:c1,c2,...`` (see OriginState.origin).
+MAX_ORIGIN_ID_LEN = 2 * MAX_NAME_LEN + 1 + 4 + MAX_EXPORT_CLUSTERS * (MAX_NAME_LEN + 1)
+#: Most members one bridge may list as down in its own cluster.
+MAX_DOWN_MEMBERS = 16384
 #: Largest signature and certificate chain carried with a state.
 MAX_SIGNATURE_BYTES = 512
 MAX_CERT_BYTES = 16 * 1024
@@ -131,6 +137,40 @@ def _check_bytes(value: object, what: str, max_len: int) -> bytes:
     return value
 
 
+def _tuple_field(raw: Any, what: str) -> tuple[Any, ...]:
+    if not isinstance(raw, list):
+        raise WireError(f"{what} must be a list")
+    return tuple(raw)
+
+
+def scope_for(export: tuple[str, ...] | None) -> str:
+    """The document scope an app record with this ``export`` belongs in."""
+    if export is None:
+        return ""
+    if not export:
+        return "local"
+    return "to:" + ",".join(export)
+
+
+def doc_member(origin: str) -> str:
+    """The member id of a document id (``cluster/node#scope`` -> ``cluster/node``)."""
+    return origin.partition("#")[0]
+
+
+def may_reach(origin: str, cluster: str) -> bool:
+    """May the document ``origin`` be held by a node of ``cluster``?
+
+    The export rule, applied wherever a document could leave a node: the
+    own cluster always, others only when the scope names them (or is "").
+    """
+    mid, _, scope = origin.partition("#")
+    if not scope or mid.partition("/")[0] == cluster:
+        return True
+    if scope.startswith("to:"):
+        return cluster in scope[3:].split(",")
+    return False
+
+
 def member_id(cluster: str, node: str) -> str:
     """The id of a node everywhere in the mesh: ``cluster/node``."""
     return f"{cluster}/{node}"
@@ -163,9 +203,19 @@ class AppRecord:
     meta: tuple[tuple[str, str], ...] = ()
     weight: int = 1
     health: str = "passing"
+    #: Clusters that may see this record: None for all, () for this cluster
+    #: only, else the sorted names (the own cluster always may).
+    export: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_name(self.app, "app")
+        if self.export is not None:
+            if not isinstance(self.export, tuple) or len(self.export) > MAX_EXPORT_CLUSTERS:
+                raise WireError(f"export must list at most {MAX_EXPORT_CLUSTERS} clusters (or all)")
+            for c in self.export:
+                check_name(c, "export cluster")
+            if list(self.export) != sorted(set(self.export)):
+                raise WireError("export clusters must be unique and sorted")
         check_name(self.instance, "instance")
         check_name(self.namespace, "namespace")
         _check_str(self.address, "address", MAX_NAME_LEN)
@@ -207,7 +257,7 @@ class AppRecord:
             dict(self.meta),
             self.weight,
             self.health,
-        ]
+        ] + ([] if self.export is None else [list(self.export)])
 
     @classmethod
     def from_wire(cls, raw: Any) -> AppRecord:
@@ -216,7 +266,11 @@ class AppRecord:
         app, instance, address, port, namespace, protocol, meta, weight, health = raw[:9]
         if not isinstance(meta, dict):
             raise WireError("meta must be a map")
+        export = raw[9] if len(raw) > 9 else None
+        if export is not None and not isinstance(export, list):
+            raise WireError("export must be a list")
         return cls(
+            export=None if export is None else tuple(export),
             app=app,
             instance=instance,
             address=address,
@@ -239,10 +293,47 @@ class OriginState:
     zone: str
     version: int
     apps: tuple[AppRecord, ...] = ()
+    #: Audience of this document: "" all clusters, "local" the own cluster,
+    #: "to:a,b" the own cluster and those named.  A node publishes one
+    #: document per audience so a bridge can forward or withhold each whole
+    #: (a signature covers a document, so a relay cannot cut records out).
+    scope: str = ""
+    #: True when the node is a bridge (member of the WAN pool).
+    bridge: bool = False
+    #: Bridges only: members of the own cluster the bridge holds dead or
+    #: left; other clusters stop serving their records (a statement about
+    #: cluster C, so only accepted signed by a certificate of cluster C).
+    down: tuple[str, ...] = ()
+    #: Bridges only: clusters the bridge knows of but cannot reach now.
+    unreachable: tuple[str, ...] = ()
+    #: "host:port" of the gateway other clusters use to reach this node's apps.
+    gateway: str = ""
 
     def __post_init__(self) -> None:
         check_name(self.node, "node")
         check_name(self.cluster, "cluster")
+        if not isinstance(self.scope, str) or (
+            self.scope not in ("", "local") and not self.scope.startswith("to:")
+        ):
+            raise WireError("scope must be '', 'local' or 'to:<clusters>'")
+        if self.scope.startswith("to:"):
+            names = self.scope[3:].split(",")
+            for c in names:
+                check_name(c, "scope cluster")
+            if names != sorted(set(names)) or len(names) > MAX_EXPORT_CLUSTERS:
+                raise WireError("scope clusters must be unique, sorted and few")
+        if not isinstance(self.bridge, bool):
+            raise WireError("bridge must be a boolean")
+        if not isinstance(self.down, tuple) or len(self.down) > MAX_DOWN_MEMBERS:
+            raise WireError("down must be a short tuple of member ids")
+        for mid in self.down:
+            if split_member_id(mid)[0] != self.cluster:
+                raise WireError("down may only name members of the own cluster")
+        if not isinstance(self.unreachable, tuple) or len(self.unreachable) > MAX_LIST_LEN:
+            raise WireError("unreachable must be a tuple of cluster names")
+        for c in self.unreachable:
+            check_name(c, "unreachable cluster")
+        _check_str(self.gateway, "gateway", MAX_NAME_LEN + 6)
         # Empty means unknown; anything else (including None or 0) must be a name.
         if self.region != "":
             check_name(self.region, "region")
@@ -261,21 +352,37 @@ class OriginState:
 
     @property
     def origin(self) -> str:
+        """The document id: ``cluster/node``, plus ``#scope`` for a scoped one."""
+        mid = member_id(self.cluster, self.node)
+        return f"{mid}#{self.scope}" if self.scope else mid
+
+    @property
+    def member(self) -> str:
         return member_id(self.cluster, self.node)
 
     def encode(self) -> bytes:
         """The canonical body that gets signed.  Same state, same bytes."""
-        body = msgpack.packb(
-            {
-                "n": self.node,
-                "c": self.cluster,
-                "r": self.region,
-                "z": self.zone,
-                "ver": self.version,
-                "a": [rec.to_wire() for rec in self.apps],
-            },
-            use_bin_type=True,
-        )
+        doc: dict[str, Any] = {
+            "n": self.node,
+            "c": self.cluster,
+            "r": self.region,
+            "z": self.zone,
+            "ver": self.version,
+            "a": [rec.to_wire() for rec in self.apps],
+        }
+        # Optional keys only when set: bodies stay small and older fields keep
+        # their exact bytes.
+        if self.scope:
+            doc["sc"] = self.scope
+        if self.bridge:
+            doc["b"] = True
+        if self.down:
+            doc["dn"] = list(self.down)
+        if self.unreachable:
+            doc["ur"] = list(self.unreachable)
+        if self.gateway:
+            doc["gw"] = self.gateway
+        body = msgpack.packb(doc, use_bin_type=True)
         if len(body) > MAX_ORIGIN_BODY_BYTES:
             raise WireError(f"an origin state encodes to at most {MAX_ORIGIN_BODY_BYTES} bytes")
         return body
@@ -302,6 +409,11 @@ class OriginState:
                 zone=raw["z"],
                 version=raw["ver"],
                 apps=tuple(AppRecord.from_wire(a) for a in apps),
+                scope=raw.get("sc", ""),
+                bridge=raw.get("b", False),
+                down=_tuple_field(raw.get("dn", []), "down"),
+                unreachable=_tuple_field(raw.get("ur", []), "unreachable"),
+                gateway=raw.get("gw", ""),
             )
         except KeyError as exc:
             raise WireError(f"origin state lacks field {exc.args[0]!r}") from None
@@ -327,7 +439,7 @@ class SignedState:
     size: int = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        _check_str(self.origin, "origin", 2 * MAX_NAME_LEN + 1)
+        _check_str(self.origin, "origin", MAX_ORIGIN_ID_LEN)
         _check_int(self.version, "version", 0)
         _check_bytes(self.body, "body", MAX_ORIGIN_BODY_BYTES)
         _check_bytes(self.signature, "signature", MAX_SIGNATURE_BYTES)
@@ -437,7 +549,7 @@ def _digest(x: Any) -> dict[str, int]:
     if not isinstance(x, dict) or len(x) > MAX_MAP_LEN:
         raise WireError(f"a digest must be a map of at most {MAX_MAP_LEN} entries")
     for k, v in x.items():
-        _check_str(k, "digest origin", 2 * MAX_NAME_LEN + 1)
+        _check_str(k, "digest origin", MAX_ORIGIN_ID_LEN)
         _check_int(v, "digest version", 0)
     return x
 

@@ -66,3 +66,12 @@ def test_discard():
     b.discard("a")
     b.discard("missing")
     assert b.take(10, 3) == [] and "a" not in b
+
+
+def test_accept_filters_without_counting_a_send():
+    b = q()
+    b.push("a", "for-west")
+    b.push("b", "for-all")
+    assert b.take(100, limit=1, accept=lambda v: v == "for-all") == ["for-all"]
+    assert b.values() == ["for-west"]  # still queued, never counted
+    assert b.take(100, limit=1) == ["for-west"]

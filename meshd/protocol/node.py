@@ -31,6 +31,7 @@ fails verification is counted in ``counters`` and dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -66,7 +67,10 @@ from meshd.wire import (
     Rejection,
     SignedState,
     Status,
+    doc_member,
+    may_reach,
     member_id,
+    scope_for,
 )
 
 #: Bytes of states per anti-entropy message: with a full member list of a
@@ -156,6 +160,8 @@ class Node:
         incarnation: int = 0,
         version: int = 0,
         apps: Iterable[AppRecord] = (),
+        publisher: bool = True,
+        gateway: str = "",
     ) -> None:
         self.config = config
         self.id = member_id(cluster, node)
@@ -179,6 +185,18 @@ class Node:
         self.incarnation = incarnation + 1
         self.version = version
         self._apps: dict[str, AppRecord] = {a.instance: a for a in apps}
+        #: False for a bridge's WAN core: the LAN core publishes this node's
+        #: documents and the bridge relays them, so one counter orders them.
+        self.publisher = publisher
+        self.gateway = gateway
+        self.bridge = False
+        self.down: tuple[str, ...] = ()
+        self.unreachable: tuple[str, ...] = ()
+        #: Last published content per scope (version left at 0), to re-sign
+        #: only the documents that changed.
+        self._published: dict[str, OriginState] = {}
+        #: member id -> ids of its documents held in the store.
+        self._docs: dict[str, set[str]] = {}
 
         self._probe_order: list[str] = []
         self._probe_index = 0
@@ -216,7 +234,8 @@ class Node:
         self._next_join: float | None = None
 
         self._member_q.push(self.id, self.members[self.id].update_for(Status.ALIVE, self.id))
-        self._publish(now)
+        if publisher:
+            self._publish(now)
 
     # ------------------------------------------------------------------
     # Queries
@@ -389,22 +408,67 @@ class Node:
     # ------------------------------------------------------------------
     # Own state
 
-    def _publish(self, now: float) -> int:
+    def _publish(self, now: float, force: bool = False) -> int:
+        """Re-sign, under one new version, every document whose content changed.
+
+        One document per audience (see ``OriginState.scope``); the main
+        document (scope "") always exists and carries the bridge statements.
+        A scope whose apps all went away is published empty, not dropped: a
+        CRDT cannot forget, only supersede.
+        """
+        if not self.publisher:
+            raise RuntimeError("this core does not publish (a bridge's WAN core)")
+        by_scope: dict[str, list[AppRecord]] = {"": []}
+        for scope in self._published:
+            by_scope.setdefault(scope, [])
+        for rec in sorted(self._apps.values(), key=lambda a: a.instance):
+            by_scope.setdefault(scope_for(rec.export), []).append(rec)
+        drafts = {}
+        for scope, recs in by_scope.items():
+            main = scope == ""
+            draft = OriginState(
+                node=self.node_name,
+                cluster=self.cluster,
+                region=self.region,
+                zone=self.zone,
+                version=0,
+                apps=tuple(recs),
+                scope=scope,
+                bridge=self.bridge and main,
+                down=self.down if main else (),
+                unreachable=self.unreachable if main else (),
+                gateway=self.gateway,
+            )
+            if force or self._published.get(scope) != draft:
+                drafts[scope] = draft
+        if not drafts:
+            return self.version
         self.version += 1
-        state = OriginState(
-            node=self.node_name,
-            cluster=self.cluster,
-            region=self.region,
-            zone=self.zone,
-            version=self.version,
-            apps=tuple(sorted(self._apps.values(), key=lambda a: a.instance)),
-        )
-        signed = self._signer.sign(state)
-        self.store.merge(signed, state, now)
-        self._record_q.push(self.id, signed)
-        self._events.append(OriginChanged(self.id, self.version, True))
+        for scope, draft in sorted(drafts.items()):
+            self._published[scope] = draft
+            state = dataclasses.replace(draft, version=self.version)
+            signed = self._signer.sign(state)
+            self.store.merge(signed, state, now)
+            self._docs.setdefault(self.id, set()).add(signed.origin)
+            self._record_q.push(signed.origin, signed)
+            self._events.append(OriginChanged(signed.origin, self.version, True))
         self._wake_gossip(now)
         return self.version
+
+    def set_bridge_info(self, down: Iterable[str], unreachable: Iterable[str], now: float) -> None:
+        """A bridge states which own-cluster members are down and which
+        clusters it cannot reach; republished only when it changes."""
+        self.bridge = True
+        self.down = tuple(sorted(down))
+        self.unreachable = tuple(sorted(unreachable))
+        self._publish(now)
+
+    def inject(self, signed: SignedState, now: float) -> bool:
+        """Take a document from the bridge's other pool (already verified there;
+        verified again here, which the shared verifier's cache makes cheap)."""
+        before = self.store.version(signed.origin)
+        self._merge_states((signed,), now, rebroadcast=True)
+        return self.store.version(signed.origin) != before
 
     def _refute(self, claim: MemberUpdate, now: float) -> None:
         if self.left:
@@ -489,10 +553,13 @@ class Node:
         else:
             self._suspicions.pop(u.node, None)
         if u.status in (Status.DEAD, Status.LEFT):
-            if self.store.tombstone(u.node, now):
-                self._origin_event(u.node, live=False)
-        elif old_status in (Status.DEAD, Status.LEFT) and self.store.revive(u.node):
-            self._origin_event(u.node, live=True)
+            for doc in sorted(self._docs.get(u.node, ())):
+                if self.store.tombstone(doc, now):
+                    self._origin_event(doc, live=False)
+        elif old_status in (Status.DEAD, Status.LEFT):
+            for doc in sorted(self._docs.get(u.node, ())):
+                if self.store.revive(doc):
+                    self._origin_event(doc, live=True)
 
         self._events.append(MemberChanged(u.node, u.status, u.incarnation, cur.address))
         if rebroadcast:
@@ -585,7 +652,7 @@ class Node:
         buddy = None
         if cfg.lifeguard and target.status is Status.SUSPECT:
             buddy = target.update_for(Status.SUSPECT, self.id)
-        members, states = self._piggyback()
+        members, states = self._piggyback(target.cluster)
         self._send(
             target.address,
             Ping(
@@ -654,7 +721,7 @@ class Node:
         addr = msg.source_addr or self._address_of(msg.source)
         if addr is None:
             return
-        members, states = self._piggyback()
+        members, states = self._piggyback(_cluster_of(msg.source))
         self._send(addr, Ack(self.id, seq=msg.seq, members=members, states=states))
 
     def _on_ack(self, msg: Ack, now: float) -> None:
@@ -687,11 +754,19 @@ class Node:
     # ------------------------------------------------------------------
     # Dissemination
 
-    def _piggyback(self) -> tuple[tuple[MemberUpdate, ...], tuple[SignedState, ...]]:
+    def _piggyback(
+        self, dest_cluster: str
+    ) -> tuple[tuple[MemberUpdate, ...], tuple[SignedState, ...]]:
         cfg = self.config
         limit = retransmit_limit(cfg.retransmit_mult, self.pool_size)
         members = tuple(self._member_q.take(cfg.member_budget, limit)) if self._member_q else ()
-        states = tuple(self._record_q.take(cfg.record_budget, limit)) if self._record_q else ()
+        states: tuple[SignedState, ...] = ()
+        if self._record_q:
+            states = tuple(
+                self._record_q.take(
+                    cfg.record_budget, limit, lambda s: may_reach(s.origin, dest_cluster)
+                )
+            )
         return members, states
 
     def _wake_gossip(self, now: float) -> None:
@@ -713,9 +788,9 @@ class Node:
             return m.status is Status.DEAD and now - m.since < cfg.gossip_to_the_dead
 
         for m in self._random_members(cfg.gossip_nodes, eligible):
-            members, states = self._piggyback()
+            members, states = self._piggyback(m.cluster)
             if not members and not states:
-                break
+                continue
             self._send(m.address, Gossip(self.id, members=members, states=states))
 
     def _merge_states(self, states: Iterable[SignedState], now: float, rebroadcast: bool) -> None:
@@ -723,16 +798,23 @@ class Node:
             entry = self.store.get(signed.origin)
             if entry is not None and not wins(signed, entry.signed):
                 continue  # already have it or newer: skip verification entirely
-            if signed.origin == self.id:
+            owner = doc_member(signed.origin)
+            if owner == self.id and self.publisher:
                 self._own_state_seen(signed, now)
+                continue
+            if not may_reach(signed.origin, self.cluster):
+                # Export control, on the receiving side too: a peer that
+                # should not have sent it does not get it stored here.
+                self.counters["rejected-state:not-exported"] += 1
                 continue
             result = self._verifier.verify(signed)
             if isinstance(result, Rejection):
                 self.counters[f"rejected-state:{result.reason}"] += 1
                 continue
-            m = self.members.get(signed.origin)
+            m = self.members.get(owner)
             dead = m is not None and m.status in (Status.DEAD, Status.LEFT)
             if self.store.merge(signed, result, now, tombstoned=dead):
+                self._docs.setdefault(owner, set()).add(signed.origin)
                 self._events.append(OriginChanged(signed.origin, signed.version, not dead))
                 if rebroadcast and not dead:
                     self._record_q.push(signed.origin, signed)
@@ -746,7 +828,7 @@ class Node:
         if signed.version >= self.version:
             self.counters["own-version-behind"] += 1
             self.version = signed.version
-            self._publish(now)
+            self._publish(now, force=True)
 
     # ------------------------------------------------------------------
     # Anti-entropy
@@ -754,7 +836,19 @@ class Node:
     def _full_member_list(self) -> tuple[MemberUpdate, ...]:
         return tuple(m.update_for(m.status, m.node) for m in self.members.values())
 
-    def _send_sync(self, address: str, full: bool, join: bool = False) -> None:
+    def _digest_for(self, cluster: str | None) -> dict[str, int]:
+        """Our digest as ``cluster`` may see it (None: unknown, public docs only)."""
+        digest = self.store.digest()
+        if cluster == self.cluster:
+            return digest
+        return {o: v for o, v in digest.items() if may_reach(o, cluster if cluster else "\0")}
+
+    def _newer_for(self, remote: dict[str, int], cluster: str) -> list[SignedState]:
+        return [s for s in self.store.newer_than(remote) if may_reach(s.origin, cluster)]
+
+    def _send_sync(
+        self, address: str, full: bool, join: bool = False, dest_cluster: str | None = None
+    ) -> None:
         if len(self._open_syncs) > 1024:  # replies that never came: forget them
             self._open_syncs.clear()
         self._open_syncs[address] = full
@@ -764,7 +858,7 @@ class Node:
                 self.id,
                 source_addr=self.address,
                 join=join,
-                digest=self.store.digest(),
+                digest=self._digest_for(dest_cluster),
                 members=self._full_member_list() if full else (),
                 view=self.view,
             ),
@@ -773,7 +867,7 @@ class Node:
     def _start_sync(self, now: float, full: bool) -> None:
         peers = self._random_members(1, lambda m: m.status is Status.ALIVE and m.node != self.id)
         if peers:
-            self._send_sync(peers[0].address, full)
+            self._send_sync(peers[0].address, full, dest_cluster=peers[0].cluster)
 
     def _reconnect(self, now: float) -> None:
         # A healed partition: both sides think the other dead and would never
@@ -781,7 +875,7 @@ class Node:
         # refutations flow (Serf's reconnect).
         dead = self._random_members(1, lambda m: m.status is Status.DEAD)
         if dead:
-            self._send_sync(dead[0].address, full=True)
+            self._send_sync(dead[0].address, full=True, dest_cluster=dead[0].cluster)
 
     def _retry_join(self, now: float) -> None:
         if self.pool_size > 1 or self.left:
@@ -799,12 +893,13 @@ class Node:
         # answer a digest sync with our list too, so member views converge
         # within one digest interval, not one full push-pull interval.
         full = bool(msg.members) or msg.join or msg.view != self.view
-        chunks = list(_chunks(self.store.newer_than(msg.digest)))
+        peer_cluster = _cluster_of(msg.source)
+        chunks = list(_chunks(self._newer_for(msg.digest, peer_cluster)))
         self._send(
             addr,
             PushPullReply(
                 self.id,
-                digest=self.store.digest(),
+                digest=self._digest_for(peer_cluster),
                 members=self._full_member_list() if full else (),
                 states=chunks[0] if chunks else (),
                 view=self.view,
@@ -825,12 +920,12 @@ class Node:
                 addr,
                 PushPullReply(
                     self.id,
-                    digest=self.store.digest(),
+                    digest=self._digest_for(_cluster_of(msg.source)),
                     members=self._full_member_list(),
                     view=self.view,
                 ),
             )
-        for chunk in _chunks(self.store.newer_than(msg.digest)):
+        for chunk in _chunks(self._newer_for(msg.digest, _cluster_of(msg.source))):
             self._send(addr, Gossip(self.id, states=chunk, sync=True))
 
     # ------------------------------------------------------------------
@@ -849,7 +944,12 @@ class Node:
         ]
         for node in gone:
             self._remove_member(node)
-        self.store.reap(now, timeout)
+        for doc in self.store.reap(now, timeout):
+            docs = self._docs.get(doc_member(doc))
+            if docs is not None:
+                docs.discard(doc)
+                if not docs:
+                    del self._docs[doc_member(doc)]
 
     # ------------------------------------------------------------------
     # Helpers
@@ -888,6 +988,10 @@ class Node:
 
 class _Accept(Protocol):
     def __call__(self, m: Member) -> bool: ...
+
+
+def _cluster_of(mid: str) -> str:
+    return mid.partition("/")[0]
 
 
 def _chunks(states: list[SignedState]) -> Iterator[tuple[SignedState, ...]]:

@@ -68,16 +68,20 @@ class BroadcastQueue(Generic[T]):
         if old is not None:
             self._order.remove(old)
 
-    def take(self, budget: int, limit: int) -> list[T]:
+    def take(self, budget: int, limit: int, accept: Callable[[T], bool] | None = None) -> list[T]:
         """Pick updates fitting ``budget`` bytes; each pick counts as one send.
 
         An update bigger than the whole budget still goes out alone when
         nothing else was picked, so no update is stuck forever (frames carry
         up to a MiB; the budget shapes messages, it is not a hard cap).
+        ``accept`` filters by destination (export rules): a refused update is
+        neither sent nor counted.
         """
         picked: list[_Item[T]] = []
         used = 0
         for item in self._order:
+            if accept is not None and not accept(item.value):
+                continue  # not for this destination; stays queued for others
             if used + item.size <= budget or (not picked and item.size > budget):
                 picked.append(item)
                 used += item.size

@@ -1,0 +1,93 @@
+"""Bridges: one node in two pools, relaying documents and liveness between clusters.
+
+A bridge runs two cores with one identity: its cluster's LAN pool and the WAN
+pool of all clusters' bridges.  This module couples them without I/O: the
+driver hands every event of either core to :meth:`Bridge.on_event` and the
+bridge injects documents into the other core and restates what it knows.
+
+- Documents: a live document that the LAN core learns (its own node's
+  included) goes into the WAN core unless it is local-only; a live document
+  the WAN core learns goes into the LAN core when its scope lets it into this
+  cluster.  The cores' own export filter keeps every send in line, so a
+  document exported only to ``west`` never reaches a node of ``central``,
+  bridges included.
+- Liveness: the bridge lists the members of its own cluster that its LAN view
+  holds dead or left (``OriginState.down``) and the clusters that have no
+  live bridge in its WAN view (``OriginState.unreachable``), in its own signed
+  main document.  Other clusters believe a statement about cluster C only
+  from a certificate of C (the verifier checks the signer's cluster), so a
+  relay cannot kill another cluster's nodes.
+"""
+
+from __future__ import annotations
+
+from meshd.protocol.events import Event, MemberChanged, OriginChanged
+from meshd.protocol.node import Node
+from meshd.wire import Status, doc_member, may_reach
+
+LAN, WAN = "lan", "wan"
+
+
+class Bridge:
+    def __init__(self, lan: Node, wan: Node) -> None:
+        if lan.id != wan.id:
+            raise ValueError("a bridge's two cores must share one identity")
+        if wan.publisher:
+            raise ValueError("the WAN core of a bridge must not publish (publisher=False)")
+        self.lan = lan
+        self.wan = wan
+        self.cluster = lan.cluster
+
+    def start(self, now: float) -> None:
+        """Relay what each core already holds and state our view once."""
+        for entry in list(self.lan.store.live()):
+            self._to_wan(entry.signed.origin, now)
+        for entry in list(self.wan.store.live()):
+            self._to_lan(entry.signed.origin, now)
+        self._restate(now)
+
+    def on_event(self, pool: str, event: Event, now: float) -> None:
+        if isinstance(event, OriginChanged):
+            if not event.live:
+                return
+            if pool == LAN:
+                self._to_wan(event.origin, now)
+            else:
+                self._to_lan(event.origin, now)
+        elif isinstance(event, MemberChanged):
+            own_member = event.node.partition("/")[0] == self.cluster
+            if pool == WAN or own_member:
+                self._restate(now)
+
+    def _to_wan(self, origin: str, now: float) -> None:
+        entry = self.lan.store.get(origin)
+        if entry is None or entry.tombstone_since is not None:
+            return
+        if origin.partition("#")[2] == "local":
+            return  # this cluster only, and the WAN pool is not this cluster
+        self.wan.inject(entry.signed, now)
+
+    def _to_lan(self, origin: str, now: float) -> None:
+        entry = self.wan.store.get(origin)
+        if entry is None or entry.tombstone_since is not None:
+            return
+        if doc_member(origin) == self.lan.id:
+            return  # our own documents come from the LAN core, not back into it
+        if may_reach(origin, self.cluster):
+            self.lan.inject(entry.signed, now)
+
+    def down_members(self) -> list[str]:
+        return sorted(
+            m.node
+            for m in self.lan.members.values()
+            if m.cluster == self.cluster and m.status in (Status.DEAD, Status.LEFT)
+        )
+
+    def unreachable_clusters(self) -> list[str]:
+        known: dict[str, bool] = {}
+        for m in self.wan.members.values():
+            known[m.cluster] = known.get(m.cluster, False) or m.serving
+        return sorted(c for c, up in known.items() if not up and c != self.cluster)
+
+    def _restate(self, now: float) -> None:
+        self.lan.set_bridge_info(self.down_members(), self.unreachable_clusters(), now)

@@ -1,0 +1,76 @@
+"""What a node may serve from other clusters: the bridges' statements, summed up.
+
+Pure function over a record store.  A document of another cluster C is
+served only when
+
+- no live document of cluster C (a bridge of C) lists its owner as down, and
+- cluster C is reachable: some live bridge document of *our* cluster does
+  not list C as unreachable.  With no live bridge of our own, every other
+  cluster is unreachable: nothing can carry their changes to us any more.
+
+Own-cluster documents follow the LAN membership alone (the core tombstones
+them), so they are not judged here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from meshd.protocol.store import Entry
+
+
+@dataclass(frozen=True)
+class Reach:
+    cluster: str
+    #: Member ids of other clusters that their own bridges hold down.
+    down: frozenset[str] = frozenset()
+    #: Other clusters we cannot reach now.
+    unreachable: frozenset[str] = frozenset()
+    #: Clusters with at least one document held, and bridges per cluster.
+    clusters: dict[str, int] = field(default_factory=dict)
+    #: Live member documents (scope "") per cluster.
+    nodes: dict[str, int] = field(default_factory=dict)
+
+    def serves(self, member: str) -> bool:
+        c = member.partition("/")[0]
+        if c == self.cluster:
+            return True
+        return member not in self.down and c not in self.unreachable
+
+    def reachable(self, cluster: str) -> bool:
+        return cluster == self.cluster or cluster not in self.unreachable
+
+
+def compute_reach(cluster: str, live: Iterable[Entry]) -> Reach:
+    """Sum up the bridges' statements among the live documents we hold."""
+    down: set[str] = set()
+    own_views: list[frozenset[str]] = []
+    bridges: dict[str, int] = {}
+    nodes: dict[str, int] = {}
+    for entry in live:
+        st = entry.state
+        if st.scope != "":
+            continue  # statements ride on main documents only
+        nodes[st.cluster] = nodes.get(st.cluster, 0) + 1
+        bridges.setdefault(st.cluster, 0)
+        if not st.bridge:
+            continue
+        bridges[st.cluster] += 1
+        if st.cluster == cluster:
+            own_views.append(frozenset(st.unreachable))
+        else:
+            down.update(st.down)
+    others = {c for c in nodes if c != cluster}
+    if not own_views:
+        unreachable = others
+    else:
+        # Reachable while at least one of our bridges does not call it cut off.
+        unreachable = {c for c in others if all(c in view for view in own_views)}
+    return Reach(
+        cluster=cluster,
+        down=frozenset(down),
+        unreachable=frozenset(unreachable),
+        clusters=bridges,
+        nodes=nodes,
+    )
