@@ -1,0 +1,153 @@
+"""Vivaldi network coordinates: estimate round trips between nodes without measuring each pair.
+
+Dabek, Cox, Kaashoek and Morris, "Vivaldi: A Decentralized Network Coordinate
+System", SIGCOMM 2004, with the parameters Serf uses (8 dimensions plus a
+height, c_e = c_c = 0.25).  Each node keeps a :class:`Coordinate`; every
+measured round trip to a peer nudges the local coordinate toward where the
+sample says it should be (:func:`update`), and the predicted round trip
+between two nodes is :func:`distance` of their coordinates.
+
+The equations (paper, section 3 and 5.3):
+
+- height vectors: ``[x, h]``; ``[x, h] - [y, g] = [x - y, h + g]`` and
+  ``||[x, h]|| = ||x|| + h``, so a distance is the Euclidean distance plus
+  both heights.  The height models the access link every packet crosses; it
+  stays at least ``height_min``.
+- sample weight ``w = e_i / (e_i + e_j)``: a node sure of itself (small error)
+  moves less, and trusts a peer that is sure of itself more.
+- relative error of the sample ``e_s = |dist - rtt| / rtt``; the error
+  estimate is a moving average ``e_i = c_e * w * e_s + e_i * (1 - c_e * w)``,
+  capped at ``error_max``.
+- adaptive timestep ``delta = c_c * w``; the node moves by
+  ``delta * (rtt - dist)`` along the unit height vector from the peer to it.
+
+Pure functions: nothing here reads a clock or the global random generator.
+Where two coordinates coincide there is no direction to push along, so one is
+drawn from the ``random.Random`` the caller passes (seed it per node, e.g. from
+the node name, so that two nodes at the origin move apart), or, without one,
+from ``random.Random(cfg.seed)``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class VivaldiConfig:
+    """Tuning of the coordinate system; the defaults are Serf's."""
+
+    #: Euclidean dimensions.  Serf measured 8 to fit real WAN latencies well.
+    dimensionality: int = 8
+    #: Largest (and initial) error estimate: a new node knows nothing.
+    error_max: float = 1.5
+    #: c_e: how fast the error estimate follows new samples.
+    ce: float = 0.25
+    #: c_c: the largest fraction of a sample's disagreement a node moves by.
+    cc: float = 0.25
+    #: Smallest height, seconds (10 us): keeps heights positive.
+    height_min: float = 10e-6
+    #: Seed of the fallback direction for coincident coordinates.
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dimensionality < 1:
+            raise ValueError("dimensionality must be at least 1")
+        if not (self.error_max > 0 and 0 < self.ce <= 1 and 0 < self.cc <= 1):
+            raise ValueError("error_max must be positive and ce, cc in (0, 1]")
+        if not self.height_min > 0:
+            raise ValueError("height_min must be positive")
+
+
+DEFAULT_CONFIG = VivaldiConfig()
+
+#: Distances and round trips under 1 us are treated as 1 us (no division by 0).
+ZERO_THRESHOLD = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Coordinate:
+    """A node's place in the coordinate space.  Units are seconds."""
+
+    vec: tuple[float, ...]
+    #: Confidence in this coordinate: the expected relative error of a prediction.
+    error: float
+    height: float
+
+    def __post_init__(self) -> None:
+        if not all(math.isfinite(x) for x in self.vec):
+            raise ValueError("coordinate components must be finite")
+        if not (math.isfinite(self.error) and self.error > 0):
+            raise ValueError("coordinate error must be finite and positive")
+        if not (math.isfinite(self.height) and self.height >= 0):
+            raise ValueError("coordinate height must be finite and non-negative")
+
+    @classmethod
+    def origin(cls, cfg: VivaldiConfig = DEFAULT_CONFIG) -> Coordinate:
+        """Where a new node starts: the origin, maximal error, minimal height."""
+        return cls((0.0,) * cfg.dimensionality, cfg.error_max, cfg.height_min)
+
+
+def distance(a: Coordinate, b: Coordinate) -> float:
+    """Predicted round trip between ``a`` and ``b``, seconds."""
+    if len(a.vec) != len(b.vec):
+        raise ValueError("coordinates of different dimensionality")
+    return math.dist(a.vec, b.vec) + a.height + b.height
+
+
+def _random_unit(rng: random.Random, n: int) -> tuple[float, ...]:
+    # Gaussian components, normalised: uniform over the sphere.
+    while True:
+        v = [rng.gauss(0.0, 1.0) for _ in range(n)]
+        norm = math.hypot(*v)
+        if norm > ZERO_THRESHOLD:
+            return tuple(x / norm for x in v)
+
+
+def update(
+    local: Coordinate,
+    remote: Coordinate,
+    rtt: float,
+    cfg: VivaldiConfig = DEFAULT_CONFIG,
+    *,
+    rng: random.Random | None = None,
+) -> Coordinate:
+    """``local`` moved by one round-trip sample ``rtt`` (seconds) to the node at ``remote``."""
+    if not (math.isfinite(rtt) and rtt >= 0):
+        raise ValueError("rtt must be a finite non-negative number of seconds")
+    n = len(local.vec)
+    if n != cfg.dimensionality or len(remote.vec) != n:
+        raise ValueError("coordinates must have the configured dimensionality")
+    rtt = max(rtt, ZERO_THRESHOLD)
+    dist = distance(local, remote)
+
+    # Sample weight and error estimate.
+    total_error = max(local.error + remote.error, ZERO_THRESHOLD)
+    w = local.error / total_error
+    sample_error = abs(dist - rtt) / rtt
+    error = cfg.ce * w * sample_error + local.error * (1.0 - cfg.ce * w)
+    error = min(max(error, ZERO_THRESHOLD), cfg.error_max)
+
+    # Move along the unit height vector from remote to local:
+    # u = [x_l - x_r, h_l + h_r] / (||x_l - x_r|| + h_l + h_r).
+    force = cfg.cc * w * (rtt - dist)
+    diff = [a - b for a, b in zip(local.vec, remote.vec, strict=True)]
+    mag = math.hypot(*diff)
+    heights = local.height + remote.height
+    if mag > ZERO_THRESHOLD:
+        norm = mag + heights
+        vec = tuple(x + force * d / norm for x, d in zip(local.vec, diff, strict=True))
+        height = local.height + force * heights / norm
+    elif force > 0:
+        # Coincident and predicted too close: the paper's "random direction".
+        # The pure-height unit vector would only inflate both heights.
+        u = _random_unit(rng if rng is not None else random.Random(cfg.seed), n)
+        vec = tuple(x + force * d for x, d in zip(local.vec, u, strict=True))
+        height = local.height
+    else:
+        # Coincident and predicted too far: only the heights can shrink.
+        vec = local.vec
+        height = local.height + force
+    return Coordinate(vec, error, max(height, cfg.height_min))
