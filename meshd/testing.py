@@ -32,7 +32,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from meshd.identity import CA, StateSigner, StateVerifier, create_ca, issue_node_cert
+from meshd.policy.locality import Topology
+from meshd.policy.policy import AppPolicy
+from meshd.policy.resolve import Answer, resolve
 from meshd.protocol.bridge import LAN, WAN, Bridge
+from meshd.protocol.reach import compute_reach
 from meshd.protocol.config import Config
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
 from meshd.protocol.node import Node
@@ -469,6 +473,30 @@ class Cluster:
             sum(1 for m in self.core(i).members.values() if m.status is Status.ALIVE)
             for i in self.running()
         ]
+
+    def resolve(
+        self,
+        observer: int,
+        app: str,
+        namespace: str = "default",
+        policy: AppPolicy | None = None,
+        include_unhealthy: bool = False,
+    ) -> list[Answer]:
+        """A lookup on node ``observer``, exactly as its agent would answer it."""
+        hn = self.nodes[observer]
+        core = self.core(observer)
+        asker = Topology(hn.name, hn.cluster, hn.region, hn.zone)
+        reach = compute_reach(hn.cluster, core.store.live())
+        return resolve(
+            asker,
+            core.store,
+            reach,
+            policy or AppPolicy(),
+            app,
+            namespace,
+            include_unhealthy=include_unhealthy,
+            trust_domain=self.ca.trust_domain,
+        )
 
     def serves(self, observer: int, app: str, instance: str) -> bool:
         return any(rec.instance == instance for _, rec in self.core(observer).store.endpoints(app))

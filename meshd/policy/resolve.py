@@ -1,0 +1,105 @@
+"""One lookup, start to finish: records held -> candidates -> policy -> answer.
+
+Shared by the agent's API and the harness, so a test of the harness and a
+lookup on a real node rank the same records the same way.  Pure: it reads a
+record store and the bridges' statements (:class:`~meshd.protocol.reach.Reach`)
+and returns values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from meshd.policy.gateway import sni_name, split_hostport
+from meshd.policy.locality import Topology
+from meshd.policy.policy import AppPolicy, Candidate, Ranked, select
+from meshd.protocol.reach import Reach
+from meshd.protocol.store import RecordStore
+from meshd.wire import AppRecord, OriginState
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    address: str
+    port: int
+    sni: str
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One endpoint of a lookup: where it runs, why it sits where it does."""
+
+    state: OriginState
+    record: AppRecord
+    tier: str
+    active: bool
+    reachable: bool
+    gateway: Gateway | None = None
+
+    @property
+    def address(self) -> str:
+        return self.gateway.address if self.gateway else self.record.address
+
+    @property
+    def port(self) -> int:
+        return self.gateway.port if self.gateway else self.record.port
+
+
+def exported_to(record: AppRecord, origin_cluster: str, cluster: str) -> bool:
+    return record.export is None or cluster == origin_cluster or cluster in record.export
+
+
+def resolve(
+    asker: Topology,
+    store: RecordStore,
+    reach: Reach,
+    policy: AppPolicy,
+    app: str,
+    namespace: str,
+    *,
+    include_unhealthy: bool = False,
+    trust_domain: str = "mesh.local",
+    cluster_rtt: Mapping[str, float] | None = None,
+) -> list[Answer]:
+    """Endpoints of ``app`` for ``asker``, best first (see policy.select).
+
+    A remote member its own bridges hold down is not served at all; a cluster
+    we cannot reach is served only as unhealthy (``?all=1`` shows it).
+    """
+    by_key: dict[tuple[str, str, str], tuple[OriginState, AppRecord]] = {}
+    candidates = []
+    for state, rec in store.endpoints(app, namespace):
+        member = state.member
+        if member.partition("/")[0] != asker.cluster and member in reach.down:
+            continue
+        cand = Candidate(
+            instance=rec.instance,
+            app=rec.app,
+            namespace=rec.namespace,
+            address=rec.address,
+            port=rec.port,
+            node=state.node,
+            cluster=state.cluster,
+            region=state.region,
+            zone=state.zone,
+            health=rec.health,
+            weight=rec.weight,
+            reachable=reach.reachable(state.cluster),
+            exported_to_asker=exported_to(rec, state.cluster, asker.cluster),
+        )
+        candidates.append(cand)
+        by_key[cand.key] = (state, rec)
+    ranked: list[Ranked] = select(
+        asker, candidates, policy, include_unhealthy=include_unhealthy, cluster_rtt=cluster_rtt
+    )
+    out = []
+    for r in ranked:
+        state, rec = by_key[r.candidate.key]
+        gateway = None
+        if state.gateway and state.cluster != asker.cluster:
+            host, port = split_hostport(state.gateway)
+            sni = sni_name(rec.instance, rec.app, rec.namespace, state.cluster, trust_domain)
+            gateway = Gateway(host, port, sni)
+        out.append(Answer(state, rec, r.tier, r.active, r.candidate.reachable, gateway))
+    return out
