@@ -36,10 +36,10 @@ from meshd.policy.locality import Topology
 from meshd.policy.policy import AppPolicy
 from meshd.policy.resolve import Answer, resolve
 from meshd.protocol.bridge import LAN, WAN, Bridge
-from meshd.protocol.reach import compute_reach
 from meshd.protocol.config import Config
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
 from meshd.protocol.node import Node
+from meshd.protocol.reach import compute_reach
 from meshd.wire import (
     AppRecord,
     Message,
