@@ -211,6 +211,9 @@ def _add_agent_parser(commands: Any) -> None:
     agent.add_argument("--wan-bind", metavar="HOST:PORT", help="WAN (bridge) listener")
     agent.add_argument("--wan-advertise", metavar="HOST:PORT")
     agent.add_argument("--wan-join", action="append", metavar="HOST:PORT", help="(repeatable)")
+    agent.add_argument(
+        "--gateway", metavar="HOST:PORT", help="gateway other clusters use to reach this one"
+    )
     agent.add_argument("--api", metavar="HOST:PORT", help="HTTP API listener (127.0.0.1:7700)")
     agent.add_argument("--state-dir", metavar="DIR")
     agent.add_argument("--policy", metavar="FILE")

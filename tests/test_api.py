@@ -161,6 +161,17 @@ class FakeAgent:
     def clusters(self) -> list[ClusterInfo]:
         return [ClusterInfo("east", True, 2, 1), ClusterInfo("west", False, 1, 0)]
 
+    policy_doc: dict[str, Any] = {"failover": []}
+
+    def policy_json(self) -> dict[str, Any]:
+        return dict(self.policy_doc)
+
+    def put_policy(self, data: dict[str, Any]) -> dict[str, Any]:
+        from meshd.policy.policy import parse_policy, policy_to_dict
+
+        self.policy_doc = policy_to_dict(parse_policy(data, source="PUT /v1/policy"))
+        return self.policy_json()
+
 
 # ---------------------------------------------------------------------------
 # Fixtures and helpers
@@ -972,3 +983,17 @@ async def test_random_registration_bodies_never_500(body: Any) -> None:
         assert agent.calls == []
     else:
         assert answer == {"instance": "x", "version": agent.index}
+
+
+async def test_policy_get_put_and_a_bad_policy_keeps_the_old_one(client, agent):
+    resp = await client.put("/v1/policy", json={"failover": ["west", "central"]})
+    assert resp.status == 200
+    assert (await resp.json())["failover"] == ["west", "central"]
+    resp = await client.put("/v1/policy", json={"min_healthy": -1})
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert "min_healthy" in error and "\n" not in error
+    resp = await client.get("/v1/policy")
+    assert (await resp.json())["failover"] == ["west", "central"]
+    resp = await client.put("/v1/policy", data=b"[1, 2]")
+    assert resp.status == 400

@@ -19,7 +19,9 @@ import asyncio
 import logging
 import random
 from collections import Counter
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
 
 from meshd.agent.checks import CheckRunner
 from meshd.agent.interface import (
@@ -32,13 +34,31 @@ from meshd.agent.statedb import StateDB
 from meshd.agent.transport import Transport
 from meshd.identity import NodeCert, StateSigner, StateVerifier
 from meshd.metrics import Metrics
-from meshd.policy.locality import TIER_RANK, Topology, tier_of
+from meshd.policy.locality import Topology
+from meshd.policy.policy import AppPolicy, Policy, parse_policy, policy_to_dict
+from meshd.policy.resolve import resolve as policy_resolve
+from meshd.protocol.bridge import LAN, WAN, Bridge
 from meshd.protocol.config import Config
 from meshd.protocol.events import MemberChanged, OriginChanged
 from meshd.protocol.node import Node
-from meshd.wire import Message, Status
+from meshd.protocol.reach import Reach, compute_reach
+from meshd.wire import Message
 
 log = logging.getLogger("meshd.agent")
+
+
+@dataclass
+class _Pool:
+    """One gossip pool this agent is in: its core, its listener, its timer."""
+
+    name: str
+    transport: Transport
+    protocol: Config
+    advertise: str
+    core: Node | None = None
+    timer: asyncio.TimerHandle | None = None
+    timer_at: float | None = None
+
 
 #: Versions reserved per SQLite write (see module doc).  Large enough that a
 #: flapping health check does not fsync on every flip.
@@ -63,6 +83,11 @@ class Agent:
         region: str,
         zone: str,
         advertise: str,
+        wan_transport: Transport | None = None,
+        wan_protocol: Config | None = None,
+        wan_advertise: str = "",
+        gateway: str = "",
+        policy: Policy | None = None,
     ) -> None:
         self.node_name = node_cert.node
         self.cluster = node_cert.cluster
@@ -70,27 +95,32 @@ class Agent:
         self.zone = zone
         self.metrics = metrics
         self.topology = Topology(self.node_name, self.cluster, region, zone)
+        self.trust_domain = node_cert.trust_domain
+        self.gateway = gateway
+        self.policy = policy or Policy(AppPolicy(), {})
         self._cert = node_cert
         self._verifier = verifier
         self._transport = transport
         self._db: StateDB = None  # type: ignore[assignment]  # see attach_statedb
-        self._protocol = protocol
-        self._advertise = advertise
         self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at: float | None = None
+        self.pools: dict[str, _Pool] = {LAN: _Pool(LAN, transport, protocol, advertise)}
+        if wan_transport is not None:
+            self.pools[WAN] = _Pool(WAN, wan_transport, wan_protocol or Config.wan(), wan_advertise)
+        self.bridge: Bridge | None = None
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._checks: dict[str, Registration] = {}
-        self._persisted_incarnation = 0
+        self._persisted: dict[str, int] = {}
         self._version_ceiling = 0
         self._peers_changed = asyncio.Event()
         self._peer_task: asyncio.Task[None] | None = None
         self.core: Node | None = None
+        self._reach: tuple[int, Reach] | None = None
         self._reported: Counter[str] = Counter()  # core counters already exported
         self.runner = CheckRunner(self._on_check_status)
-        transport.on_message = self._on_message
-        transport.on_refused = self._on_refused
+        for pool in self.pools.values():
+            pool.transport.on_message = self._receiver(pool)
+            pool.transport.on_refused = self._refusal(pool)
 
     # ------------------------------------------------------------------
     # Life cycle
@@ -99,7 +129,7 @@ class Agent:
         """Hand over the durable state (opened last, after the listeners bound)."""
         self._db = statedb
 
-    def start(self, join: list[str]) -> None:
+    def start(self, join: list[str], wan_join: list[str] | None = None) -> None:
         """Build the core from the durable state and contact peers."""
         regs = self._db.load_registrations()
         incarnation = self._db.get_counter("incarnation")
@@ -115,102 +145,162 @@ class Agent:
             record = reg.record if reg.check is None else replace(reg.record, health="critical")
             apps.append(record)
             self._checks[reg.record.instance] = reg
-        self.core = Node(
-            config=self._protocol,
-            node=self.node_name,
-            cluster=self.cluster,
-            region=self.region,
-            zone=self.zone,
-            address=self._advertise,
-            signer=StateSigner(self._cert),
-            verifier=self._verifier,
-            rng=random.Random(),
-            now=self._loop.time(),
-            incarnation=incarnation,
-            version=version,
-            apps=apps,
-        )
+        now = self._loop.time()
+
+        def make(pool: _Pool, incarnation: int) -> Node:
+            return Node(
+                config=pool.protocol,
+                node=self.node_name,
+                cluster=self.cluster,
+                region=self.region,
+                zone=self.zone,
+                address=pool.advertise,
+                signer=StateSigner(self._cert),
+                verifier=self._verifier,
+                rng=random.Random(),
+                now=now,
+                incarnation=incarnation,
+                version=version,
+                apps=apps if pool.name == LAN else (),
+                publisher=pool.name == LAN,
+                gateway=self.gateway,
+            )
+
+        lan = self.pools[LAN]
+        lan.core = self.core = make(lan, incarnation)
+        self._persisted[LAN] = incarnation + 1
+        wan = self.pools.get(WAN)
+        if wan is not None:
+            wan_inc = self._db.get_counter("wan_incarnation")
+            self._db.set_counters(wan_incarnation=wan_inc + 1)
+            self._persisted[WAN] = wan_inc + 1
+            wan.core = make(wan, wan_inc)
+            self.bridge = Bridge(lan.core, wan.core)
+            self.bridge.start(now)
         for reg in regs:
             if reg.check is not None:
                 self.runner.start(reg.record.instance, reg.check, initial="critical")
         seeds = join or self._db.load_peers()
         if seeds:
-            self.core.join(seeds, self._loop.time())
+            lan.core.join(seeds, now)
+        if wan is not None and wan_join:
+            wan.core.join(wan_join, now)
         self._pump()
         self._peer_task = self._loop.create_task(self._save_peers_loop())
 
     async def stop(self, leave: bool = True) -> None:
         """Graceful leave (when asked), then close everything we opened."""
-        if self._timer is not None:
-            self._timer.cancel()
+        for pool in self.pools.values():
+            if pool.timer is not None:
+                pool.timer.cancel()
         if self.core is not None and leave:
-            self.core.leave(self._loop.time())
+            for pool in self.pools.values():
+                if pool.core is not None:
+                    pool.core.leave(self._loop.time())
             self._pump(rearm=False)
-            await self._transport.flush(LEAVE_FLUSH_TIMEOUT)
+            await asyncio.gather(
+                *(p.transport.flush(LEAVE_FLUSH_TIMEOUT) for p in self.pools.values())
+            )
         if self._peer_task is not None:
             self._peer_task.cancel()
         await self.runner.stop_all()
         self._save_peers()
-        await self._transport.close()
+        for pool in self.pools.values():
+            await pool.transport.close()
 
     # ------------------------------------------------------------------
-    # Pumping the core
+    # Pumping the cores
 
     @property
     def _core(self) -> Node:
         assert self.core is not None, "agent not started"
         return self.core
 
-    def _on_message(self, peer: str, msg: Message) -> None:
-        core = self._core
-        core.receive(msg, self._loop.time(), peer=peer)
-        self._pump()
+    def _receiver(self, pool: _Pool) -> Callable[[str, Message], None]:
+        def on_message(peer: str, msg: Message) -> None:
+            if pool.core is None:
+                return
+            pool.core.receive(msg, self._loop.time(), peer=peer)
+            self._pump()
 
-    def _on_refused(self, address: str) -> None:
-        self._core.report_refused(address, self._loop.time())
-        self._pump()
+        return on_message
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._timer_at = None
-        self._core.handle_timer(self._loop.time())
+    def _refusal(self, pool: _Pool) -> Callable[[str], None]:
+        def on_refused(address: str) -> None:
+            if pool.core is None:
+                return
+            pool.core.report_refused(address, self._loop.time())
+            self._pump()
+
+        return on_refused
+
+    def _on_timer(self, pool: _Pool) -> None:
+        pool.timer = None
+        pool.timer_at = None
+        if pool.core is not None:
+            pool.core.handle_timer(self._loop.time())
         self._pump()
 
     def _pump(self, rearm: bool = True) -> None:
-        core = self._core
-        for address, msg in core.messages_to_send():
-            self._transport.send(address, msg)
+        """Send, handle events, persist, re-arm: after every call into a core.
+
+        A bridge's relay makes the other core produce more, so go round until
+        both cores are quiet (bounded: each pass only relays new versions).
+        """
         changed = False
-        event = core.next_event()
-        while event is not None:
-            if isinstance(event, MemberChanged):
-                self._peers_changed.set()
-                if event.status in (Status.DEAD, Status.LEFT, Status.ALIVE):
-                    changed = True
-                log.info("member %s is %s", event.node, event.status.label)
-            elif isinstance(event, OriginChanged):
-                changed = True
-            event = core.next_event()
-        if core.incarnation != self._persisted_incarnation:
-            self._db.set_counters(incarnation=core.incarnation)
-            self._persisted_incarnation = core.incarnation
-        for reason, count in core.counters.items():
-            if reason.startswith("rejected-state:") or reason == "impersonation":
-                delta = count - self._reported.get(reason, 0)
-                if delta:
-                    self.metrics.rejected.labels(reason.removeprefix("rejected-state:")).inc(delta)
-                    self._reported[reason] = count
+        for _ in range(16):
+            busy = False
+            for pool in self.pools.values():
+                core = pool.core
+                if core is None:
+                    continue
+                for address, msg in core.messages_to_send():
+                    pool.transport.send(address, msg)
+                event = core.next_event()
+                while event is not None:
+                    busy = True
+                    if isinstance(event, MemberChanged):
+                        if pool.name == LAN:
+                            self._peers_changed.set()
+                        changed = True
+                        log.info("%s member %s is %s", pool.name, event.node, event.status.label)
+                    elif isinstance(event, OriginChanged):
+                        changed = True
+                    if self.bridge is not None:
+                        self.bridge.on_event(pool.name, event, self._loop.time())
+                    event = core.next_event()
+            if not busy:
+                break
+        for pool in self.pools.values():
+            core = pool.core
+            if core is None:
+                continue
+            if core.incarnation != self._persisted.get(pool.name):
+                key = "incarnation" if pool.name == LAN else "wan_incarnation"
+                self._db.set_counters(**{key: core.incarnation})
+                self._persisted[pool.name] = core.incarnation
+            for reason, count in core.counters.items():
+                if reason.startswith("rejected-state:") or reason == "impersonation":
+                    label = f"{pool.name}:{reason}"
+                    delta = count - self._reported.get(label, 0)
+                    if delta:
+                        self.metrics.rejected.labels(reason.removeprefix("rejected-state:")).inc(
+                            delta
+                        )
+                        self._reported[label] = count
+            if rearm:
+                at = core.get_timer()
+                if pool.timer_at is None or at < pool.timer_at - 1e-4 or at > pool.timer_at:
+                    if pool.timer is not None:
+                        pool.timer.cancel()
+                    pool.timer = self._loop.call_at(
+                        max(at, self._loop.time()), self._on_timer, pool
+                    )
+                    pool.timer_at = at
         if changed:
             self.update_gauges()
             self._changed.set()
             self._changed = asyncio.Event()
-        if rearm:
-            at = core.get_timer()
-            if self._timer_at is None or at < self._timer_at - 1e-4 or at > self._timer_at:
-                if self._timer is not None:
-                    self._timer.cancel()
-                self._timer = self._loop.call_at(max(at, self._loop.time()), self._on_timer)
-                self._timer_at = at
 
     def _reserve_version(self, upcoming: int) -> None:
         """Persist a new ceiling before the core publishes past the old one."""
@@ -314,6 +404,13 @@ class Agent:
             out.append(Registration(record, reg.check if reg is not None else None))
         return out
 
+    def reach(self) -> Reach:
+        """The bridges' statements summed up, recomputed only after a change."""
+        core = self._core
+        if self._reach is None or self._reach[0] != core.store.index:
+            self._reach = (core.store.index, compute_reach(self.cluster, core.store.live()))
+        return self._reach[1]
+
     def resolve(
         self, app: str, namespace: str, policy: str | None, include_unhealthy: bool
     ) -> tuple[int, list[Endpoint]]:
@@ -321,19 +418,26 @@ class Agent:
             raise KeyError(policy)
         core = self._core
         index = core.store.index
+        answers = policy_resolve(
+            self.topology,
+            core.store,
+            self.reach(),
+            self.policy.for_app(app, namespace),
+            app,
+            namespace,
+            include_unhealthy=include_unhealthy,
+            trust_domain=self.trust_domain,
+        )
         rows = []
-        for state, rec in core.store.endpoints(app, namespace):
-            if not include_unhealthy and rec.health == "critical":
-                continue
-            where = Topology(state.node, state.cluster, state.region, state.zone)
-            tier = tier_of(self.topology, where)
+        for a in answers:
+            rec, state = a.record, a.state
             rows.append(
                 Endpoint(
                     app=rec.app,
                     namespace=rec.namespace,
                     instance=rec.instance,
-                    address=rec.address,
-                    port=rec.port,
+                    address=a.address,
+                    port=a.port,
                     protocol=rec.protocol,
                     node=state.node,
                     cluster=state.cluster,
@@ -342,21 +446,34 @@ class Agent:
                     health=rec.health,
                     weight=rec.weight,
                     meta=dict(rec.meta),
-                    tier=tier,
+                    tier=a.tier,
+                    gateway=(
+                        None
+                        if a.gateway is None
+                        else {
+                            "address": a.gateway.address,
+                            "port": a.gateway.port,
+                            "sni": a.gateway.sni,
+                        }
+                    ),
+                    reachable=a.reachable,
                 )
             )
-        health_rank = {"passing": 0, "warning": 1, "critical": 2}
-        rows.sort(
-            key=lambda e: (
-                health_rank[e.health],
-                TIER_RANK[e.tier],
-                -e.weight,
-                e.cluster,
-                e.node,
-                e.instance,
-            )
-        )
         return index, rows
+
+    def policy_json(self) -> dict[str, Any]:
+        return policy_to_dict(self.policy)
+
+    def put_policy(self, data: dict[str, Any]) -> dict[str, Any]:
+        self.set_policy(parse_policy(data, source="PUT /v1/policy"))
+        log.info("policy replaced through the API")
+        return self.policy_json()
+
+    def set_policy(self, policy: Policy) -> None:
+        """Apply a new policy at once (PUT /v1/policy, file edit, SIGHUP)."""
+        self.policy = policy
+        self._changed.set()  # blocked lookups re-answer under the new order
+        self._changed = asyncio.Event()
 
     async def wait_for_index(self, index: int, timeout: float) -> int:
         deadline = self._loop.time() + timeout
@@ -371,8 +488,14 @@ class Agent:
         return self.index
 
     def members(self, cluster: str | None = None) -> list[MemberInfo]:
+        """LAN members, and on a bridge the other clusters' bridges (WAN view)."""
         out = []
-        for m in self._core.member_list():
+        seen = set()
+        views = [p.core for p in self.pools.values() if p.core is not None]
+        for m in (m for core in views for m in core.member_list()):
+            if m.node in seen:
+                continue
+            seen.add(m.node)
             if cluster and m.cluster != cluster:
                 continue
             out.append(
@@ -389,15 +512,21 @@ class Agent:
         return out
 
     def clusters(self) -> list[ClusterInfo]:
-        by: dict[str, list[int]] = {}
-        for m in self._core.member_list():
-            row = by.setdefault(m.cluster, [0, 0])
-            if m.serving:
-                row[0] += 1
-        return [
-            ClusterInfo(cluster=c, reachable=alive > 0, nodes=alive, bridges=bridges)
-            for c, (alive, bridges) in sorted(by.items())
-        ]
+        reach = self.reach()
+        alive_here = sum(1 for m in self._core.members.values() if m.serving)
+        names = set(reach.nodes) | {self.cluster}
+        rows = []
+        for c in sorted(names):
+            nodes = alive_here if c == self.cluster else reach.nodes.get(c, 0)
+            rows.append(
+                ClusterInfo(
+                    cluster=c,
+                    reachable=reach.reachable(c),
+                    nodes=nodes,
+                    bridges=reach.clusters.get(c, 0),
+                )
+            )
+        return rows
 
     def update_gauges(self) -> None:
         """Refresh the member and record gauges after a change."""

@@ -93,6 +93,10 @@ class AgentConfig:
     wan_bind: tuple[str, int] | None = None
     wan_advertise: tuple[str, int] | None = None
     wan_join: tuple[str, ...] = ()
+    #: Gateway through which other clusters reach this cluster's apps
+    #: ("HOST:PORT"); None: they are reached directly.  Every node of the
+    #: cluster should set the same value (each publishes it with its records).
+    gateway: tuple[str, int] | None = None
     #: Local HTTP API listener.  Loopback by default: the API has no
     #: authentication, so only processes on this host may use it.
     api: tuple[str, int] = ("127.0.0.1", DEFAULT_API_PORT)
@@ -260,6 +264,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "wan_bind": str,
     "wan_advertise": str,
     "wan_join": list,
+    "gateway": str,
     "api": str,
     "state_dir": str,
     "policy": (str, dict),
@@ -332,6 +337,7 @@ _FLAGS = {
     "wan_bind": "--wan-bind",
     "wan_advertise": "--wan-advertise",
     "wan_join": "--wan-join",
+    "gateway": "--gateway",
     "api": "--api",
     "state_dir": "--state-dir",
     "policy": "--policy",
@@ -454,6 +460,10 @@ def load_config(flags: dict[str, Any]) -> AgentConfig:
     if wan_join and wan_bind is None:
         raise ConfigError(f"{s.what('wan_join')} needs --wan-bind: only a bridge joins the WAN")
 
+    gateway = _addr(s, "gateway")
+    if gateway is not None and (_is_unspecified(gateway[0]) or gateway[1] == 0):
+        raise ConfigError(f"{s.what('gateway')} must be an address other clusters can reach")
+
     state_dir = s.path("state_dir")
     if state_dir is None and not dev:
         raise ConfigError("--state-dir is required unless --dev (or set state_dir in the file)")
@@ -508,6 +518,7 @@ def load_config(flags: dict[str, Any]) -> AgentConfig:
             wan_bind=wan_bind,
             wan_advertise=wan_advertise,
             wan_join=wan_join,
+            gateway=gateway,
             api=api,
             state_dir=state_dir,
             policy_file=policy_file,

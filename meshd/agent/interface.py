@@ -83,6 +83,8 @@ class Endpoint:
     meta: dict[str, str] = field(default_factory=dict)
     tier: str = "any"
     gateway: dict[str, Any] | None = None
+    #: False when the endpoint's cluster is cut off (only listed with ?all=1).
+    reachable: bool = True
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -101,6 +103,8 @@ class Endpoint:
         }
         if self.gateway is not None:
             out["gateway"] = dict(self.gateway)
+        if not self.reachable:
+            out["reachable"] = False
         return out
 
 
@@ -181,6 +185,15 @@ class AgentAPI(Protocol):
     def members(self, cluster: str | None = None) -> list[MemberInfo]: ...
 
     def clusters(self) -> list[ClusterInfo]: ...
+
+    def policy_json(self) -> dict[str, Any]:
+        """The policy in force, as ``GET /v1/policy`` shows it."""
+        ...
+
+    def put_policy(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Validate and apply a policy; raises ValueError (one sentence) and
+        keeps the old one when it is invalid.  Returns the policy now in force."""
+        ...
 
 
 def _dur(seconds: float) -> str:

@@ -22,6 +22,7 @@ import ssl
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -39,9 +40,23 @@ from meshd.identity import (
     write_node_cert,
 )
 from meshd.metrics import Metrics
+from meshd.policy.policy import (
+    AppPolicy,
+    Policy,
+    PolicyError,
+    load_policy_file,
+    parse_policy,
+)
 from meshd.protocol.config import Config
 
+if TYPE_CHECKING:
+    from meshd.agent.agent import Agent
+
 log = logging.getLogger("meshd.agent")
+
+#: Seconds between checks of the policy file's modification time: an edit
+#: applies within this (the issue asks for within a second).
+POLICY_POLL_INTERVAL = 0.25
 
 
 class StartError(Exception):
@@ -63,6 +78,63 @@ def _dev_identity(cfg: AgentConfig, state_dir: Path) -> tuple[Path, Path, Path]:
             issue_node_cert(ca, cfg.node, cfg.cluster, ips=["127.0.0.1"], dns=["localhost"]), tls
         )
     return ca_pem, cert_pem, key_pem
+
+
+def _wan_protocol_config(profile: str) -> Config:
+    # The WAN pool uses WAN timings, except on one host (profile "local")
+    # where both pools run on loopback and slow timings only slow tests down.
+    return Config.local() if profile == "local" else Config.wan()
+
+
+def _load_policy(cfg: AgentConfig) -> Policy:
+    try:
+        if cfg.policy_file is not None:
+            return load_policy_file(cfg.policy_file)
+        if cfg.policy_table is not None:
+            return parse_policy(cfg.policy_table, source=f"{cfg.config_file} [policy]")
+    except PolicyError as exc:
+        raise StartError(str(exc)) from None
+    return Policy(AppPolicy(), {})
+
+
+def _reload_policy(cfg: AgentConfig, agent: Agent) -> None:
+    """Re-read the policy file; an invalid one is refused and the old one stays."""
+    if cfg.policy_file is None:
+        return
+    try:
+        agent.set_policy(load_policy_file(cfg.policy_file))
+        log.info("policy reloaded from %s", cfg.policy_file)
+    except PolicyError as exc:
+        log.error("policy not changed: %s", exc)
+
+
+async def _watch_policy(cfg: AgentConfig, agent: Agent) -> None:
+    """Apply an edited policy file within a second, without a restart or SIGHUP."""
+    if cfg.policy_file is None:
+        return
+    path = Path(cfg.policy_file)
+
+    def stamp() -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    last = stamp()
+    while True:
+        await asyncio.sleep(POLICY_POLL_INTERVAL)
+        now = stamp()
+        if now is not None and now != last:
+            last = now
+            _reload_policy(cfg, agent)
+
+
+def _advertise_of(given: tuple[str, int] | None, bound: tuple[str, int]) -> str:
+    if given is not None:
+        host, port = given
+        return _fmt(host, port or bound[1])
+    return _fmt(*bound)
 
 
 def _advertise(cfg: AgentConfig, bound: tuple[str, int]) -> str:
@@ -140,6 +212,29 @@ async def _serve(cfg: AgentConfig) -> int:
         cleanup.append(transport.close)
         advertise = _advertise(cfg, bound)
 
+        wan_transport = None
+        wan_advertise = ""
+        if cfg.wan_bind is not None:
+            wan_transport = Transport(
+                server_ctx=server_ctx,
+                client_ctx=client_ctx,
+                ca_certs=[node_cert.ca_cert],
+                trust_domain=node_cert.trust_domain,
+                metrics=metrics,
+                on_message=lambda peer, msg: None,
+                on_refused=lambda addr: None,
+            )
+            try:
+                wan_bound = await wan_transport.listen(*cfg.wan_bind)
+            except OSError as exc:
+                raise StartError(
+                    f"cannot listen for WAN gossip on {_fmt(*cfg.wan_bind)}: {_why(exc)}"
+                ) from None
+            cleanup.append(wan_transport.close)
+            wan_advertise = _advertise_of(cfg.wan_advertise, wan_bound)
+
+        policy = _load_policy(cfg)
+
         from meshd.agent.agent import Agent
         from meshd.api.app import create_app
 
@@ -152,6 +247,11 @@ async def _serve(cfg: AgentConfig) -> int:
             region=cfg.region,
             zone=cfg.zone,
             advertise=advertise,
+            wan_transport=wan_transport,
+            wan_protocol=_wan_protocol_config(cfg.profile),
+            wan_advertise=wan_advertise,
+            gateway=_fmt(*cfg.gateway) if cfg.gateway else "",
+            policy=policy,
         )
         runner = web.AppRunner(create_app(agent), access_log=None, handle_signals=False)
         await runner.setup()
@@ -173,8 +273,10 @@ async def _serve(cfg: AgentConfig) -> int:
         cleanup.append(db.close)
         agent.attach_statedb(db)
 
-        agent.start(list(cfg.join))
+        agent.start(list(cfg.join), list(cfg.wan_join))
         cleanup.remove(transport.close)  # the agent closes it on stop
+        if wan_transport is not None:
+            cleanup.remove(wan_transport.close)
     except StartError:
         for fn in reversed(cleanup):
             with contextlib.suppress(Exception):
@@ -187,7 +289,10 @@ async def _serve(cfg: AgentConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    watcher = loop.create_task(_watch_policy(cfg, agent))
+
     def reload() -> None:
+        _reload_policy(cfg, agent)
         try:
             transport.server_ctx = make_server_context(str(ca_file), str(cert_file), str(key_file))
             transport.client_ctx = make_client_context(str(ca_file), str(cert_file), str(key_file))
@@ -204,6 +309,7 @@ async def _serve(cfg: AgentConfig) -> int:
     if cfg.dev:
         log.info("dev mode: state and throwaway certificates in %s", state_dir)
     await stop.wait()
+    watcher.cancel()
     log.info("leaving the mesh")
     await agent.stop(leave=True)
     await runner.cleanup()

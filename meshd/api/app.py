@@ -208,6 +208,18 @@ class _Handlers:
     async def clusters(self, request: web.Request) -> web.Response:
         return _json([c.to_json() for c in self.agent.clusters()])
 
+    async def get_policy(self, request: web.Request) -> web.Response:
+        return _json(self.agent.policy_json())
+
+    async def put_policy(self, request: web.Request) -> web.Response:
+        data = await _read_json(request)
+        if not isinstance(data, dict):
+            raise ApiError(400, "the policy must be a JSON object")
+        try:
+            return _json(self.agent.put_policy(data))
+        except ValueError as exc:  # PolicyError: one sentence naming the field
+            raise ApiError(400, str(exc)) from None
+
     async def health(self, request: web.Request) -> web.Response:
         agent = self.agent
         return _json({"status": "ok", "node": agent.node_name, "cluster": agent.cluster})
@@ -259,5 +271,7 @@ def create_app(agent: AgentAPI) -> web.Application:
     r.add_get("/v1/members", h.members)
     r.add_get("/v1/clusters", h.clusters)
     r.add_get("/v1/health", h.health)
+    r.add_get("/v1/policy", h.get_policy)
+    r.add_put("/v1/policy", h.put_policy)
     r.add_get("/metrics", h.metrics)
     return app
