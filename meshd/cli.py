@@ -245,6 +245,14 @@ def _add_client_parsers(commands: Any) -> None:
         "--meta", action="append", type=_meta, default=[], metavar="K=V", help="(repeatable)"
     )
     reg.add_argument("--weight", type=_weight, metavar="N", help="(default: 1)")
+    scope = reg.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--export",
+        action="append",
+        metavar="CLUSTER",
+        help="let this cluster see the app (repeatable; default: every cluster)",
+    )
+    scope.add_argument("--local-only", action="store_true", help="keep the app inside this cluster")
     check = reg.add_mutually_exclusive_group()
     check.add_argument("--check-ttl", type=_duration, metavar="DUR", help="app reports health")
     check.add_argument("--check-http", type=_http_url, metavar="URL", help="agent GETs URL")
@@ -432,6 +440,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
         body["meta"] = meta
     if args.weight is not None:
         body["weight"] = args.weight
+    if args.local_only:
+        body["export"] = []
+    elif args.export:
+        body["export"] = args.export
     interval = args.check_interval or DEFAULT_CHECK_INTERVAL
     if args.check_ttl:
         body["check"] = {"ttl": args.check_ttl}

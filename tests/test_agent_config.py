@@ -70,7 +70,7 @@ def write_toml(tmp_path: Path, text: str, name: str = "meshd.toml") -> Path:
         ("h:65535", None, ("h", 65535)),
         ("[::1]:7946", None, ("::1", 7946)),
         ("[fe80::1]:0", None, ("fe80::1", 0)),
-        ("10.0.0.1", 7946, ("10.0.0.1", 7946)),
+        ("192.0.2.1", 7946, ("192.0.2.1", 7946)),
         ("[::1]", 7946, ("::1", 7946)),
         ("::1", 7946, ("::1", 7946)),
         ("example.org:7000", 7946, ("example.org", 7000)),
@@ -176,9 +176,9 @@ node = "n1"
 cluster = "east"
 region = "us-east"
 zone = "us-east-1a"
-bind = "10.0.0.5:7000"
+bind = "192.0.2.5:7000"
 advertise = "192.0.2.1:7000"
-join = ["10.0.0.6", "[fd00::7]:7001"]
+join = ["192.0.2.6", "[fd00::7]:7001"]
 api = "127.0.0.1:7800"
 state_dir = "state"
 profile = "wan"
@@ -196,10 +196,10 @@ prefer = ["zone", "region"]
     cfg = load_config({"config": str(path)})
     assert cfg.config_file == path
     assert (cfg.node, cfg.cluster, cfg.region, cfg.zone) == ("n1", "east", "us-east", "us-east-1a")
-    assert cfg.bind == ("10.0.0.5", 7000)
+    assert cfg.bind == ("192.0.2.5", 7000)
     assert cfg.advertise == ("192.0.2.1", 7000)
     # Defaulted port filled in, IPv6 bracketed, so the agent gets uniform strings.
-    assert cfg.join == ("10.0.0.6:7946", "[fd00::7]:7001")
+    assert cfg.join == ("192.0.2.6:7946", "[fd00::7]:7001")
     assert cfg.api == ("127.0.0.1", 7800)
     # Relative paths in the file are relative to the file.
     assert cfg.state_dir == tmp_path / "state"
@@ -210,7 +210,7 @@ prefer = ["zone", "region"]
         {
             "config": str(path),
             "bind": "127.0.0.1:0",
-            "join": ["10.9.9.9:1"],
+            "join": ["192.0.2.99:1"],
             "zone": "us-east-1b",
             "profile": "lan",
             "policy": str(tmp_path / "policy.toml"),
@@ -219,7 +219,7 @@ prefer = ["zone", "region"]
         }
     )
     assert overridden.bind == ("127.0.0.1", 0)
-    assert overridden.join == ("10.9.9.9:1",)  # a flag list replaces the file's list
+    assert overridden.join == ("192.0.2.99:1",)  # a flag list replaces the file's list
     assert overridden.zone == "us-east-1b" and overridden.region == "us-east"
     assert overridden.profile == "lan"
     # --policy FILE replaces the file's [policy] table.
@@ -271,7 +271,7 @@ def test_config_file_problems(tmp_path: Path) -> None:
         ("[extra]\na = 1\n", ("unknown key 'extra'",)),
         ('[tls]\ncrt = "x"\n', ("unknown key 'tls.crt'", "did you mean 'cert'")),
         ("bind = 7946\n", ("key 'bind' must be a string",)),
-        ('join = "10.0.0.1"\n', ("key 'join' must be a list of strings",)),
+        ('join = "192.0.2.1"\n', ("key 'join' must be a list of strings",)),
         ("join = [1, 2]\n", ("key 'join' must be a list of strings",)),
         ('dev = "yes"\n', ("key 'dev' must be true or false",)),
         ("policy = 3\n", ("key 'policy' must be a string or a table",)),
@@ -408,14 +408,14 @@ def test_agent_usage_error_is_one_line(
 def test_agent_passes_config_to_run_agent(
     tmp_path: Path, fake_run: list[AgentConfig], tls_flags: dict[str, Any]
 ) -> None:
-    path = write_toml(tmp_path, 'zone = "z1"\njoin = ["10.0.0.1:7946"]\n')
-    argv = ["agent", "--config", str(path), "--join", "10.0.0.2", "--join", "10.0.0.3:1"]
+    path = write_toml(tmp_path, 'zone = "z1"\njoin = ["192.0.2.1:7946"]\n')
+    argv = ["agent", "--config", str(path), "--join", "192.0.2.2", "--join", "192.0.2.3:1"]
     argv += ["--tls-ca", tls_flags["tls_ca"], "--tls-cert", tls_flags["tls_cert"]]
     argv += ["--tls-key", tls_flags["tls_key"], "--state-dir", str(tmp_path / "s")]
     argv += ["--wan-bind", "127.0.0.1:0", "--api", "127.0.0.1:0", "--log-level", "debug"]
     assert main(argv) == 0
     (cfg,) = fake_run
     assert cfg.zone == "z1" and cfg.node == "n1" and cfg.cluster == "east"
-    assert cfg.join == ("10.0.0.2:7946", "10.0.0.3:1")
+    assert cfg.join == ("192.0.2.2:7946", "192.0.2.3:1")
     assert cfg.wan_bind == ("127.0.0.1", 0) and cfg.api == ("127.0.0.1", 0)
     assert cfg.log_level == "debug" and cfg.dev is False

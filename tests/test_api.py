@@ -54,9 +54,9 @@ class FakeAgent:
         self.refuse: str | None = None  # register raises ValueError(refuse) when set
         self.explode = False  # members() raises when set, for the 500 path
         self.member_rows = [
-            MemberInfo("n7", "east", "us-east", "us-east-1a", "10.0.0.7:7946", "alive", 3),
-            MemberInfo("n8", "east", "us-east", "us-east-1b", "10.0.0.8:7946", "suspect", 1),
-            MemberInfo("w1", "west", "us-west", "us-west-2a", "10.9.0.1:7946", "dead", 0),
+            MemberInfo("n7", "east", "us-east", "us-east-1a", "192.0.2.7:7946", "alive", 3),
+            MemberInfo("n8", "east", "us-east", "us-east-1b", "192.0.2.8:7946", "suspect", 1),
+            MemberInfo("w1", "west", "us-west", "us-west-2a", "192.0.2.91:7946", "dead", 0),
         ]
 
     @property
@@ -163,6 +163,9 @@ class FakeAgent:
 
     policy_doc: dict[str, Any] = {"failover": []}
 
+    def records(self) -> list[dict[str, Any]]:
+        return [{"origin": "east/n7", "version": 3, "apps": sorted(self.registrations)}]
+
     def policy_json(self) -> dict[str, Any]:
         return dict(self.policy_doc)
 
@@ -188,7 +191,7 @@ async def client(agent: FakeAgent) -> AsyncIterator[TestClient]:
         yield c
 
 
-VALID = {"app": "orders", "address": "10.1.2.3", "port": 3500}
+VALID = {"app": "orders", "address": "192.0.2.3", "port": 3500}
 ENDPOINT_KEYS = {
     "instance",
     "address",
@@ -291,7 +294,7 @@ def test_parse_duration_only_ever_raises_value_error(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "host", ["10.1.2.3", "::1", "fe80::1", "orders.svc.local", "a", "n-7.example.com", "x1"]
+    "host", ["192.0.2.3", "::1", "fe80::1", "orders.svc.local", "a", "n-7.example.com", "x1"]
 )
 def test_is_host_accepts_ips_and_names(host: str) -> None:
     assert is_host(host)
@@ -299,7 +302,7 @@ def test_is_host_accepts_ips_and_names(host: str) -> None:
 
 @pytest.mark.parametrize(
     "host",
-    ["", "-a", "a-", "a..b", "a_b.com", "10.0.0.256", "1.2.3", "a" * 64, "ä.com", "a b", "a.b."],
+    ["", "-a", "a-", "a..b", "a_b.com", "192.0.2.256", "1.2.3", "a" * 64, "ä.com", "a b", "a.b."],
 )
 def test_is_host_rejects_the_rest(host: str) -> None:
     assert not is_host(host)
@@ -331,7 +334,7 @@ async def test_register_minimal_uses_contract_defaults(
     assert body == {"instance": "orders-1", "version": agent.index}
     reg = agent.registrations["orders-1"]
     r = reg.record
-    assert (r.app, r.address, r.port) == ("orders", "10.1.2.3", 3500)
+    assert (r.app, r.address, r.port) == ("orders", "192.0.2.3", 3500)
     assert (r.namespace, r.protocol, r.weight, r.meta, r.health) == (
         "default",
         "http",
@@ -378,7 +381,7 @@ async def test_register_null_optional_fields_take_defaults(
     assert (r.namespace, r.protocol, r.meta, r.weight) == ("default", "http", (), 1)
 
 
-@pytest.mark.parametrize("address", ["10.1.2.3", "::1", "orders.svc.cluster.local", "localhost"])
+@pytest.mark.parametrize("address", ["192.0.2.3", "::1", "orders.svc.cluster.local", "localhost"])
 async def test_register_accepts_ip_and_host_addresses(
     client: TestClient, agent: FakeAgent, address: str
 ) -> None:
@@ -388,11 +391,11 @@ async def test_register_accepts_ip_and_host_addresses(
 
 
 async def test_register_tcp_check(client: TestClient, agent: FakeAgent) -> None:
-    check = {"tcp": "10.1.2.3:3500", "interval": "5s"}
+    check = {"tcp": "192.0.2.3:3500", "interval": "5s"}
     status, _ = await put_app(client, "o1", {**VALID, "check": check})
     assert status == 200
     assert agent.registrations["o1"].check == CheckSpec(
-        kind="tcp", target="10.1.2.3:3500", interval=5.0
+        kind="tcp", target="192.0.2.3:3500", interval=5.0
     )
 
 
@@ -412,15 +415,15 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     # (case id, body as JSON value or raw text, a word the error must contain)
     ("invalid-json", "{not json", "JSON"),
     ("empty-body", "", "empty"),
-    ("nan", '{"app": "o", "address": "10.0.0.1", "port": NaN}', "JSON"),
+    ("nan", '{"app": "o", "address": "192.0.2.1", "port": NaN}', "JSON"),
     ("not-utf8", b'{"app": "\xff"}', "JSON"),
     ("deep-nesting", "[" * 100_000, "JSON"),
     ("array-body", [VALID], "object"),
     ("string-body", '"orders"', "object"),
     ("null-body", "null", "object"),
-    ("missing-app", {"address": "10.1.2.3", "port": 1}, "app"),
+    ("missing-app", {"address": "192.0.2.3", "port": 1}, "app"),
     ("missing-address", {"app": "o", "port": 1}, "address"),
-    ("missing-port", {"app": "o", "address": "10.1.2.3"}, "port"),
+    ("missing-port", {"app": "o", "address": "192.0.2.3"}, "port"),
     ("null-port", {**VALID, "port": None}, "port"),
     ("unknown-field", {**VALID, "tags": ["a"]}, "tags"),
     ("unknown-field-case", {**VALID, "Port": 1}, "Port"),
@@ -431,9 +434,9 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("namespace-name", {**VALID, "namespace": "a/b"}, "namespace"),
     ("namespace-type", {**VALID, "namespace": ["x"]}, "namespace"),
     ("address-type", {**VALID, "address": 10}, "address"),
-    ("address-bad-ip", {**VALID, "address": "10.0.0.256"}, "address"),
+    ("address-bad-ip", {**VALID, "address": "192.0.2.256"}, "address"),
     ("address-bad-name", {**VALID, "address": "-orders.local"}, "address"),
-    ("address-url", {**VALID, "address": "http://10.0.0.1"}, "address"),
+    ("address-url", {**VALID, "address": "http://192.0.2.1"}, "address"),
     ("address-empty", {**VALID, "address": ""}, "address"),
     ("address-long", {**VALID, "address": "a." * 127 + "com"}, "address"),
     ("port-zero", {**VALID, "port": 0}, "port"),
@@ -607,7 +610,7 @@ async def test_list_apps(client: TestClient, agent: FakeAgent) -> None:
             "instance": "o1",
             "app": "orders",
             "namespace": "default",
-            "address": "10.1.2.3",
+            "address": "192.0.2.3",
             "port": 3500,
             "protocol": "http",
             "meta": {"a": "b"},
@@ -619,7 +622,7 @@ async def test_list_apps(client: TestClient, agent: FakeAgent) -> None:
             "instance": "o2",
             "app": "orders",
             "namespace": "default",
-            "address": "10.1.2.3",
+            "address": "192.0.2.3",
             "port": 3500,
             "protocol": "http",
             "meta": {},
@@ -643,7 +646,7 @@ async def test_resolve_shape_and_header(client: TestClient, agent: FakeAgent) ->
     assert body["endpoints"] == [
         {
             "instance": "orders-1",
-            "address": "10.1.2.3",
+            "address": "192.0.2.3",
             "port": 3500,
             "protocol": "http",
             "node": "n7",
@@ -728,7 +731,7 @@ async def test_blocking_resolve_returns_when_index_rises(
 
     async def change_soon() -> None:
         await asyncio.sleep(0.05)
-        record = AppRecord(app="orders", instance="orders-9", address="10.1.2.3", port=3500)
+        record = AppRecord(app="orders", instance="orders-9", address="192.0.2.3", port=3500)
         await agent.register(Registration(record))
 
     started = time.monotonic()
@@ -797,7 +800,7 @@ async def test_members(client: TestClient) -> None:
         "cluster": "east",
         "region": "us-east",
         "zone": "us-east-1a",
-        "address": "10.0.0.7:7946",
+        "address": "192.0.2.7:7946",
         "status": "alive",
         "incarnation": 3,
     }
@@ -924,7 +927,7 @@ json_values = st.recursive(
 FIELD_NAMES = ["app", "address", "port", "namespace", "protocol", "meta", "weight", "check"]
 field_values = st.one_of(
     json_values,
-    st.sampled_from(["orders", "10.0.0.1", "::1", "h.local", "http", "grpc", "10s", "0", ""]),
+    st.sampled_from(["orders", "192.0.2.1", "::1", "h.local", "http", "grpc", "10s", "0", ""]),
     st.integers(min_value=-2, max_value=70000),
     st.fixed_dictionaries(
         {},
@@ -957,7 +960,7 @@ valid_bodies = st.fixed_dictionaries(
         "check": st.sampled_from(
             [
                 {"ttl": "10s"},
-                {"http": "http://10.1.2.3:3500/healthz", "interval": "5s"},
+                {"http": "http://192.0.2.3:3500/healthz", "interval": "5s"},
                 {"tcp": "h.local:3500", "interval": "1m30s"},
             ]
         ),
@@ -997,3 +1000,17 @@ async def test_policy_get_put_and_a_bad_policy_keeps_the_old_one(client, agent):
     assert (await resp.json())["failover"] == ["west", "central"]
     resp = await client.put("/v1/policy", data=b"[1, 2]")
     assert resp.status == 400
+
+
+async def test_export_is_validated_and_stored(client, agent):
+    body = {"app": "orders", "address": "127.0.0.1", "port": 80, "export": ["west", "central"]}
+    resp = await client.put("/v1/apps/o-1", json=body)
+    assert resp.status == 200
+    assert agent.registrations["o-1"].record.export == ("central", "west")
+    for bad in ["west", [1], ["bad name!"], [f"c{i}" for i in range(20)]]:
+        resp = await client.put("/v1/apps/o-2", json={**body, "export": bad})
+        assert resp.status == 400
+        assert "export" in (await resp.json())["error"]
+    assert "o-2" not in agent.registrations
+    resp = await client.get("/v1/records")
+    assert resp.status == 200 and (await resp.json())[0]["origin"] == "east/n7"

@@ -50,7 +50,7 @@ def test_ca_create_and_cert_issue(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert identity.load_ca(ca_dir).trust_domain == "corp.test"
 
     argv = ["cert", "issue", "--ca", str(ca_dir), "--node", "n7", "--cluster", "east"]
-    argv += ["--ip", "10.1.2.3", "--ip", "fd00::7", "--dns", "n7.east.example"]
+    argv += ["--ip", "192.0.2.3", "--ip", "fd00::7", "--dns", "n7.east.example"]
     argv += ["--days", "30", "--out", str(out)]
     assert main(argv) == 0
     assert capsys.readouterr().out.splitlines() == [str(out / "n7.pem"), str(out / "n7.key")]
@@ -62,7 +62,7 @@ def test_ca_create_and_cert_issue(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert (nc.trust_domain, nc.cluster, nc.node) == ("corp.test", "east", "n7")
     san = nc.cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.IPAddress)) == {
-        ipaddress.ip_address("10.1.2.3"),
+        ipaddress.ip_address("192.0.2.3"),
         ipaddress.ip_address("fd00::7"),
     }
     assert san.get_values_for_type(x509.DNSName) == ["n7.east.example"]
@@ -185,7 +185,7 @@ RESOLVE_HEADER = "INSTANCE ADDRESS PORT NODE CLUSTER ZONE HEALTH TIER"
 ENDPOINTS = [
     {
         "instance": "orders-1",
-        "address": "10.1.2.3",
+        "address": "192.0.2.3",
         "port": 3500,
         "protocol": "http",
         "node": "n7",
@@ -219,7 +219,7 @@ MEMBERS = [
         "cluster": "east",
         "region": "us-east",
         "zone": "us-east-1a",
-        "address": "10.0.0.1:7946",
+        "address": "192.0.2.1:7946",
         "status": "alive",
         "incarnation": 0,
     },
@@ -228,7 +228,7 @@ MEMBERS = [
         "cluster": "east",
         "region": "us-east",
         "zone": "us-east-1b",
-        "address": "10.0.0.2:7946",
+        "address": "192.0.2.2:7946",
         "status": "suspect",
         "incarnation": 12,
     },
@@ -309,7 +309,7 @@ async def test_register_sends_the_contract_body(
     agent: FakeAgent, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code = await run(
-        "register", "orders", "--instance", "orders-1", "--address", "10.1.2.3",
+        "register", "orders", "--instance", "orders-1", "--address", "192.0.2.3",
         "--port", "3500", "--namespace", "shop", "--protocol", "grpc",
         "--meta", "version=2", "--meta", "url=http://x/?a=b", "--meta", "empty=",
         "--weight", "5", "--check-ttl", "10s", "--api", agent.url,
@@ -324,7 +324,7 @@ async def test_register_sends_the_contract_body(
     )
     assert req["json"] == {
         "app": "orders",
-        "address": "10.1.2.3",
+        "address": "192.0.2.3",
         "port": 3500,
         "namespace": "shop",
         "protocol": "grpc",
@@ -373,7 +373,7 @@ async def test_resolve_table(agent: FakeAgent, capsys: pytest.CaptureFixture[str
     lines = capsys.readouterr().out.splitlines()
     header = fields(RESOLVE_HEADER)
     assert lines[0].split() == header
-    assert lines[1].split() == fields("orders-1 10.1.2.3 3500 n7 east us-east-1a passing zone")
+    assert lines[1].split() == fields("orders-1 192.0.2.3 3500 n7 east us-east-1a passing zone")
     assert lines[2].split() == fields(
         "orders-22 fd00::22 80 node-twenty-two west - warning failover"
     )
@@ -411,8 +411,8 @@ async def test_members(agent: FakeAgent, capsys: pytest.CaptureFixture[str]) -> 
     assert await run("members", "--cluster", "east", "--api", agent.url) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == fields("NODE CLUSTER REGION ZONE ADDRESS STATUS INCARNATION")
-    assert lines[1].split() == fields("n1 east us-east us-east-1a 10.0.0.1:7946 alive 0")
-    assert lines[2].split() == fields("n2 east us-east us-east-1b 10.0.0.2:7946 suspect 12")
+    assert lines[1].split() == fields("n1 east us-east us-east-1a 192.0.2.1:7946 alive 0")
+    assert lines[2].split() == fields("n2 east us-east us-east-1b 192.0.2.2:7946 suspect 12")
     assert agent.requests[0]["query"] == {"cluster": "east"}
 
     assert await run("members", "--json", "--api", agent.url) == 0

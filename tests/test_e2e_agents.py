@@ -128,9 +128,7 @@ def test_crash_restart_and_leave(five, tmp_path):
         repair_bound(5, LOCAL) + SLACK,
         "billing-1 back everywhere",
     )
-    wait_until(
-        lambda: all(a.members()["east/n3"] == "alive" for a in five), SLACK, "n3 alive"
-    )
+    wait_until(lambda: all(a.members()["east/n3"] == "alive" for a in five), SLACK, "n3 alive")
 
     # SIGTERM: graceful leave, exit 0, seen as left (not dead) by the others.
     victim.signal(signal.SIGTERM)

@@ -186,11 +186,11 @@ def mesh(*nodes: Node, drop=None, now: float = 0.0) -> Net:
 
 def test_ping_is_acked_with_its_seq_to_source_addr():
     a, b = make_node(1), make_node(2)
-    b.receive(Ping(a.id, seq=42, source_addr="10.9.9.9:7000", target=b.id), 1.0, peer=a.id)
+    b.receive(Ping(a.id, seq=42, source_addr="192.0.2.99:7000", target=b.id), 1.0, peer=a.id)
     acks = sent(b, Ack)
     assert len(acks) == 1
     addr, ack = acks[0]
-    assert addr == "10.9.9.9:7000"
+    assert addr == "192.0.2.99:7000"
     assert ack.seq == 42 and ack.source == b.id
     assert b.counters["misdirected"] == 0
 

@@ -39,7 +39,7 @@ def cand(
         instance=instance,
         app="orders",
         namespace="default",
-        address="10.0.0.1",
+        address="192.0.2.1",
         port=3500,
         node=node,
         cluster=cluster,

@@ -36,7 +36,7 @@ def reg(
     fields: dict[str, object] = {
         "app": "orders",
         "instance": instance,
-        "address": "10.1.2.3",
+        "address": "192.0.2.3",
         "port": 3500,
     }
     fields.update(kw)
@@ -215,10 +215,12 @@ def test_set_counters_rejects_non_counters(db: StateDB, bad: object) -> None:
 
 def test_peers_order_and_replacement(db: StateDB) -> None:
     assert db.load_peers() == []
-    db.save_peers([("10.0.0.3:7946", "n3"), ("10.0.0.1:7946", "n1"), ("10.0.0.2:7946", "n2")])
-    assert db.load_peers() == ["10.0.0.3:7946", "10.0.0.1:7946", "10.0.0.2:7946"]
-    db.save_peers(iter([("10.0.0.2:7946", "n2"), ("10.0.0.9:7946", "n9"), ("10.0.0.2:7946", "x")]))
-    assert db.load_peers() == ["10.0.0.2:7946", "10.0.0.9:7946"]
+    db.save_peers([("192.0.2.3:7946", "n3"), ("192.0.2.1:7946", "n1"), ("192.0.2.2:7946", "n2")])
+    assert db.load_peers() == ["192.0.2.3:7946", "192.0.2.1:7946", "192.0.2.2:7946"]
+    db.save_peers(
+        iter([("192.0.2.2:7946", "n2"), ("192.0.2.9:7946", "n9"), ("192.0.2.2:7946", "x")])
+    )
+    assert db.load_peers() == ["192.0.2.2:7946", "192.0.2.9:7946"]
 
 
 def test_peers_most_recent_first_by_last_seen(db: StateDB, db_path: Path) -> None:
@@ -318,7 +320,7 @@ def test_committed_registration_survives_sigkill(db_path: Path) -> None:
         from meshd.wire import AppRecord
 
         db = StateDB.open(Path(sys.argv[1]))
-        rec = AppRecord(app="orders", instance="orders-9", address="10.0.0.9", port=80,
+        rec = AppRecord(app="orders", instance="orders-9", address="192.0.2.9", port=80,
                         meta=AppRecord.make_meta({"k": "v"}))
         db.put_registration(Registration(rec, CheckSpec(kind="ttl", ttl=5.0)), 42)
         db.set_counters(incarnation=7)

@@ -20,7 +20,9 @@ from meshd.wire import MAX_MAP_LEN, AppRecord, OriginState, SignedState
 
 
 def rec(app: str, instance: str, namespace: str = "default", port: int = 8080) -> AppRecord:
-    return AppRecord(app=app, instance=instance, address="10.0.0.1", port=port, namespace=namespace)
+    return AppRecord(
+        app=app, instance=instance, address="192.0.2.1", port=port, namespace=namespace
+    )
 
 
 def make(

@@ -93,7 +93,7 @@ def origin_state(version: int = 7, apps: int = 2) -> OriginState:
         AppRecord(
             app="web",
             instance=f"web-{i}",
-            address="10.0.0.5",
+            address="192.0.2.5",
             port=8080 + i,
             meta=AppRecord.make_meta({"rev": f"r{i}", "tier": "front"}),
             weight=10,
@@ -134,7 +134,7 @@ def all_messages() -> list[Message]:
             seq=5,
             source_addr=ADDR,
             target="west/n9",
-            target_addr="10.1.2.3:7946",
+            target_addr="192.0.2.3:7946",
             nack=False,
             members=members,
         ),
@@ -696,7 +696,7 @@ def test_unknown_fields_and_extra_list_items_are_ignored() -> None:
 
 
 def app(**over: Any) -> AppRecord:
-    kw: dict[str, Any] = dict(app="web", instance="web-1", address="10.0.0.5", port=8080)
+    kw: dict[str, Any] = dict(app="web", instance="web-1", address="192.0.2.5", port=8080)
     kw.update(over)
     return AppRecord(**kw)
 

@@ -461,6 +461,27 @@ class Agent:
             )
         return index, rows
 
+    def records(self) -> list[dict[str, Any]]:
+        store = self._core.store
+        out = []
+        for signed in store.signed_states():
+            entry = store.get(signed.origin)
+            assert entry is not None
+            st = entry.state
+            out.append(
+                {
+                    "origin": signed.origin,
+                    "version": signed.version,
+                    "cluster": st.cluster,
+                    "node": st.node,
+                    "scope": st.scope or "*",
+                    "served": entry.tombstone_since is None and self.reach().serves(st.member),
+                    "bridge": st.bridge,
+                    "apps": [a.instance for a in st.apps],
+                }
+            )
+        return out
+
     def policy_json(self) -> dict[str, Any]:
         return policy_to_dict(self.policy)
 

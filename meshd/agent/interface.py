@@ -59,6 +59,8 @@ class Registration:
             "weight": r.weight,
             "health": r.health,
         }
+        if r.export is not None:
+            out["export"] = list(r.export)
         if self.check is not None:
             out["check"] = self.check.to_json()
         return out
@@ -185,6 +187,10 @@ class AgentAPI(Protocol):
     def members(self, cluster: str | None = None) -> list[MemberInfo]: ...
 
     def clusters(self) -> list[ClusterInfo]: ...
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every document this node holds (tombstones too): what its store is."""
+        ...
 
     def policy_json(self) -> dict[str, Any]:
         """The policy in force, as ``GET /v1/policy`` shows it."""

@@ -294,13 +294,18 @@ async def _serve(cfg: AgentConfig) -> int:
     def reload() -> None:
         _reload_policy(cfg, agent)
         try:
-            transport.server_ctx = make_server_context(str(ca_file), str(cert_file), str(key_file))
-            transport.client_ctx = make_client_context(str(ca_file), str(cert_file), str(key_file))
+            server = make_server_context(str(ca_file), str(cert_file), str(key_file))
+            client = make_client_context(str(ca_file), str(cert_file), str(key_file))
+            for t in (transport, wan_transport):
+                if t is not None:
+                    t.server_ctx, t.client_ctx = server, client
             log.info("reloaded certificates from %s", cert_file)
         except (ssl.SSLError, OSError) as exc:
             log.error("SIGHUP: kept the old certificates: %s", exc)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    if wan_transport is not None:
+        log.info("bridge: WAN gossip on %s", wan_advertise)
     print(
         f"meshd agent ready api=http://{_fmt(api_host, api_port)} gossip={advertise}",
         file=sys.stderr,

@@ -208,6 +208,9 @@ class _Handlers:
     async def clusters(self, request: web.Request) -> web.Response:
         return _json([c.to_json() for c in self.agent.clusters()])
 
+    async def records(self, request: web.Request) -> web.Response:
+        return _json(self.agent.records())
+
     async def get_policy(self, request: web.Request) -> web.Response:
         return _json(self.agent.policy_json())
 
@@ -271,6 +274,7 @@ def create_app(agent: AgentAPI) -> web.Application:
     r.add_get("/v1/members", h.members)
     r.add_get("/v1/clusters", h.clusters)
     r.add_get("/v1/health", h.health)
+    r.add_get("/v1/records", h.records)
     r.add_get("/v1/policy", h.get_policy)
     r.add_put("/v1/policy", h.put_policy)
     r.add_get("/metrics", h.metrics)

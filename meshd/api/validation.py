@@ -18,7 +18,14 @@ from urllib.parse import urlsplit
 
 from meshd.agent.interface import HEALTH, CheckKind, CheckSpec, Registration
 from meshd.api.durations import parse_duration
-from meshd.wire import MAX_NAME_LEN, PROTOCOLS, AppRecord, WireError, check_name
+from meshd.wire import (
+    MAX_EXPORT_CLUSTERS,
+    MAX_NAME_LEN,
+    PROTOCOLS,
+    AppRecord,
+    WireError,
+    check_name,
+)
 
 __all__ = [
     "ApiError",
@@ -40,7 +47,9 @@ MAX_URL_LEN = 2048
 MAX_WEIGHT = 1_000_000
 
 _REQUIRED = ("app", "address", "port")
-_FIELDS = frozenset(("app", "address", "port", "namespace", "protocol", "meta", "weight", "check"))
+_FIELDS = frozenset(
+    ("app", "address", "port", "namespace", "protocol", "meta", "weight", "check", "export")
+)
 _CHECK_KINDS: tuple[CheckKind, ...] = ("ttl", "http", "tcp")
 # RFC 1123 label: letters, digits, hyphens; no leading or trailing hyphen; 1-63 long.
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
@@ -219,6 +228,7 @@ def parse_registration(instance: str, body: Any) -> Registration:
     weight = 1 if weight is None else _int(weight, "weight", 0, MAX_WEIGHT)
     check_raw = body.get("check")
     check = None if check_raw is None else parse_check(check_raw)
+    export = parse_export(body.get("export"))
     try:
         record = AppRecord(
             app=app,
@@ -230,10 +240,25 @@ def parse_registration(instance: str, body: Any) -> Registration:
             meta=AppRecord.make_meta(meta),
             weight=weight,
             health="passing",
+            export=export,
         )
     except WireError as exc:  # meta size and count caps, and anything the wire adds later
         raise _bad(str(exc)) from None
     return Registration(record, check)
+
+
+def parse_export(raw: Any) -> tuple[str, ...] | None:
+    """``export``: absent, null or "*" for every cluster; a list of cluster
+    names (``[]`` for this cluster only)."""
+    if raw is None or raw == "*":
+        return None
+    if not isinstance(raw, list) or not all(isinstance(c, str) for c in raw):
+        raise _bad('export must be a list of cluster names, or "*" for all clusters')
+    if len(raw) > MAX_EXPORT_CLUSTERS:
+        raise _bad(f'export may name at most {MAX_EXPORT_CLUSTERS} clusters (or "*" for all)')
+    for c in raw:
+        _name(c, "export cluster")
+    return tuple(sorted(set(raw)))
 
 
 def parse_health(body: Any) -> str:
