@@ -108,6 +108,9 @@ def test_cross_cluster_lookup_failover_export_gateway_and_policy(mesh):
     # Central follows its failover list: west, then east.
     assert instances(c1, "orders") == ["orders-west", "orders-east"]
     assert [e["tier"] for e in c1.resolve("orders")] == ["failover", "failover"]
+    # One healthy copy is enough (min_healthy 1): the rest are listed as standby.
+    assert [e.get("active", True) for e in c1.resolve("orders")] == [True, False]
+    assert "active" not in east_view[0] and west_ep["active"] is False
 
     # An app exported only to west never reaches central's stores (bridge included).
     for name in ("c0", "c1", "c2"):

@@ -457,6 +457,7 @@ class Agent:
                         }
                     ),
                     reachable=a.reachable,
+                    active=a.active,
                 )
             )
         return index, rows

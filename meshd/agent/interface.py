@@ -87,6 +87,9 @@ class Endpoint:
     gateway: dict[str, Any] | None = None
     #: False when the endpoint's cluster is cut off (only listed with ?all=1).
     reachable: bool = True
+    #: False for a standby: listed in order, but the policy sends traffic to
+    #: the active ones while they are enough (min_healthy spill rule).
+    active: bool = True
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -105,8 +108,12 @@ class Endpoint:
         }
         if self.gateway is not None:
             out["gateway"] = dict(self.gateway)
+        # Extensions appear only when they say something: a plain answer keeps
+        # exactly the contract's keys.
         if not self.reachable:
             out["reachable"] = False
+        if not self.active:
+            out["active"] = False
         return out
 
 
