@@ -28,25 +28,29 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from meshd.identity import CA, StateSigner, StateVerifier, create_ca, issue_node_cert
 from meshd.policy.locality import Topology
 from meshd.policy.policy import AppPolicy
 from meshd.policy.resolve import Answer, resolve
+from meshd.protocol.bounds import detection_bound, repair_bound, spread_bound
 from meshd.protocol.bridge import LAN, WAN, Bridge
 from meshd.protocol.config import Config
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
 from meshd.protocol.node import Node
-from meshd.protocol.reach import compute_reach
+from meshd.protocol.reach import Reach, compute_reach
+from meshd.protocol.suspicion import suspicion_max, suspicion_min
 from meshd.wire import (
     AppRecord,
     Message,
     Rejection,
     Status,
     decode_message,
+    doc_member,
     encode_frame,
+    may_reach,
     member_id,
 )
 
@@ -613,6 +617,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--loss-minutes", type=float, default=10.0, help="virtual minutes of the 10%% loss scenario"
     )
+    if argv is None:
+        argv = sys.argv[1:]
+    if any(a == "--clusters" or a.startswith("--clusters=") for a in argv):
+        return main_multi(argv)
     args = ap.parse_args(argv)
     if args.nodes < 3:
         ap.error("--nodes must be at least 3")
@@ -643,6 +651,494 @@ def main(argv: list[str] | None = None) -> int:
             f"false deaths, 10% loss, {args.loss_minutes:g} virtual min, "
             f"lifeguard {'on ' if lifeguard else 'off'}: {fd}"
         )
+    print(f"wall time {time.perf_counter() - wall:.1f} s")
+    return 0
+
+
+# ----------------------------------------------------------------------
+# Several clusters: bridges, the WAN pool, and cross-cluster figures.
+#
+# ``multi_cluster`` builds the topology; the functions after it time what a
+# multi-cluster mesh promises (every document where it is exported and
+# nowhere else, cross-cluster failover after a crash, a lost cluster marked
+# unreachable, convergence after it comes back), each next to a bound derived
+# from the configuration.  ``python -m meshd.testing --clusters 5 --nodes 50``
+# prints the figures (see ``main_multi``).
+
+
+def multi_cluster(
+    clusters: Sequence[str],
+    nodes_per_cluster: int | Mapping[str, int],
+    *,
+    bridges: Mapping[str, int] | None = None,
+    seed: int = 0,
+    config: Config | None = None,
+    wan_config: Config | None = None,
+    gateways: Mapping[str, str] | None = None,
+    encode: bool = True,
+) -> tuple[Cluster, dict[str, list[int]]]:
+    """Several clusters in one harness, their bridges in one WAN pool.
+
+    Cluster ``c`` gets ``nodes_per_cluster`` nodes (or ``nodes_per_cluster[c]``
+    when a mapping) named ``n0``, ``n1``, ...
+    (member ids ``c/n0`` ...), all in region ``r-c``, alternating between zones
+    ``c-a`` and ``c-b``.  Its first ``bridges.get(c, 1)`` nodes are bridges.
+    Every node joins its LAN pool through the first node of its cluster, and
+    every bridge joins the WAN pool through the first bridge of the mesh.
+    ``gateways`` maps a cluster to the ``host:port`` of its gateway.
+
+    Returns the harness and, per cluster, the node indices (bridges first).
+    """
+    if len(set(clusters)) != len(clusters):
+        raise ValueError("cluster names must be unique")
+    if isinstance(nodes_per_cluster, int):
+        sizes = {x: nodes_per_cluster for x in clusters}
+    else:
+        sizes = dict(nodes_per_cluster)
+        if set(sizes) != set(clusters):
+            raise ValueError("nodes_per_cluster must give a size for every cluster, and only them")
+    if any(size < 1 for size in sizes.values()):
+        raise ValueError("every cluster needs at least 1 node")
+    bridges = dict(bridges or {})
+    gateways = dict(gateways or {})
+    for name in (*bridges, *gateways):
+        if name not in clusters:
+            raise ValueError(f"{name!r} is not one of the clusters")
+    c = Cluster(0, seed=seed, config=config, wan_config=wan_config, encode=encode, join=False)
+    groups: dict[str, list[int]] = {}
+    for cluster in clusters:
+        nb = bridges.get(cluster, 1)
+        if not 0 <= nb <= sizes[cluster]:
+            raise ValueError(f"cluster {cluster!r}: {nb} bridges among {sizes[cluster]} nodes")
+        groups[cluster] = []
+        for k in range(sizes[cluster]):
+            hn = c.add_node(
+                cluster=cluster,
+                name=f"n{k}",
+                region=f"r-{cluster}",
+                zone=f"{cluster}-{'ab'[k % 2]}",
+                bridge=k < nb,
+                gateway=gateways.get(cluster, ""),
+            )
+            groups[cluster].append(hn.index)
+    return c, groups
+
+
+def bridge_indices(c: Cluster, cluster: str | None = None) -> list[int]:
+    """The bridges of ``cluster`` (all bridges when None), crashed ones included."""
+    return [
+        hn.index for hn in c.nodes if hn.is_bridge and (cluster is None or hn.cluster == cluster)
+    ]
+
+
+def reach_of(c: Cluster, i: int) -> Reach:
+    """What node ``i`` makes of the bridges' statements it holds (as its lookups do)."""
+    return compute_reach(c.nodes[i].cluster, c.core(i).store.live())
+
+
+def published(c: Cluster) -> dict[str, int]:
+    """``{document id: version}`` of every document a running node publishes now."""
+    out: dict[str, int] = {}
+    for i in c.running():
+        own = c.nodes[i].id
+        for entry in c.core(i).store.live():
+            if doc_member(entry.signed.origin) == own:
+                out[entry.signed.origin] = entry.signed.version
+    return out
+
+
+def misplaced(c: Cluster, docs: Mapping[str, int] | None = None) -> list[str]:
+    """What keeps the mesh from holding every exported document where it may, and only there.
+
+    For every running node: each document a running node publishes and may
+    reach the node's cluster (``wire.may_reach``) must be in its LAN store,
+    live, at the publisher's version; a document that may not reach it must
+    be absent from its LAN store, and from its WAN store if it is a bridge.
+    An empty list means converged.
+    """
+    docs = published(c) if docs is None else docs
+    problems: list[str] = []
+    for i in c.running():
+        hn = c.nodes[i]
+        store = c.core(i).store
+        for origin, version in docs.items():
+            if may_reach(origin, hn.cluster):
+                entry = store.get(origin)
+                if entry is None or entry.tombstone_since is not None:
+                    problems.append(f"{hn.id} lacks {origin}")
+                elif entry.signed.version != version:
+                    problems.append(f"{hn.id} holds {origin}@{entry.signed.version}, not {version}")
+            elif origin in store or (hn.is_bridge and origin in c.wan(i).store):
+                problems.append(f"{hn.id} holds {origin}, not exported to {hn.cluster}")
+    return problems
+
+
+def converged_everywhere(c: Cluster) -> bool:
+    """Every running node holds every document it may, at its latest version, and no other."""
+    return not misplaced(c)
+
+
+def cross_cluster_spread_bound(
+    n_origin: int, n_bridges: int, n_asker: int, config: Config, wan_config: Config
+) -> float:
+    """Seconds within which a new document of cluster A reaches every node of cluster B.
+
+    Three epidemics in a row, each ``bounds.spread_bound`` of its pool:
+
+    1. A's LAN pool (``n_origin`` nodes, ``config``): every node of A, so every
+       bridge of A, holds the document.  A bridge hands what its LAN core
+       learns to its WAN core in the same pass of the driver (``Bridge.on_event``).
+    2. The WAN pool (``n_bridges``, all bridges of the mesh, ``wan_config``):
+       every bridge holds it, those of B included, and each injects it into
+       its LAN core on receipt (when the document's scope admits B).
+    3. B's LAN pool (``n_asker`` nodes, ``config``).
+
+    Message latency is absorbed by the margin of each spread bound as long
+    as a hop takes well under a gossip interval (the harness: 2 ms at most).
+    """
+    return (
+        spread_bound(n_origin, config)
+        + spread_bound(n_bridges, wan_config)
+        + spread_bound(n_asker, config)
+    )
+
+
+def cross_cluster_bound(
+    n_victim: int, n_bridges: int, n_asker: int, config: Config, wan_config: Config
+) -> float:
+    """Seconds within which a crashed (non-bridge) node of cluster A stops being
+    served to every node of cluster B.
+
+    ``bounds.detection_bound(n_victim, config)`` + ``spread_bound(n_bridges,
+    wan_config)`` + ``spread_bound(n_asker, config)``:
+
+    1. Detection in A's LAN pool: every node of A, its bridges included,
+       holds the victim dead within ``detection_bound`` (first probe, the
+       Lifeguard suspicion ceiling, spread of the death notice).
+    2. On that ``MemberChanged`` a bridge of A restates at once: its main
+       document, re-signed with the victim in ``down``, goes into its WAN core
+       in the same pass, and spreads in the WAN pool within ``spread_bound``
+       of the WAN pool.
+    3. A bridge of B injects it into B's LAN pool on receipt; it spreads there
+       within ``spread_bound`` of B's pool.  A lookup on a node of B that holds
+       it drops the victim's endpoints at once (``Reach.down``), so the next
+       copy in policy order becomes the first active one.
+
+    Not a bound for a crashed bridge: its death is seen through the WAN pool
+    (see :func:`unreachable_bound`).  Inside A the bound is ``detection_bound``
+    alone, as for any crash.
+    """
+    return (
+        detection_bound(n_victim, config)
+        + spread_bound(n_bridges, wan_config)
+        + spread_bound(n_asker, config)
+    )
+
+
+def unreachable_bound(n_bridges: int, n_asker: int, config: Config, wan_config: Config) -> float:
+    """Seconds within which every node of cluster B marks a lost cluster A unreachable.
+
+    A is lost when none of its bridges answers in the WAN pool (crashed, or
+    cut off).  ``detection_bound(n_bridges, wan_config)``: every bridge of B
+    holds every bridge of A dead; on each such ``MemberChanged`` of its WAN
+    core a bridge restates its main document with A in ``unreachable``; then
+    ``spread_bound(n_asker, config)`` in B's LAN pool.  A node of B holds A
+    unreachable once every live bridge of B says so, and the last of them says
+    so within the detection bound.  Symmetrically, nodes of a cut-off A mark
+    every other cluster unreachable within the same bound (A's bridges hold
+    every other bridge dead).  If A's only bridge crashed, A's own nodes mark
+    the others unreachable once they hold that bridge dead: within
+    ``detection_bound(n_A, config)``.
+    """
+    return detection_bound(n_bridges, wan_config) + spread_bound(n_asker, config)
+
+
+def cut_off_side_bound(n_bridges: int, n_lan: int, config: Config, wan_config: Config) -> float:
+    """Seconds within which the nodes of a cut-off cluster mark every other cluster unreachable.
+
+    Not :func:`unreachable_bound`: ``detection_bound`` assumes most of the pool
+    is alive and probes the lost member, so one of them does within about two
+    probe intervals.  A cut-off bridge is on the minority side: it (and the
+    other bridges of its cluster, cut off with it) must probe every outside
+    bridge itself.  Its indirect probes go to outside helpers that never
+    answer, and each missing nack raises its Lifeguard local-health score
+    (as it should: it cannot tell a cut link from its own sickness) until its
+    probe interval is stretched ``awareness_max_multiplier`` times.  So:
+
+    - two round-robin cycles of ``n_bridges - 1`` probes at the stretched
+      interval (a member probed just before the cut waits for the next cycle);
+    - the suspicion ceiling (no confirmation comes from outside);
+    - the death notices spread in the WAN pool (among the cut-off bridges)
+      and the bridge's restated main document in its LAN pool.
+    """
+    cfg = wan_config
+    stretch = cfg.awareness_max_multiplier if cfg.lifeguard else 1
+    lo = suspicion_min(cfg.suspicion_mult, n_bridges, cfg.probe_interval)
+    hi = suspicion_max(lo, cfg.suspicion_max_timeout_mult) if cfg.lifeguard else lo
+    cycles = 2 * max(n_bridges - 1, 1) * cfg.probe_interval * stretch
+    return cycles + hi + spread_bound(n_bridges, cfg) + spread_bound(n_lan, config)
+
+
+def cross_cluster_repair_bound(
+    n_origin: int, n_bridges: int, n_asker: int, config: Config, wan_config: Config
+) -> float:
+    """Like :func:`cross_cluster_spread_bound`, but for a document that gossip
+    missed (published while its way out was cut): each of the three hops is
+    ``bounds.repair_bound`` (the next digest sync, then an epidemic)."""
+    return (
+        repair_bound(n_origin, config)
+        + repair_bound(n_bridges, wan_config)
+        + repair_bound(n_asker, config)
+    )
+
+
+def heal_bound(
+    n_origin: int, n_bridges: int, n_asker: int, config: Config, wan_config: Config
+) -> float:
+    """Seconds after a cut-off cluster's links heal until the mesh converges again.
+
+    Both sides hold the other's bridges dead and never probe them, so the
+    first contact is a reconnect attempt (every ``reconnect_interval`` of the
+    WAN config, the first after up to 1.5 of it, so two intervals), after
+    which member claims and missed documents flow by anti-entropy:
+    :func:`cross_cluster_repair_bound`.
+    """
+    return 2 * wan_config.reconnect_interval + cross_cluster_repair_bound(
+        n_origin, n_bridges, n_asker, config, wan_config
+    )
+
+
+def cross_cluster_failover(
+    c: Cluster,
+    victim: int,
+    app: str,
+    askers: Iterable[int],
+    *,
+    to_cluster: str | None = None,
+    policy: AppPolicy | None = None,
+    namespace: str = "default",
+    timeout: float = 300.0,
+) -> dict[int, float] | None:
+    """Crash ``victim`` (a node hosting ``app``); per asker, seconds until it failed over.
+
+    An asker has failed over when its lookup (``Cluster.resolve`` under
+    ``policy``) returns no endpoint of the victim as active and its first
+    active endpoint is in ``to_cluster`` (any other node when None).  A
+    lookup reads the asker's store only, so it is evaluated after every event
+    of the asker's LAN core: the times are exact, not sampled.
+
+    Raises ValueError if an asker does not use the victim before the crash
+    (nothing would be measured).  None if some asker did not fail over
+    within ``timeout`` virtual seconds.
+    """
+    vid = c.nodes[victim].id
+    pending = {a for a in askers if a != victim}
+
+    def uses_victim(a: int) -> bool:
+        return any(x.active and x.state.member == vid for x in c.resolve(a, app, namespace, policy))
+
+    def failed_over(a: int) -> bool:
+        active = [x for x in c.resolve(a, app, namespace, policy) if x.active]
+        if not active or any(x.state.member == vid for x in active):
+            return False
+        first = active[0].state
+        return first.member != vid if to_cluster is None else first.cluster == to_cluster
+
+    idle = sorted(c.nodes[a].id for a in pending if not uses_victim(a))
+    if idle:
+        raise ValueError(f"{', '.join(idle[:5])} do not use {vid} for {app} now")
+    start = c.now
+    took: dict[int, float] = {}
+
+    def observe(i: int, e: Event, now: float) -> None:
+        if i in pending and failed_over(i):
+            took[i] = now - start
+            pending.discard(i)
+
+    c.observers.append(observe)
+    try:
+        c.crash(victim)
+        done = c.run_until_true(lambda: not pending, timeout, check_every=1.0)
+    finally:
+        c.observers.remove(observe)
+    return None if done is None else took
+
+
+def _cut_off(c: Cluster, i: int, cluster: str) -> bool:
+    """Does node ``i`` hold the cut-off side unreachable (``cluster`` lost)?"""
+    reach = reach_of(c, i)
+    if c.nodes[i].cluster != cluster:
+        return not reach.reachable(cluster)
+    others = {h.cluster for h in c.nodes if h.cluster != cluster}
+    return all(not reach.reachable(o) for o in others)
+
+
+def isolation_time(c: Cluster, cluster: str, timeout: float = 600.0) -> dict[int, float] | None:
+    """Cut every link of ``cluster`` (``Cluster.isolate_cluster``); per running
+    node, seconds until it holds the other side unreachable.
+
+    Nodes outside must mark ``cluster`` unreachable; nodes inside must mark
+    every other cluster unreachable.  Evaluated on every event of each node's
+    LAN core, so exact.  None if some node did not within ``timeout``.
+    """
+    pending = set(c.running())
+    start = c.now
+    took: dict[int, float] = {}
+
+    def observe(i: int, e: Event, now: float) -> None:
+        if (
+            i in pending
+            and isinstance(e, OriginChanged | MemberChanged)
+            and _cut_off(c, i, cluster)
+        ):
+            took[i] = now - start
+            pending.discard(i)
+
+    c.observers.append(observe)
+    try:
+        c.isolate_cluster(cluster)
+        done = c.run_until_true(lambda: not pending, timeout, check_every=1.0)
+    finally:
+        c.observers.remove(observe)
+    return None if done is None else took
+
+
+def all_reachable(c: Cluster) -> bool:
+    """Every running node reaches every cluster it holds documents of."""
+    return all(not reach_of(c, i).unreachable for i in c.running())
+
+
+def heal_time(c: Cluster, timeout: float = 600.0, check_every: float = 0.5) -> float | None:
+    """Heal every cut link; seconds until every cluster is reachable from every
+    node and every document is where it may be (:func:`converged_everywhere`)."""
+    c.heal()
+    return c.run_until_true(
+        lambda: all_reachable(c) and converged_everywhere(c), timeout, check_every=check_every
+    )
+
+
+def inject_wan(c: Cluster, dst: int, msg: Message, src: int | None = None) -> None:
+    """Deliver a hand-made message to the WAN core of bridge ``dst`` now."""
+    peer = c.nodes[src].id if src is not None else None
+    c.wan(dst).receive(msg, c.now, peer=peer)
+    c._flush(c.nodes[dst])
+
+
+def _summary(values: Iterable[float]) -> str:
+    vals = sorted(values)
+    return f"p50 {statistics.median(vals):.2f} s, max {vals[-1]:.2f} s"
+
+
+def main_multi(argv: list[str]) -> int:
+    """``python -m meshd.testing --clusters N [--nodes M] [--bridges B]``: multi-cluster figures.
+
+    Builds N clusters of M nodes (B bridges each) with the standard LAN and
+    WAN profiles, and prints, each next to its stated bound: the time until
+    every node holds every document exported to it; cross-cluster failover
+    after the node of an app instance crashes; the time until a cut-off
+    cluster is marked unreachable on both sides; the time until it converges
+    again after the cut heals; and the wall time.
+    """
+    ap = argparse.ArgumentParser(
+        prog="python -m meshd.testing",
+        description="Run the multi-cluster harness scenarios and print their figures.",
+    )
+    ap.add_argument("--clusters", type=int, required=True, help="number of clusters (>= 3)")
+    ap.add_argument("--nodes", type=int, default=50, help="nodes per cluster")
+    ap.add_argument("--bridges", type=int, default=1, help="bridges per cluster")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--no-encode", action="store_true", help="skip wire encoding (faster, same dynamics)"
+    )
+    args = ap.parse_args(argv)
+    if args.clusters < 3:
+        ap.error("--clusters must be at least 3")
+    if args.nodes < 3:
+        ap.error("--nodes must be at least 3")
+    if not 1 <= args.bridges < args.nodes:
+        ap.error("--bridges must be at least 1 and below --nodes")
+
+    wall = time.perf_counter()
+    names = [f"c{k}" for k in range(args.clusters)]
+    n, nb = args.nodes, args.bridges
+    n_wan = nb * len(names)
+    c, groups = multi_cluster(
+        names, n, bridges={x: nb for x in names}, seed=args.seed, encode=not args.no_encode
+    )
+    lan, wan = c.config, c.wan_config
+    print(
+        f"mesh: {len(names)} clusters x {n} nodes, {nb} bridge(s) each "
+        f"({n_wan} in the WAN pool), LAN and WAN profiles"
+    )
+    # What each cluster runs: "orders" in the first two clusters (exported to
+    # all), a "ledger" exported to the next cluster only, a "cache" kept local.
+    host = {x: groups[x][nb] for x in names}  # first non-bridge node
+    for k, x in enumerate(names):
+        if k < 2:
+            c.register(host[x], "orders", f"orders-{x}")
+        c.register(host[x], "ledger", f"ledger-{x}", export=(names[(k + 1) % len(names)],))
+        c.register(host[x], "cache", f"cache-{x}", export=())
+    ready = c.run_until_true(lambda: converged_everywhere(c), timeout=600.0, check_every=0.5)
+    if ready is None:
+        print(f"converge: NOT converged after 600 s virtual: {misplaced(c)[:3]}")
+        return 1
+    docs = len(published(c))
+    print(
+        f"converge from cold start: every node holds every document exported to it "
+        f"({docs} documents) after {ready:.2f} s virtual (sampled every 0.5 s)"
+    )
+
+    # Cross-cluster failover: orders-c0 dies; askers use failover = [c0, c1].
+    c0, c1 = names[0], names[1]
+    policy = AppPolicy(failover=(c0, c1))
+    victim = host[c0]
+    own = [i for i in groups[c0] if i != victim]
+    far = [i for x in names[2:] for i in groups[x]]
+    failed = cross_cluster_failover(
+        c, victim, "orders", own + far, to_cluster=c1, policy=policy, timeout=600.0
+    )
+    if failed is None:
+        print("failover: some asker did not fail over within 600 s virtual")
+        return 1
+    print(
+        f"failover after crashing {c.nodes[victim].id}, askers in {c0}: "
+        f"{_summary(failed[i] for i in own)} "
+        f"(bound: LAN detection {detection_bound(n, lan):.1f} s)"
+    )
+    print(
+        f"failover to {c1}, {len(far)} askers in the other clusters: "
+        f"{_summary(failed[i] for i in far)} "
+        f"(bound: {cross_cluster_bound(n, n_wan, n, lan, wan):.1f} s = LAN detection "
+        f"{detection_bound(n, lan):.1f} + WAN spread {spread_bound(n_wan, wan):.1f} "
+        f"+ LAN spread {spread_bound(n, lan):.1f})"
+    )
+
+    # A lost cluster: every link of the last cluster cut.
+    lost = names[-1]
+    cut = isolation_time(c, lost, timeout=1200.0)
+    if cut is None:
+        print(f"lost cluster: {lost} not marked unreachable everywhere within 1200 s virtual")
+        return 1
+    outside = [t for i, t in cut.items() if c.nodes[i].cluster != lost]
+    inside = [t for i, t in cut.items() if c.nodes[i].cluster == lost]
+    print(
+        f"lost cluster {lost} (cut off): marked unreachable by all {len(outside)} nodes "
+        f"elsewhere: {_summary(outside)} "
+        f"(bound {unreachable_bound(n_wan, n, lan, wan):.1f} s); its {len(inside)} nodes "
+        f"mark the others unreachable: {_summary(inside)} "
+        f"(bound {cut_off_side_bound(n_wan, n, lan, wan):.1f} s)"
+    )
+    c.register(host[lost], "orders", f"orders-{lost}")  # published while cut off
+    healed = heal_time(c, timeout=1200.0)
+    bound = heal_bound(n, n_wan, n, lan, wan)
+    if healed is None:
+        print(f"heal: not converged within 1200 s virtual: {misplaced(c)[:3]}")
+        return 1
+    print(
+        f"heal: every cluster reachable and every document (one published while cut "
+        f"off) everywhere again after {healed:.2f} s virtual, sampled every 0.5 s "
+        f"(bound {bound:.1f} s)"
+    )
     print(f"wall time {time.perf_counter() - wall:.1f} s")
     return 0
 

@@ -300,10 +300,14 @@ class OriginState:
     scope: str = ""
     #: True when the node is a bridge (member of the WAN pool).
     bridge: bool = False
-    #: Bridges only: members of the own cluster the bridge holds dead or
-    #: left; other clusters stop serving their records (a statement about
-    #: cluster C, so only accepted signed by a certificate of cluster C).
-    down: tuple[str, ...] = ()
+    #: Bridges only: (member, version) for members of the own cluster the
+    #: bridge holds dead or left, with the highest version of theirs it held:
+    #: "dead as of this version".  Every store that hears it tombstones those
+    #: documents up to that version, so forgetting the statement later (the
+    #: member reaped, a bridge restarted) cannot resurrect them, while a new
+    #: life (a higher version) is served at once.  A statement about cluster
+    #: C: only accepted signed by a certificate of cluster C.
+    down: tuple[tuple[str, int], ...] = ()
     #: Bridges only: clusters the bridge knows of but cannot reach now.
     unreachable: tuple[str, ...] = ()
     #: "host:port" of the gateway other clusters use to reach this node's apps.
@@ -325,8 +329,12 @@ class OriginState:
         if not isinstance(self.bridge, bool):
             raise WireError("bridge must be a boolean")
         if not isinstance(self.down, tuple) or len(self.down) > MAX_DOWN_MEMBERS:
-            raise WireError("down must be a short tuple of member ids")
-        for mid in self.down:
+            raise WireError("down must be a short tuple of (member id, version)")
+        for item in self.down:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise WireError("down entries are (member id, version) pairs")
+            mid, ver = item
+            _check_int(ver, "down version", 0)
             if split_member_id(mid)[0] != self.cluster:
                 raise WireError("down may only name members of the own cluster")
         if not isinstance(self.unreachable, tuple) or len(self.unreachable) > MAX_LIST_LEN:
@@ -377,7 +385,7 @@ class OriginState:
         if self.bridge:
             doc["b"] = True
         if self.down:
-            doc["dn"] = list(self.down)
+            doc["dn"] = [[mid, ver] for mid, ver in self.down]
         if self.unreachable:
             doc["ur"] = list(self.unreachable)
         if self.gateway:
@@ -411,7 +419,10 @@ class OriginState:
                 apps=tuple(AppRecord.from_wire(a) for a in apps),
                 scope=raw.get("sc", ""),
                 bridge=raw.get("b", False),
-                down=_tuple_field(raw.get("dn", []), "down"),
+                down=tuple(
+                    tuple(x) if isinstance(x, list) else x
+                    for x in _tuple_field(raw.get("dn", []), "down")
+                ),
                 unreachable=_tuple_field(raw.get("ur", []), "unreachable"),
                 gateway=raw.get("gw", ""),
             )

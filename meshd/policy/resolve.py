@@ -64,15 +64,13 @@ def resolve(
 ) -> list[Answer]:
     """Endpoints of ``app`` for ``asker``, best first (see policy.select).
 
-    A remote member its own bridges hold down is not served at all; a cluster
-    we cannot reach is served only as unhealthy (``?all=1`` shows it).
+    A remote member its own bridges declared dead is tombstoned in the store
+    and so never appears; a cluster we cannot reach is served only as
+    unhealthy (``?all=1`` shows it).
     """
     by_key: dict[tuple[str, str, str], tuple[OriginState, AppRecord]] = {}
     candidates = []
     for state, rec in store.endpoints(app, namespace):
-        member = state.member
-        if member.partition("/")[0] != asker.cluster and member in reach.down:
-            continue
         cand = Candidate(
             instance=rec.instance,
             app=rec.app,

@@ -71,17 +71,23 @@ class Bridge:
         entry = self.wan.store.get(origin)
         if entry is None or entry.tombstone_since is not None:
             return
-        if doc_member(origin) == self.lan.id:
-            return  # our own documents come from the LAN core, not back into it
+        if doc_member(origin).partition("/")[0] == self.cluster:
+            # Our own cluster's documents travel in our LAN pool, which also
+            # decides their liveness; a WAN copy could only be older, or one
+            # the LAN has already reaped (a resurrection).
+            return
         if may_reach(origin, self.cluster):
             self.lan.inject(entry.signed, now)
 
-    def down_members(self) -> list[str]:
-        return sorted(
-            m.node
-            for m in self.lan.members.values()
-            if m.cluster == self.cluster and m.status in (Status.DEAD, Status.LEFT)
-        )
+    def down_members(self) -> list[tuple[str, int]]:
+        """(member, highest version of its documents we hold) for the dead and left."""
+        out = []
+        for m in self.lan.members.values():
+            if m.cluster != self.cluster or m.status not in (Status.DEAD, Status.LEFT):
+                continue
+            versions = [self.lan.store.version(doc) or 0 for doc in self.lan.docs_of(m.node)]
+            out.append((m.node, max(versions, default=0)))
+        return sorted(out)
 
     def unreachable_clusters(self) -> list[str]:
         known: dict[str, bool] = {}

@@ -190,13 +190,16 @@ class Node:
         self.publisher = publisher
         self.gateway = gateway
         self.bridge = False
-        self.down: tuple[str, ...] = ()
+        self.down: tuple[tuple[str, int], ...] = ()
         self.unreachable: tuple[str, ...] = ()
         #: Last published content per scope (version left at 0), to re-sign
         #: only the documents that changed.
         self._published: dict[str, OriginState] = {}
         #: member id -> ids of its documents held in the store.
         self._docs: dict[str, set[str]] = {}
+        #: member id -> (version it is dead as of, when we heard it), from
+        #: bridges' down statements; forgotten after tombstone_timeout.
+        self._dead_as_of: dict[str, tuple[int, float]] = {}
 
         self._probe_order: list[str] = []
         self._probe_index = 0
@@ -455,13 +458,19 @@ class Node:
         self._wake_gossip(now)
         return self.version
 
-    def set_bridge_info(self, down: Iterable[str], unreachable: Iterable[str], now: float) -> None:
+    def set_bridge_info(
+        self, down: Iterable[tuple[str, int]], unreachable: Iterable[str], now: float
+    ) -> None:
         """A bridge states which own-cluster members are down and which
         clusters it cannot reach; republished only when it changes."""
         self.bridge = True
         self.down = tuple(sorted(down))
         self.unreachable = tuple(sorted(unreachable))
         self._publish(now)
+
+    def docs_of(self, member: str) -> set[str]:
+        """Ids of the documents of ``member`` held in the store."""
+        return set(self._docs.get(member, ()))
 
     def inject(self, signed: SignedState, now: float) -> bool:
         """Take a document from the bridge's other pool (already verified there;
@@ -480,6 +489,10 @@ class Node:
         self._member_q.push(self.id, me.update_for(Status.ALIVE, self.id))
         if self.config.lifeguard:
             self.awareness.apply(1)
+        if claim.status is Status.DEAD and self.publisher:
+            # Bridges may already have told other clusters we are dead as of
+            # our current version: a new version is what brings us back there.
+            self._publish(now, force=True)
         self._wake_gossip(now)
 
     # ------------------------------------------------------------------
@@ -813,14 +826,41 @@ class Node:
                 continue
             m = self.members.get(owner)
             dead = m is not None and m.status in (Status.DEAD, Status.LEFT)
+            as_of = self._dead_as_of.get(owner)
+            if as_of is not None and signed.version <= as_of[0]:
+                dead = True  # a bridge of its cluster said so: this life is over
             if self.store.merge(signed, result, now, tombstoned=dead):
                 self._docs.setdefault(owner, set()).add(signed.origin)
+                if result.down:
+                    self._apply_down(result.down, now)
                 self._events.append(OriginChanged(signed.origin, signed.version, not dead))
                 if rebroadcast and not dead:
                     self._record_q.push(signed.origin, signed)
                     self._wake_gossip(now)
             else:
                 self.counters["rejected-state:store-full"] += 1
+
+    def _apply_down(self, down: Iterable[tuple[str, int]], now: float) -> None:
+        """A bridge says these members of its cluster are dead as of a version:
+        tombstone what we hold of theirs up to it (the verifier has checked the
+        statement comes from a certificate of that cluster)."""
+        for member, version in down:
+            if member == self.id:
+                # A stale or false statement about us: outrun it with a new
+                # version, so other clusters serve us again.
+                if self.publisher and version >= self.version:
+                    self.counters["own-version-behind"] += 1
+                    self.version = version
+                    self._publish(now, force=True)
+                continue
+            old = self._dead_as_of.get(member)
+            if old is None or version > old[0]:
+                self._dead_as_of[member] = (version, now)
+            for doc in sorted(self._docs.get(member, ())):
+                entry = self.store.get(doc)
+                covered = entry is not None and entry.signed.version <= version
+                if covered and self.store.tombstone(doc, now):
+                    self._origin_event(doc, live=False)
 
     def _own_state_seen(self, signed: SignedState, now: float) -> None:
         # A copy of a state we signed in an earlier life that outranks ours:
@@ -944,6 +984,8 @@ class Node:
         ]
         for node in gone:
             self._remove_member(node)
+        for member in [m for m, (_, t) in self._dead_as_of.items() if now - t >= timeout]:
+            del self._dead_as_of[member]
         for doc in self.store.reap(now, timeout):
             docs = self._docs.get(doc_member(doc))
             if docs is not None:

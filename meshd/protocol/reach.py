@@ -3,13 +3,13 @@
 Pure function over a record store.  A document of another cluster C is
 served only when
 
-- no live document of cluster C (a bridge of C) lists its owner as down, and
 - cluster C is reachable: some live bridge document of *our* cluster does
   not list C as unreachable.  With no live bridge of our own, every other
   cluster is unreachable: nothing can carry their changes to us any more.
 
-Own-cluster documents follow the LAN membership alone (the core tombstones
-them), so they are not judged here.
+Whether a member of C is dead is not judged here: a bridge of C states it
+("dead as of version v") and every core that hears it tombstones those
+documents in its store (``Node._apply_down``), so they are simply not live.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from meshd.protocol.store import Entry
 @dataclass(frozen=True)
 class Reach:
     cluster: str
-    #: Member ids of other clusters that their own bridges hold down.
+    #: Member ids of other clusters that their own bridges hold down now.
     down: frozenset[str] = frozenset()
     #: Other clusters we cannot reach now.
     unreachable: frozenset[str] = frozenset()
@@ -36,7 +36,7 @@ class Reach:
         c = member.partition("/")[0]
         if c == self.cluster:
             return True
-        return member not in self.down and c not in self.unreachable
+        return c not in self.unreachable
 
     def reachable(self, cluster: str) -> bool:
         return cluster == self.cluster or cluster not in self.unreachable
@@ -60,7 +60,7 @@ def compute_reach(cluster: str, live: Iterable[Entry]) -> Reach:
         if st.cluster == cluster:
             own_views.append(frozenset(st.unreachable))
         else:
-            down.update(st.down)
+            down.update(mid for mid, _ in st.down)
     others = {c for c in nodes if c != cluster}
     if not own_views:
         unreachable = others
