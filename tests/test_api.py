@@ -63,6 +63,10 @@ class FakeAgent:
     def index(self) -> int:
         return self._index
 
+    @property
+    def generation(self) -> int:
+        return self._index
+
     def bump(self) -> None:
         """Raise the index and wake every waiter (a fresh event for the next change)."""
         self._index += 1

@@ -98,6 +98,7 @@ class Agent:
         self.trust_domain = node_cert.trust_domain
         self.gateway = gateway
         self.policy = policy or Policy(AppPolicy(), {})
+        self._policy_generation = 0
         self._cert = node_cert
         self._verifier = verifier
         self._transport = transport
@@ -335,6 +336,11 @@ class Agent:
     def index(self) -> int:
         return self._core.store.index
 
+    @property
+    def generation(self) -> tuple[int, int]:
+        # Reach is computed from the store, so the store index covers it.
+        return (self._core.store.index, self._policy_generation)
+
     async def register(self, reg: Registration) -> int:
         async with self._lock:
             core = self._core
@@ -494,6 +500,7 @@ class Agent:
     def set_policy(self, policy: Policy) -> None:
         """Apply a new policy at once (PUT /v1/policy, file edit, SIGHUP)."""
         self.policy = policy
+        self._policy_generation += 1
         self._changed.set()  # blocked lookups re-answer under the new order
         self._changed = asyncio.Event()
 

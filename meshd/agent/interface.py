@@ -8,6 +8,7 @@ dataclasses with a ``to_json`` that fixes the contract's JSON shapes.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -164,7 +165,13 @@ class AgentAPI(Protocol):
 
     @property
     def index(self) -> int:
-        """Rises on every change that can alter a resolve answer."""
+        """Rises on every change of the records held (the blocking-query index)."""
+        ...
+
+    @property
+    def generation(self) -> Hashable:
+        """Changes whenever any resolve answer could change (records, reach,
+        policy); equal generations mean equal answers, so the API may reuse one."""
         ...
 
     async def register(self, reg: Registration) -> int:

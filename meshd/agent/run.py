@@ -11,6 +11,7 @@ SIGHUP reloads the certificates without touching membership.
 from __future__ import annotations
 
 import asyncio
+import asyncio.sslproto
 import contextlib
 import ipaddress
 import logging
@@ -324,12 +325,22 @@ async def _serve(cfg: AgentConfig) -> int:
     return 0
 
 
+#: Read buffer of one TLS connection.  CPython's asyncio gives each a
+#: zero-filled (so resident) 256 KiB buffer; an agent keeps up to two gossip
+#: connections per peer, which made idle memory grow by about 0.6 MB per peer
+#: (benchmarks/RESULTS.md).  Frames larger than this still arrive, in pieces.
+TLS_READ_BUFFER = 32 * 1024
+
+
 def run_agent(cfg: AgentConfig) -> int:
     logging.basicConfig(
         level=getattr(logging, cfg.log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # A class attribute asyncio reads when it builds each TLS protocol; the
+    # agent process is ours, so the whole process gets the smaller buffer.
+    asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
     try:
         return asyncio.run(_serve(cfg))
     except StartError as exc:

@@ -58,6 +58,11 @@ _FALSE = frozenset(("0", "false"))
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+#: Encoded resolve answers kept; past it the cache starts over (bounded memory
+#: whatever names clients ask for).
+MAX_CACHED_ANSWERS = 4096
+
+
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response(data, status=status, headers=headers, dumps=_dumps)
 
@@ -144,6 +149,10 @@ class _Handlers:
     def __init__(self, agent: AgentAPI) -> None:
         self.agent = agent
         self.lookup_seconds = agent.metrics.lookup_seconds
+        #: (app, namespace, policy, all) -> (generation, index, encoded body).
+        #: An answer depends only on the key and on the agent's generation, so
+        #: the hot path is a dict lookup and a write of ready bytes.
+        self._answers: dict[tuple[str, str, str | None, bool], tuple[Any, int, bytes]] = {}
 
     async def register(self, request: web.Request) -> web.Response:
         instance = request.match_info["instance"]
@@ -184,20 +193,34 @@ class _Handlers:
                 raise ApiError(400, "index must be a non-negative integer")
             await self.agent.wait_for_index(int(index_text), wait)
         started = time.perf_counter()
-        try:
-            index, endpoints = self.agent.resolve(app, namespace, policy, include_unhealthy)
-        except KeyError:
-            if policy is None:
-                raise  # not a client mistake: a bug, answered as a 500
-            raise ApiError(400, f"policy {policy[:64]!r} is not defined") from None
+        key = (app, namespace, policy, include_unhealthy)
+        generation = self.agent.generation
+        cached = self._answers.get(key)
+        if cached is not None and cached[0] == generation:
+            _, index, body = cached
+        else:
+            try:
+                index, endpoints = self.agent.resolve(app, namespace, policy, include_unhealthy)
+            except KeyError:
+                if policy is None:
+                    raise  # not a client mistake: a bug, answered as a 500
+                raise ApiError(400, f"policy {policy[:64]!r} is not defined") from None
+            answer = {
+                "app": app,
+                "namespace": namespace,
+                "index": index,
+                "endpoints": [e.to_json() for e in endpoints],
+            }
+            body = _dumps(answer).encode()
+            if len(self._answers) >= MAX_CACHED_ANSWERS:
+                self._answers.clear()  # bounded; refilled by what is asked next
+            self._answers[key] = (generation, index, body)
         self.lookup_seconds.observe(time.perf_counter() - started)
-        body = {
-            "app": app,
-            "namespace": namespace,
-            "index": index,
-            "endpoints": [e.to_json() for e in endpoints],
-        }
-        return _json(body, headers={"X-Meshd-Index": str(index)})
+        return web.Response(
+            body=body,
+            content_type="application/json",
+            headers={"X-Meshd-Index": str(index)},
+        )
 
     async def members(self, request: web.Request) -> web.Response:
         cluster = request.query.get("cluster") or None
