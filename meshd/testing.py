@@ -430,6 +430,8 @@ class Cluster:
             for core in hn.cores.values():
                 if core.get_timer() <= self.now:
                     core.handle_timer(self.now)
+            if hn.bridge is not None:
+                hn.bridge.refresh(self.now)  # as the agent does every few seconds
             self._flush(hn)
         return True
 
@@ -500,6 +502,7 @@ class Cluster:
             namespace,
             include_unhealthy=include_unhealthy,
             trust_domain=self.ca.trust_domain,
+            node_rtt=core.estimated_rtt,
         )
 
     def serves(self, observer: int, app: str, instance: str) -> bool:

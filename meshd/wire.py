@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ MAX_ORIGIN_BODY_BYTES = 128 * 1024
 MAX_EXPORT_CLUSTERS = 8
 #: Longest document id: ``cluster/node#to:c1,c2,...`` (see OriginState.origin).
 MAX_ORIGIN_ID_LEN = 2 * MAX_NAME_LEN + 1 + 4 + MAX_EXPORT_CLUSTERS * (MAX_NAME_LEN + 1)
+#: Longest network coordinate: dimensions plus error and height.
+MAX_COORD_LEN = 34
 #: Most members one bridge may list as down in its own cluster.
 MAX_DOWN_MEMBERS = 16384
 #: Largest signature and certificate chain carried with a state.
@@ -312,6 +315,10 @@ class OriginState:
     unreachable: tuple[str, ...] = ()
     #: "host:port" of the gateway other clusters use to reach this node's apps.
     gateway: str = ""
+    #: Bridges only: (cluster, estimated round trip in microseconds) to the
+    #: nearest bridge of each other cluster, from WAN coordinates; lets every
+    #: node of this cluster prefer the nearest other cluster.
+    rtt: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         check_name(self.node, "node")
@@ -342,6 +349,13 @@ class OriginState:
         for c in self.unreachable:
             check_name(c, "unreachable cluster")
         _check_str(self.gateway, "gateway", MAX_NAME_LEN + 6)
+        if not isinstance(self.rtt, tuple) or len(self.rtt) > MAX_LIST_LEN:
+            raise WireError("rtt must be a tuple of (cluster, microseconds)")
+        for item in self.rtt:
+            if not isinstance(item, tuple) or len(item) != 2:
+                raise WireError("rtt entries are (cluster, microseconds) pairs")
+            check_name(item[0], "rtt cluster")
+            _check_int(item[1], "rtt microseconds", 0)
         # Empty means unknown; anything else (including None or 0) must be a name.
         if self.region != "":
             check_name(self.region, "region")
@@ -390,6 +404,8 @@ class OriginState:
             doc["ur"] = list(self.unreachable)
         if self.gateway:
             doc["gw"] = self.gateway
+        if self.rtt:
+            doc["rt"] = [[c, us] for c, us in self.rtt]
         body = msgpack.packb(doc, use_bin_type=True)
         if len(body) > MAX_ORIGIN_BODY_BYTES:
             raise WireError(f"an origin state encodes to at most {MAX_ORIGIN_BODY_BYTES} bytes")
@@ -425,6 +441,10 @@ class OriginState:
                 ),
                 unreachable=_tuple_field(raw.get("ur", []), "unreachable"),
                 gateway=raw.get("gw", ""),
+                rtt=tuple(
+                    tuple(x) if isinstance(x, list) else x
+                    for x in _tuple_field(raw.get("rt", []), "rtt")
+                ),
             )
         except KeyError as exc:
             raise WireError(f"origin state lacks field {exc.args[0]!r}") from None
@@ -616,6 +636,26 @@ def _addr(x: Any) -> str:
     return _check_str(x, "address", MAX_NAME_LEN + 6)
 
 
+def _opt_list(x: Any) -> Any:
+    return None if x is None else list(x)
+
+
+def _opt_tuple(x: Any) -> Any:
+    return tuple(x) if isinstance(x, list) else x
+
+
+def _coord(x: Any) -> Any:
+    if x is None:
+        return None
+    if (
+        not isinstance(x, tuple)
+        or not 3 <= len(x) <= MAX_COORD_LEN
+        or not all(isinstance(v, float) and math.isfinite(v) for v in x)
+    ):
+        raise WireError(f"coord must be 3 to {MAX_COORD_LEN} finite floats")
+    return x
+
+
 def _view(x: Any) -> int:
     return _check_int(x, "view", 0, 2**64 - 1)
 
@@ -640,6 +680,7 @@ _CODECS: dict[str, tuple[str, Any, Any, Any]] = {
     "suspicion": ("bd", _opt_update_to_wire, _opt_update_from_wire, _opt_update),
     "digest": ("d", _same, _digest_from_wire, _digest),
     "view": ("vw", _same, _same, _view),
+    "coord": ("co", _opt_list, _opt_tuple, _coord),
     "members": ("m", _updates_to_wire, _updates_from_wire, _tuple_of(MemberUpdate, "members")),
     "states": ("st", _states_to_wire, _states_from_wire, _tuple_of(SignedState, "states")),
 }
@@ -694,6 +735,9 @@ class Ack(Message):
     seq: int = 0
     members: tuple[MemberUpdate, ...] = ()
     states: tuple[SignedState, ...] = ()
+    #: The acker's network coordinate (vector..., error, height; seconds), so
+    #: the prober can place it from the round trip it just measured.
+    coord: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

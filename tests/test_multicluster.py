@@ -27,6 +27,7 @@ from meshd.protocol.bounds import detection_bound
 from meshd.protocol.config import Config
 from meshd.protocol.suspicion import suspicion_min
 from meshd.testing import (
+    Cluster,
     all_reachable,
     bridge_indices,
     converged_everywhere,
@@ -219,8 +220,18 @@ def test_dead_instance_node_in_east_fails_over_to_west_within_the_bound(seed):
         answers = c.resolve(i, "orders", policy=policy, include_unhealthy=True)
         assert instances(answers) == ["orders-west"]
         assert answers[0].active and answers[0].tier in ("failover", "any")
-    # West's own lookups never show it again either, though west still holds
-    # the document: east's bridge says its owner is down, signed by east.
+
+    # West's own lookups stop showing it too (within the same bound), though
+    # west still holds the document: east's bridge says its owner is down,
+    # signed by east, and west tombstoned it.
+    def west_sees_it():
+        return any(
+            a.state.member == "east/n2"
+            for i in g["west"]
+            for a in c.resolve(i, "orders", include_unhealthy=True)
+        )
+
+    assert c.run_until_true(lambda: not west_sees_it(), across) is not None
     for i in g["west"]:
         assert "east/n2" not in [
             a.state.member for a in c.resolve(i, "orders", include_unhealthy=True)
@@ -635,3 +646,59 @@ def test_five_clusters_of_twenty_converge_and_fail_over_within_the_bounds():
     c.register(host["c4"], "orders", "orders-c4")  # published while cut off
     assert heal_time(c, timeout=heal_bound(n, n_wan, n, LAN, WAN)) is not None
     assert instances(c.resolve(g["c2"][7], "orders", policy=policy)) == ["orders-c1", "orders-c4"]
+
+
+# ---------------------------------------------------------------------------
+# Round trips: Vivaldi coordinates from probes, the nearest other cluster first
+
+
+def test_nearest_other_cluster_and_rtt_order_come_from_measured_round_trips():
+    # central is 5 ms from west and 60 ms from east; inside west, w3 sits 20 ms
+    # away from the others (a far rack).  Nothing tells the nodes this but the
+    # round trips of their own probes.
+    one_way = {
+        frozenset({"central", "west"}): 0.0025,
+        frozenset({"central", "east"}): 0.030,
+        frozenset({"east", "west"}): 0.030,
+    }
+    c = Cluster(0, seed=21, wan_config=WAN, encode=False)
+    far = set()
+
+    def latency(src, dst, rng):
+        a, b = c.nodes[src], c.nodes[dst]
+        base = one_way.get(frozenset({a.cluster, b.cluster}), 0.0005)
+        if a.cluster == b.cluster and (src in far) != (dst in far):
+            base = 0.010
+        return base * rng.uniform(0.95, 1.05)
+
+    c.latency = latency
+    ids = {}
+    for cluster in ("east", "west", "central"):
+        for k in range(4):
+            hn = c.add_node(
+                cluster=cluster, name=f"{cluster[0]}{k}", bridge=k == 0,
+                region=f"r-{cluster}", zone=f"{cluster}-z{k}",
+            )  # fmt: skip
+            ids[hn.name] = hn.index
+    far.add(ids["w3"])
+    c.register(ids["e1"], "orders", "orders-east")
+    c.register(ids["w1"], "orders", "orders-west")
+    c.register(ids["w2"], "cache", "cache-near")
+    c.register(ids["w3"], "cache", "cache-far")
+    c.run_for(120)  # enough probes for the coordinates to settle
+
+    # The central bridge states round trips per cluster; every central node has them.
+    stated = dict(c.core(ids["c0"]).store.get("central/c0").state.rtt)
+    assert set(stated) == {"east", "west"}
+    assert stated["west"] < stated["east"]
+    rtt = reach_of(c, ids["c2"]).rtt
+    assert 0.002 < rtt["west"] < 0.02 < rtt["east"] < 0.2
+    # No failover list: "any" orders the other clusters nearest first.
+    answers = c.resolve(ids["c2"], "orders")
+    assert [a.state.cluster for a in answers] == ["west", "east"]
+    assert [a.active for a in answers] == [True, False]
+    # order = "rtt" inside a tier: w1 measures w2 near and w3 far.
+    core = c.core(ids["w1"])
+    assert core.estimated_rtt("west/w2") < 0.005 < core.estimated_rtt("west/w3")
+    by_rtt = AppPolicy(tiers=("region", "any"), order="rtt")
+    assert instances(c.resolve(ids["w1"], "cache", policy=by_rtt)) == ["cache-near", "cache-far"]

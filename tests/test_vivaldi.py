@@ -1,4 +1,4 @@
-"""meshd.policy.vivaldi: network coordinates from round-trip samples."""
+"""meshd.protocol.vivaldi: network coordinates from round-trip samples."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.policy.vivaldi import (
+from meshd.protocol.vivaldi import (
     DEFAULT_CONFIG,
     Coordinate,
     VivaldiConfig,

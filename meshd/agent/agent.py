@@ -65,6 +65,8 @@ class _Pool:
 VERSION_BLOCK = 1000
 #: Seconds between writes of the last known peers (for rejoin without --join).
 PEER_SAVE_INTERVAL = 2.0
+#: Seconds between a bridge's checks of its round-trip statement.
+BRIDGE_REFRESH_INTERVAL = 5.0
 #: Seconds a graceful leave waits for its notice to be written out.
 LEAVE_FLUSH_TIMEOUT = 2.0
 
@@ -115,6 +117,7 @@ class Agent:
         self._version_ceiling = 0
         self._peers_changed = asyncio.Event()
         self._peer_task: asyncio.Task[None] | None = None
+        self._bridge_task: asyncio.Task[None] | None = None
         self.core: Node | None = None
         self._reach: tuple[int, Reach] | None = None
         self._reported: Counter[str] = Counter()  # core counters already exported
@@ -188,6 +191,17 @@ class Agent:
             wan.core.join(wan_join, now)
         self._pump()
         self._peer_task = self._loop.create_task(self._save_peers_loop())
+        if self.bridge is not None:
+            self._bridge_task = self._loop.create_task(self._refresh_bridge_loop())
+
+    async def _refresh_bridge_loop(self) -> None:
+        # Round-trip estimates drift without any membership event; restate
+        # them now and then (only a changed statement is re-signed).
+        while True:
+            await asyncio.sleep(BRIDGE_REFRESH_INTERVAL)
+            if self.bridge is not None:
+                self.bridge.refresh(self._loop.time())
+                self._pump()
 
     async def stop(self, leave: bool = True) -> None:
         """Graceful leave (when asked), then close everything we opened."""
@@ -204,6 +218,8 @@ class Agent:
             )
         if self._peer_task is not None:
             self._peer_task.cancel()
+        if self._bridge_task is not None:
+            self._bridge_task.cancel()
         await self.runner.stop_all()
         self._save_peers()
         for pool in self.pools.values():
@@ -433,6 +449,7 @@ class Agent:
             namespace,
             include_unhealthy=include_unhealthy,
             trust_domain=self.trust_domain,
+            node_rtt=core.estimated_rtt,
         )
         rows = []
         for a in answers:

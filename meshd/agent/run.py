@@ -328,8 +328,9 @@ async def _serve(cfg: AgentConfig) -> int:
 #: Read buffer of one TLS connection.  CPython's asyncio gives each a
 #: zero-filled (so resident) 256 KiB buffer; an agent keeps up to two gossip
 #: connections per peer, which made idle memory grow by about 0.6 MB per peer
-#: (benchmarks/RESULTS.md).  Frames larger than this still arrive, in pieces.
-TLS_READ_BUFFER = 32 * 1024
+#: (benchmarks/RESULTS.md).  A TLS record carries at most 16 KiB of data, so a
+#: larger buffer buys little; frames larger than this still arrive, in pieces.
+TLS_READ_BUFFER = 16 * 1024
 
 
 def run_agent(cfg: AgentConfig) -> int:

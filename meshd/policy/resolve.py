@@ -8,7 +8,7 @@ and returns values.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from meshd.policy.gateway import sni_name, split_hostport
@@ -60,17 +60,24 @@ def resolve(
     *,
     include_unhealthy: bool = False,
     trust_domain: str = "mesh.local",
-    cluster_rtt: Mapping[str, float] | None = None,
+    node_rtt: Callable[[str], float | None] | None = None,
 ) -> list[Answer]:
     """Endpoints of ``app`` for ``asker``, best first (see policy.select).
 
     A remote member its own bridges declared dead is tombstoned in the store
     and so never appears; a cluster we cannot reach is served only as
-    unhealthy (``?all=1`` shows it).
+    unhealthy (``?all=1`` shows it).  Round trips, for ``order = "rtt"`` and
+    for preferring the nearest other cluster: ``node_rtt(member)`` inside our
+    cluster (our own probes' coordinates), the bridges' estimate per cluster
+    outside it.
     """
     by_key: dict[tuple[str, str, str], tuple[OriginState, AppRecord]] = {}
     candidates = []
     for state, rec in store.endpoints(app, namespace):
+        if state.cluster == asker.cluster:
+            rtt = node_rtt(state.member) if node_rtt is not None else None
+        else:
+            rtt = reach.rtt.get(state.cluster)
         cand = Candidate(
             instance=rec.instance,
             app=rec.app,
@@ -85,11 +92,12 @@ def resolve(
             weight=rec.weight,
             reachable=reach.reachable(state.cluster),
             exported_to_asker=exported_to(rec, state.cluster, asker.cluster),
+            rtt=rtt,
         )
         candidates.append(cand)
         by_key[cand.key] = (state, rec)
     ranked: list[Ranked] = select(
-        asker, candidates, policy, include_unhealthy=include_unhealthy, cluster_rtt=cluster_rtt
+        asker, candidates, policy, include_unhealthy=include_unhealthy, cluster_rtt=reach.rtt
     )
     out = []
     for r in ranked:

@@ -21,6 +21,8 @@ bridge injects documents into the other core and restates what it knows.
 
 from __future__ import annotations
 
+import math
+
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
 from meshd.protocol.node import Node
 from meshd.wire import Status, doc_member, may_reach
@@ -95,5 +97,49 @@ class Bridge:
             known[m.cluster] = known.get(m.cluster, False) or m.serving
         return sorted(c for c, up in known.items() if not up and c != self.cluster)
 
+    def cluster_rtts(self) -> list[tuple[str, int]]:
+        """(cluster, microseconds) to the nearest live bridge of each other cluster.
+
+        Estimates from WAN coordinates, rounded to steps of 25% on a log scale
+        so that jitter does not re-sign and re-gossip our document.
+        """
+        best: dict[str, float] = {}
+        for m in self.wan.members.values():
+            if m.cluster == self.cluster or not m.serving:
+                continue
+            rtt = self.wan.estimated_rtt(m.node)
+            if rtt is not None and (m.cluster not in best or rtt < best[m.cluster]):
+                best[m.cluster] = rtt
+        stated = dict(self.lan.rtt_statement)
+        out = []
+        for c, r in best.items():
+            us = quantize_us(r)
+            old = stated.get(c)
+            # Hysteresis: keep the stated value until the estimate has moved
+            # RTT_HYSTERESIS steps away, so jitter does not re-sign our document.
+            if old is not None and abs(math.log(us / old, RTT_STEP)) < RTT_HYSTERESIS:
+                us = old
+            out.append((c, us))
+        return sorted(out)
+
+    def refresh(self, now: float) -> None:
+        """Restate if anything changed (the driver calls this now and then:
+        round-trip estimates move without any membership event)."""
+        self._restate(now)
+
     def _restate(self, now: float) -> None:
-        self.lan.set_bridge_info(self.down_members(), self.unreachable_clusters(), now)
+        self.lan.set_bridge_info(
+            self.down_members(), self.unreachable_clusters(), now, rtt=self.cluster_rtts()
+        )
+
+
+#: Ratio between two round-trip steps a bridge states (see Bridge.cluster_rtts),
+#: and how many steps an estimate must move before the statement changes.
+RTT_STEP = 1.25
+RTT_HYSTERESIS = 2
+
+
+def quantize_us(seconds: float) -> int:
+    """Seconds to whole microseconds on a log scale of RTT_STEP (>= 1 us)."""
+    us = max(seconds * 1e6, 1.0)
+    return int(round(RTT_STEP ** round(math.log(us, RTT_STEP))))

@@ -52,6 +52,9 @@ from meshd.protocol.suspicion import (
     suspicion_max,
     suspicion_min,
 )
+from meshd.protocol.vivaldi import Coordinate, VivaldiConfig
+from meshd.protocol.vivaldi import distance as vivaldi_distance
+from meshd.protocol.vivaldi import update as vivaldi_update
 from meshd.wire import (
     Ack,
     AppRecord,
@@ -126,6 +129,7 @@ class _Probe:
     seq: int
     ack_deadline: float
     end: float
+    sent: float = 0.0
     indirect: bool = False
     expected_nacks: int = 0
     nacks: int = 0
@@ -200,6 +204,13 @@ class Node:
         #: member id -> (version it is dead as of, when we heard it), from
         #: bridges' down statements; forgotten after tombstone_timeout.
         self._dead_as_of: dict[str, tuple[int, float]] = {}
+        #: Vivaldi: our network coordinate, and the last one each member we
+        #: probed told us (fed by the round trips of direct probes).
+        self._vivaldi = VivaldiConfig()
+        self.coord = Coordinate.origin(self._vivaldi)
+        self.coords: dict[str, Coordinate] = {}
+        #: Bridges only: (cluster, microseconds) statement, see OriginState.rtt.
+        self.rtt_statement: tuple[tuple[str, int], ...] = ()
 
         self._probe_order: list[str] = []
         self._probe_index = 0
@@ -440,6 +451,7 @@ class Node:
                 bridge=self.bridge and main,
                 down=self.down if main else (),
                 unreachable=self.unreachable if main else (),
+                rtt=self.rtt_statement if main else (),
                 gateway=self.gateway,
             )
             if force or self._published.get(scope) != draft:
@@ -459,13 +471,18 @@ class Node:
         return self.version
 
     def set_bridge_info(
-        self, down: Iterable[tuple[str, int]], unreachable: Iterable[str], now: float
+        self,
+        down: Iterable[tuple[str, int]],
+        unreachable: Iterable[str],
+        now: float,
+        rtt: Iterable[tuple[str, int]] = (),
     ) -> None:
         """A bridge states which own-cluster members are down and which
         clusters it cannot reach; republished only when it changes."""
         self.bridge = True
         self.down = tuple(sorted(down))
         self.unreachable = tuple(sorted(unreachable))
+        self.rtt_statement = tuple(sorted(rtt))
         self._publish(now)
 
     def docs_of(self, member: str) -> set[str]:
@@ -510,6 +527,7 @@ class Node:
             self._probe_order.insert(self._rng.randint(0, len(self._probe_order)), m.node)
 
     def _remove_member(self, node: str) -> None:
+        self.coords.pop(node, None)
         m = self.members.pop(node)
         self.view ^= view_term(m)
         if m.serving:
@@ -678,7 +696,7 @@ class Node:
                 states=states,
             ),
         )
-        self._probe = _Probe(target.node, seq, now + timeout, now + interval)
+        self._probe = _Probe(target.node, seq, now + timeout, now + interval, sent=now)
 
     def _advance_probe(self, now: float) -> None:
         p = self._probe
@@ -735,11 +753,14 @@ class Node:
         if addr is None:
             return
         members, states = self._piggyback(_cluster_of(msg.source))
-        self._send(addr, Ack(self.id, seq=msg.seq, members=members, states=states))
+        coord = (*self.coord.vec, self.coord.error, self.coord.height)
+        self._send(addr, Ack(self.id, seq=msg.seq, members=members, states=states, coord=coord))
 
     def _on_ack(self, msg: Ack, now: float) -> None:
         p = self._probe
         if p is not None and p.seq == msg.seq:
+            if msg.coord is not None and msg.source == p.target:
+                self._observe_rtt(p.target, msg.coord, now - p.sent)
             self._finish_probe(now, acked=True)
             return
         relay = self._relays.pop(msg.seq, None)
@@ -755,6 +776,27 @@ class Node:
             msg.target_addr,
             Ping(self.id, seq=seq, source_addr=self.address, target=msg.target),
         )
+
+    def _observe_rtt(self, member: str, raw: tuple[float, ...], rtt: float) -> None:
+        """A direct probe's round trip: place the peer, nudge our coordinate (Vivaldi)."""
+        dims = self._vivaldi.dimensionality
+        if len(raw) != dims + 2 or rtt <= 0:
+            self.counters["bad-coordinate"] += 1
+            return
+        try:
+            remote = Coordinate(tuple(raw[:dims]), raw[dims], raw[dims + 1])
+        except ValueError:
+            self.counters["bad-coordinate"] += 1
+            return
+        self.coords[member] = remote
+        self.coord = vivaldi_update(self.coord, remote, rtt, self._vivaldi, rng=self._rng)
+
+    def estimated_rtt(self, member: str) -> float | None:
+        """Predicted round trip to ``member`` in seconds, when we have placed it."""
+        if member == self.id:
+            return 0.0
+        remote = self.coords.get(member)
+        return None if remote is None else vivaldi_distance(self.coord, remote)
 
     def _expire_relays(self, now: float) -> None:
         if not self._relays:

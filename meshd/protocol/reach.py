@@ -31,6 +31,9 @@ class Reach:
     clusters: dict[str, int] = field(default_factory=dict)
     #: Live member documents (scope "") per cluster.
     nodes: dict[str, int] = field(default_factory=dict)
+    #: Estimated round trip (seconds) to each other cluster, the best our
+    #: bridges state; what "prefer the nearest other cluster" orders by.
+    rtt: dict[str, float] = field(default_factory=dict)
 
     def serves(self, member: str) -> bool:
         c = member.partition("/")[0]
@@ -48,6 +51,7 @@ def compute_reach(cluster: str, live: Iterable[Entry]) -> Reach:
     own_views: list[frozenset[str]] = []
     bridges: dict[str, int] = {}
     nodes: dict[str, int] = {}
+    rtt: dict[str, float] = {}
     for entry in live:
         st = entry.state
         if st.scope != "":
@@ -59,6 +63,9 @@ def compute_reach(cluster: str, live: Iterable[Entry]) -> Reach:
         bridges[st.cluster] += 1
         if st.cluster == cluster:
             own_views.append(frozenset(st.unreachable))
+            for c, us in st.rtt:
+                if c not in rtt or us / 1e6 < rtt[c]:
+                    rtt[c] = us / 1e6
         else:
             down.update(mid for mid, _ in st.down)
     others = {c for c in nodes if c != cluster}
@@ -73,4 +80,5 @@ def compute_reach(cluster: str, live: Iterable[Entry]) -> Reach:
         unreachable=frozenset(unreachable),
         clusters=bridges,
         nodes=nodes,
+        rtt=rtt,
     )
