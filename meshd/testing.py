@@ -597,12 +597,19 @@ def converged_join(c: Cluster, timeout: float = 120.0) -> float | None:
 def false_deaths_under_loss(
     n: int, loss: float, minutes: float, lifeguard: bool, seed: int = 1
 ) -> int:
+    """'Dead' verdicts about live nodes, counted per observing node."""
+    return false_death_counter(n, loss, minutes, lifeguard, seed).false_deaths
+
+
+def false_death_counter(
+    n: int, loss: float, minutes: float, lifeguard: bool, seed: int = 1
+) -> DeathCounter:
     c = Cluster(n, seed=seed, config=Config.lan(lifeguard=lifeguard), encode=False)
     converged_join(c)
     c.loss = loss
     counter = DeathCounter(c)
     c.run_for(minutes * 60)
-    return counter.false_deaths
+    return counter
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -649,10 +656,11 @@ def main(argv: list[str] | None = None) -> int:
             f"(suspicion timeout {lo:.1f}-{hi:.1f} s)"
         )
     for lifeguard in (True, False):
-        fd = false_deaths_under_loss(n, 0.10, args.loss_minutes, lifeguard, args.seed)
+        fd = false_death_counter(n, 0.10, args.loss_minutes, lifeguard, args.seed)
         print(
             f"false deaths, 10% loss, {args.loss_minutes:g} virtual min, "
-            f"lifeguard {'on ' if lifeguard else 'off'}: {fd}"
+            f"lifeguard {'on ' if lifeguard else 'off'}: {fd.false_deaths} verdicts "
+            f"about {len(fd.subjects)} live node(s)"
         )
     print(f"wall time {time.perf_counter() - wall:.1f} s")
     return 0
