@@ -195,28 +195,10 @@ async def _serve(cfg: AgentConfig) -> int:
             )
 
         metrics = Metrics()
-        transport = Transport(
-            server_ctx=server_ctx,
-            client_ctx=client_ctx,
-            ca_certs=[node_cert.ca_cert],
-            trust_domain=node_cert.trust_domain,
-            metrics=metrics,
-            on_message=lambda peer, msg: None,
-            on_refused=lambda addr: None,
-        )
-        try:
-            bound = await transport.listen(*cfg.bind)
-        except OSError as exc:
-            raise StartError(
-                f"cannot listen for gossip on {_fmt(*cfg.bind)}: {_why(exc)}"
-            ) from None
-        cleanup.append(transport.close)
-        advertise = _advertise(cfg, bound)
 
-        wan_transport = None
-        wan_advertise = ""
-        if cfg.wan_bind is not None:
-            wan_transport = Transport(
+        async def listener(what: str, bind: tuple[str, int]) -> tuple[Transport, tuple[str, int]]:
+            # The agent wires the callbacks once its cores exist.
+            t = Transport(
                 server_ctx=server_ctx,
                 client_ctx=client_ctx,
                 ca_certs=[node_cert.ca_cert],
@@ -226,12 +208,20 @@ async def _serve(cfg: AgentConfig) -> int:
                 on_refused=lambda addr: None,
             )
             try:
-                wan_bound = await wan_transport.listen(*cfg.wan_bind)
+                bound = await t.listen(*bind)
             except OSError as exc:
                 raise StartError(
-                    f"cannot listen for WAN gossip on {_fmt(*cfg.wan_bind)}: {_why(exc)}"
+                    f"cannot listen for {what} on {_fmt(*bind)}: {_why(exc)}"
                 ) from None
-            cleanup.append(wan_transport.close)
+            cleanup.append(t.close)
+            return t, bound
+
+        transport, bound = await listener("gossip", cfg.bind)
+        advertise = _advertise(cfg, bound)
+        wan_transport = None
+        wan_advertise = ""
+        if cfg.wan_bind is not None:
+            wan_transport, wan_bound = await listener("WAN gossip", cfg.wan_bind)
             wan_advertise = _advertise_of(cfg.wan_advertise, wan_bound)
 
         policy = _load_policy(cfg)
