@@ -533,6 +533,13 @@ class Agent:
                 break
         return self.index
 
+    def app_names(self) -> dict[str, set[str]]:
+        names: dict[str, set[str]] = {}
+        for entry in self._core.store.live():
+            for rec in entry.state.apps:
+                names.setdefault(rec.namespace, set()).add(rec.app)
+        return names
+
     def members(self, cluster: str | None = None) -> list[MemberInfo]:
         """LAN members, and on a bridge the other clusters' bridges (WAN view)."""
         out = []

@@ -25,6 +25,7 @@ from aiohttp.typedefs import Middleware
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from meshd.agent.interface import AgentAPI
+from meshd.api.consul import add_consul_routes
 from meshd.api.durations import parse_duration
 from meshd.api.validation import ApiError, parse_health, parse_registration
 from meshd.metrics import Metrics
@@ -301,4 +302,5 @@ def create_app(agent: AgentAPI) -> web.Application:
     r.add_get("/v1/policy", h.get_policy)
     r.add_put("/v1/policy", h.put_policy)
     r.add_get("/metrics", h.metrics)
+    add_consul_routes(app, agent)
     return app

@@ -1,0 +1,925 @@
+"""The Consul-compatible subset of the local API (contract: "Consul-compatible subset").
+
+Enough of Consul's HTTP API, on the same listener as the native API, that
+Dapr's ``consul`` name resolution and ordinary Consul clients (the Go ``api``
+package, ``py-consul``) work unchanged against meshd.  Every handler maps a
+Consul request onto one or a few :class:`~meshd.agent.interface.AgentAPI`
+calls; nothing here talks to the protocol core.
+
+What Dapr's resolver calls (components-contrib ``nameresolution/consul``):
+``PUT /v1/agent/service/register`` when it self-registers (a service with an
+HTTP check on the sidecar's ``/v1.0/healthz``, check ID ``daprHealth:<ID>``
+and the sidecar port in ``Meta.DAPR_PORT``), ``GET /v1/agent/self`` at start
+when it does not, ``GET /v1/health/service/{app}?passing=1`` on every lookup
+(it then picks a *random* entry and dials ``Service.Address`` or else
+``Node.Address``, with the port from ``Meta.DAPR_PORT``),
+``PUT /v1/agent/service/deregister/{id}`` on close when asked to, and, with
+``useCache``, blocking ``GET /v1/health/state/any?filter=ServiceName==...``.
+
+Mapping, and what must stay true:
+
+- Datacenter = meshd cluster; Consul OSS has no namespaces, so every request
+  uses meshd namespace ``default`` unless Consul Enterprise's ``ns`` (query
+  parameter, ``X-Consul-Namespace`` header or ``Namespace`` field) names one.
+- A service is one meshd instance: ``ID`` (default ``Name``) is the instance,
+  ``Name`` the app, ``Weights.Passing`` the weight.  What meshd's record has no
+  field for lives in its meta under keys starting ``consul.``: ``consul.tags``
+  (a JSON list, so any tag round-trips, commas included; a hand-written
+  ``a,b`` is read too), ``consul.check_id`` and ``consul.check_name`` (only
+  when not Consul's defaults ``service:<ID>`` / ``Service '<Name>' check``).
+  Consul itself refuses meta keys with a dot, so no Consul client can collide
+  with them; they are stripped from every ``Meta`` we answer.
+- Because Dapr picks at random among what it gets, a health query answers
+  only the endpoints the locality policy marks *active* (the nearest tier
+  that has enough healthy copies), in policy order; the rest are standbys a
+  Consul client must not spread load onto.  ``?all=1`` (a meshd extension)
+  lists every endpoint.  If a filter (``tag``, ``passing``, ``dc``) leaves no
+  active endpoint, the remaining ones are answered rather than none.
+- ``X-Consul-Index`` is the agent's index plus one: Consul clients take 0 as
+  "no index", and the agent's starts at 0.  A blocking ``?index=N`` waits for
+  the agent's index to pass ``N - 1``, so no change is ever missed.
+- Errors are plain text, one sentence, as Consul answers them (the native
+  API's ``{"error": ...}`` would be shown raw by Consul clients).
+- Unknown request fields and query parameters are ignored, as real clients
+  send many; a check kind meshd cannot run (script, gRPC, Docker, ...) is
+  refused, since ignoring it would publish the service as healthy.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from aiohttp import web
+
+from meshd.agent.interface import HEALTH, AgentAPI, Endpoint, MemberInfo, Registration
+from meshd.api.durations import parse_duration
+from meshd.api.validation import ApiError, is_host, parse_registration
+from meshd.wire import WireError, check_name
+
+__all__ = [
+    "add_consul_routes",
+    "parse_service",
+    "parse_filter",
+    "health_rows",
+    "health_entry",
+    "catalog_entry",
+    "decode_tags",
+    "node_id",
+    "ConsulService",
+    "META_PREFIX",
+    "TAGS_KEY",
+    "CHECK_ID_KEY",
+    "CHECK_NAME_KEY",
+    "DEFAULT_WAIT",
+    "MAX_WAIT",
+]
+
+log = logging.getLogger("meshd.api.consul")
+
+#: Meta keys meshd uses to carry Consul fields its record lacks.  Consul allows
+#: only ``[A-Za-z0-9_-]`` in meta keys, so a dot cannot come from a Consul client.
+META_PREFIX = "consul."
+TAGS_KEY = "consul.tags"
+CHECK_ID_KEY = "consul.check_id"
+CHECK_NAME_KEY = "consul.check_name"
+#: Blocking queries: Consul's own default and ceiling for ``wait``.
+DEFAULT_WAIT = 300.0
+MAX_WAIT = 600.0
+#: Encoded health answers kept; past it the cache starts over (bounded memory).
+MAX_CACHED_ANSWERS = 4096
+#: The meta key Dapr keeps its sidecar port in (its default ``daprPortMetaKey``).
+DAPR_PORT_KEY = "DAPR_PORT"
+
+_INDEX = re.compile(r"[0-9]{1,20}")
+_MAX_INDEX = 2**64 - 1
+_TRUE = frozenset(("", "1", "t", "true"))  # Go's strconv.ParseBool, plus a bare ?flag
+_FALSE = frozenset(("0", "f", "false"))
+_CHECK_KINDS = ("ttl", "http", "tcp")
+# Check kinds Consul runs and meshd does not (folded key -> Consul's spelling).
+_UNSUPPORTED_CHECKS = {
+    "args": "Args",
+    "scriptargs": "ScriptArgs",
+    "script": "Script",
+    "grpc": "GRPC",
+    "dockercontainerid": "DockerContainerID",
+    "h2ping": "H2PING",
+    "udp": "UDP",
+    "osservice": "OSService",
+    "aliasservice": "AliasService",
+    "aliasnode": "AliasNode",
+}
+# Serf member status codes, as Consul's /v1/agent/members and Member answer them.
+_SERF_STATUS = {"alive": 1, "suspect": 1, "left": 3, "dead": 4}
+# The only filter meshd evaluates: what Dapr's watcher sends to /v1/health/state.
+_FILTER_TERM = re.compile(r'\s*ServiceName\s*==\s*"([^"\\]*)"\s*')
+_FILTER_OR = re.compile(r"\)?\s+or\s+\(?")
+_LEADER_HEADERS = {"X-Consul-KnownLeader": "true", "X-Consul-LastContact": "0"}
+
+_dumps = functools.partial(json.dumps, separators=(",", ":"))
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _bad(message: str) -> ApiError:
+    return ApiError(400, message)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("meshd")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+# ---------------------------------------------------------------------------
+# Consul's JSON conventions
+
+
+def _fold(obj: dict[Any, Any]) -> dict[str, Any]:
+    """Keys as Consul matches them: case-insensitive, snake_case equal to CamelCase.
+
+    Go clients send ``CheckID``, py-consul sends ``checks`` and
+    ``DeregisterCriticalServiceAfter``, HCL-minded ones ``check_id``.
+    """
+    return {k.replace("_", "").replace("-", "").lower(): v for k, v in obj.items()}
+
+
+def _given(value: Any) -> bool:
+    """Go clients send zero values for unset fields (``""``, ``0``, ``null``, ``[]``)."""
+    return value is not None and value != "" and value != 0 and value != [] and value != {}
+
+
+def _text(status: int, message: str) -> web.Response:
+    return web.Response(status=status, text=message, content_type="text/plain", charset="utf-8")
+
+
+def _name(value: Any, what: str) -> str:
+    try:
+        return check_name(value, what)
+    except WireError as exc:
+        raise _bad(str(exc)) from None
+
+
+def _flag(query: Any, key: str) -> bool:
+    value = query.get(key)
+    if value is None:
+        return False
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise _bad(f"{key} must be true or false")
+
+
+def _wait(value: str | None) -> float:
+    if not value:
+        return DEFAULT_WAIT
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        seconds = -1.0
+    if seconds < 0:
+        raise _bad('wait must be a duration such as "10s" or "5m"')
+    return min(seconds, MAX_WAIT)
+
+
+def _split_hostport(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host, int(port) if port.isdigit() else 0
+
+
+@functools.lru_cache(maxsize=4096)
+def node_id(cluster: str, node: str) -> str:
+    """A stable UUID for a node, the form Consul's node IDs take."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"meshd:{cluster}/{node}"))
+
+
+def decode_tags(value: str | None) -> list[str]:
+    """``consul.tags`` as we write it (a JSON list) or as a person writes it (``a,b``)."""
+    if not value:
+        return []
+    if value.startswith("["):
+        try:
+            tags = json.loads(value)
+        except ValueError:
+            return []
+        return [t for t in tags if isinstance(t, str)] if isinstance(tags, list) else []
+    return [t.strip() for t in value.split(",") if t.strip()]
+
+
+@dataclass(frozen=True, slots=True)
+class _Consulish:
+    """The Consul fields of one record's meta."""
+
+    meta: dict[str, str]
+    tags: list[str]
+    check_id: str
+    check_name: str
+
+
+def _consulish(instance: str, app: str, meta: dict[str, str]) -> _Consulish:
+    return _Consulish(
+        meta={k: v for k, v in meta.items() if not k.startswith(META_PREFIX)},
+        tags=decode_tags(meta.get(TAGS_KEY)),
+        check_id=meta.get(CHECK_ID_KEY) or f"service:{instance}",
+        check_name=meta.get(CHECK_NAME_KEY) or f"Service '{app}' check",
+    )
+
+
+# ---------------------------------------------------------------------------
+# Registration: a Consul service definition -> a meshd Registration
+
+
+@dataclass(frozen=True, slots=True)
+class ConsulService:
+    """A parsed ``PUT /v1/agent/service/register``."""
+
+    registration: Registration
+    #: The check's ``Status``: the health to report right after registering.
+    status: str | None = None
+
+
+def _parse_check(raw: Any) -> tuple[dict[str, Any], str | None, str | None, str | None]:
+    """(native ``check`` object, initial status, CheckID, Name) of one Consul check."""
+    if not isinstance(raw, dict):
+        raise _bad("each check must be a JSON object")
+    c = _fold(raw)
+    for key, label in _UNSUPPORTED_CHECKS.items():
+        if _given(c.get(key)):
+            raise _bad(f"{label} checks are not supported by meshd; use a TTL, HTTP or TCP check")
+    kinds = [k for k in _CHECK_KINDS if _given(c.get(k))]
+    if not kinds:
+        raise _bad("a check needs one of TTL, HTTP or TCP")
+    if len(kinds) > 1:
+        raise _bad("a check may have only one of TTL, HTTP or TCP")
+    kind = kinds[0]
+    native: dict[str, Any] = {kind: c[kind]}
+    if kind != "ttl" and _given(c.get("interval")):
+        native["interval"] = c["interval"]
+    status = c.get("status")
+    if _given(status):
+        if status not in HEALTH:
+            raise _bad(f"check Status must be one of {', '.join(HEALTH)}")
+    else:
+        status = None
+    ids: list[str | None] = []
+    for keys, what in ((("checkid", "id"), "CheckID"), (("name",), "Name")):
+        value = next((c[k] for k in keys if _given(c.get(k))), None)
+        if value is not None and not isinstance(value, str):
+            raise _bad(f"check {what} must be a string")
+        ids.append(value)
+    return native, status, ids[0], ids[1]
+
+
+def parse_service(
+    body: Any, namespace: str | None, node_address: Callable[[], str | None]
+) -> ConsulService:
+    """A Consul service definition as a meshd Registration; ApiError(400) if invalid.
+
+    ``namespace`` comes from the request (``ns``); ``node_address`` gives the
+    agent's own host for a service registered without an Address, as Consul
+    uses its node's address then.
+    """
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object (a Consul service definition)")
+    f = _fold(body)
+    if not _given(f.get("name")):
+        raise _bad("the service Name is required")
+    name = _name(f["name"], "service Name")
+    instance = _name(f["id"], "service ID") if _given(f.get("id")) else name
+    if namespace is None and _given(f.get("namespace")):
+        namespace = _name(f["namespace"], "Namespace")
+
+    tags = f.get("tags")
+    if not _given(tags):
+        tags = []
+    elif not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise _bad("Tags must be a list of strings")
+
+    meta = f.get("meta")
+    if not _given(meta):
+        meta = {}
+    elif not isinstance(meta, dict):
+        raise _bad("Meta must be an object mapping strings to strings")
+    for key in meta:
+        if key.startswith(META_PREFIX):
+            raise _bad(f"Meta key {key[:64]!r} is reserved: meshd keeps Consul fields there")
+    meta = dict(meta)
+
+    address = f.get("address")
+    if not _given(address):
+        address = node_address()
+        if address is None:
+            raise _bad("Address is required: this agent does not know its own address")
+    elif not isinstance(address, str) or not is_host(address):
+        raise _bad("Address must be an IP address or a host name")
+
+    port = f.get("port")
+    if not _given(port):
+        # meshd routes to an address and a port.  Dapr registers a sidecar
+        # with no app port as Port 0 and resolves it by Meta.DAPR_PORT, so
+        # that is the port to publish.
+        dapr = meta.get(DAPR_PORT_KEY)
+        if not isinstance(dapr, str) or not dapr.isdigit():
+            raise _bad("Port is required: meshd routes clients to an address and a port")
+        port = int(dapr)
+
+    weight = 1
+    weights = f.get("weights")
+    if _given(weights):
+        if not isinstance(weights, dict):
+            raise _bad('Weights must be an object such as {"Passing": 1, "Warning": 1}')
+        passing = _fold(weights).get("passing")
+        if passing is not None:
+            if type(passing) is not int or not 0 <= passing <= 1_000_000:
+                raise _bad("Weights.Passing must be an integer from 0 to 1000000")
+            weight = passing
+
+    checks: list[Any] = []
+    if _given(f.get("check")):
+        checks.append(f["check"])
+    if _given(f.get("checks")):
+        if not isinstance(f["checks"], list):
+            raise _bad("Checks must be a list of check objects")
+        checks.extend(c for c in f["checks"] if c is not None)
+    if len(checks) > 1:
+        raise _bad("meshd runs one check per service; send one Check (or a Checks list of one)")
+    native_check = None
+    status = None
+    if checks:
+        native_check, status, check_id, check_name_ = _parse_check(checks[0])
+        if check_id is not None and check_id != f"service:{instance}":
+            meta[CHECK_ID_KEY] = check_id
+        if check_name_ is not None and check_name_ != f"Service '{name}' check":
+            meta[CHECK_NAME_KEY] = check_name_
+    if tags:
+        meta[TAGS_KEY] = _dumps(tags)
+
+    native: dict[str, Any] = {
+        "app": name,
+        "address": address,
+        "port": port,
+        "namespace": namespace or "default",
+        "meta": meta,
+        "weight": weight,
+        "check": native_check,
+    }
+    return ConsulService(parse_registration(instance, native), status)
+
+
+def parse_filter(text: str) -> list[str]:
+    """Service names of ``ServiceName == "a" or ServiceName == "b"`` (Dapr's watch filter).
+
+    The one shape of Consul's filter language meshd evaluates; anything else
+    is refused rather than ignored, since ignoring a filter widens an answer.
+    """
+    names = []
+    for term in _FILTER_OR.split(text.strip().strip("()")):
+        m = _FILTER_TERM.fullmatch(term)
+        if m is None:
+            raise _bad('filter supports only ServiceName == "name" terms joined by or')
+        names.append(m.group(1))
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Answers: meshd endpoints -> Consul shapes
+
+
+def _usable(e: Endpoint) -> bool:
+    return e.reachable and e.health in ("passing", "warning")
+
+
+def _status(e: Endpoint) -> str:
+    # A record from a cluster we cannot reach may still say "passing".
+    return e.health if e.reachable else "critical"
+
+
+def health_rows(
+    endpoints: Iterable[Endpoint],
+    *,
+    passing: bool = False,
+    tags: tuple[str, ...] = (),
+    dc: str = "",
+    every: bool = False,
+) -> list[Endpoint]:
+    """What a health query answers, in policy order (see the module docstring).
+
+    Without ``every``, healthy standbys are dropped while an active endpoint
+    remains; endpoints nobody should call (critical, unreachable) are kept
+    unless ``passing``, as Consul lists them with their status.
+    """
+    rows = []
+    for e in endpoints:
+        if dc and e.cluster != dc:
+            continue
+        if tags:
+            have = set(decode_tags(e.meta.get(TAGS_KEY)))
+            if not all(t in have for t in tags):
+                continue
+        if passing and not (e.reachable and e.health == "passing"):
+            continue
+        rows.append(e)
+    if not every:
+        active = [e for e in rows if e.active]
+        if active:
+            rows = active + [e for e in rows if not _usable(e)]
+    return rows
+
+
+def _node_json(e: Endpoint, index: int) -> dict[str, Any]:
+    # The node's own address is not in a record; the endpoint's is the one a
+    # client can dial (Dapr falls back to it when Service.Address is empty).
+    return {
+        "ID": node_id(e.cluster, e.node),
+        "Node": e.node,
+        "Address": e.address,
+        "Datacenter": e.cluster,
+        "TaggedAddresses": {"lan": e.address, "wan": e.address},
+        "Meta": {"meshd-region": e.region, "meshd-zone": e.zone},
+        "CreateIndex": index,
+        "ModifyIndex": index,
+    }
+
+
+def _checks_json(e: Endpoint, c: _Consulish, index: int) -> list[dict[str, Any]]:
+    reachable = e.reachable
+    serf: dict[str, Any] = {
+        "Node": e.node,
+        "CheckID": "serfHealth",
+        "Name": "Serf Health Status",
+        "Status": "passing" if reachable else "critical",
+        "Notes": "",
+        "Output": "Agent alive and reachable" if reachable else "cluster unreachable",
+        "ServiceID": "",
+        "ServiceName": "",
+        "ServiceTags": [],
+        "Type": "",
+        "CreateIndex": index,
+        "ModifyIndex": index,
+    }
+    service: dict[str, Any] = {
+        "Node": e.node,
+        "CheckID": c.check_id,
+        "Name": c.check_name,
+        "Status": _status(e),
+        "Notes": "",
+        "Output": "",
+        "ServiceID": e.instance,
+        "ServiceName": e.app,
+        "ServiceTags": list(c.tags),
+        "Type": "",
+        "CreateIndex": index,
+        "ModifyIndex": index,
+    }
+    if e.namespace != "default":
+        service["Namespace"] = e.namespace
+    return [service, serf]
+
+
+def _service_json(
+    instance: str,
+    app: str,
+    namespace: str,
+    address: str,
+    port: int,
+    weight: int,
+    c: _Consulish,
+    index: int | None = None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "ID": instance,
+        "Service": app,
+        "Tags": list(c.tags),
+        "Address": address,
+        "Meta": dict(c.meta),
+        "Port": port,
+        "Weights": {"Passing": weight, "Warning": 1},
+        "EnableTagOverride": False,
+        "Kind": "",
+    }
+    if index is not None:
+        out["CreateIndex"] = out["ModifyIndex"] = index
+    if namespace != "default":
+        out["Namespace"] = namespace
+    return out
+
+
+def health_entry(e: Endpoint, index: int) -> dict[str, Any]:
+    """One element of ``GET /v1/health/service/{name}``."""
+    c = _consulish(e.instance, e.app, e.meta)
+    service = _service_json(e.instance, e.app, e.namespace, e.address, e.port, e.weight, c, index)
+    return {"Node": _node_json(e, index), "Service": service, "Checks": _checks_json(e, c, index)}
+
+
+def catalog_entry(e: Endpoint, index: int) -> dict[str, Any]:
+    """One element of ``GET /v1/catalog/service/{name}``."""
+    c = _consulish(e.instance, e.app, e.meta)
+    out = {
+        "ID": node_id(e.cluster, e.node),
+        "Node": e.node,
+        "Address": e.address,
+        "Datacenter": e.cluster,
+        "TaggedAddresses": {"lan": e.address, "wan": e.address},
+        "NodeMeta": {"meshd-region": e.region, "meshd-zone": e.zone},
+        "ServiceKind": "",
+        "ServiceID": e.instance,
+        "ServiceName": e.app,
+        "ServiceTags": list(c.tags),
+        "ServiceAddress": e.address,
+        "ServicePort": e.port,
+        "ServiceMeta": dict(c.meta),
+        "ServiceWeights": {"Passing": e.weight, "Warning": 1},
+        "ServiceEnableTagOverride": False,
+        "CreateIndex": index,
+        "ModifyIndex": index,
+    }
+    if e.namespace != "default":
+        out["Namespace"] = e.namespace
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Handlers
+
+
+def _text_errors(handler: Handler) -> Handler:
+    """Consul answers errors as plain text; the native API's middleware would answer JSON."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _text(exc.status, exc.message)
+        except web.HTTPRequestEntityTooLarge:
+            return _text(413, "request body is too large")
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path[:200])
+            return _text(500, "internal error in the agent; its log has the details")
+
+    return wrapped
+
+
+def _loads(raw: bytes) -> Any:
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(raw, parse_constant=no_constants)
+
+
+async def _read_json(request: web.Request, what: str) -> Any:
+    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    if not raw.strip():
+        raise _bad(f"request body is empty; send {what}")
+    try:
+        return _loads(raw)
+    except (ValueError, RecursionError):
+        raise _bad("request body is not valid JSON") from None
+
+
+class _Handlers:
+    """One method per Consul route, over the agent."""
+
+    def __init__(self, agent: AgentAPI) -> None:
+        self.agent = agent
+        #: (name, namespace, passing, tags, dc, every) -> (generation, index, body)
+        self._answers: dict[tuple[Any, ...], tuple[Any, int, bytes]] = {}
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _namespace(self, request: web.Request) -> str | None:
+        ns = request.query.get("ns") or request.headers.get("X-Consul-Namespace")
+        return _name(ns, "namespace") if ns else None
+
+    def _own_member(self) -> MemberInfo | None:
+        agent = self.agent
+        for m in agent.members(agent.cluster):
+            if m.node == agent.node_name:
+                return m
+        return None
+
+    def _own_host(self) -> str | None:
+        me = self._own_member()
+        if me is None:
+            return None
+        host = _split_hostport(me.address)[0]
+        return host if is_host(host) and host not in ("0.0.0.0", "::") else None
+
+    async def _block(self, request: web.Request) -> None:
+        """Consul's blocking query: wait until the answer may differ from ``index``."""
+        text = request.query.get("index")
+        if not text:
+            return
+        if not _INDEX.fullmatch(text) or int(text) > _MAX_INDEX:
+            raise _bad("index must be a non-negative integer")
+        wanted = int(text)
+        wait = _wait(request.query.get("wait"))
+        if wanted > 0:
+            # Our X-Consul-Index is the agent's index + 1 (never 0).
+            await self.agent.wait_for_index(wanted - 1, wait)
+
+    @staticmethod
+    def _query_headers(index: int) -> dict[str, str]:
+        return {"X-Consul-Index": str(index + 1), **_LEADER_HEADERS}
+
+    @staticmethod
+    def _no_filter(request: web.Request) -> None:
+        if request.query.get("filter"):
+            raise _bad("filter expressions are not supported by meshd; use tag, passing or dc")
+
+    def _resolve_all(self, app: str, namespace: str) -> tuple[int, list[Endpoint]]:
+        return self.agent.resolve(app, namespace, None, True)
+
+    def _json(self, data: Any, index: int | None = None) -> web.Response:
+        headers = None if index is None else self._query_headers(index)
+        body = _dumps(data).encode()
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    def _instance_for_check(self, check_id: str) -> str | None:
+        """A local instance by its check's ID: custom, ``service:<ID>``, or bare ``<ID>``."""
+        regs = self.agent.local_registrations()
+        for reg in regs:
+            if dict(reg.record.meta).get(CHECK_ID_KEY) == check_id:
+                return reg.record.instance
+        target = check_id.removeprefix("service:")
+        for reg in regs:
+            if reg.record.instance == target:
+                return target
+        return None
+
+    # -- agent -------------------------------------------------------------------
+
+    async def register(self, request: web.Request) -> web.Response:
+        body = await _read_json(request, "a Consul service definition")
+        parsed = parse_service(body, self._namespace(request), self._own_host)
+        try:
+            await self.agent.register(parsed.registration)
+        except ValueError as exc:  # the agent's own refusal, e.g. too many apps
+            raise _bad(str(exc) or "the agent refused the registration") from None
+        if parsed.status is not None:
+            await self.agent.set_health(parsed.registration.record.instance, parsed.status)
+        return web.Response(status=200)
+
+    async def deregister(self, request: web.Request) -> web.Response:
+        service_id = request.match_info["service_id"]
+        try:
+            check_name(service_id, "service ID")
+            known = await self.agent.deregister(service_id)
+        except WireError:
+            known = False
+        if not known:
+            raise ApiError(404, f'unknown service ID "{service_id[:200]}" on this agent')
+        return web.Response(status=200)
+
+    async def _report(self, request: web.Request, status: str) -> web.Response:
+        check_id = request.match_info["check_id"]
+        instance = self._instance_for_check(check_id)
+        if instance is None or not await self.agent.set_health(instance, status):
+            raise ApiError(404, f'unknown check ID "{check_id[:200]}" on this agent')
+        return web.Response(status=200)
+
+    async def check_pass(self, request: web.Request) -> web.Response:
+        return await self._report(request, "passing")
+
+    async def check_warn(self, request: web.Request) -> web.Response:
+        return await self._report(request, "warning")
+
+    async def check_fail(self, request: web.Request) -> web.Response:
+        return await self._report(request, "critical")
+
+    async def check_update(self, request: web.Request) -> web.Response:
+        body = await _read_json(request, 'an object such as {"Status": "passing"}')
+        status = _fold(body).get("status") if isinstance(body, dict) else None
+        if status not in HEALTH:
+            raise _bad(f"Status must be one of {', '.join(HEALTH)}")
+        return await self._report(request, status)
+
+    def _local(self, request: web.Request) -> list[Registration]:
+        ns = self._namespace(request) or "default"
+        return [r for r in self.agent.local_registrations() if r.record.namespace == ns]
+
+    def _agent_service(self, reg: Registration) -> dict[str, Any]:
+        r = reg.record
+        c = _consulish(r.instance, r.app, dict(r.meta))
+        out = _service_json(r.instance, r.app, r.namespace, r.address, r.port, r.weight, c)
+        out["Datacenter"] = self.agent.cluster
+        return out
+
+    async def services(self, request: web.Request) -> web.Response:
+        self._no_filter(request)
+        return self._json({r.record.instance: self._agent_service(r) for r in self._local(request)})
+
+    async def service(self, request: web.Request) -> web.Response:
+        service_id = request.match_info["service_id"]
+        for reg in self._local(request):
+            if reg.record.instance == service_id:
+                return self._json(self._agent_service(reg))
+        raise ApiError(404, f'unknown service ID "{service_id[:200]}" on this agent')
+
+    async def checks(self, request: web.Request) -> web.Response:
+        self._no_filter(request)
+        out = {}
+        for reg in self._local(request):
+            if reg.check is None:
+                continue
+            r = reg.record
+            c = _consulish(r.instance, r.app, dict(r.meta))
+            out[c.check_id] = {
+                "Node": self.agent.node_name,
+                "CheckID": c.check_id,
+                "Name": c.check_name,
+                "Status": r.health,
+                "Notes": "",
+                "Output": "",
+                "ServiceID": r.instance,
+                "ServiceName": r.app,
+                "ServiceTags": c.tags,
+                "Type": reg.check.kind,
+            }
+        return self._json(out)
+
+    def _member_json(self, m: MemberInfo) -> dict[str, Any]:
+        host, port = _split_hostport(m.address)
+        return {
+            "Name": m.node,
+            "Addr": host,
+            "Port": port,
+            "Tags": {
+                "role": "node",
+                "dc": m.cluster,
+                "build": f"meshd:{_version()}",
+                "meshd-region": m.region,
+                "meshd-zone": m.zone,
+            },
+            "Status": _SERF_STATUS.get(m.status, 0),
+        }
+
+    async def self_(self, request: web.Request) -> web.Response:
+        # Dapr decodes this as map[string]map[string]any: every top-level
+        # value must be an object.
+        agent = self.agent
+        me = self._own_member()
+        member = (
+            self._member_json(me)
+            if me is not None
+            else {"Name": agent.node_name, "Addr": "", "Port": 0, "Tags": {}, "Status": 1}
+        )
+        return self._json(
+            {
+                "Config": {
+                    "Datacenter": agent.cluster,
+                    "PrimaryDatacenter": agent.cluster,
+                    "NodeName": agent.node_name,
+                    "NodeID": node_id(agent.cluster, agent.node_name),
+                    "Revision": "meshd",
+                    "Server": False,
+                    "Version": _version(),
+                },
+                "Member": member,
+                "Meta": {},
+            }
+        )
+
+    async def members(self, request: web.Request) -> web.Response:
+        return self._json([self._member_json(m) for m in self.agent.members()])
+
+    # -- health and catalog --------------------------------------------------------
+
+    async def health_service(self, request: web.Request) -> web.Response:
+        self._no_filter(request)
+        q = request.query
+        app = _name(request.match_info["service"], "service name")
+        namespace = self._namespace(request) or "default"
+        passing = _flag(q, "passing")
+        every = _flag(q, "all")
+        tags = tuple(sorted(set(t for t in q.getall("tag", []) if t)))
+        dc = q.get("dc") or ""
+        await self._block(request)
+        key = (app, namespace, passing, tags, dc, every)
+        generation = self.agent.generation
+        cached = self._answers.get(key)
+        if cached is not None and cached[0] == generation:
+            _, index, body = cached
+        else:
+            index, endpoints = self._resolve_all(app, namespace)
+            rows = health_rows(endpoints, passing=passing, tags=tags, dc=dc, every=every)
+            body = _dumps([health_entry(e, index + 1) for e in rows]).encode()
+            if len(self._answers) >= MAX_CACHED_ANSWERS:
+                self._answers.clear()  # bounded; refilled by what is asked next
+            self._answers[key] = (generation, index, body)
+        return web.Response(
+            body=body, content_type="application/json", headers=self._query_headers(index)
+        )
+
+    async def health_state(self, request: web.Request) -> web.Response:
+        state = request.match_info["state"]
+        if state != "any" and state not in HEALTH:
+            raise _bad("state must be any, passing, warning or critical")
+        namespace = self._namespace(request) or "default"
+        text = request.query.get("filter") or ""
+        wanted = parse_filter(text) if text.strip() else None
+        await self._block(request)
+        index = self.agent.index
+        names = sorted(self.agent.app_names().get(namespace, ())) if wanted is None else wanted
+        out = []
+        for app in dict.fromkeys(names):
+            try:
+                check_name(app, "service name")
+            except WireError:
+                continue  # a name no record can have
+            _, endpoints = self._resolve_all(app, namespace)
+            for e in endpoints:
+                for check in _checks_json(e, _consulish(e.instance, e.app, e.meta), index + 1):
+                    # A filter on ServiceName leaves out node checks, as in Consul.
+                    if wanted is not None and check["ServiceName"] != app:
+                        continue
+                    if state == "any" or check["Status"] == state:
+                        out.append(check)
+        if wanted is None:
+            out = list({(c["Node"], c["CheckID"], c["ServiceID"]): c for c in out}.values())
+        return self._json(out, index)
+
+    async def catalog_services(self, request: web.Request) -> web.Response:
+        self._no_filter(request)
+        namespace = self._namespace(request) or "default"
+        dc = request.query.get("dc") or ""
+        await self._block(request)
+        index = self.agent.index
+        out: dict[str, list[str]] = {}
+        for app in sorted(self.agent.app_names().get(namespace, ())):
+            _, endpoints = self._resolve_all(app, namespace)
+            rows = [e for e in endpoints if not dc or e.cluster == dc]
+            if rows:
+                tags = {t for e in rows for t in decode_tags(e.meta.get(TAGS_KEY))}
+                out[app] = sorted(tags)
+        return self._json(out, index)
+
+    async def catalog_service(self, request: web.Request) -> web.Response:
+        self._no_filter(request)
+        q = request.query
+        app = _name(request.match_info["service"], "service name")
+        namespace = self._namespace(request) or "default"
+        tags = tuple(t for t in q.getall("tag", []) if t)
+        dc = q.get("dc") or ""
+        await self._block(request)
+        index, endpoints = self._resolve_all(app, namespace)
+        # The catalog is the inventory: every instance, in policy order.
+        rows = health_rows(endpoints, tags=tags, dc=dc, every=True)
+        return self._json([catalog_entry(e, index + 1) for e in rows], index)
+
+    # -- status --------------------------------------------------------------------
+
+    def _leader(self, request: web.Request) -> str:
+        # meshd has no leader and no servers.  Clients that probe Consul's
+        # health with this call (a common readiness check) take an empty
+        # answer as "no leader, cluster down" and stop, so we answer this
+        # agent's own gossip address: every agent answers reads on its own,
+        # which is all a leader means to a reader.
+        me = self._own_member()
+        if me is not None:
+            return str(me.address)
+        return request.host
+
+    async def leader(self, request: web.Request) -> web.Response:
+        return self._json(self._leader(request))
+
+    async def peers(self, request: web.Request) -> web.Response:
+        return self._json([self._leader(request)])
+
+
+def add_consul_routes(app: web.Application, agent: AgentAPI) -> None:
+    """Add the Consul-compatible routes to ``app`` (the native API's application)."""
+    h = _Handlers(agent)
+    r = app.router
+    routes: list[tuple[str, str, Handler]] = [
+        ("PUT", "/v1/agent/service/register", h.register),
+        ("PUT", "/v1/agent/service/deregister/{service_id}", h.deregister),
+        ("PUT", "/v1/agent/check/pass/{check_id:.+}", h.check_pass),
+        ("PUT", "/v1/agent/check/warn/{check_id:.+}", h.check_warn),
+        ("PUT", "/v1/agent/check/fail/{check_id:.+}", h.check_fail),
+        ("PUT", "/v1/agent/check/update/{check_id:.+}", h.check_update),
+        ("GET", "/v1/agent/services", h.services),
+        ("GET", "/v1/agent/service/{service_id}", h.service),
+        ("GET", "/v1/agent/checks", h.checks),
+        ("GET", "/v1/agent/self", h.self_),
+        ("GET", "/v1/agent/members", h.members),
+        ("GET", "/v1/health/service/{service}", h.health_service),
+        ("GET", "/v1/health/state/{state}", h.health_state),
+        ("GET", "/v1/catalog/services", h.catalog_services),
+        ("GET", "/v1/catalog/service/{service}", h.catalog_service),
+        ("GET", "/v1/status/leader", h.leader),
+        ("GET", "/v1/status/peers", h.peers),
+    ]
+    for method, path, handler in routes:
+        r.add_route(method, path, _text_errors(handler))
