@@ -104,12 +104,18 @@ class AgentProc:
         self.api = ""
         self.gossip = ""
 
-    def start(self, timeout: float = 30.0, join: list[str] | None = None) -> AgentProc:
+    def start(
+        self,
+        timeout: float = 30.0,
+        join: list[str] | None = None,
+        wan_join: list[str] | None = None,
+    ) -> AgentProc:
         args = list(self.args)
-        if join is not None:  # replace the original --join list
-            args = [a for i, a in enumerate(args) if a != "--join" and args[i - 1] != "--join"]
-            for j in join:
-                args += ["--join", j]
+        for flag, values in (("--join", join), ("--wan-join", wan_join)):
+            if values is not None:  # replace the original list of this flag
+                args = [a for i, a in enumerate(args) if a != flag and args[i - 1] != flag]
+                for v in values:
+                    args += [flag, v]
         self.lines = []
         ready = threading.Event()
         env = dict(os.environ, PYTHONUNBUFFERED="1")

@@ -158,7 +158,8 @@ def test_cross_cluster_lookup_failover_export_gateway_and_policy(mesh):
         "central unreachable from east",
     )
     assert {r["cluster"]: r["reachable"] for r in e1.get("/v1/clusters")}["central"] is False
-    mesh["c0"].start(join=[])
+    # No --join and no --wan-join: it rejoins both pools from its saved peers.
+    mesh["c0"].start(join=[], wan_join=[])
     wait_until(lambda: instances(e1, "billing") == ["billing-1"], CROSS + SPREAD, "central is back")
 
 

@@ -340,3 +340,16 @@ def test_committed_registration_survives_sigkill(db_path: Path) -> None:
         assert regs[0].check == CheckSpec(kind="ttl", ttl=5.0)
         assert d.get_counter("version") == 42
         assert d.get_counter("incarnation") == 7
+
+
+def test_wan_peers_are_kept_apart_from_lan_peers(tmp_path):
+    db = StateDB.open(tmp_path / "meshd.db")
+    try:
+        db.save_peers([("127.0.0.1:7946", "east/n1")])
+        db.save_peers([("127.0.0.1:8302", "west/b1")], "wan")
+        assert db.load_peers() == ["127.0.0.1:7946"]
+        assert db.load_peers("wan") == ["127.0.0.1:8302"]
+        db.save_peers([], "wan")
+        assert db.load_peers("wan") == [] and db.load_peers() == ["127.0.0.1:7946"]
+    finally:
+        db.close()

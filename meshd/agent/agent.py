@@ -187,8 +187,9 @@ class Agent:
         seeds = join or self._db.load_peers()
         if seeds:
             lan.core.join(seeds, now)
-        if wan is not None and wan_join:
-            wan.core.join(wan_join, now)
+        wan_seeds = wan_join or (self._db.load_peers(WAN) if wan is not None else [])
+        if wan is not None and wan_seeds:
+            wan.core.join(wan_seeds, now)
         self._pump()
         self._peer_task = self._loop.create_task(self._save_peers_loop())
         if self.bridge is not None:
@@ -277,8 +278,7 @@ class Agent:
                 while event is not None:
                     busy = True
                     if isinstance(event, MemberChanged):
-                        if pool.name == LAN:
-                            self._peers_changed.set()
+                        self._peers_changed.set()
                         changed = True
                         log.info("%s member %s is %s", pool.name, event.node, event.status.label)
                     elif isinstance(event, OriginChanged):
@@ -335,15 +335,15 @@ class Agent:
             await asyncio.sleep(PEER_SAVE_INTERVAL)
 
     def _save_peers(self) -> None:
-        if self.core is None:
-            return
-        peers = [
-            (m.address, m.node)
-            for m in self.core.member_list()
-            if m.node != self.core.id and m.serving
-        ]
-        if peers:
-            self._db.save_peers(peers)
+        for pool in self.pools.values():
+            core = pool.core
+            if core is None:
+                continue
+            peers = [
+                (m.address, m.node) for m in core.member_list() if m.node != core.id and m.serving
+            ]
+            if peers:
+                self._db.save_peers(peers, pool.name)
 
     # ------------------------------------------------------------------
     # AgentAPI

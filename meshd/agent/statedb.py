@@ -75,7 +75,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_seen REAL NOT NULL
         )""",
     ),
+    (
+        # A bridge's WAN peers, so it rejoins the WAN pool after a restart
+        # without --wan-join, as it rejoins its LAN pool from ``peers``.
+        """CREATE TABLE wan_peers (
+            address TEXT PRIMARY KEY,
+            node TEXT NOT NULL,
+            last_seen REAL NOT NULL
+        )""",
+    ),
 )
+_PEER_TABLES = {"lan": "peers", "wan": "wan_peers"}
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -270,25 +280,27 @@ class StateDB:
 
     # -- peers ---------------------------------------------------------------------
 
-    def save_peers(self, peers: Iterable[tuple[str, str]]) -> None:
+    def save_peers(self, peers: Iterable[tuple[str, str]], pool: str = "lan") -> None:
         """Replace the peer list with ``(address, node)`` pairs, most recent first.
 
         All get ``last_seen = now``; among equal times the given order is kept
         (rowid), so the caller's order is what :meth:`load_peers` returns.  A
         repeated address keeps its first place.
         """
+        table = _PEER_TABLES[pool]
         now = time.time()
         rows = [(str(a), str(n), now) for a, n in peers]
         with self._write() as conn:
-            conn.execute("DELETE FROM peers")
+            conn.execute(f"DELETE FROM {table}")
             conn.executemany(
-                "INSERT OR IGNORE INTO peers (address, node, last_seen) VALUES (?, ?, ?)", rows
+                f"INSERT OR IGNORE INTO {table} (address, node, last_seen) VALUES (?, ?, ?)", rows
             )
 
-    def load_peers(self) -> list[str]:
-        """Addresses of the last known peers, most recently seen first."""
+    def load_peers(self, pool: str = "lan") -> list[str]:
+        """Addresses of the last known peers of ``pool``, most recently seen first."""
+        table = _PEER_TABLES[pool]
         with self._read() as conn:
-            rows = conn.execute("SELECT address FROM peers ORDER BY last_seen DESC, rowid")
+            rows = conn.execute(f"SELECT address FROM {table} ORDER BY last_seen DESC, rowid")
             return [r[0] for r in rows]
 
     # -- plumbing ------------------------------------------------------------------
