@@ -1,0 +1,421 @@
+"""The simulator (simulations/): scenario validation, the network model, exact
+wire sizes, metrics, determinism, and one 200-node scenario end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from meshd.testing import Cluster, multi_cluster
+from meshd.wire import (
+    Ack,
+    Gossip,
+    IndirectPing,
+    MemberUpdate,
+    Nack,
+    Ping,
+    PushPull,
+    PushPullReply,
+    Status,
+    message_size,
+)
+from simulations.__main__ import main
+from simulations.engine import Simulation
+from simulations.metrics import (
+    FailoverWatch,
+    failover_times,
+    fraction_reached,
+    push_gossip_curve,
+    quantile,
+    stale_seconds,
+    summary,
+    timeline_shares,
+)
+from simulations.network import BurstLoss, Fixed, LogNormal, Network, Uniform
+from simulations.results import deterministic_part
+from simulations.scenario import ScenarioError, load_scenario, parse_scenario
+from simulations.wiresize import str_size, uint_size, wire_size
+
+SCENARIOS = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
+
+
+# ----------------------------------------------------------------------
+# Scenario files
+
+
+def test_every_shipped_scenario_validates():
+    names = sorted(p.name for p in SCENARIOS.glob("*.toml"))
+    for required in (
+        "convergence.toml",
+        "detection.toml",
+        "false_deaths_loss.toml",
+        "false_deaths_loss_swim.toml",
+        "false_deaths_paused.toml",
+        "false_deaths_paused_swim.toml",
+        "lost_cluster.toml",
+        "partition_heal.toml",
+        "churn.toml",
+    ):
+        assert required in names
+    for name in names:
+        sc = load_scenario(SCENARIOS / name)
+        assert sc.duration_s > 0 and sc.topology.nodes >= 2
+
+
+def test_extends_and_overrides():
+    sc = load_scenario(SCENARIOS / "false_deaths_loss_swim.toml")
+    assert sc.lan.lifeguard is False and sc.wan.lifeguard is False
+    assert sc.network.loss == pytest.approx(0.10)
+    assert sc.name == "false_deaths_loss_swim"
+    sc = load_scenario(SCENARIOS / "convergence.toml", {"topology.nodes": 321, "seed": 9})
+    assert sc.topology.nodes == 321 and sc.seed == 9
+
+
+def _base() -> dict:
+    return {"topology": {"nodes": 10}}
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({"topology": {"nodes": "ten"}}, "topology.nodes"),
+        ({"topology": {"nodes": 1}}, "topology.nodes"),
+        ({"topology": {"nodes": 10, "colour": "red"}}, "topology.colour"),
+        ({"duration_s": -5}, "duration_s"),
+        ({"duration_s": True}, "duration_s"),
+        ({"seed": 1.5}, "seed"),
+        ({"surprise": 1}, "surprise"),
+        ({"network": {"loss": 1.5}}, "network.loss"),
+        ({"network": {"lan_latency": {"kind": "gamma"}}}, "network.lan_latency.kind"),
+        ({"network": {"lan_latency": {"kind": "fixed"}}}, "network.lan_latency.ms"),
+        (
+            {"network": {"lan_latency": {"kind": "uniform", "lo_ms": 3, "hi_ms": 1}}},
+            "network.lan_latency.hi_ms",
+        ),
+        ({"network": {"burst": {"mean_good_s": 1}}}, "network.burst.mean_bad_s"),
+        ({"protocol": {"lan": {"probe_intervall": 1.0}}}, "protocol.lan.probe_intervall"),
+        ({"protocol": {"lan": {"probe_timeout": 5.0}}}, "protocol.lan"),
+        ({"protocol": {"lifeguard": "yes"}}, "protocol.lifeguard"),
+        ({"faults": [{"at_s": 1, "kind": "explode"}]}, "faults[0].kind"),
+        ({"faults": [{"kind": "crash"}]}, "faults[0].at_s"),
+        (
+            {"faults": [{"at_s": 1, "kind": "crash"}, {"at_s": 1, "kind": "crash", "rate": 1}]},
+            "faults[1].rate",
+        ),
+        ({"faults": [{"at_s": 1, "kind": "crash", "node": 99}]}, "faults[0].node"),
+        ({"faults": [{"at_s": 1, "kind": "crash", "node": "random:west"}]}, "faults[0].node"),
+        ({"faults": [{"at_s": 1, "kind": "lose_cluster"}]}, "faults[0].cluster"),
+        ({"faults": [{"at_s": 1e6, "kind": "heal"}]}, "faults[0].at_s"),
+        ({"faults": [{"at_s": 1, "kind": "pause", "count": 2, "share": 0.1}]}, "faults[0].share"),
+        ({"faults": {"at_s": 1}}, "faults"),
+        ({"publish": [{"at_s": 1, "app": "no spaces"}]}, "publish[0].app"),
+        ({"apps": [{"name": "pay", "clusters": ["nowhere"]}]}, "apps[0].clusters"),
+        ({"apps": [{"name": "pay", "failover": ["east"]}]}, "apps[0].failover"),
+        ({"topology": {"nodes": 10, "clusters": 3, "bridges": 0}}, "topology.bridges"),
+    ],
+)
+def test_a_bad_scenario_names_its_field(doc, field):
+    raw = _base()
+    for k, v in doc.items():
+        raw[k] = {**raw.get(k, {}), **v} if isinstance(v, dict) and k in raw else v
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(raw, source="bad.toml")
+    msg = str(info.value)
+    assert msg.startswith(f"bad.toml: {field}: "), msg
+    assert msg.endswith(".") and "\n" not in msg
+
+
+def test_cli_reports_a_bad_file_in_one_line_and_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('duration_s = "long"\n')
+    assert main(["run", str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: bad.toml: duration_s: must be a number, not a string."
+    bad.write_text("duration_s = \n")
+    assert main(["run", str(bad)]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    assert main(["run", str(SCENARIOS / "convergence.toml"), "--set", "network.loss=2"]) == 2
+    assert "network.loss: must be at most 1" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------
+# The network model
+
+
+def _net(**kw) -> Network:
+    kw.setdefault("lan", Fixed(0.001))
+    kw.setdefault("wan", Fixed(0.05))
+    net = Network(seed=1, **kw)
+    for c in ("a", "a", "b", "b", "c"):
+        net.add_node(c)
+    return net
+
+
+def test_latency_lan_wan_and_pairs():
+    net = _net(wan_pairs={("a", "c"): Fixed(0.2)})
+    assert net.latency(0, 1) == 0.001
+    assert net.latency(0, 2) == 0.05
+    assert net.latency(4, 0) == 0.2 and net.latency(0, 4) == 0.2
+    rng = random.Random(3)
+    u = Uniform(0.01, 0.02)
+    assert all(0.01 <= u.draw(rng) <= 0.02 for _ in range(1000))
+    ln = LogNormal(0.040, 0.3, floor_s=0.01, cap_s=0.5)
+    draws = sorted(ln.draw(rng) for _ in range(20001))
+    assert draws[10000] == pytest.approx(0.040, rel=0.05)
+    assert draws[0] >= 0.01 and draws[-1] <= 0.5
+
+
+def test_independent_loss_rate():
+    net = _net(loss=0.1)
+    net.enabled = True
+    lost = sum(net.lost(0, 1, t * 0.01) for t in range(20000))
+    assert lost / 20000 == pytest.approx(0.1, abs=0.01)
+    net.enabled = False  # warm-up: a perfect network
+    assert not any(net.lost(0, 1, 0.0) for _ in range(100))
+
+
+def test_burst_loss_matches_gilbert_elliott_statistics():
+    b = BurstLoss(mean_good_s=9.0, mean_bad_s=1.0, loss_good=0.0, loss_bad=0.8, scope="node")
+    net = _net(burst=b)
+    assert b.mean_loss == pytest.approx(0.08)
+    outcomes = [net.lost(0, 1, k * 0.01) for k in range(200_000)]  # 2,000 s, 100 msgs/s
+    rate = sum(outcomes) / len(outcomes)
+    assert rate == pytest.approx(b.mean_loss, abs=0.01)
+    # Bursty: a loss makes the next message's loss far likelier than the mean
+    # (in the bad state it is 0.8), unlike independent loss.
+    after_loss = [outcomes[k + 1] for k in range(len(outcomes) - 1) if outcomes[k]]
+    assert sum(after_loss) / len(after_loss) > 0.6
+    # Mean burst length, in time: runs of bad state last ~mean_bad_s.
+    assert net.lost_burst == sum(outcomes)
+    # Per-sender scope: another sender has its own chain.
+    assert net.in_bad_state(0) is not None and net.in_bad_state(2) is None
+
+
+def test_burst_loss_per_link_is_independent_per_pair():
+    b = BurstLoss(mean_good_s=1.0, mean_bad_s=1.0, loss_bad=1.0, scope="link")
+    net = _net(burst=b)
+    for k in range(100):
+        net.lost(0, 1, k * 0.1)
+        net.lost(0, 2, k * 0.1)
+    assert net.in_bad_state((0, 1)) is not None and net.in_bad_state((0, 2)) is not None
+    assert net.in_bad_state((1, 0)) is None
+
+
+def test_partitions_two_way_one_way_clusters_and_heal():
+    net = _net()
+    net.partition_nodes([0], [1])
+    assert net.lost(0, 1, 0) and net.lost(1, 0, 0) and not net.lost(0, 2, 0)
+    net.heal()
+    assert not net.lost(0, 1, 0)
+    net.partition_nodes([0], [1], one_way=True)
+    assert net.lost(0, 1, 0) and not net.lost(1, 0, 0)
+    net.heal()
+    net.partition_clusters(["a"], ["b", "c"])
+    assert net.lost(0, 2, 0) and net.lost(4, 1, 0) and not net.lost(2, 4, 0)
+    assert not net.lost(0, 1, 0)
+    assert net.lost_partition == 5
+
+
+# ----------------------------------------------------------------------
+# Exact wire sizes
+
+
+def _capture(c: Cluster) -> dict[str, list]:
+    seen: dict[str, list] = {}
+    orig = c._transmit
+
+    def spy(hn, pool, addr, msg):
+        seen.setdefault(type(msg).__name__, []).append(msg)
+        orig(hn, pool, addr, msg)
+
+    c._transmit = spy  # type: ignore[method-assign]
+    return seen
+
+
+def test_wire_size_equals_message_size_on_real_messages():
+    c, groups = multi_cluster(["east", "west"], 12, bridges={"east": 2, "west": 2}, encode=False)
+    seen = _capture(c)
+    c.run_for(20)
+    c.register(groups["east"][3], "orders", "orders-1")
+    c.crash(groups["west"][5])
+    c.loss = 0.2  # missed acks: indirect probes and nacks
+    c.run_for(40)
+    c.loss = 0.0
+    c.run_for(20)
+    for kind in ("Ping", "IndirectPing", "Ack", "Nack", "Gossip", "PushPull", "PushPullReply"):
+        assert kind in seen, kind
+        sample = seen[kind][:: max(1, len(seen[kind]) // 200)]
+        for msg in sample:
+            assert wire_size(msg) == message_size(msg), msg
+
+
+def test_wire_size_at_msgpack_boundaries():
+    u = MemberUpdate(Status.SUSPECT, "east/" + "n" * 40, 2**40, "10.0.0.1:7946", "r" * 200, "z", "")
+    many = tuple(
+        MemberUpdate(Status.ALIVE, f"east/n{i}", i * 1000, f"10.0.0.{i % 250}:7946")
+        for i in range(70_000 // 1000)
+    )
+    msgs = [
+        Ping("east/a", seq=2**32 - 1, source_addr="x" * 258, target="east/b", suspicion=u),
+        Ping("east/" + "a" * 31, seq=127),
+        IndirectPing("east/a", seq=128, target="east/b", target_addr="1.2.3.4:5", nack=False),
+        Ack("east/a", seq=255, members=many[:15], coord=(0.1,) * 10),
+        Ack("east/a", seq=256, members=many[:16]),
+        Nack("east/a", seq=65536),
+        Gossip("east/a", members=many, sync=True),
+        PushPull("east/a", digest={f"east/n{i}": i * 77 for i in range(20_000)}, view=2**64 - 1),
+        PushPullReply("east/a", digest={"east/b": 1}, members=many, view=5),
+    ]
+    for msg in msgs:
+        assert wire_size(msg) == message_size(msg), type(msg).__name__
+    assert [str_size("x" * k) for k in (0, 31, 32, 255, 256)] == [1, 32, 34, 257, 259]
+    assert [uint_size(v) for v in (0, 127, 128, 255, 256, 65536, 2**32)] == [1, 1, 2, 2, 3, 5, 9]
+
+
+# ----------------------------------------------------------------------
+# Metrics (pure functions)
+
+
+def test_quantiles_and_summary():
+    vals = [float(x) for x in range(1, 101)]
+    assert quantile(vals, 0.5) == 50 and quantile(vals, 0.99) == 99 and quantile(vals, 1) == 100
+    assert summary(vals) == {"p50": 50, "p99": 99, "max": 100, "count": 100}
+    assert summary([]) == {"p50": None, "p99": None, "max": None, "count": 0}
+    assert fraction_reached([0.1, 0.2, 0.5], 4, 0.25) == 0.75
+
+
+def test_push_gossip_curve_is_logistic_and_reaches_everyone():
+    curve = push_gossip_curve(1000, 3, 0.2, 12)
+    xs = [x for _, x in curve]
+    assert xs[0] == pytest.approx(0.001)
+    assert all(b >= a for a, b in zip(xs, xs[1:], strict=False))
+    assert xs[-1] > 0.999
+    # Early rounds grow by about fanout + 1 per round.
+    assert xs[1] / xs[0] == pytest.approx(4, rel=0.05)
+    assert curve[3][0] == pytest.approx(0.6)
+
+
+def test_failover_timeline_functions():
+    tr = [
+        (0.0, 1, "primary"),
+        (0.0, 2, "primary"),
+        (31.0, 1, "stale"),
+        (31.0, 2, "stale"),
+        (40.0, 1, "failover"),
+        (50.0, 2, "failover"),
+    ]
+    w = FailoverWatch("pay", "c4", "c3", ("c4", "c3"), [1, 2], set(), transitions=tr)
+    assert failover_times(w, 30.0) == [10.0, 20.0]
+    assert stale_seconds(w, 30.0, 100.0) == [9.0, 19.0]
+    shares = timeline_shares(tr, ("primary", "failover", "stale"), 0.0, 60.0, 15.0)
+    assert shares["t"] == [0, 15, 30, 45, 60]
+    assert shares["primary"] == [1, 1, 1, 0, 0]
+    assert shares["stale"] == [0, 0, 0, 0.5, 0]
+    assert shares["failover"] == [0, 0, 0, 0.5, 1]
+
+
+# ----------------------------------------------------------------------
+# The engine
+
+
+_SMALL = {
+    "name": "small",
+    "seed": 7,
+    "duration_s": 40.0,
+    "topology": {"nodes": 24},
+    "network": {
+        "loss": 0.02,
+        "burst": {"mean_good_s": 5.0, "mean_bad_s": 0.5, "loss_bad": 0.5},
+    },
+    "publish": [{"at_s": 2.0, "every_s": 10.0}],
+    "faults": [
+        {"at_s": 3.0, "kind": "crash", "restart_after_s": 20.0},
+        {"at_s": 5.0, "kind": "pause", "duration_s": 3.0},
+        {"at_s": 1.0, "kind": "churn", "rate_per_s": 0.2, "down_s": 8.0, "leave_fraction": 0.5},
+    ],
+}
+
+
+def test_same_scenario_and_seed_give_the_same_results():
+    a = Simulation(parse_scenario(_SMALL)).run()
+    b = Simulation(parse_scenario(_SMALL)).run()
+    assert a["events"] > 0 and a["convergence_records"] == 4 and a["faults"]["crash"] == 1
+    assert deterministic_part(a) == deterministic_part(b)
+    assert "wall_s" in a and all(k not in deterministic_part(a) for k in a if k.startswith("wall"))
+    c = Simulation(parse_scenario({**_SMALL, "seed": 8})).run()
+    assert deterministic_part(c) != deterministic_part(a)
+
+
+def test_lost_cluster_fails_over_to_the_next_cluster():
+    doc = {
+        "duration_s": 250.0,
+        "topology": {"nodes": 30, "clusters": 3, "bridges": 1},
+        "apps": [{"name": "pay", "clusters": ["c2", "c1"], "failover": ["c2", "c1"]}],
+        "faults": [{"at_s": 10.0, "kind": "lose_cluster", "cluster": "c2"}],
+    }
+    r = Simulation(parse_scenario(doc)).run()
+    fo = r["failover"]["pay"]
+    assert fo["askers"] == 10  # the nodes of c0
+    assert fo["failed_over"] == 10 and fo["final"]["failover"] == 10
+    assert fo["failover_s"]["max"] < 240
+    tl = r["series"]["failover"]["pay"]
+    assert tl["primary"][0] == 1.0 and tl["failover"][-1] == 1.0
+
+
+def test_200_node_scenario_end_to_end(tmp_path, capsys):
+    out = tmp_path / "conv"
+    code = main(
+        [
+            "run",
+            str(SCENARIOS / "convergence.toml"),
+            "--nodes",
+            "200",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+            "--set",
+            "duration_s=30",
+            "--no-plots",
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    r = json.loads((out / "results.json").read_text())
+    for key in (
+        "nodes",
+        "seed",
+        "virtual_s",
+        "wall_s",
+        "events",
+        "convergence_s",
+        "detection_s",
+        "false_deaths",
+        "msgs_per_node_s",
+        "bytes_per_node_s",
+    ):
+        assert key in r, key
+    assert r["nodes"] == 200 and r["seed"] == 3
+    assert r["convergence_records"] == 1 and r["convergence_incomplete"] == 0
+    assert r["convergence_s"]["count"] == 199
+    assert r["convergence_s"]["max"] <= r["convergence_bound_s"]
+    assert r["false_deaths"] == 0
+    assert 0 < r["msgs_per_node_s"] < 20 and r["bytes_per_node_s"] > 0
+    assert set(r["by_type"]) >= {"Ping", "Ack", "Gossip"}
+    assert "convergence:" in capsys.readouterr().out
+
+
+def test_plots_are_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from simulations.plots import plot_run
+
+    doc = {**_SMALL, "faults": [{"at_s": 2.0, "kind": "crash"}], "duration_s": 40.0}
+    r = Simulation(parse_scenario(doc)).run()
+    made = plot_run(r, tmp_path)
+    assert {p.name for p in made} >= {"convergence.png", "detection_cdf.png", "bandwidth.png"}
+    assert all(p.stat().st_size > 1000 for p in made)
+    assert not math.isnan(r["convergence_s"]["p50"])
