@@ -55,7 +55,8 @@ def print_summary(r: dict[str, Any]) -> None:
             f"{r['detections_complete']}/{r['detections']} crashes seen dead everywhere"
         )
     print(
-        f"  false deaths: {r['false_deaths']} verdicts about {r['false_death_subjects']} nodes "
+        f"  false deaths: {r['false_deaths']} verdicts about {r['false_death_subjects']} nodes, "
+        f"{r['false_deaths_healthy']} about nodes neither paused nor slow "
         f"({r['false_suspicions']} suspect verdicts about running nodes)"
     )
     print(f"  per node: {r['msgs_per_node_s']:.2f} msgs/s, {r['bytes_per_node_s']:.0f} B/s sent")

@@ -183,6 +183,7 @@ class Simulation(Cluster):
             self.life_start.__getitem__,
             self._classify,
             lambda a, b: self.net.blocked(a, b) or self.net.blocked(b, a),
+            lambda i: self.nodes[i].paused or i in self.net.slow,
         )
         self._build()
 

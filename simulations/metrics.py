@@ -189,12 +189,16 @@ class Collector:
         life_start: Callable[[int], int],
         classify: Callable[[int, FailoverWatch], str],
         separated: Callable[[int, int], bool] = lambda a, b: False,
+        degraded: Callable[[int], bool] = lambda i: False,
     ) -> None:
         self.index_of = index_of
         self.is_down = is_down
         self.life_start = life_start
         self.classify = classify
         self.separated = separated
+        self.degraded = degraded
+        #: False deaths whose subject was neither paused nor slow at the time.
+        self.false_deaths_healthy = 0
         #: Dead verdicts across an active partition: right from where the
         #: observer stands, so not counted as false deaths.
         self.partition_deaths = 0
@@ -296,6 +300,8 @@ class Collector:
             return
         if e.incarnation >= self.life_start(subject):
             self.false_deaths += 1
+            if not self.degraded(subject):
+                self.false_deaths_healthy += 1
             self.false_death_subjects.add(e.node)
             self.false_death_times.append(round(now - self.origin, 6))
 

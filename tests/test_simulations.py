@@ -56,6 +56,8 @@ def test_every_shipped_scenario_validates():
         "false_deaths_loss_swim.toml",
         "false_deaths_paused.toml",
         "false_deaths_paused_swim.toml",
+        "false_deaths_slow.toml",
+        "false_deaths_slow_swim.toml",
         "lost_cluster.toml",
         "partition_heal.toml",
         "churn.toml",
@@ -364,6 +366,25 @@ def test_lost_cluster_fails_over_to_the_next_cluster():
     assert fo["failover_s"]["max"] < 240
     tl = r["series"]["failover"]["pay"]
     assert tl["primary"][0] == 1.0 and tl["failover"][-1] == 1.0
+
+
+def test_a_slow_node_makes_plain_swim_kill_healthy_members_more_than_lifeguard():
+    def run(lifeguard: bool) -> dict:
+        doc = {
+            "duration_s": 60.0,
+            "topology": {"nodes": 40},
+            "protocol": {"lifeguard": lifeguard},
+            "warmup": {"mode": "preset"},
+            "faults": [
+                {"at_s": 2.0, "kind": "slow", "count": 1, "delay_s": 5.0, "duration_s": 50.0}
+            ],
+        }
+        return Simulation(parse_scenario(doc)).run()
+
+    lifeguard, swim = run(True), run(False)
+    assert swim["false_suspicions"] > 2 * lifeguard["false_suspicions"]
+    assert swim["false_deaths_healthy"] > 2 * lifeguard["false_deaths_healthy"]
+    assert swim["faults"] == {"slow": 1}
 
 
 def test_200_node_scenario_end_to_end(tmp_path, capsys):
