@@ -1018,3 +1018,15 @@ async def test_export_is_validated_and_stored(client, agent):
     assert "o-2" not in agent.registrations
     resp = await client.get("/v1/records")
     assert resp.status == 200 and (await resp.json())[0]["origin"] == "east/n7"
+
+
+def test_parse_wait_defaults_and_caps():
+    from meshd.api.durations import parse_wait
+
+    assert parse_wait(None, 30.0, 300.0) == 30.0
+    assert parse_wait("", 30.0, 300.0) == 30.0
+    assert parse_wait("2m", 30.0, 300.0) == 120.0
+    assert parse_wait("1h", 30.0, 300.0) == 300.0
+    for bad in ("-1s", "soon", "10"):
+        with pytest.raises(ValueError):
+            parse_wait(bad, 30.0, 300.0)

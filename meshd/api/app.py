@@ -26,7 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from meshd.agent.interface import AgentAPI
 from meshd.api.consul import add_consul_routes
-from meshd.api.durations import parse_duration
+from meshd.api.durations import parse_wait
 from meshd.api.validation import ApiError, parse_health, parse_registration
 from meshd.metrics import Metrics
 from meshd.wire import WireError, check_name
@@ -271,15 +271,10 @@ def _flag(value: str | None, what: str) -> bool:
 
 
 def _wait(value: str | None) -> float:
-    if not value:
-        return DEFAULT_WAIT
     try:
-        seconds = parse_duration(value)
+        return parse_wait(value, DEFAULT_WAIT, MAX_WAIT)
     except ValueError:
-        seconds = -1.0
-    if seconds < 0:
-        raise ApiError(400, 'wait must be a duration such as "200ms", "30s" or "5m"')
-    return min(seconds, MAX_WAIT)
+        raise ApiError(400, 'wait must be a duration such as "200ms", "30s" or "5m"') from None
 
 
 def create_app(agent: AgentAPI) -> web.Application:

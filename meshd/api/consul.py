@@ -60,7 +60,7 @@ from typing import Any
 from aiohttp import web
 
 from meshd.agent.interface import HEALTH, AgentAPI, Endpoint, MemberInfo, Registration
-from meshd.api.durations import parse_duration
+from meshd.api.durations import parse_wait
 from meshd.api.validation import ApiError, is_host, parse_registration
 from meshd.wire import WireError, check_name
 
@@ -181,15 +181,10 @@ def _flag(query: Any, key: str) -> bool:
 
 
 def _wait(value: str | None) -> float:
-    if not value:
-        return DEFAULT_WAIT
     try:
-        seconds = parse_duration(value)
+        return parse_wait(value, DEFAULT_WAIT, MAX_WAIT)
     except ValueError:
-        seconds = -1.0
-    if seconds < 0:
-        raise _bad('wait must be a duration such as "10s" or "5m"')
-    return min(seconds, MAX_WAIT)
+        raise _bad('wait must be a duration such as "10s" or "5m"') from None
 
 
 def _split_hostport(address: str) -> tuple[str, int]:

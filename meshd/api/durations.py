@@ -57,3 +57,16 @@ def parse_duration(text: str) -> float:
     if total > MAX_DURATION_SECONDS:
         raise ValueError(f"duration {text[:40]!r} is too long")
     return sign * total
+
+
+def parse_wait(value: str | None, default: float, maximum: float) -> float:
+    """A blocking query's ``wait`` parameter: absent or empty -> ``default``,
+    longer than ``maximum`` -> ``maximum``; raises ValueError when it is not a
+    non-negative duration.  Shared by the native and the Consul API, which
+    differ only in their defaults and in how they word errors."""
+    if not value:
+        return default
+    seconds = parse_duration(value)
+    if seconds < 0:
+        raise ValueError("a wait cannot be negative")
+    return min(seconds, maximum)
