@@ -513,7 +513,7 @@ class MemberUpdate:
     def __post_init__(self) -> None:
         if not isinstance(self.status, Status):
             raise WireError("status must be a Status")
-        split_member_id(self.node)
+        _mid(self.node)
         _check_int(self.incarnation, "incarnation", 0)
         _check_str(self.address, "address", MAX_NAME_LEN + 6)
         _check_str(self.region, "region", MAX_NAME_LEN)
@@ -627,9 +627,21 @@ def _seq(x: Any) -> int:
     return _check_int(x, "seq", 0, 2**32 - 1)
 
 
+#: Member ids already found well formed.  Every message names one or more and
+#: a mesh has few, so checking each once saves a regex match per field;
+#: bounded so that a peer sending many distinct ids cannot grow it.
+_CHECKED_MIDS: set[str] = set()
+
+
 def _mid(x: Any) -> str:
+    if type(x) is str and x in _CHECKED_MIDS:
+        return x
     split_member_id(x)
-    return str(x)
+    mid = str(x)
+    if len(_CHECKED_MIDS) >= 65536:
+        _CHECKED_MIDS.clear()
+    _CHECKED_MIDS.add(mid)
+    return mid
 
 
 def _addr(x: Any) -> str:
@@ -650,7 +662,8 @@ def _coord(x: Any) -> Any:
     if (
         not isinstance(x, tuple)
         or not 3 <= len(x) <= MAX_COORD_LEN
-        or not all(isinstance(v, float) and math.isfinite(v) for v in x)
+        or not set(map(type, x)) <= {float}  # map() and set: no Python loop per value
+        or not all(map(math.isfinite, x))
     ):
         raise WireError(f"coord must be 3 to {MAX_COORD_LEN} finite floats")
     return x
@@ -658,6 +671,10 @@ def _coord(x: Any) -> Any:
 
 def _view(x: Any) -> int:
     return _check_int(x, "view", 0, 2**64 - 1)
+
+
+def _records(x: Any) -> int:
+    return _check_int(x, "records", 0, 2**64 - 1)
 
 
 def _opt_mid(x: Any) -> str:
@@ -680,6 +697,7 @@ _CODECS: dict[str, tuple[str, Any, Any, Any]] = {
     "suspicion": ("bd", _opt_update_to_wire, _opt_update_from_wire, _opt_update),
     "digest": ("d", _same, _digest_from_wire, _digest),
     "view": ("vw", _same, _same, _view),
+    "records": ("rc", _same, _same, _records),
     "coord": ("co", _opt_list, _opt_tuple, _coord),
     "members": ("m", _updates_to_wire, _updates_from_wire, _tuple_of(MemberUpdate, "members")),
     "states": ("st", _states_to_wire, _states_from_wire, _tuple_of(SignedState, "states")),
@@ -698,8 +716,8 @@ class Message:
         # being encoded and rejected by every peer.
         _mid(self.source)
         # The bare base class has no TYPE (0 is no message type) and no fields.
-        for name in _FIELD_CACHE.get(getattr(type(self), "TYPE", 0), ()):
-            _CODECS[name][3](getattr(self, name))
+        for name, check in _CHECKS.get(getattr(type(self), "TYPE", 0), ()):
+            check(getattr(self, name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -770,6 +788,10 @@ class PushPull(Message):
     members: tuple[MemberUpdate, ...] = ()
     #: Fingerprint of the sender's member view; a mismatch asks for member lists.
     view: int = 0
+    #: Fingerprint of the sender's record store (``store.record_term``), set
+    #: only toward its own cluster; 0 when not given.  With an empty digest it
+    #: is all the opener offers: a mismatch asks for the digest.
+    records: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -781,6 +803,8 @@ class PushPullReply(Message):
     members: tuple[MemberUpdate, ...] = ()
     states: tuple[SignedState, ...] = ()
     view: int = 0
+    #: As ``PushPull.records``; with an empty digest: "my store matches yours".
+    records: int = 0
 
 
 MESSAGE_CLASSES: dict[int, type[Message]] = {
@@ -793,6 +817,8 @@ def _fields(cls: type[Message]) -> tuple[str, ...]:
 
 
 _FIELD_CACHE = {t: _fields(c) for t, c in MESSAGE_CLASSES.items()}
+#: Per message type, (field, validator) pairs: every message is checked when built.
+_CHECKS = {t: tuple((n, _CODECS[n][3]) for n in names) for t, names in _FIELD_CACHE.items()}
 
 
 # ---------------------------------------------------------------------------

@@ -699,6 +699,101 @@ def test_digest_sync_with_different_views_is_answered_with_members():
     assert b.view == reply.view
 
 
+def test_syncs_between_agreeing_members_carry_fingerprints_only():
+    nodes = [make_node(i) for i in range(1, 5)]
+    net = mesh(*nodes)
+    start = len(net.log)
+    net.run(6 * LAN.digest_interval)
+    syncs = [m for _, _, _, m in net.log[start:] if isinstance(m, PushPull | PushPullReply)]
+    assert len(syncs) >= 2 * len(nodes)
+    for m in syncs:
+        # No member list and no digest: O(1) however large the pool.
+        assert m.members == () and m.digest == {} and getattr(m, "states", ()) == ()
+        assert m.records == nodes[0].store.fingerprint != 0
+
+
+def test_fingerprint_mismatch_repairs_what_each_side_lacks():
+    a, b, c, d = (make_node(i) for i in range(1, 5))
+    net = mesh(a, b)
+    net.run(10.0)
+    # Each holds a document the other lacks (as a sync answer: not re-gossiped).
+    a.receive(Gossip(c.id, states=(c.store.get(c.id).signed,), sync=True), 10.0, peer=c.id)
+    b.receive(Gossip(d.id, states=(d.store.get(d.id).signed,), sync=True), 10.0, peer=d.id)
+    assert a.store.fingerprint != b.store.fingerprint
+    start = len(net.log)
+    net.run(10.0 + 2 * LAN.digest_interval, stop=lambda: a.store.digest() == b.store.digest())
+    assert a.store.digest() == b.store.digest() == {a.id: 1, b.id: 1, c.id: 1, d.id: 1}
+    assert a.store.fingerprint == b.store.fingerprint
+    kinds = [
+        (type(m).__name__, bool(m.digest))
+        for _, _, _, m in net.log[start:]
+        if isinstance(m, PushPull | PushPullReply)
+    ]
+    # Fingerprints first; the reply to a mismatch carries a digest; the opener,
+    # which lacks something, asks again with its own.
+    assert kinds[:3] == [("PushPull", False), ("PushPullReply", True), ("PushPull", True)]
+
+
+def adopters_and_reference():
+    """A seed that knows x and y; x and y adopt its view; z (x's twin) is given
+    the same view by receiving the full sync that would build it."""
+    a, b, c = (make_node(i) for i in range(1, 4))
+    mesh(a, b, c)
+    x, y = make_node(5), make_node(6)
+    for n in (x, y):
+        gossip(n, a, 1.0, claim(Status.ALIVE, n, n), states=[n.store.get(n.id).signed])
+    view = a.snapshot()
+    x.adopt(view)
+    y.adopt(view)
+    z = make_node(5)
+    states = tuple(e.signed for e in a.store.live())
+    z.receive(
+        PushPullReply(a.id, digest=a.store.digest(), members=a._full_member_list(), states=states),
+        1.0,
+        peer=a.id,
+    )
+    return a, x, y, z
+
+
+def summary(n: Node):
+    return (
+        {m.node: (m.status, m.incarnation, m.address) for m in n.members.values()},
+        n.view,
+        n.pool_size,
+        n.store.digest(),
+        n.store.fingerprint,
+    )
+
+
+def test_adopting_a_view_equals_receiving_the_full_sync():
+    a, x, y, z = adopters_and_reference()
+    assert summary(x) == summary(z)
+    assert summary(x)[0].keys() == {f"east/n{i}" for i in (1, 2, 3, 5, 6)}
+    assert x.pool_size == 5 and x.store.endpoints("orders") == z.store.endpoints("orders")
+
+
+def test_adopted_view_is_copied_on_the_first_change():
+    a, x, y, z = adopters_and_reference()
+    before = summary(y)
+    gossip(a, x, 2.0, claim(Status.SUSPECT, a, "east/n2"))
+    x.set_app(rec(), 2.0)
+    assert x.members[a.id].status is Status.SUSPECT
+    assert x.store.endpoints("orders") != []
+    assert summary(y) == before  # the other adopter and the seed see nothing of it
+    assert a.members[a.id].status is Status.ALIVE and a.store.endpoints("orders") == []
+    assert x.view != y.view and x.store.fingerprint != y.store.fingerprint
+
+
+def test_adopt_refuses_a_view_that_does_not_list_the_core_as_it_is():
+    a, b = make_node(1), make_node(2)
+    mesh(a, b)
+    stranger = make_node(7)
+    with pytest.raises(ValueError, match="does not list"):
+        stranger.adopt(a.snapshot())
+    with pytest.raises(ValueError, match="knows no one"):
+        b.adopt(a.snapshot())
+
+
 # ---------------------------------------------------------------------------
 # Rejected states
 

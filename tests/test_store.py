@@ -11,6 +11,7 @@ from meshd.protocol.store import (
     Entry,
     RecordStore,
     merge_maps,
+    record_term,
     wins,
 )
 from meshd.wire import MAX_MAP_LEN, AppRecord, OriginState, SignedState
@@ -307,7 +308,8 @@ def test_tombstone_and_revive() -> None:
     assert entry.tombstone_since == 3.5
     assert store.index == 2
     assert store.revive("c/a")
-    assert entry.tombstone_since is None
+    assert store.get("c/a").tombstone_since is None  # type: ignore[union-attr]
+    assert entry.tombstone_since == 3.5  # entries are replaced, never changed
     assert store.index == 3
     assert [r.instance for _, r in store.endpoints("web")] == ["w1"]
     assert not store.revive("c/a")
@@ -619,3 +621,70 @@ def test_store_agrees_with_merge_maps(picks: list[int]) -> None:
     assert store.signed_states() == [folded[o] for o in sorted(folded)]
     # The index counts exactly the merges that changed something.
     assert store.index == replacements
+
+
+# ---------------------------------------------------------------------------
+# Fingerprint and copy-on-write sharing
+
+
+def fingerprint_of(store: RecordStore) -> int:
+    """The fingerprint from its definition: XOR of record_term over the digest."""
+    fp = 0
+    for origin, version in store.digest().items():
+        fp ^= record_term(origin, version)
+    return fp
+
+
+def test_record_term_depends_on_origin_and_version() -> None:
+    assert record_term("c/a", 1) == record_term("c/a", 1)
+    assert len({record_term("c/a", 1), record_term("c/a", 2), record_term("c/b", 1)}) == 3
+
+
+@PROPS
+@given(st.lists(st.tuples(st.sampled_from("mtrv"), st.integers(0, len(POOL) - 1)), max_size=40))
+def test_fingerprint_follows_every_change(ops: list[tuple[str, int]]) -> None:
+    """Merges, tombstones, revivals and reaps keep it equal to its definition,
+    and two stores holding the same versions agree whatever the order."""
+    store = RecordStore()
+    for k, (op, i) in enumerate(ops):
+        signed, state = POOL[i]
+        if op == "m":
+            store.merge(signed, state, now=float(k))
+        elif op == "t":
+            store.tombstone(signed.origin, float(k))
+        elif op == "r":
+            store.revive(signed.origin)
+        else:
+            store.reap(float(k), timeout=3.0)
+        assert store.fingerprint == fingerprint_of(store)
+    other = RecordStore()
+    for signed in reversed(store.signed_states()):
+        other.merge(signed, store.get(signed.origin).state, now=0.0)  # type: ignore[union-attr]
+    assert other.fingerprint == store.fingerprint
+    assert (store.fingerprint == 0) == (len(store) == 0)
+
+
+def test_adopted_snapshot_is_shared_until_either_side_changes() -> None:
+    source = RecordStore()
+    add(source, "a", 1, rec("web", "w1"))
+    add(source, "b", 1, rec("web", "w2"))
+    snap = source.snapshot()
+    x, y = RecordStore(), RecordStore()
+    x.adopt(snap)
+    y.adopt(snap)
+    assert x.digest() == y.digest() == source.digest()
+    assert x.fingerprint == source.fingerprint
+    assert x.endpoints("web") == source.endpoints("web")
+    # One adopter changes: nobody else sees it.
+    add(x, "a", 2, rec("web", "w9"))
+    assert x.tombstone("c/b", 5.0)
+    assert x.version("c/a") == 2 and [r.instance for _, r in x.endpoints("web")] == ["w9"]
+    for other in (source, y):
+        assert other.version("c/a") == 1
+        assert [r.instance for _, r in other.endpoints("web")] == ["w1", "w2"]
+        assert other.get("c/b").tombstone_since is None  # type: ignore[union-attr]
+        assert other.fingerprint == fingerprint_of(other) != x.fingerprint
+    # Nor does the source's own later change reach the adopters.
+    add(source, "c", 1)
+    assert "c/c" not in y and "c/c" not in x
+    assert x.fingerprint == fingerprint_of(x)

@@ -33,11 +33,11 @@ class Config:
     #: Seconds a dead member still receives gossip, so it can learn it was
     #: declared dead and refute (memberlist's GossipToTheDeadTime).
     gossip_to_the_dead: float = 30.0
-    #: Seconds between full push-pull syncs (member list + record digest) with
-    #: one random member; scaled up above 32 members like memberlist.
-    push_pull_interval: float = 30.0
-    #: Seconds between record-digest syncs.  A digest is one version per
-    #: origin, cheap enough to run often; it bounds worst-case record spread.
+    #: Seconds between anti-entropy syncs with one random member; scaled up
+    #: above 32 members like memberlist's push-pull.  A sync compares
+    #: fingerprints of the member view and the store, and sends member lists
+    #: or digests only where they differ, so it is cheap enough to run often;
+    #: it bounds worst-case record spread.
     digest_interval: float = 5.0
     #: Seconds between attempts to reach one dead (not left) member, so that a
     #: healed partition merges again (Serf's reconnect).  0 disables.
@@ -81,7 +81,6 @@ class Config:
             suspicion_mult=6,
             gossip_interval=0.5,
             gossip_nodes=4,
-            push_pull_interval=60.0,
             digest_interval=10.0,
             gossip_to_the_dead=60.0,
         )
@@ -94,7 +93,6 @@ class Config:
             probe_interval=1.0,
             probe_timeout=0.2,
             suspicion_mult=3,
-            push_pull_interval=15.0,
             digest_interval=2.0,
             gossip_to_the_dead=15.0,
             reconnect_interval=10.0,

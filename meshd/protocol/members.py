@@ -59,9 +59,14 @@ TRANSITIONS: dict[tuple[Status | None, Status], Rule] = {
 }
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Member:
-    """Our view of one member.  ``since`` is when ``status`` last changed."""
+    """Our view of one member.  ``since`` is when ``status`` last changed.
+
+    Immutable: a change replaces the member in its table, so cores that share
+    a member table (a simulator's copy-on-write snapshot) never see each
+    other's changes.
+    """
 
     node: str
     address: str

@@ -19,8 +19,11 @@ What it does:
 - Dissemination: membership claims and signed origin states ride on pings,
   acks and gossip rounds through two retransmit-limited queues with separate
   byte budgets.
-- Anti-entropy: periodic push-pull of record digests (and, less often, of the
-  full member list); only the states the other side lacks are sent.
+- Anti-entropy: a periodic sync with one random member compares two
+  fingerprints (of the member view and of the record store); only where they
+  differ do member lists or record digests flow, and then only the states the
+  other side lacks.  Agreeing peers exchange two short messages, so the load
+  per member stays flat in the size of the pool.
 - Records: this node's own origin state, re-signed on every change with a
   version that only grows; other origins' states verified before they are
   stored; dead or left origins kept as tombstones until reaped.
@@ -45,7 +48,7 @@ from meshd.protocol.config import Config
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
 from meshd.protocol.members import Member, Move, decide
 from meshd.protocol.queue import BroadcastQueue, retransmit_limit
-from meshd.protocol.store import RecordStore, wins
+from meshd.protocol.store import RecordStore, StoreSnapshot, wins
 from meshd.protocol.suspicion import (
     Suspicion,
     expected_confirmations,
@@ -86,6 +89,10 @@ NACK_TIMEOUT_FRACTION = 0.8
 #: Pools above this size sync less often (memberlist's pushPullScaleThreshold).
 PUSH_PULL_SCALE_THRESHOLD = 32
 
+# What an open sync offered (``Node._open_syncs``): our full member list and
+# digest (a join), our digest, or our fingerprints alone.
+_SYNC_FULL, _SYNC_DIGEST, _SYNC_SHORT = "full", "digest", "short"
+
 
 class Signer(Protocol):
     def sign(self, state: OriginState) -> SignedState: ...
@@ -121,6 +128,25 @@ def view_term(m: Member) -> int:
     """A member's contribution to the view fingerprint (order-free, via XOR)."""
     key = f"{m.node}|{int(m.status)}|{m.incarnation}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class SharedView:
+    """A core's member table and store, frozen to be adopted by other cores.
+
+    See :meth:`Node.snapshot` and :meth:`Node.adopt`.  The tables are the
+    snapshotting core's own; every core holding them copies before it changes
+    anything (copy-on-write), so none sees another's changes.
+    """
+
+    cluster: str
+    members: dict[str, Member]
+    ids: list[str]
+    gone: set[str]
+    view: int
+    serving: int
+    store: StoreSnapshot
+    scoped: dict[str, frozenset[str]]
 
 
 @dataclass(slots=True)
@@ -199,8 +225,9 @@ class Node:
         #: Last published content per scope (version left at 0), to re-sign
         #: only the documents that changed.
         self._published: dict[str, OriginState] = {}
-        #: member id -> ids of its documents held in the store.
-        self._docs: dict[str, set[str]] = {}
+        #: member id -> ids of its scoped documents (``cluster/node#scope``)
+        #: held in the store; a main document's id is the member id itself.
+        self._scoped: dict[str, set[str]] = {}
         #: member id -> (version it is dead as of, when we heard it), from
         #: bridges' down statements; forgotten after tombstone_timeout.
         self._dead_as_of: dict[str, tuple[int, float]] = {}
@@ -212,11 +239,19 @@ class Node:
         #: Bridges only: (cluster, microseconds) statement, see OriginState.rtt.
         self.rtt_statement: tuple[tuple[str, int], ...] = ()
 
+        #: This probe round's order: ``[:_probe_index]`` probed, the rest
+        #: drawn one at a time (a lazy Fisher-Yates shuffle: a random order
+        #: without an O(n) shuffle up front, and a newcomer appended lands at
+        #: a random place among the members not yet probed).
         self._probe_order: list[str] = []
         self._probe_index = 0
         self.members: dict[str, Member] = {}
         self._ids: list[str] = []  # for O(1) random sampling
-        self._id_pos: dict[str, int] = {}
+        #: Members dead or left, so reconnect and reap need not scan everyone.
+        self._gone: set[str] = set()
+        #: True while members, _ids and _gone are a snapshot other cores
+        #: hold too (``snapshot``/``adopt``): the first change copies them.
+        self._shared = False
         self._serving = 0
         #: XOR of ``view_term`` over our members: equal views, equal numbers.
         #: A digest sync compares it to decide whether member lists must flow.
@@ -235,13 +270,12 @@ class Node:
         self._relays: dict[int, _Relay] = {}
         self._suspicions: dict[str, Suspicion] = {}
         self._seeds: list[str] = []
-        #: address -> whether our open sync carried our member list.
-        self._open_syncs: dict[str, bool] = {}
+        #: address -> what our open sync offered (_SYNC_FULL/_DIGEST/_SHORT).
+        self._open_syncs: dict[str, str] = {}
 
         jitter = rng.random()
         self._next_probe = now + config.probe_interval * jitter
         self._next_gossip: float | None = None
-        self._next_push_pull = now + config.push_pull_interval * (0.5 + rng.random())
         self._next_digest = now + config.digest_interval * (0.5 + rng.random())
         self._next_reconnect = now + config.reconnect_interval * (0.5 + rng.random())
         self._next_reap = now + self._reap_period
@@ -284,7 +318,7 @@ class Node:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float:
-        t = min(self._next_probe, self._next_push_pull, self._next_digest, self._next_reap)
+        t = min(self._next_probe, self._next_digest, self._next_reap)
         if self.config.reconnect_interval > 0:
             t = min(t, self._next_reconnect)
         if self._next_gossip is not None:
@@ -312,14 +346,9 @@ class Node:
             self._next_probe = now + self.config.probe_interval
         if self._next_gossip is not None and now >= self._next_gossip:
             self._gossip_round(now)
-        if now >= self._next_push_pull:
-            self._next_push_pull = now + push_pull_scale(
-                self.config.push_pull_interval, self.pool_size
-            )
-            self._start_sync(now, full=True)
         if now >= self._next_digest:
             self._next_digest = now + push_pull_scale(self.config.digest_interval, self.pool_size)
-            self._start_sync(now, full=False)
+            self._start_sync(now)
         if self.config.reconnect_interval > 0 and now >= self._next_reconnect:
             self._next_reconnect = now + self.config.reconnect_interval
             self._reconnect(now)
@@ -380,8 +409,7 @@ class Node:
         if self.left:
             return
         self.left = True
-        me = self.members[self.id]
-        self._set_status(me, Status.LEFT, now)
+        me = self._set_status(self.members[self.id], Status.LEFT, now)
         update = me.update_for(Status.LEFT, self.id)
         self._queue_member(update, now)
         self._probe = None
@@ -464,7 +492,7 @@ class Node:
             state = dataclasses.replace(draft, version=self.version)
             signed = self._signer.sign(state)
             self.store.merge(signed, state, now)
-            self._docs.setdefault(self.id, set()).add(signed.origin)
+            self._note_doc(signed.origin)
             self._record_q.push(signed.origin, signed)
             self._events.append(OriginChanged(signed.origin, self.version, True))
         self._wake_gossip(now)
@@ -487,7 +515,71 @@ class Node:
 
     def docs_of(self, member: str) -> set[str]:
         """Ids of the documents of ``member`` held in the store."""
-        return set(self._docs.get(member, ()))
+        return set(self._doc_ids(member))
+
+    def _doc_ids(self, member: str) -> list[str]:
+        """Ids of ``member``'s documents held in the store, sorted."""
+        out = [member] if member in self.store else []
+        scoped = self._scoped.get(member)
+        if scoped:
+            out += sorted(scoped)
+        return out
+
+    def snapshot(self) -> SharedView:
+        """This core's member table and store, for other cores to :meth:`adopt`.
+
+        Nothing is copied: from now on this core too copies a table before
+        changing it.
+        """
+        self._shared = True
+        return SharedView(
+            cluster=self.cluster,
+            members=self.members,
+            ids=self._ids,
+            gone=self._gone,
+            view=self.view,
+            serving=self._serving,
+            store=self.store.snapshot(),
+            scoped={m: frozenset(d) for m, d in self._scoped.items()},
+        )
+
+    def adopt(self, shared: SharedView) -> None:
+        """Take a member table and store built by another core of this cluster.
+
+        The state a full sync with that core builds here, without building
+        it: the tables are shared copy-on-write with every core that adopts
+        them.  For a simulator's warm-up (ten thousand cores that each list
+        ten thousand members would otherwise hold 10^8 entries); afterwards
+        the core runs as any other, through ``receive`` and ``handle_timer``.
+        No events are raised for what was adopted.  Only a core that knows no
+        one yet may adopt, and the view must already list it as it is, with
+        its own documents at their current versions.
+        """
+        me = self.members[self.id]
+        listed = shared.members.get(self.id)
+        if shared.cluster != self.cluster or len(self.members) > 1:
+            raise ValueError("only a core that knows no one yet adopts a view of its own cluster")
+        if listed is None or listed.update_for(me.status, self.id) != me.update_for(
+            me.status, self.id
+        ):
+            raise ValueError(f"the view does not list {self.id} as it is")
+        own = self._doc_ids(self.id)
+        for doc in own:
+            entry = shared.store.entries.get(doc)
+            if entry is None or entry.signed != self.store.get(doc).signed:  # type: ignore[union-attr]
+                raise ValueError(f"the view does not hold {doc} at its current version")
+        self.members, self._ids, self._gone = shared.members, shared.ids, shared.gone
+        self._shared = True
+        self.view = shared.view
+        self._serving = shared.serving
+        self.store.adopt(shared.store)
+        self._scoped = {m: set(d) for m, d in shared.scoped.items()}
+        self._probe_order, self._probe_index = [], 0
+
+    def _note_doc(self, origin: str) -> None:
+        member, sep, _ = origin.partition("#")
+        if sep:
+            self._scoped.setdefault(member, set()).add(origin)
 
     def inject(self, signed: SignedState, now: float) -> bool:
         """Take a document from the bridge's other pool (already verified there;
@@ -501,8 +593,7 @@ class Node:
             return
         self.counters["refutations"] += 1
         self.incarnation = max(self.incarnation, claim.incarnation) + 1
-        me = self.members[self.id]
-        self._set_status(me, Status.ALIVE, now, self.incarnation)
+        me = self._set_status(self.members[self.id], Status.ALIVE, now, self.incarnation)
         self._member_q.push(self.id, me.update_for(Status.ALIVE, self.id))
         if self.config.lifeguard:
             self.awareness.apply(1)
@@ -515,42 +606,69 @@ class Node:
     # ------------------------------------------------------------------
     # Membership
 
+    # Every change to members, _ids and _gone goes through the three methods
+    # below, which copy shared tables first.
+
+    def _own_members(self) -> None:
+        if self._shared:
+            self.members = dict(self.members)
+            self._ids = list(self._ids)
+            self._gone = set(self._gone)
+            self._shared = False
+
     def _add_member(self, m: Member) -> None:
+        self._own_members()
         self.members[m.node] = m
         self.view ^= view_term(m)
-        self._id_pos[m.node] = len(self._ids)
         self._ids.append(m.node)
         if m.serving:
             self._serving += 1
+        elif m.status in (Status.DEAD, Status.LEFT):
+            self._gone.add(m.node)
         if m.node != self.id:
-            # Insert at a random place so a newcomer is probed within one round.
-            self._probe_order.insert(self._rng.randint(0, len(self._probe_order)), m.node)
+            # Among the members not yet probed this round: probed within it.
+            self._probe_order.append(m.node)
 
     def _remove_member(self, node: str) -> None:
+        self._own_members()
         self.coords.pop(node, None)
         m = self.members.pop(node)
         self.view ^= view_term(m)
         if m.serving:
             self._serving -= 1
-        pos = self._id_pos.pop(node)
+        self._gone.discard(node)
+        # O(n), but a member is removed only when reaped, long after its death.
+        pos = self._ids.index(node)
         last = self._ids.pop()
         if last != node:
             self._ids[pos] = last
-            self._id_pos[last] = pos
 
     def _set_status(
-        self, m: Member, status: Status, now: float, incarnation: int | None = None
-    ) -> None:
-        """The one place a known member's status or incarnation changes."""
-        was = m.serving
-        self.view ^= view_term(m)
-        if incarnation is not None:
-            m.incarnation = incarnation
-        if status is not m.status:
-            m.status = status
-            m.since = now
-        self.view ^= view_term(m)
-        self._serving += int(m.serving) - int(was)
+        self,
+        m: Member,
+        status: Status,
+        now: float,
+        incarnation: int | None = None,
+        **where: str,
+    ) -> Member:
+        """The one place a known member's status, incarnation or address
+        (``where``: address, region, zone) changes; returns the new member."""
+        self._own_members()
+        new = dataclasses.replace(
+            m,
+            status=status,
+            since=now if status is not m.status else m.since,
+            incarnation=m.incarnation if incarnation is None else incarnation,
+            **where,
+        )
+        self.members[m.node] = new
+        self.view ^= view_term(m) ^ view_term(new)
+        self._serving += int(new.serving) - int(m.serving)
+        if status in (Status.DEAD, Status.LEFT):
+            self._gone.add(m.node)
+        else:
+            self._gone.discard(m.node)
+        return new
 
     def _apply(self, u: MemberUpdate, now: float, rebroadcast: bool = True) -> None:
         if u.node == self.id:
@@ -574,21 +692,23 @@ class Node:
         if cur is None:
             cur = Member(u.node, u.address, u.region, u.zone, u.incarnation, u.status, now)
             self._add_member(cur)
+        elif u.status is Status.ALIVE:
+            cur = self._set_status(
+                cur, u.status, now, u.incarnation, address=u.address, region=u.region, zone=u.zone
+            )
         else:
-            if u.status is Status.ALIVE:
-                cur.address, cur.region, cur.zone = u.address, u.region, u.zone
-            self._set_status(cur, u.status, now, u.incarnation)
+            cur = self._set_status(cur, u.status, now, u.incarnation)
 
         if u.status is Status.SUSPECT:
             self._start_suspicion(cur, u.by, now)
         else:
             self._suspicions.pop(u.node, None)
         if u.status in (Status.DEAD, Status.LEFT):
-            for doc in sorted(self._docs.get(u.node, ())):
+            for doc in self._doc_ids(u.node):
                 if self.store.tombstone(doc, now):
                     self._origin_event(doc, live=False)
         elif old_status in (Status.DEAD, Status.LEFT):
-            for doc in sorted(self._docs.get(u.node, ())):
+            for doc in self._doc_ids(u.node):
                 if self.store.revive(doc):
                     self._origin_event(doc, live=True)
 
@@ -659,15 +779,19 @@ class Node:
 
     def _next_target(self) -> Member | None:
         for _ in range(2):
-            while self._probe_index < len(self._probe_order):
-                node = self._probe_order[self._probe_index]
-                self._probe_index += 1
-                m = self.members.get(node)
-                if m is not None and m.serving:
+            order = self._probe_order
+            while self._probe_index < len(order):
+                # One step of a Fisher-Yates shuffle: a uniform pick among the
+                # members not yet probed this round.
+                i = self._probe_index
+                j = self._rng.randrange(i, len(order))
+                order[i], order[j] = order[j], order[i]
+                self._probe_index = i + 1
+                m = self.members.get(order[i])
+                if m is not None and m.serving and m.node != self.id:
                     return m
-            # Round over: reshuffle what is there now (memberlist resetNodes).
-            self._probe_order = [n for n, m in self.members.items() if n != self.id and m.serving]
-            self._rng.shuffle(self._probe_order)
+            # Round over: a new one over who is there now (memberlist resetNodes).
+            self._probe_order = list(self._ids)
             self._probe_index = 0
         return None
 
@@ -872,7 +996,7 @@ class Node:
             if as_of is not None and signed.version <= as_of[0]:
                 dead = True  # a bridge of its cluster said so: this life is over
             if self.store.merge(signed, result, now, tombstoned=dead):
-                self._docs.setdefault(owner, set()).add(signed.origin)
+                self._note_doc(signed.origin)
                 if result.down:
                     self._apply_down(result.down, now)
                 self._events.append(OriginChanged(signed.origin, signed.version, not dead))
@@ -898,7 +1022,7 @@ class Node:
             old = self._dead_as_of.get(member)
             if old is None or version > old[0]:
                 self._dead_as_of[member] = (version, now)
-            for doc in sorted(self._docs.get(member, ())):
+            for doc in self._doc_ids(member):
                 entry = self.store.get(doc)
                 covered = entry is not None and entry.signed.version <= version
                 if covered and self.store.tombstone(doc, now):
@@ -928,36 +1052,56 @@ class Node:
     def _newer_for(self, remote: dict[str, int], cluster: str) -> list[SignedState]:
         return [s for s in self.store.newer_than(remote) if may_reach(s.origin, cluster)]
 
+    def _lacks(self, remote: dict[str, int]) -> bool:
+        """Does a peer's digest list a version we do not hold (or an older one)?"""
+        version = self.store.version
+        return any((version(o) or -1) < v for o, v in remote.items())
+
     def _send_sync(
-        self, address: str, full: bool, join: bool = False, dest_cluster: str | None = None
+        self,
+        address: str,
+        full: bool,
+        join: bool = False,
+        dest_cluster: str | None = None,
+        short: bool = True,
     ) -> None:
+        """Open a sync.  ``full``: our member list and digest (a join).
+        Otherwise, within our cluster, only our fingerprints (``short``): a
+        peer of our cluster that agrees holds exactly what we hold.  Across
+        clusters stores differ by export, so the digest always goes."""
         if len(self._open_syncs) > 1024:  # replies that never came: forget them
             self._open_syncs.clear()
-        self._open_syncs[address] = full
+        records = self.store.fingerprint if dest_cluster == self.cluster else 0
+        short = short and not full and records != 0
+        self._open_syncs[address] = _SYNC_FULL if full else _SYNC_SHORT if short else _SYNC_DIGEST
         self._send(
             address,
             PushPull(
                 self.id,
                 source_addr=self.address,
                 join=join,
-                digest=self._digest_for(dest_cluster),
+                digest={} if short else self._digest_for(dest_cluster),
                 members=self._full_member_list() if full else (),
                 view=self.view,
+                records=records,
             ),
         )
 
-    def _start_sync(self, now: float, full: bool) -> None:
+    def _start_sync(self, now: float) -> None:
         peers = self._random_members(1, lambda m: m.status is Status.ALIVE and m.node != self.id)
         if peers:
-            self._send_sync(peers[0].address, full, dest_cluster=peers[0].cluster)
+            self._send_sync(peers[0].address, full=False, dest_cluster=peers[0].cluster)
 
     def _reconnect(self, now: float) -> None:
         # A healed partition: both sides think the other dead and would never
         # probe it again.  Reaching out to one dead member at a time lets the
-        # refutations flow (Serf's reconnect).
-        dead = self._random_members(1, lambda m: m.status is Status.DEAD)
+        # refutations flow (Serf's reconnect).  A short sync is enough: if it
+        # answers, our views differ (it is dead in ours), so member lists flow
+        # both ways; if it is really gone, the attempt cost one small message.
+        dead = sorted(n for n in self._gone if self.members[n].status is Status.DEAD)
         if dead:
-            self._send_sync(dead[0].address, full=True, dest_cluster=dead[0].cluster)
+            m = self.members[dead[self._rng.randrange(len(dead))]]
+            self._send_sync(m.address, full=False, dest_cluster=m.cluster)
 
     def _retry_join(self, now: float) -> None:
         if self.pool_size > 1 or self.left:
@@ -972,19 +1116,30 @@ class Node:
         if addr is None:
             return
         # Views that differ mean some member claim did not reach one of us:
-        # answer a digest sync with our list too, so member views converge
-        # within one digest interval, not one full push-pull interval.
+        # answer with our list too, so member views converge within one sync.
         full = bool(msg.members) or msg.join or msg.view != self.view
         peer_cluster = _cluster_of(msg.source)
-        chunks = list(_chunks(self._newer_for(msg.digest, peer_cluster)))
+        records = self.store.fingerprint if peer_cluster == self.cluster else 0
+        if records and msg.records == records:
+            digest: dict[str, int] = {}  # we agree: nothing to send either way
+            chunks: list[tuple[SignedState, ...]] = []
+        elif msg.records and not msg.digest:
+            # Fingerprints only, and they differ: our digest lets the opener
+            # send what we lack and see what it lacks.
+            digest = self._digest_for(peer_cluster)
+            chunks = []
+        else:
+            digest = self._digest_for(peer_cluster)
+            chunks = list(_chunks(self._newer_for(msg.digest, peer_cluster)))
         self._send(
             addr,
             PushPullReply(
                 self.id,
-                digest=self._digest_for(peer_cluster),
+                digest=digest,
                 members=self._full_member_list() if full else (),
                 states=chunks[0] if chunks else (),
                 view=self.view,
+                records=records,
             ),
         )
         for chunk in chunks[1:]:
@@ -994,8 +1149,8 @@ class Node:
         addr = self._address_of(msg.source)
         if addr is None:
             return
-        sent_full = self._open_syncs.pop(addr, None)
-        if sent_full is False and msg.members and msg.view != self.view:
+        offered = self._open_syncs.pop(addr, None)
+        if offered in (_SYNC_DIGEST, _SYNC_SHORT) and msg.members and msg.view != self.view:
             # It sent its list because views differed; ours may hold what it
             # lacks.  Send it back as a reply, which is never answered again.
             self._send(
@@ -1007,8 +1162,15 @@ class Node:
                     view=self.view,
                 ),
             )
-        for chunk in _chunks(self._newer_for(msg.digest, _cluster_of(msg.source))):
+        if msg.records and not msg.digest:
+            return  # its store matches ours
+        peer_cluster = _cluster_of(msg.source)
+        for chunk in _chunks(self._newer_for(msg.digest, peer_cluster)):
             self._send(addr, Gossip(self.id, states=chunk, sync=True))
+        if offered == _SYNC_SHORT and self._lacks(msg.digest):
+            # We offered fingerprints only, so it could not tell what we
+            # lack: ask again with our digest.
+            self._send_sync(addr, full=False, dest_cluster=peer_cluster, short=False)
 
     # ------------------------------------------------------------------
     # Housekeeping
@@ -1019,21 +1181,17 @@ class Node:
 
     def _reap(self, now: float) -> None:
         timeout = self.config.tombstone_timeout
-        gone = [
-            n
-            for n, m in self.members.items()
-            if m.status in (Status.DEAD, Status.LEFT) and now - m.since >= timeout
-        ]
+        gone = sorted(n for n in self._gone if now - self.members[n].since >= timeout)
         for node in gone:
             self._remove_member(node)
         for member in [m for m, (_, t) in self._dead_as_of.items() if now - t >= timeout]:
             del self._dead_as_of[member]
         for doc in self.store.reap(now, timeout):
-            docs = self._docs.get(doc_member(doc))
-            if docs is not None:
-                docs.discard(doc)
-                if not docs:
-                    del self._docs[doc_member(doc)]
+            scoped = self._scoped.get(doc_member(doc))
+            if scoped is not None:
+                scoped.discard(doc)
+                if not scoped:
+                    del self._scoped[doc_member(doc)]
 
     # ------------------------------------------------------------------
     # Helpers

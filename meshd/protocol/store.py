@@ -18,8 +18,9 @@ The store trusts what it is given: signatures are verified before ``merge``.
 from __future__ import annotations
 
 import collections
+import hashlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from meshd.wire import AppRecord, OriginState, SignedState
 
@@ -50,6 +51,19 @@ def wins(candidate: SignedState, incumbent: SignedState | None) -> bool:
     return _order_key(candidate) > _order_key(incumbent)
 
 
+def record_term(origin: str, version: int) -> int:
+    """One held ``(origin, version)``'s share of a store's fingerprint.
+
+    The fingerprint is the XOR of these over every held entry, tombstones
+    included (as the digest lists them): order-free, updated in O(1) per
+    change, and two stores holding the same versions have the same one.  A
+    sync compares fingerprints first and sends digests only when they differ,
+    so agreeing peers exchange two short messages, not two O(N) maps.
+    """
+    key = f"{origin}|{version}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
 def merge_maps(
     a: Mapping[str, SignedState], b: Mapping[str, SignedState]
 ) -> dict[str, SignedState]:
@@ -65,13 +79,14 @@ def merge_maps(
     return out
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One origin as held: its signed state and that state decoded.
 
     Invariant: ``state`` is ``signed.body`` decoded, so ``state.origin`` and
-    ``state.version`` equal ``signed.origin`` and ``signed.version``.  Owned by
-    the store; callers read it and must not change it.
+    ``state.version`` equal ``signed.origin`` and ``signed.version``.
+    Immutable (a change replaces the entry), so stores that share a snapshot
+    may hold the same object.
     """
 
     signed: SignedState
@@ -84,6 +99,16 @@ class Entry:
 #: app -> namespace -> origin -> that origin's records of the app in that
 #: namespace, sorted by instance.  Holds live origins only.
 _AppIndex = dict[str, dict[str, dict[str, tuple[AppRecord, ...]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSnapshot:
+    """A store's tables, frozen for sharing: see :meth:`RecordStore.snapshot`."""
+
+    entries: dict[str, Entry]
+    tombstones: set[str]
+    apps: _AppIndex
+    fingerprint: int
 
 
 class RecordStore:
@@ -103,10 +128,15 @@ class RecordStore:
         self.index = 0
         #: Refused states by reason (a metric label), e.g. "store-full".
         self.rejected: collections.Counter[str] = collections.Counter()
+        #: XOR of :func:`record_term` over every held entry.
+        self.fingerprint = 0
         self._entries: dict[str, Entry] = {}
         # Tombstoned origins, so reap scans only them, not every entry.
         self._tombstones: set[str] = set()
         self._apps: _AppIndex = {}
+        # True while the tables above are a snapshot other stores also hold:
+        # the first change copies them (copy-on-write).
+        self._shared = False
 
     # -- reading ------------------------------------------------------------
 
@@ -170,6 +200,38 @@ class RecordStore:
             out.extend((state, rec) for rec in by_origin[origin])
         return out
 
+    # -- sharing ------------------------------------------------------------
+
+    def snapshot(self) -> StoreSnapshot:
+        """The tables as they are, to :meth:`adopt` into other stores.
+
+        Nothing is copied: this store and every adopter share the tables
+        until one of them changes, which copies them first.  What a simulator
+        needs to give thousands of cores the same converged store in the
+        memory of one.
+        """
+        self._shared = True
+        return StoreSnapshot(self._entries, self._tombstones, self._apps, self.fingerprint)
+
+    def adopt(self, snap: StoreSnapshot) -> None:
+        """Hold exactly what ``snap`` holds (shared until the first change)."""
+        self._entries = snap.entries
+        self._tombstones = snap.tombstones
+        self._apps = snap.apps
+        self.fingerprint = snap.fingerprint
+        self._shared = True
+        self.index += 1
+
+    def _own(self) -> None:
+        if self._shared:
+            self._entries = dict(self._entries)
+            self._tombstones = set(self._tombstones)
+            self._apps = {
+                app: {ns: dict(by_origin) for ns, by_origin in namespaces.items()}
+                for app, namespaces in self._apps.items()
+            }
+            self._shared = False
+
     # -- changing -----------------------------------------------------------
 
     def merge(
@@ -195,8 +257,12 @@ class RecordStore:
         if old is None and len(self._entries) >= self.max_origins:
             self.rejected["store-full"] += 1
             return False
-        if old is not None and old.tombstone_since is None:
-            self._unindex(origin, old.state)
+        self._own()
+        if old is not None:
+            self.fingerprint ^= record_term(origin, old.signed.version)
+            if old.tombstone_since is None:
+                self._unindex(origin, old.state)
+        self.fingerprint ^= record_term(origin, signed.version)
         self._entries[origin] = Entry(signed, state, now if tombstoned else None)
         if tombstoned:
             self._tombstones.add(origin)
@@ -211,7 +277,8 @@ class RecordStore:
         entry = self._entries.get(origin)
         if entry is None or entry.tombstone_since is not None:
             return False
-        entry.tombstone_since = now
+        self._own()
+        self._entries[origin] = replace(entry, tombstone_since=now)
         self._tombstones.add(origin)
         self._unindex(origin, entry.state)
         self.index += 1
@@ -222,7 +289,8 @@ class RecordStore:
         entry = self._entries.get(origin)
         if entry is None or entry.tombstone_since is None:
             return False
-        entry.tombstone_since = None
+        self._own()
+        self._entries[origin] = replace(entry, tombstone_since=None)
         self._tombstones.discard(origin)
         self._index(origin, entry.state)
         self.index += 1
@@ -233,8 +301,11 @@ class RecordStore:
         dropped = sorted(
             origin for origin in self._tombstones if now - self._tombstone_time(origin) >= timeout
         )
+        if dropped:
+            self._own()
         for origin in dropped:
             # Tombstones are not in the app index, so only the entry goes.
+            self.fingerprint ^= record_term(origin, self._entries[origin].signed.version)
             del self._entries[origin]
             self._tombstones.discard(origin)
             self.index += 1

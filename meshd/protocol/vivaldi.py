@@ -77,7 +77,7 @@ class Coordinate:
     height: float
 
     def __post_init__(self) -> None:
-        if not all(math.isfinite(x) for x in self.vec):
+        if not all(map(math.isfinite, self.vec)):
             raise ValueError("coordinate components must be finite")
         if not (math.isfinite(self.error) and self.error > 0):
             raise ValueError("coordinate error must be finite and positive")
