@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import math
 import random
 import statistics
 import sys
@@ -30,6 +31,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from meshd.identity import CA, StateSigner, StateVerifier, create_ca, issue_node_cert
 from meshd.policy.locality import Topology
@@ -90,11 +92,15 @@ class HarnessNode:
     paused: bool = False
     inbox: list[tuple[str, int, Message]] = field(default_factory=list)
     timer_gen: int = 0
+    #: When the live timer event (the one of ``timer_gen``) fires; None when
+    #: there is none.  A flush that finds the same deadline pushes nothing.
+    timer_at: float | None = None
     sent_msgs: Counter[str] = field(default_factory=Counter)
     sent_bytes: Counter[str] = field(default_factory=Counter)
 
-    @property
+    @cached_property
     def id(self) -> str:
+        # Cached: every delivery names its sender; a node's name never changes.
         return member_id(self.cluster, self.name)
 
     @property
@@ -266,6 +272,7 @@ class Cluster:
         hn.crashed = True
         hn.inbox.clear()
         hn.timer_gen += 1
+        hn.timer_at = None
 
     def restart(self, i: int, seeds: Iterable[int] | None = None) -> None:
         """Start new cores with the same identity and persisted counters and apps."""
@@ -297,6 +304,7 @@ class Cluster:
     def pause(self, i: int) -> None:
         self.nodes[i].paused = True
         self.nodes[i].timer_gen += 1
+        self.nodes[i].timer_at = None
 
     def resume(self, i: int) -> None:
         hn = self.nodes[i]
@@ -345,31 +353,49 @@ class Cluster:
         self._tie += 1
         heapq.heappush(self._heap, (t, self._tie, kind, index, payload))
 
+    # The hot path: every event goes through _run, most through _flush, every
+    # message through _transmit and _deliver.  They keep what they use in
+    # locals and call nothing they need not (a big simulation runs millions
+    # of events); what they do is what step's docstring says, in that order.
+
     def _flush(self, hn: HarnessNode) -> None:
         if not hn.cores or hn.crashed:
             return
+        transmit = self._transmit
+        observers = self.observers
+        index = hn.index
         # A bridge's injection makes the other core produce more: go round
         # until both are quiet (bounded: each pass only relays new versions).
         for _ in range(16):
             busy = False
             for pool, core in hn.cores.items():
                 for addr, msg in core.messages_to_send():
-                    self._transmit(hn, pool, addr, msg)
+                    transmit(hn, pool, addr, msg)
                 event = core.next_event()
                 while event is not None:
                     busy = True
                     if pool == LAN:
-                        for obs in self.observers:
-                            obs(hn.index, event, self.now)
+                        for obs in observers:
+                            obs(index, event, self.now)
                     if hn.bridge is not None:
                         hn.bridge.on_event(pool, event, self.now)
                     event = core.next_event()
             if not busy:
                 break
         if not hn.paused:
+            cores = iter(hn.cores.values())
+            t = next(cores).get_timer()
+            for core in cores:
+                t = min(t, core.get_timer())
+            now = self.now
+            if t < now:
+                t = now
+            if t == hn.timer_at:
+                return  # the live timer event already fires then
             hn.timer_gen += 1
-            t = min(core.get_timer() for core in hn.cores.values())
-            self._push(max(t, self.now), _TIMER, hn.index, hn.timer_gen)
+            hn.timer_at = t
+            self._tie += 1
+            heapq.heappush(self._heap, (t, self._tie, _TIMER, index, hn.timer_gen))
 
     def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message) -> None:
         kind = type(msg).__name__
@@ -414,30 +440,50 @@ class Cluster:
         core.receive(msg, self.now, peer=self.nodes[src].id)
         self._flush(hn)
 
-    def step(self) -> bool:
-        """Process one event; False when nothing is scheduled."""
-        if not self._heap:
-            return False
-        t, _, kind, index, payload = heapq.heappop(self._heap)
-        self.now = max(self.now, t)
-        if kind == _DELIVER:
-            pool, src, data = payload  # type: ignore[misc]
-            self._deliver(index, pool, src, data)
-        else:
-            hn = self.nodes[index]
+    def _run(self, until: float, limit: int = -1) -> int:
+        """Process the events due by ``until``, at most ``limit`` of them (-1: no
+        limit); how many it processed.  One event is as :meth:`step` says."""
+        heap = self._heap
+        nodes = self.nodes
+        deliver = self._deliver
+        flush = self._flush
+        pop = heapq.heappop
+        n = 0
+        while heap and heap[0][0] <= until and n != limit:
+            t, _, kind, index, payload = pop(heap)
+            n += 1
+            if t > self.now:
+                self.now = t
+            if kind == _DELIVER:
+                pool, src, data = payload  # type: ignore[misc]
+                deliver(index, pool, src, data)
+                continue
+            hn = nodes[index]
             if payload != hn.timer_gen or hn.crashed or hn.paused or not hn.cores:
-                return True
+                continue
+            hn.timer_at = None  # consumed: the flush below sets the next one
+            now = self.now
             for core in hn.cores.values():
-                if core.get_timer() <= self.now:
-                    core.handle_timer(self.now)
+                if core.get_timer() <= now:
+                    core.handle_timer(now)
             if hn.bridge is not None:
-                hn.bridge.refresh(self.now)  # as the agent does every few seconds
-            self._flush(hn)
-        return True
+                hn.bridge.refresh(now)  # as the agent does every few seconds
+            flush(hn)
+        return n
+
+    def step(self) -> bool:
+        """Process one event; False when nothing is scheduled.
+
+        The next event in time order (ties in the order they were scheduled)
+        moves the clock to its time.  A delivery goes to :meth:`_deliver`.  A
+        node's timer is live only if it is the last one :meth:`_flush` set
+        (``timer_gen``) and the node runs: then every core whose deadline has
+        come handles its timers, a bridge refreshes, and the node is flushed.
+        """
+        return self._run(math.inf, 1) == 1
 
     def run_until(self, t: float) -> None:
-        while self._heap and self._heap[0][0] <= t:
-            self.step()
+        self._run(t)
         self.now = max(self.now, t)
 
     def run_for(self, dt: float) -> None:

@@ -44,7 +44,7 @@ from meshd.identity import CA, NodeCert, StateSigner, create_ca, spiffe_id
 from meshd.policy.policy import AppPolicy
 from meshd.protocol.bridge import WAN
 from meshd.protocol.node import view_term
-from meshd.testing import Cluster, HarnessNode
+from meshd.testing import _DELIVER, Cluster, HarnessNode
 from meshd.wire import (
     AppRecord,
     Message,
@@ -58,7 +58,7 @@ from simulations.faults import FaultSchedule
 from simulations.metrics import Collector, Detection, FailoverWatch, Spread
 from simulations.network import Network
 from simulations.scenario import Scenario
-from simulations.wiresize import wire_size
+from simulations.wiresize import SIZERS as _SIZERS
 
 # ----------------------------------------------------------------------
 # Deterministic identities
@@ -258,13 +258,7 @@ class Simulation(Cluster):
         heapq.heappush(self._cmds, (t, next(self._cmd_tie), fn))
 
     def run_until(self, t: float) -> None:
-        heap = self._heap
-        step = self.step
-        n = 0
-        while heap and heap[0][0] <= t:
-            step()
-            n += 1
-        self.events += n
+        self.events += self._run(t)
         self.now = max(self.now, t)
 
     def advance(self, t_end: float) -> None:
@@ -302,25 +296,36 @@ class Simulation(Cluster):
     # -- the network ------------------------------------------------------
 
     def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message) -> None:
-        kind = type(msg).__name__
+        # Sized once, here; the size rides with the message to _deliver.
+        cls = type(msg)
+        size = _SIZERS[cls](msg)
+        kind = cls.__name__
         hn.sent_msgs[kind] += 1
-        hn.sent_bytes[kind] += wire_size(msg)
+        hn.sent_bytes[kind] += size
         dst = self._by_addr.get(addr)
-        if dst is None or self.net.lost(hn.index, dst[0], self.now):
+        if dst is None:
             self.dropped += 1
             return
-        # The harness's own loss and blocked set stay empty; it draws the
-        # latency from self.latency (the model) and schedules the delivery.
-        self._push(
-            self.now + self.net.latency(hn.index, dst[0]), 0, dst[0], (dst[1], hn.index, msg)
+        j = dst[0]
+        now = self.now
+        # The harness's own loss and blocked set stay empty; the model decides
+        # loss and draws the latency, and the delivery is scheduled as _push does.
+        delay = self.net.transit(hn.index, j, now)
+        if delay is None:
+            self.dropped += 1
+            return
+        self._tie += 1
+        heapq.heappush(
+            self._heap, (now + delay, self._tie, _DELIVER, j, (dst[1], hn.index, (msg, size)))
         )
 
     def _deliver(self, dst: int, pool: str, src: int, payload: object) -> None:
+        msg, size = payload  # type: ignore[misc]
         hn = self.nodes[dst]
-        if not hn.crashed and hn.cores.get(pool) is not None:
+        if not hn.crashed and pool in hn.cores:
             self.recv_msgs[dst] += 1
-            self.recv_bytes[dst] += wire_size(payload)  # type: ignore[arg-type]
-        super()._deliver(dst, pool, src, payload)
+            self.recv_bytes[dst] += size
+        Cluster._deliver(self, dst, pool, src, msg)
 
     # -- faults and commands the schedule uses ------------------------------
 
@@ -443,11 +448,18 @@ class Simulation(Cluster):
         What a node gets after a push-pull with a seed that already knows the
         whole mesh: a ``PushPullReply`` listing every member of its pool alive
         (at each one's own claim about itself), every document that may reach
-        its cluster, the matching digest and view fingerprint.  It goes in
-        through ``Node.receive`` like any message, so the core builds its
-        tables itself; it is the state a cold join converges to, reached
-        without the O(n^2) retransmissions of n alive claims that a cold join
-        of n nodes costs.  Not counted as traffic (it precedes the window).
+        its cluster, the matching digest and view fingerprint.  It is the
+        state a cold join converges to, reached without the O(n^2)
+        retransmissions of n alive claims that a cold join of n nodes costs.
+        Not counted as traffic (it precedes the window).
+
+        In each cluster the first node takes that reply through
+        ``Node.receive``, so the core builds its tables itself; every other
+        node of the cluster that is not a bridge then adopts those tables
+        (``Node.adopt``: shared copy-on-write, the memory of one view for the
+        whole cluster until a core changes something).  Bridges take the
+        reply through ``receive`` too, so that their bridge sees the events
+        and relays the documents to the WAN pool.
         """
         self.phase = "preset"
         docs = []
@@ -469,13 +481,20 @@ class Simulation(Cluster):
             for c in cores:
                 view ^= view_term(c.members[c.id])
             digest = {s.origin: s.version for s in states} if states else dict(digest_all)
+            shared = None
             for k, h in enumerate(hns):
-                src = hns[1] if k == 0 else hns[0]
-                msg = PushPullReply(
-                    src.id, digest=digest, members=members, states=tuple(states), view=view
-                )
-                h.cores[pool].receive(msg, self.now, peer=src.id)
+                core = h.cores[pool]
+                if shared is not None and not h.is_bridge:
+                    core.adopt(shared)
+                else:
+                    src = hns[1] if k == 0 else hns[0]
+                    msg = PushPullReply(
+                        src.id, digest=digest, members=members, states=tuple(states), view=view
+                    )
+                    core.receive(msg, self.now, peer=src.id)
                 self._flush(h)
+                if k == 0 and pool == "lan":
+                    shared = core.snapshot()
                 self._maybe_progress()
 
     def warm_up(self) -> float:

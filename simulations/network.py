@@ -85,7 +85,10 @@ class LogNormal:
 
     def draw(self, rng: random.Random) -> float:
         x = self.median_s * math.exp(self.sigma * rng.gauss(0.0, 1.0))
-        return min(max(x, self.floor_s), self.cap_s)
+        # min(max(x, floor), cap) without two calls: drawn for every message.
+        if x < self.floor_s:
+            return self.floor_s
+        return self.cap_s if x > self.cap_s else x
 
     @property
     def median(self) -> float:
@@ -256,6 +259,13 @@ class Network:
         if self.slow:
             d += self.slow.get(src, 0.0) + self.slow.get(dst, 0.0)
         return d
+
+    def transit(self, src: int, dst: int, now: float) -> float | None:
+        """``lost`` then ``latency`` (the simulator's per-message path): None if
+        the message is lost, else the seconds it takes."""
+        if self.lost(src, dst, now):
+            return None
+        return self.latency(src, dst)
 
     def lost(self, src: int, dst: int, now: float) -> bool:
         """Is this message lost?  Partitions first, then burst, then independent loss."""

@@ -352,6 +352,39 @@ def test_same_scenario_and_seed_give_the_same_results():
     assert deterministic_part(c) != deterministic_part(a)
 
 
+def test_preset_warm_up_shares_one_view_until_a_core_changes_it():
+    """Memory at 10,000 nodes rests on this: after the preset every core of a
+    cluster holds the same member table, and a change copies it for that core
+    only."""
+    sim = Simulation(
+        parse_scenario(
+            {
+                "name": "shared",
+                "seed": 2,
+                "duration_s": 10.0,
+                "topology": {"nodes": 40},
+                "warmup": {"mode": "preset", "settle_s": 5.0},
+            }
+        )
+    )
+    sim.warm_up()
+    cores = [h.cores["lan"] for h in sim.nodes]
+    assert len({id(c.members) for c in cores}) == 1
+    assert all(c.pool_size == 40 and len(c.store) == 40 for c in cores)
+    # A new record reaches everyone; nobody's member table changed.
+    sim.publish(3, "probe")
+    sim.advance(sim.now + 5.0)
+    assert len({c.store.version(sim.nodes[3].id) for c in cores}) == 1
+    assert len({id(c.members) for c in cores}) == 1
+    # A crash changes every view: each core that saw it holds its own copy.
+    sim.crash(5)
+    sim.advance(sim.now + 60.0)
+    seen = [c for k, c in enumerate(cores) if k != 5]
+    assert all(c.members[sim.nodes[5].id].status is Status.DEAD for c in seen)
+    assert len({id(c.members) for c in seen}) == len(seen)
+    assert cores[5].members[sim.nodes[5].id].status is Status.ALIVE
+
+
 def test_lost_cluster_fails_over_to_the_next_cluster():
     doc = {
         "duration_s": 250.0,
