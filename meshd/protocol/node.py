@@ -862,9 +862,14 @@ class Node:
         if self.config.lifeguard:
             self.awareness.apply(failed_probe_delta(p.expected_nacks, p.nacks))
         m = self.members.get(p.target)
-        if m is None or m.status is not Status.ALIVE:
+        if m is None or not m.serving:
             return
         self.counters["probe-failures"] += 1
+        # On a member already suspected (by someone else's word) our failed
+        # probe is an independent confirmation: counted and passed on, it
+        # shortens the suspicion (Lifeguard; memberlist's suspectNode does
+        # the same).  Without it only the few nodes that probe the member
+        # before the first suspicion reaches them could confirm it.
         self._apply(m.update_for(Status.SUSPECT, self.id), now)
 
     def _on_ping(self, msg: Ping, now: float) -> None:
