@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument(
         "--days", type=_positive_int, default=365, help="validity in days (default: %(default)s)"
     )
+    issue.add_argument(
+        "--bridge",
+        action="store_true",
+        help="grant the bridge role: the node may run a WAN listener and state its cluster's"
+        " liveness to other clusters",
+    )
     issue.add_argument("--out", required=True, metavar="DIR", help="directory to write to")
     issue.set_defaults(func=_cmd_cert_issue)
 
@@ -307,7 +313,13 @@ def _cmd_cert_issue(args: argparse.Namespace) -> int:
     try:
         ca = identity.load_ca(args.ca)
         nc = identity.issue_node_cert(
-            ca, node=args.node, cluster=args.cluster, ips=args.ip, dns=args.dns, days=args.days
+            ca,
+            node=args.node,
+            cluster=args.cluster,
+            ips=args.ip,
+            dns=args.dns,
+            days=args.days,
+            bridge=args.bridge,
         )
         paths = identity.write_node_cert(nc, args.out)
     except identity.IdentityError as exc:

@@ -39,7 +39,7 @@ import os
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -53,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshd import wire
-from meshd.wire import OriginState, Rejection, SignedState
+from meshd.wire import MemberClaim, OriginState, Rejection, SignedClaim, SignedState
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -80,6 +80,11 @@ SPIFFE_PATTERN = re.compile(
 )
 _TRUST_DOMAIN_RE = re.compile(rf"\A{_TRUST_DOMAIN}\Z")
 _CA_URI_RE = re.compile(rf"\Aspiffe://(?P<trust_domain>{_TRUST_DOMAIN})\Z")
+#: A URI SAN that marks a node certificate as a bridge's: only such a node's
+#: statements about its cluster (members down as of a version, clusters
+#: unreachable, round trips) are believed.  A URI, not an X.509 extension,
+#: so that any issuer that can set URI SANs (cert-manager included) can grant it.
+BRIDGE_ROLE_URI = "urn:meshd:role:bridge"
 _DNS_LABEL = r"[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
 _DNS_RE = re.compile(rf"\A(\*\.)?{_DNS_LABEL}(\.{_DNS_LABEL})*\.?\Z")
 
@@ -447,6 +452,15 @@ class NodeCert:
     def member_id(self) -> str:
         return wire.member_id(self.cluster, self.node)
 
+    @property
+    def bridge(self) -> bool:
+        """Whether the CA granted this node the bridge role (see BRIDGE_ROLE_URI)."""
+        return BRIDGE_ROLE_URI in _uri_sans(self.cert)
+
+    @property
+    def serial(self) -> int:
+        return self.cert.serial_number
+
     @cached_property
     def cert_der(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.DER)
@@ -474,14 +488,18 @@ def issue_node_cert(
     days: int = 365,
     key_type: str = "ed25519",
     now: datetime | None = None,
+    bridge: bool = False,
 ) -> NodeCert:
     """A new key and a leaf for ``cluster/node`` signed by ``ca``, valid for ``days``.
 
     The leaf never outlives the CA: peers would refuse it after the CA expires.
+    ``bridge`` grants the bridge role (BRIDGE_ROLE_URI).
     """
     uri = spiffe_id(ca.trust_domain, cluster, node)
     _check_days(days)
     sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(uri)]
+    if bridge:
+        sans.append(x509.UniformResourceIdentifier(BRIDGE_ROLE_URI))
     sans += [x509.IPAddress(_ip(ip)) for ip in ips]
     sans += [x509.DNSName(_dns(name)) for name in dns]
     start = _utc(now).replace(microsecond=0)
@@ -617,6 +635,8 @@ class _CertInfo:
     cluster: str = ""
     node: str = ""
     public_key: PublicKey | None = None
+    bridge: bool = False
+    serial: int = 0
 
 
 def _examine(
@@ -647,7 +667,10 @@ def _examine(
         return _CertInfo(not_before, not_after, Rejection("bad-cert", str(exc)[:120]))
     except Exception as exc:
         return _CertInfo(not_before, not_after, Rejection("bad-cert", type(exc).__name__))
-    return _CertInfo(not_before, not_after, None, cluster, node, public_key)
+    bridge = BRIDGE_ROLE_URI in _uri_sans(cert)
+    return _CertInfo(
+        not_before, not_after, None, cluster, node, public_key, bridge, cert.serial_number
+    )
 
 
 def _window_rejection(info: _CertInfo, now: datetime) -> Rejection | None:
@@ -664,15 +687,19 @@ def verify_peer_certificate(
     ca_certs: Sequence[x509.Certificate] | x509.Certificate,
     trust_domain: str,
     now: datetime | None = None,
+    revoked: Callable[[int], bool] | None = None,
 ) -> tuple[str, str]:
     """(cluster, node) named by a peer's leaf certificate; IdentityError if it is not ours.
 
     For the TLS layer after the handshake.  The validity period is checked only
-    when ``now`` is given (the TLS library has checked it already).
+    when ``now`` is given (the TLS library has checked it already); ``revoked``
+    says whether a serial number is on the CA's revocation list.
     """
     looked = _examine(der, _ca_list(ca_certs), _check_trust_domain(trust_domain))
     if isinstance(looked, Rejection):
         raise IdentityError(f"peer certificate rejected ({looked.reason}): {looked.detail}")
+    if revoked is not None and revoked(looked.serial):
+        raise IdentityError(f"peer certificate rejected (revoked-cert): serial {looked.serial:x}")
     if now is not None:
         expired = _window_rejection(looked, now)
         if expired is not None:
@@ -693,6 +720,17 @@ class StateSigner:
         self.node_cert = node_cert
         self._cert_der = node_cert.cert_der
 
+    def sign_claim(self, claim: MemberClaim) -> SignedClaim:
+        """Sign what this node says about itself (alive or left at an incarnation)."""
+        if claim.node != self.node_cert.member_id:
+            raise IdentityError(
+                f"the certificate of {self.node_cert.member_id} cannot sign for {claim.node}"
+            )
+        body = claim.encode()
+        return SignedClaim(
+            body=body, signature=_sign(self.node_cert.key, body), cert=self._cert_der
+        )
+
     def sign(self, state: OriginState) -> SignedState:
         nc = self.node_cert
         # Verifiers would reject it anyway; refusing here finds the bug at its source.
@@ -709,13 +747,20 @@ class StateSigner:
 
 
 _ResultKey = tuple[bytes, bytes, bytes]
+_Outcome = OriginState | MemberClaim | Rejection
+
+
+def _is_statement(state: OriginState) -> bool:
+    """Does this document state something about others (a bridge's role)?"""
+    return state.bridge or bool(state.down) or bool(state.unreachable) or bool(state.rtt)
 
 
 class StateVerifier:
-    """Checks signed origin states against the CA certificates of one trust domain.
+    """Checks signed origin states and member claims against the CA certificates
+    of one trust domain.
 
     Two bounded LRU caches make repeats cheap, because the same immutable
-    SignedState is verified again and again (every relay, every simulated
+    signed value is verified again and again (every relay, every simulated
     node sharing this verifier):
 
     * per certificate DER: the chain check and the identity the cert names;
@@ -727,8 +772,13 @@ class StateVerifier:
     unparseable or untrusted certs and bad signatures are recomputed each time.
     Anyone can fabricate those, so caching them would let an anonymous peer
     fill the caches with junk and evict the entries that matter.  The clock
-    check and the origin/version check depend on the call, not the key, and
-    are redone on every hit.
+    check, the revocation check and the origin/version check depend on the
+    call, not the key, and are redone on every hit.
+
+    ``clock`` (wall-clock UTC) makes every verification check the signer's
+    validity period at that moment; without it (a simulator on virtual time)
+    the period is checked only when a call passes ``now``.  ``revoked`` says
+    whether a certificate serial is on the CA's revocation list.
 
     ``hits`` and ``misses`` count lookups in the outcome cache.
     """
@@ -738,47 +788,28 @@ class StateVerifier:
         ca_certs: Sequence[x509.Certificate] | x509.Certificate,
         trust_domain: str,
         cache_size: int = 65536,
+        clock: Callable[[], datetime] | None = None,
+        revoked: Callable[[int], bool] | None = None,
     ) -> None:
         if not isinstance(cache_size, int) or cache_size < 0:
             raise IdentityError("cache_size must be a non-negative integer")
         self._cas = _ca_list(ca_certs)
         self.trust_domain = _check_trust_domain(trust_domain)
         self.cache_size = cache_size
+        self.clock = clock
+        self.revoked = revoked
         self._certs: OrderedDict[bytes, _CertInfo] = OrderedDict()
-        self._results: OrderedDict[_ResultKey, tuple[_CertInfo, OriginState | Rejection]] = (
-            OrderedDict()
-        )
+        self._results: OrderedDict[_ResultKey, tuple[_CertInfo, _Outcome]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
     def verify(self, signed: SignedState, now: datetime | None = None) -> OriginState | Rejection:
-        """The state ``signed`` carries, or why it is refused.  Never raises on peer input.
-
-        The certificate's validity period is checked only when ``now`` is given.
-        """
-        key = (signed.body, signed.signature, signed.cert)
-        cached = self._results.get(key)
-        outcome: OriginState | Rejection | None
-        if cached is not None:
-            self._results.move_to_end(key)
-            self.hits += 1
-            info, outcome = cached
-        else:
-            self.misses += 1
-            looked = self._cert_info(signed.cert)
-            if isinstance(looked, Rejection):
-                return looked
-            info, outcome = looked, None
-        if now is not None:
-            expired = _window_rejection(info, now)
-            if expired is not None:
-                return expired
-        if outcome is None:
-            outcome, vouched = self._open(info, signed)
-            if vouched:
-                self._remember(self._results, key, (info, outcome))
+        """The state ``signed`` carries, or why it is refused.  Never raises on peer input."""
+        outcome = self._outcome(signed.body, signed.signature, signed.cert, now, self._open)
         if isinstance(outcome, Rejection):
             return outcome
+        if not isinstance(outcome, OriginState):
+            return Rejection("malformed", "not an origin state")
         # The outside copies are unsigned; a relay must not be able to make a
         # state look newer (or like another origin's) in digests.
         if signed.origin != outcome.origin or signed.version != outcome.version:
@@ -787,6 +818,64 @@ class StateVerifier:
                 f"carried {signed.origin:.120}@{signed.version}, "
                 f"signed {outcome.origin}@{outcome.version}",
             )
+        return outcome
+
+    def verify_claim(
+        self, signed: SignedClaim, now: datetime | None = None
+    ) -> MemberClaim | Rejection:
+        """The member claim ``signed`` carries, or why it is refused.  Never raises on input."""
+        outcome = self._outcome(signed.body, signed.signature, signed.cert, now, self._open_claim)
+        if isinstance(outcome, MemberClaim | Rejection):
+            return outcome
+        return Rejection("malformed", "not a member claim")
+
+    def current(self, cert: bytes, now: datetime | None = None) -> Rejection | None:
+        """Why a certificate that signed something we hold no longer vouches for it
+        (expired, revoked), or None while it does."""
+        info = self._cert_info(cert)
+        if isinstance(info, Rejection):
+            return info
+        return self._still_good(info, now)
+
+    def _still_good(self, info: _CertInfo, now: datetime | None) -> Rejection | None:
+        if now is None and self.clock is not None:
+            now = self.clock()
+        if now is not None:
+            expired = _window_rejection(info, now)
+            if expired is not None:
+                return expired
+        if self.revoked is not None and self.revoked(info.serial):
+            return Rejection("revoked-cert", f"serial {info.serial:x}")
+        return None
+
+    def _outcome(
+        self,
+        body: bytes,
+        signature: bytes,
+        cert: bytes,
+        now: datetime | None,
+        opener: Callable[[_CertInfo, bytes, bytes], tuple[_Outcome, bool]],
+    ) -> _Outcome:
+        key = (body, signature, cert)
+        cached = self._results.get(key)
+        outcome: _Outcome | None
+        if cached is not None:
+            self._results.move_to_end(key)
+            self.hits += 1
+            info, outcome = cached
+        else:
+            self.misses += 1
+            looked = self._cert_info(cert)
+            if isinstance(looked, Rejection):
+                return looked
+            info, outcome = looked, None
+        bad = self._still_good(info, now)
+        if bad is not None:
+            return bad
+        if outcome is None:
+            outcome, vouched = opener(info, body, signature)
+            if vouched:
+                self._remember(self._results, key, (info, outcome))
         return outcome
 
     def _cert_info(self, der: bytes) -> _CertInfo | Rejection:
@@ -800,19 +889,26 @@ class StateVerifier:
         return looked
 
     @staticmethod
-    def _open(info: _CertInfo, signed: SignedState) -> tuple[OriginState | Rejection, bool]:
-        """The outcome after the clock check, and whether the cert's key vouched for it."""
+    def _signed_by(info: _CertInfo, body: bytes, signature: bytes) -> Rejection | None:
         if info.problem is not None or info.public_key is None:
-            return info.problem or Rejection("bad-cert", "no key"), False
+            return info.problem or Rejection("bad-cert", "no key")
         try:
-            if not _signature_ok(info.public_key, signed.signature, signed.body):
-                return Rejection("bad-signature", f"by {info.cluster}/{info.node}"), False
+            if not _signature_ok(info.public_key, signature, body):
+                return Rejection("bad-signature", f"by {info.cluster}/{info.node}")
         except Exception as exc:  # e.g. a signature that is not even DER for ECDSA
-            return Rejection("bad-signature", type(exc).__name__), False
+            return Rejection("bad-signature", type(exc).__name__)
+        return None
+
+    @classmethod
+    def _open(cls, info: _CertInfo, body: bytes, signature: bytes) -> tuple[_Outcome, bool]:
+        """The outcome after the clock check, and whether the cert's key vouched for it."""
+        bad = cls._signed_by(info, body, signature)
+        if bad is not None:
+            return bad, False
         # From here on the key signed these exact bytes, so the outcome is the
         # signer's doing and safe to remember.
         try:
-            state = OriginState.decode(signed.body)
+            state = OriginState.decode(body)
         except wire.WireError as exc:
             return Rejection("malformed", str(exc)[:120]), True
         except Exception as exc:
@@ -823,7 +919,28 @@ class StateVerifier:
             ), True
         if state.node != info.node:
             return Rejection("node-mismatch", f"cert {info.node}, state {state.node}"), True
+        if _is_statement(state) and not info.bridge:
+            # Down, unreachable and round-trip statements speak for others:
+            # only a node the CA made a bridge may make them.
+            return Rejection("not-bridge", f"{info.cluster}/{info.node} holds no bridge role"), True
         return state, True
+
+    @classmethod
+    def _open_claim(cls, info: _CertInfo, body: bytes, signature: bytes) -> tuple[_Outcome, bool]:
+        bad = cls._signed_by(info, body, signature)
+        if bad is not None:
+            return bad, False
+        try:
+            claim = MemberClaim.decode(body)
+        except wire.WireError as exc:
+            return Rejection("malformed", str(exc)[:120]), True
+        except Exception as exc:
+            return Rejection("malformed", type(exc).__name__), True
+        if claim.node != wire.member_id(info.cluster, info.node):
+            return Rejection(
+                "node-mismatch", f"cert {info.cluster}/{info.node}, claim {claim.node}"
+            ), True
+        return claim, True
 
     def _remember(self, cache: OrderedDict, key: object, value: object) -> None:
         if self.cache_size == 0:

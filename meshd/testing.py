@@ -182,7 +182,7 @@ class Cluster:
         i = len(self.nodes)
         name = name or f"n{i}"
         address = f"127.0.0.1:{20000 + i}"
-        cert = issue_node_cert(self.ca, name, cluster)
+        cert = issue_node_cert(self.ca, name, cluster, bridge=bridge)
         hn = HarnessNode(i, name, cluster, address, region, zone, StateSigner(cert))
         hn.gateway = gateway
         self._by_addr[address] = (i, LAN)

@@ -28,7 +28,10 @@ from typing import Any, ClassVar
 
 import msgpack
 
-WIRE_VERSION = 1
+#: 2: member claims (alive, left) carry the member's own signature.  A
+#: version-1 peer's unsigned claims could not enter a view, so it is refused
+#: at the frame instead of being half-understood.
+WIRE_VERSION = 2
 
 # ---------------------------------------------------------------------------
 # Caps.  Each is a protocol limit: a peer exceeding it is rejected, not served.
@@ -63,6 +66,8 @@ MAX_DOWN_MEMBERS = 16384
 #: Largest signature and certificate chain carried with a state.
 MAX_SIGNATURE_BYTES = 512
 MAX_CERT_BYTES = 16 * 1024
+#: Largest signed member-claim body: six short fields.
+MAX_CLAIM_BODY_BYTES = 1024
 
 _LEN = struct.Struct(">I")
 _NAME_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.\-]{0,251}[A-Za-z0-9])?$")
@@ -492,6 +497,87 @@ class SignedState:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberClaim:
+    """What a member says about itself, and signs: alive or left at an incarnation.
+
+    The body (:meth:`encode`) is canonical, so the same claim signs to the same
+    bytes.  Only the member raises its own incarnation, and it signs each one,
+    so a claim is the proof that an incarnation exists: no receiver takes an
+    incarnation, address, region or zone for a member from anyone else.
+    """
+
+    status: Status
+    node: str
+    incarnation: int
+    address: str
+    region: str = ""
+    zone: str = ""
+
+    def __post_init__(self) -> None:
+        if self.status not in (Status.ALIVE, Status.LEFT):
+            raise WireError("a member claims only alive or left about itself")
+        _mid(self.node)
+        _check_int(self.incarnation, "incarnation", 0)
+        _check_str(self.address, "address", MAX_NAME_LEN + 6)
+        _check_str(self.region, "region", MAX_NAME_LEN)
+        _check_str(self.zone, "zone", MAX_NAME_LEN)
+
+    def encode(self) -> bytes:
+        return _pack(
+            [int(self.status), self.node, self.incarnation, self.address, self.region, self.zone]
+        )
+
+    @classmethod
+    def decode(cls, body: bytes) -> MemberClaim:
+        """Decode a signed body.  Raises WireError (only) on anything malformed."""
+        if not isinstance(body, bytes) or len(body) > MAX_CLAIM_BODY_BYTES:
+            raise WireError("claim body too large")
+        try:
+            raw = _unpack(body)
+        except Exception as exc:  # msgpack raises assorted types on hostile input
+            raise WireError(f"claim body undecodable: {type(exc).__name__}") from None
+        if not isinstance(raw, list) or len(raw) != 6:
+            raise WireError("a claim body is a list of 6 fields")
+        status = raw[0]
+        if type(status) is not int or status not in Status._value2member_map_:
+            raise WireError("unknown member status")
+        try:
+            return cls(Status(status), *raw[1:6])
+        except TypeError as exc:
+            raise WireError(f"claim malformed: {exc}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class SignedClaim:
+    """A :class:`MemberClaim` as it travels: body, the member's signature, its cert.
+
+    Immutable and shared like :class:`SignedState`; verified against the
+    certificate it carries (which must name the claimed member), never against
+    the neighbour that relayed it.
+    """
+
+    body: bytes
+    signature: bytes
+    cert: bytes
+    size: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_bytes(self.body, "claim body", MAX_CLAIM_BODY_BYTES)
+        _check_bytes(self.signature, "signature", MAX_SIGNATURE_BYTES)
+        _check_bytes(self.cert, "cert", MAX_CERT_BYTES)
+        object.__setattr__(self, "size", len(self.body) + len(self.signature) + len(self.cert) + 10)
+
+    def to_wire(self) -> list[Any]:
+        return [self.body, self.signature, self.cert]
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> SignedClaim:
+        if not isinstance(raw, list) or len(raw) < 3:
+            raise WireError("a signed claim is a list of 3 fields")
+        return cls(*raw[:3])
+
+
+@dataclass(frozen=True, slots=True)
 class MemberUpdate:
     """A claim about a member: its status at an incarnation, said by ``by``.
 
@@ -499,6 +585,11 @@ class MemberUpdate:
     for gossip (``host:port``).  ``by`` names who suspects or declares it dead
     (independent confirmations are counted by distinct ``by``); for alive and
     left it is the member itself.
+
+    ``claim`` is the member's own signed word (see :class:`MemberClaim`): an
+    alive or left update carries it and is believed only through it; a
+    suspect or dead update (an accusation) carries none and counts only at an
+    incarnation the receiver already holds a signed claim for.
     """
 
     status: Status
@@ -508,6 +599,7 @@ class MemberUpdate:
     region: str = ""
     zone: str = ""
     by: str = ""
+    claim: SignedClaim | None = None
     size: int = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -519,6 +611,8 @@ class MemberUpdate:
         _check_str(self.region, "region", MAX_NAME_LEN)
         _check_str(self.zone, "zone", MAX_NAME_LEN)
         _check_str(self.by, "by", 2 * MAX_NAME_LEN + 1)
+        if self.claim is not None and not isinstance(self.claim, SignedClaim):
+            raise WireError("claim must be a SignedClaim or None")
         object.__setattr__(self, "size", len(_pack(self.to_wire())))
 
     @property
@@ -534,6 +628,7 @@ class MemberUpdate:
             self.region,
             self.zone,
             self.by,
+            None if self.claim is None else self.claim.to_wire(),
         ]
 
     @classmethod
@@ -543,7 +638,10 @@ class MemberUpdate:
         status = raw[0]
         if type(status) is not int or status not in Status._value2member_map_:
             raise WireError("unknown member status")
-        return cls(Status(status), *raw[1:7])
+        claim = raw[7] if len(raw) > 7 else None
+        return cls(
+            Status(status), *raw[1:7], None if claim is None else SignedClaim.from_wire(claim)
+        )
 
 
 # ---------------------------------------------------------------------------

@@ -40,7 +40,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from meshd.identity import CA, NodeCert, StateSigner, create_ca, spiffe_id
+from meshd.identity import (
+    BRIDGE_ROLE_URI,
+    CA,
+    NodeCert,
+    StateSigner,
+    create_ca,
+    spiffe_id,
+)
 from meshd.policy.policy import AppPolicy
 from meshd.protocol.bridge import WAN
 from meshd.protocol.node import view_term
@@ -64,7 +71,9 @@ from simulations.wiresize import SIZERS as _SIZERS
 # Deterministic identities
 
 
-def _deterministic_cert(ca: CA, seed: int, cluster: str, node: str) -> NodeCert:
+def _deterministic_cert(
+    ca: CA, seed: int, cluster: str, node: str, bridge: bool = False
+) -> NodeCert:
     """A node certificate whose key, serial and validity follow from the seed.
 
     Same fields as ``meshd.identity.issue_node_cert`` issues (the verifier
@@ -93,6 +102,7 @@ def _deterministic_cert(ca: CA, seed: int, cluster: str, node: str) -> NodeCert:
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.UniformResourceIdentifier(spiffe_id(ca.trust_domain, cluster, node))]
+                + ([x509.UniformResourceIdentifier(BRIDGE_ROLE_URI)] if bridge else [])
             ),
             critical=False,
         )
@@ -197,7 +207,7 @@ class Simulation(Cluster):
         hn = super().add_node(start=False, join=False, **kw)
         ix = self.net.add_node(hn.cluster)
         assert ix == hn.index
-        nc = _deterministic_cert(self.ca, self.seed, hn.cluster, hn.name)
+        nc = _deterministic_cert(self.ca, self.seed, hn.cluster, hn.name, hn.is_bridge)
         hn.signer = StateSigner(nc)
         self.index_of[hn.id] = hn.index
         self.recv_msgs.append(0)

@@ -62,12 +62,13 @@ class Certs:
         self.ca_dir = root / "ca"
         run_meshd("ca", "create", "--out", str(self.ca_dir), "--trust-domain", trust_domain)
 
-    def issue(self, node: str, cluster: str) -> tuple[Path, Path, Path]:
+    def issue(self, node: str, cluster: str, bridge: bool = False) -> tuple[Path, Path, Path]:
         out = self.root / "certs" / cluster
         if not (out / f"{node}.pem").exists():
             run_meshd(
                 "cert", "issue", "--ca", str(self.ca_dir), "--node", node,
                 "--cluster", cluster, "--ip", "127.0.0.1", "--out", str(out),
+                *(["--bridge"] if bridge else []),
             )  # fmt: skip
         return self.ca_dir / "ca.pem", out / f"{node}.pem", out / f"{node}.key"
 
@@ -89,7 +90,8 @@ class AgentProc:
         self.node = node
         self.cluster = cluster
         self.state_dir = root / "state" / f"{cluster}-{node}"
-        ca, cert, key = certs.issue(node, cluster)
+        # A WAN listener needs the bridge role in the certificate.
+        ca, cert, key = certs.issue(node, cluster, bridge="--wan-bind" in (extra or []))
         self.args = [
             "agent", "--node", node, "--cluster", cluster, "--region", region, "--zone", zone,
             "--bind", "127.0.0.1:0", "--api", "127.0.0.1:0", "--profile", "local",

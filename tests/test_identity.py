@@ -35,7 +35,15 @@ from meshd.identity import (
     write_ca,
     write_node_cert,
 )
-from meshd.wire import AppRecord, OriginState, Rejection, SignedState
+from meshd.wire import (
+    AppRecord,
+    MemberClaim,
+    OriginState,
+    Rejection,
+    SignedClaim,
+    SignedState,
+    Status,
+)
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -574,3 +582,66 @@ def test_verify_never_raises_on_peer_bytes(
     fields = {"body": body, "signature": signature, "cert": cert, keep: getattr(real, keep)}
     signed = SignedState("east/n1", 3, fields["body"], fields["signature"], fields["cert"])
     assert isinstance(verifier.verify(signed, now=NOW), Rejection)
+
+
+# ---------------------------------------------------------------------------
+# Member claims, the bridge role, the verifier's clock and revocation.
+
+
+def test_a_claim_verifies_for_its_own_member_only(ca: CA, east: NodeCert) -> None:
+    v = StateVerifier(ca.cert, ca.trust_domain)
+    claim = MemberClaim(Status.ALIVE, "east/n1", 7, "127.0.0.1:7946", "r1", "z1")
+    signed = StateSigner(east).sign_claim(claim)
+    assert v.verify_claim(signed, now=NOW) == claim
+    # A certificate of another node cannot vouch for east/n1's incarnation.
+    other = issue_node_cert(ca, "n2", "east", now=NOW)
+    forged = SignedClaim(signed.body, sign_by_hand(other, signed.body).signature, other.cert_der)
+    rejected = v.verify_claim(forged, now=NOW)
+    assert isinstance(rejected, Rejection) and rejected.reason == "node-mismatch"
+    junk = SignedClaim(signed.body, b"\0" * 64, signed.cert)
+    rejected = v.verify_claim(junk, now=NOW)
+    assert isinstance(rejected, Rejection) and rejected.reason == "bad-signature"
+    with pytest.raises(IdentityError):
+        StateSigner(other).sign_claim(claim)
+
+
+def test_statements_about_others_need_the_bridge_role(ca: CA) -> None:
+    v = StateVerifier(ca.cert, ca.trust_domain)
+    plain = issue_node_cert(ca, "n3", "east", now=NOW)
+    bridge = issue_node_cert(ca, "b1", "east", now=NOW, bridge=True)
+    assert bridge.bridge and not plain.bridge
+    lie = OriginState("n3", "east", "", "", 5, down=(("east/n1", 2**63 - 1),))
+    rejected = v.verify(StateSigner(plain).sign(lie), now=NOW)
+    assert isinstance(rejected, Rejection) and rejected.reason == "not-bridge"
+    for field in ({"bridge": True}, {"unreachable": ("west",)}, {"rtt": (("west", 5),)}):
+        doc = OriginState("n3", "east", "", "", 6, **field)  # type: ignore[arg-type]
+        out = v.verify(StateSigner(plain).sign(doc), now=NOW)
+        assert isinstance(out, Rejection) and out.reason == "not-bridge"
+    said = OriginState("b1", "east", "", "", 5, bridge=True, down=(("east/n1", 3),))
+    assert v.verify(StateSigner(bridge).sign(said), now=NOW) == said
+
+
+def test_the_verifier_clock_refuses_expired_signers(ca: CA) -> None:
+    nc = issue_node_cert(ca, "n4", "east", days=1, now=NOW)
+    signed = StateSigner(nc).sign(make_state("n4"))
+    clock = [NOW]
+    v = StateVerifier(ca.cert, ca.trust_domain, clock=lambda: clock[0])
+    assert isinstance(v.verify(signed), OriginState)
+    assert v.current(signed.cert) is None
+    clock[0] = NOW + timedelta(days=3)  # cached outcome or not, the clock is asked again
+    expired = v.verify(signed)
+    assert isinstance(expired, Rejection) and expired.reason == "expired-cert"
+    assert v.current(signed.cert) == expired
+
+
+def test_revoked_serials_are_refused(ca: CA) -> None:
+    nc = issue_node_cert(ca, "n5", "east", now=NOW)
+    revoked: set[int] = set()
+    v = StateVerifier(ca.cert, ca.trust_domain, revoked=revoked.__contains__)
+    signed = StateSigner(nc).sign(make_state("n5"))
+    assert isinstance(v.verify(signed, now=NOW), OriginState)
+    revoked.add(nc.serial)
+    out = v.verify(signed, now=NOW)
+    assert isinstance(out, Rejection) and out.reason == "revoked-cert"
+    with pytest.raises(IdentityError, match="revoked"):
+        verify_peer_certificate(nc.cert_der, ca.cert, ca.trust_domain, revoked=revoked.__contains__)

@@ -476,7 +476,7 @@ def test_fuzz_stream_split_anywhere(msgs: list[Message], chunk: int) -> None:
 # Caps: enforced by the unpacker before anything is allocated.
 
 #: {"v": 1, "t": GOSSIP, "f": "east/n1", "m": <value follows>}
-GOSSIP_HEAD = b"\x84\xa1v\x01\xa1t\x05\xa1f\xa7east/n1\xa1m"
+GOSSIP_HEAD = b"\x84\xa1v\x02\xa1t\x05\xa1f\xa7east/n1\xa1m"
 
 HOSTILE_BODIES = {
     "array-2^31": b"\xdd\x7f\xff\xff\xff",
@@ -489,7 +489,7 @@ HOSTILE_BODIES = {
     "ext-1GB": b"\xc9\x40\x00\x00\x00\x05",
     # A plausible Gossip whose member list declares 2**31 entries (see GOSSIP_HEAD).
     "nested-array": GOSSIP_HEAD + b"\xdd\x7f\xff\xff\xff",
-    "nested-str": b"\x83\xa1v\x01\xa1t\x05\xa1f\xdb\x40\x00\x00\x00east/n1",
+    "nested-str": b"\x83\xa1v\x02\xa1t\x05\xa1f\xdb\x40\x00\x00\x00east/n1",
     "deep-nesting": b"\x91" * 5000,
 }
 

@@ -76,7 +76,15 @@ def _dev_identity(cfg: AgentConfig, state_dir: Path) -> tuple[Path, Path, Path]:
         ca = create_ca("mesh.local")
         write_ca(ca, tls, overwrite=True)
         write_node_cert(
-            issue_node_cert(ca, cfg.node, cfg.cluster, ips=["127.0.0.1"], dns=["localhost"]), tls
+            issue_node_cert(
+                ca,
+                cfg.node,
+                cfg.cluster,
+                ips=["127.0.0.1"],
+                dns=["localhost"],
+                bridge=cfg.wan_bind is not None,
+            ),
+            tls,
         )
     return ca_pem, cert_pem, key_pem
 
@@ -192,6 +200,11 @@ async def _serve(cfg: AgentConfig) -> int:
             raise StartError(
                 f"certificate {cert_file} is for node {node_cert.node!r} in cluster "
                 f"{node_cert.cluster!r}, not node {cfg.node!r} in cluster {cfg.cluster!r}"
+            )
+        if cfg.wan_bind is not None and not node_cert.bridge:
+            raise StartError(
+                f"certificate {cert_file} does not grant the bridge role that --wan-bind needs"
+                " (issue it with `meshd cert issue --bridge`)"
             )
 
         metrics = Metrics()
