@@ -640,7 +640,14 @@ class MemberUpdate:
             raise WireError("unknown member status")
         claim = raw[7] if len(raw) > 7 else None
         return cls(
-            Status(status), *raw[1:7], None if claim is None else SignedClaim.from_wire(claim)
+            Status(status),
+            raw[1],
+            raw[2],
+            raw[3],
+            raw[4],
+            raw[5],
+            raw[6],
+            None if claim is None else SignedClaim.from_wire(claim),
         )
 
 

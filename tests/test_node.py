@@ -25,6 +25,7 @@ from meshd.wire import (
     AppRecord,
     Gossip,
     IndirectPing,
+    MemberClaim,
     MemberUpdate,
     Nack,
     OriginState,
@@ -78,16 +79,19 @@ def make_node(
 
 
 def claim(status: Status, about: Node, by: Node | str, incarnation: int | None = None):
-    """A member update about ``about`` said by ``by``, at its incarnation unless given."""
-    return MemberUpdate(
-        status,
-        about.id,
-        about.incarnation if incarnation is None else incarnation,
-        about.address,
-        "r1",
-        "z1",
-        by if isinstance(by, str) else by.id,
-    )
+    """A member update about ``about`` said by ``by``, at its incarnation unless given.
+
+    Alive and left said by ``about`` itself carry its signed claim (ed25519
+    signatures are deterministic: the same one the node makes itself).
+    """
+    inc = about.incarnation if incarnation is None else incarnation
+    by_id = by if isinstance(by, str) else by.id
+    signed = None
+    if status in (Status.ALIVE, Status.LEFT) and by_id == about.id:
+        signed = about._signer.sign_claim(
+            MemberClaim(status, about.id, inc, about.address, "r1", "z1")
+        )
+    return MemberUpdate(status, about.id, inc, about.address, "r1", "z1", by_id, signed)
 
 
 def gossip(src: Node, dst: Node, now: float, *members: MemberUpdate, states=()) -> None:
@@ -512,7 +516,7 @@ def test_claim_about_self_is_refuted_and_others_take_it_back(status):
     net.now = 1.0
     net.flush(1.0)
     net.run(3.0)
-    refutation = MemberUpdate(Status.ALIVE, x.id, inc + 1, x.address, "r1", "z1", x.id)
+    refutation = claim(Status.ALIVE, x, x, inc + 1)
     assert any(refutation in getattr(m, "members", ()) for _, _, m in net.sent_by(x, object))
     assert b.members[x.id].status is Status.ALIVE
     assert b.members[x.id].incarnation == inc + 1
@@ -538,7 +542,7 @@ def test_buddy_suspicion_on_a_ping_is_refuted_at_once_in_the_ack():
     assert x.incarnation == inc + 1
     (_, ack) = sent(x, Ack)[0]
     assert ack.seq == 9
-    assert MemberUpdate(Status.ALIVE, x.id, inc + 1, x.address, "r1", "z1", x.id) in ack.members
+    assert claim(Status.ALIVE, x, x, inc + 1) in ack.members
 
 
 @pytest.mark.parametrize("lifeguard", [True, False])
@@ -569,7 +573,7 @@ def test_leave_tells_peers_directly_and_they_tombstone_its_origin():
     inc = a.incarnation
     a.leave(2.0)
     out = a.messages_to_send()
-    left = MemberUpdate(Status.LEFT, a.id, inc, a.address, "r1", "z1", a.id)
+    left = claim(Status.LEFT, a, a, inc)
     assert sorted(addr for addr, _ in out) == sorted([b.address, c.address])
     for addr, msg in out:
         assert isinstance(msg, Gossip) and msg.members == (left,)
@@ -598,7 +602,7 @@ def test_idle_node_keeps_gossiping_its_leave_after_the_direct_notices_are_lost()
     a.leave(10.0)
     a.messages_to_send()  # the direct notices are lost
     net.run(10.0 + 5 * LAN.gossip_interval, active=[a])
-    left = MemberUpdate(Status.LEFT, a.id, a.incarnation, a.address, "r1", "z1", a.id)
+    left = claim(Status.LEFT, a, a, a.incarnation)
     assert any(left in m.members for _, _, m in net.sent_by(a, Gossip, since=10.0))
 
 
@@ -773,7 +777,9 @@ def adopters_and_reference():
     z = make_node(5)
     states = tuple(e.signed for e in a.store.live())
     z.receive(
-        PushPullReply(a.id, digest=a.store.digest(), members=a._full_member_list(), states=states),
+        PushPullReply(
+            a.id, digest=a.store.digest(), members=a._full_member_list()[0], states=states
+        ),
         1.0,
         peer=a.id,
     )

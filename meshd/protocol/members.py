@@ -10,6 +10,14 @@ says which claim may move which status, and at which incarnation.
 - ``alive`` at a *higher* incarnation overrides anything: the member spoke.
 - ``suspect``, ``dead`` and ``left`` at the *same or higher* incarnation
   override ``alive``: they were said about the member's latest life.
+
+Trust.  Alive and left are the member's own word and carry its signature
+(``MemberUpdate.claim``); the node checks it before it applies one, and takes
+incarnation, address, region and zone from the signed body alone.  Suspect
+and dead are accusations by others, unsigned; :func:`decide` lets one count
+only at *exactly* the incarnation the receiver holds, which some signed claim
+put there.  So no one but the member can move its incarnation, and every
+accusation can be refuted by the member's next signed claim.
 - ``suspect`` on ``suspect`` is not a move but a confirmation from another
   accuser, which shortens the suspicion timer (Lifeguard).
 - ``dead`` and ``left`` are final for that incarnation; only a newer ``alive``
@@ -25,7 +33,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from meshd.wire import MemberUpdate, Status
+from meshd.wire import MemberUpdate, SignedClaim, Status
 
 
 class Rule(enum.Enum):
@@ -41,6 +49,8 @@ class Move(enum.Enum):
 
 
 A, S, D, L = Status.ALIVE, Status.SUSPECT, Status.DEAD, Status.LEFT
+#: Claims others make about a member; unsigned, so bound to the held incarnation.
+ACCUSATIONS = frozenset((S, D))
 
 #: (current status, None when unknown; claimed status) -> rule the claim must meet.
 TRANSITIONS: dict[tuple[Status | None, Status], Rule] = {
@@ -75,6 +85,9 @@ class Member:
     incarnation: int
     status: Status
     since: float
+    #: The member's own signed claim at ``incarnation`` (alive, or left):
+    #: passed on with every alive or left update, so others verify it too.
+    claim: SignedClaim | None = None
 
     @property
     def cluster(self) -> str:
@@ -90,8 +103,11 @@ class Member:
         return self.status in (Status.ALIVE, Status.SUSPECT)
 
     def update_for(self, status: Status, by: str) -> MemberUpdate:
+        # Accusations go without the claim: they name the incarnation the
+        # receiver must already hold, and stay small (they are the frequent ones).
+        claim = self.claim if status in (Status.ALIVE, Status.LEFT) else None
         return MemberUpdate(
-            status, self.node, self.incarnation, self.address, self.region, self.zone, by
+            status, self.node, self.incarnation, self.address, self.region, self.zone, by, claim
         )
 
 
@@ -105,6 +121,9 @@ def decide(current: Member | None, claim: MemberUpdate) -> Move:
         if rule is Rule.NEWER and claim.incarnation <= current.incarnation:
             return Move.IGNORE
         if rule is Rule.AT_LEAST and claim.incarnation < current.incarnation:
+            return Move.IGNORE
+        if claim.status in ACCUSATIONS and claim.incarnation != current.incarnation:
+            # Beyond what the member signed: nobody may invent its next life.
             return Move.IGNORE
     if cur_status is Status.SUSPECT and claim.status is Status.SUSPECT:
         return Move.CONFIRM

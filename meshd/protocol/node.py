@@ -28,6 +28,17 @@ What it does:
   version that only grows; other origins' states verified before they are
   stored; dead or left origins kept as tombstones until reaped.
 
+Trust: nothing a peer says is used before it is verified.  A member enters
+a view, and moves its incarnation, address, region or zone, only through its
+own signed claim (``MemberUpdate.claim``, verified against the certificate it
+carries); accusations count only at the incarnation such a claim put there
+(``members.decide``).  Documents, our own included, are verified before
+anything reads them; a statement about others (down, unreachable) comes only
+from a certificate with the bridge role (the verifier) and is taken only up
+to the versions its subject signed.  A message whose signatures keep failing
+is dropped after ``MAX_BAD_PER_MESSAGE`` of them, so junk costs a bounded
+number of signature checks.
+
 Peer input never raises: a claim that breaks a rule is ignored, a state that
 fails verification is counted in ``counters`` and dropped.
 """
@@ -39,9 +50,9 @@ import hashlib
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from meshd.protocol.awareness import Awareness, failed_probe_delta
 from meshd.protocol.config import Config
@@ -63,6 +74,7 @@ from meshd.wire import (
     AppRecord,
     Gossip,
     IndirectPing,
+    MemberClaim,
     MemberUpdate,
     Message,
     Nack,
@@ -71,6 +83,7 @@ from meshd.wire import (
     PushPull,
     PushPullReply,
     Rejection,
+    SignedClaim,
     SignedState,
     Status,
     doc_member,
@@ -88,6 +101,11 @@ JOIN_RETRY_INTERVAL = 2.0
 NACK_TIMEOUT_FRACTION = 0.8
 #: Pools above this size sync less often (memberlist's pushPullScaleThreshold).
 PUSH_PULL_SCALE_THRESHOLD = 32
+#: Failed verifications (bad signature, bad or untrusted certificate) after
+#: which the rest of one message is dropped unread: an honest peer relays only
+#: what verified for it, so a few failures are churn (an expired signer) and
+#: many are an attack whose every signature check costs us CPU.
+MAX_BAD_PER_MESSAGE = 8
 
 # What an open sync offered (``Node._open_syncs``): our full member list and
 # digest (a join), our digest, or our fingerprints alone.
@@ -97,9 +115,15 @@ _SYNC_FULL, _SYNC_DIGEST, _SYNC_SHORT = "full", "digest", "short"
 class Signer(Protocol):
     def sign(self, state: OriginState) -> SignedState: ...
 
+    def sign_claim(self, claim: MemberClaim) -> SignedClaim: ...
+
 
 class Verifier(Protocol):
     def verify(self, signed: SignedState) -> OriginState | Rejection: ...
+
+    def verify_claim(self, signed: SignedClaim) -> MemberClaim | Rejection: ...
+
+    def current(self, cert: bytes) -> Rejection | None: ...
 
 
 def nack_timeout(probe_timeout: float) -> float:
@@ -256,8 +280,19 @@ class Node:
         #: XOR of ``view_term`` over our members: equal views, equal numbers.
         #: A digest sync compares it to decide whether member lists must flow.
         self.view = 0
+        #: Failed verifications in the message being received (see receive).
+        self._bad = 0
         self._add_member(
-            Member(self.id, address, region, zone, self.incarnation, Status.ALIVE, now)
+            Member(
+                self.id,
+                address,
+                region,
+                zone,
+                self.incarnation,
+                Status.ALIVE,
+                now,
+                self._own_claim(Status.ALIVE),
+            )
         )
 
         self._member_q: BroadcastQueue[MemberUpdate] = BroadcastQueue(lambda u: u.size)
@@ -369,17 +404,21 @@ class Node:
             return
         if msg.source == self.id:
             return
+        self._bad = 0
         members = getattr(msg, "members", ())
         states = getattr(msg, "states", ())
-        if isinstance(msg, PushPull | PushPullReply):
+        synced = getattr(msg, "sync", False)
+        if isinstance(msg, PushPull | PushPullReply) or synced:
             self._merge_remote_members(msg.source, members, now)
             self._merge_states(states, now, rebroadcast=False)
         else:
             for u in members:
-                self._apply(u, now)
-            # States that answer a sync filled a gap here; re-gossiping them
-            # would flood the pool with old news (a new node receives all).
-            self._merge_states(states, now, rebroadcast=not getattr(msg, "sync", False))
+                if self._bad >= MAX_BAD_PER_MESSAGE:
+                    break
+                self._apply(u, now, via=msg.source)
+            self._merge_states(states, now, rebroadcast=True)
+        if self._bad >= MAX_BAD_PER_MESSAGE:
+            self.counters["rejected-state:flood"] += 1
 
         if isinstance(msg, Ping):
             self._on_ping(msg, now)
@@ -409,7 +448,9 @@ class Node:
         if self.left:
             return
         self.left = True
-        me = self._set_status(self.members[self.id], Status.LEFT, now)
+        me = self._set_status(
+            self.members[self.id], Status.LEFT, now, claim=self._own_claim(Status.LEFT)
+        )
         update = me.update_for(Status.LEFT, self.id)
         self._queue_member(update, now)
         self._probe = None
@@ -434,6 +475,49 @@ class Node:
     def set_apps(self, records: Iterable[AppRecord], now: float) -> int:
         self._apps = {r.instance: r for r in records}
         return self._publish(now)
+
+    def set_signer(self, signer: Signer, now: float) -> None:
+        """A renewed certificate: sign everything we say with it from now on.
+
+        A new incarnation carries our claim under the new key (the old one may
+        expire or be revoked soon, and with it every claim it signed), and
+        every document is re-signed under a new version.
+        """
+        self._signer = signer
+        if self.left:
+            return
+        self.incarnation += 1
+        me = self._set_status(
+            self.members[self.id],
+            Status.ALIVE,
+            now,
+            self.incarnation,
+            claim=self._own_claim(Status.ALIVE),
+        )
+        self._queue_member(me.update_for(Status.ALIVE, self.id), now)
+        if self.publisher:
+            self._publish(now, force=True)
+
+    def recheck_signers(self, now: float) -> int:
+        """Stop serving documents whose signer no longer vouches for them.
+
+        A certificate expires, or lands on the revocation list, long after
+        the documents it signed were verified; the driver calls this now and
+        then (and after a new revocation list).  The documents are tombstoned,
+        so a newer version signed with a renewed certificate still wins.
+        Returns how many were tombstoned.
+        """
+        dropped = 0
+        for entry in list(self.store.live()):
+            signed = entry.signed
+            if doc_member(signed.origin) == self.id:
+                continue  # ours: re-signed by set_signer when renewed
+            why = self._verifier.current(signed.cert)
+            if why is not None and self.store.tombstone(signed.origin, now):
+                self.counters[f"rejected-state:{why.reason}"] += 1
+                self._origin_event(signed.origin, live=False)
+                dropped += 1
+        return dropped
 
     def report_refused(self, address: str, now: float) -> None:
         """The driver got 'connection refused' from ``address``.
@@ -588,12 +672,24 @@ class Node:
         self._merge_states((signed,), now, rebroadcast=True)
         return self.store.version(signed.origin) != before
 
+    def _own_claim(self, status: Status) -> SignedClaim:
+        return self._signer.sign_claim(
+            MemberClaim(status, self.id, self.incarnation, self.address, self.region, self.zone)
+        )
+
     def _refute(self, claim: MemberUpdate, now: float) -> None:
+        """Outrun ``claim`` (about us, at an incarnation we signed) with a new one."""
         if self.left:
             return
         self.counters["refutations"] += 1
         self.incarnation = max(self.incarnation, claim.incarnation) + 1
-        me = self._set_status(self.members[self.id], Status.ALIVE, now, self.incarnation)
+        me = self._set_status(
+            self.members[self.id],
+            Status.ALIVE,
+            now,
+            self.incarnation,
+            claim=self._own_claim(Status.ALIVE),
+        )
         self._member_q.push(self.id, me.update_for(Status.ALIVE, self.id))
         if self.config.lifeguard:
             self.awareness.apply(1)
@@ -649,17 +745,17 @@ class Node:
         status: Status,
         now: float,
         incarnation: int | None = None,
-        **where: str,
+        **where: str | SignedClaim | None,
     ) -> Member:
         """The one place a known member's status, incarnation or address
-        (``where``: address, region, zone) changes; returns the new member."""
+        (``where``: address, region, zone, claim) changes; returns the new member."""
         self._own_members()
         new = dataclasses.replace(
             m,
             status=status,
             since=now if status is not m.status else m.since,
             incarnation=m.incarnation if incarnation is None else incarnation,
-            **where,
+            **where,  # type: ignore[arg-type]
         )
         self.members[m.node] = new
         self.view ^= view_term(m) ^ view_term(new)
@@ -670,7 +766,39 @@ class Node:
             self._gone.discard(m.node)
         return new
 
-    def _apply(self, u: MemberUpdate, now: float, rebroadcast: bool = True) -> None:
+    def _verified(self, u: MemberUpdate) -> MemberUpdate | None:
+        """An alive or left update rebuilt from its member's verified signed claim.
+
+        Everything but ``by`` comes from the signed body, never from the
+        unsigned copies beside it; None (and a count) when it does not verify.
+        """
+        if u.claim is None:
+            self.counters["rejected-claim:unsigned"] += 1
+            return None
+        claim = self._verifier.verify_claim(u.claim)
+        if isinstance(claim, Rejection):
+            self._bad += 1
+            self.counters[f"rejected-claim:{claim.reason}"] += 1
+            return None
+        if claim.node != u.node:
+            self._bad += 1
+            self.counters["rejected-claim:node-mismatch"] += 1
+            return None
+        return MemberUpdate(
+            claim.status,
+            claim.node,
+            claim.incarnation,
+            claim.address,
+            claim.region,
+            claim.zone,
+            claim.node,
+            u.claim,
+        )
+
+    def _apply(
+        self, u: MemberUpdate, now: float, rebroadcast: bool = True, via: str | None = None
+    ) -> None:
+        """Apply one update; ``via`` is the authenticated peer that delivered it."""
         if u.node == self.id:
             self._about_me(u, now)
             return
@@ -679,28 +807,47 @@ class Node:
         if move is Move.IGNORE:
             self.counters["stale-claims"] += 1
             return
+        if u.status in (Status.ALIVE, Status.LEFT) and not (
+            cur is not None and u.claim is cur.claim and u.claim is not None
+        ):
+            # The member's own word: believed only through its signature
+            # (checked after the cheap table lookup, so stale repeats cost
+            # nothing; the very claim we hold needs no second look).
+            checked = self._verified(u)
+            if checked is None:
+                return
+            u = checked
+            move = decide(cur, u)
+            if move is Move.IGNORE:
+                self.counters["stale-claims"] += 1
+                return
         if move is Move.CONFIRM:
             s = self._suspicions.get(u.node)
-            if cur is not None and u.incarnation > cur.incarnation:
-                self._set_status(cur, cur.status, now, u.incarnation)
-            if s is not None and self.config.lifeguard and s.confirm(u.by):
+            if s is not None and self.config.lifeguard and s.confirm(u.by, via):
                 # Others count confirmations too: pass it on.
                 self._queue_member(u, now)
             return
 
         old_status = cur.status if cur is not None else None
         if cur is None:
-            cur = Member(u.node, u.address, u.region, u.zone, u.incarnation, u.status, now)
+            cur = Member(u.node, u.address, u.region, u.zone, u.incarnation, u.status, now, u.claim)
             self._add_member(cur)
-        elif u.status is Status.ALIVE:
+        elif u.status in (Status.ALIVE, Status.LEFT):
             cur = self._set_status(
-                cur, u.status, now, u.incarnation, address=u.address, region=u.region, zone=u.zone
+                cur,
+                u.status,
+                now,
+                u.incarnation,
+                address=u.address,
+                region=u.region,
+                zone=u.zone,
+                claim=u.claim,
             )
         else:
             cur = self._set_status(cur, u.status, now, u.incarnation)
 
         if u.status is Status.SUSPECT:
-            self._start_suspicion(cur, u.by, now)
+            self._start_suspicion(cur, u.by, now, via)
         else:
             self._suspicions.pop(u.node, None)
         if u.status in (Status.DEAD, Status.LEFT):
@@ -717,14 +864,28 @@ class Node:
             self._queue_member(u, now)
 
     def _about_me(self, u: MemberUpdate, now: float) -> None:
+        """A claim about ourselves: refute what concerns our current life.
+
+        Only an incarnation we signed counts.  An accusation beyond our
+        incarnation is invented (we never signed that life) and ignored; an
+        alive or left claim beyond it must carry our own signature (a life
+        before a restart that lost our counters), and then we move past it.
+        """
         if self.left:
             return
-        if u.status is Status.ALIVE:
-            if u.incarnation > self.incarnation:
-                # Someone remembers a later life of ours (state lost on restart).
-                self._refute(u, now)
+        if u.status in (Status.ALIVE, Status.LEFT):
+            later = u.incarnation > self.incarnation or (
+                u.status is Status.LEFT and u.incarnation == self.incarnation
+            )
+            if later and u.claim is not self.members[self.id].claim:
+                checked = self._verified(u)
+                if checked is not None and checked.incarnation >= self.incarnation:
+                    self._refute(checked, now)
             return
-        if u.incarnation >= self.incarnation:  # an older claim is already refuted
+        if u.incarnation > self.incarnation:
+            self.counters["rejected-claim:beyond-signed"] += 1
+            return
+        if u.incarnation == self.incarnation:  # an older claim is already refuted
             self._refute(u, now)
 
     def _merge_remote_members(
@@ -738,22 +899,22 @@ class Node:
         (a joiner), so a sync does not flood the queue with old news.
         """
         for u in updates:
+            if self._bad >= MAX_BAD_PER_MESSAGE:
+                break
             if u.status is Status.DEAD and u.node != self.id:
-                u = MemberUpdate(
-                    Status.SUSPECT, u.node, u.incarnation, u.address, u.region, u.zone, u.by
-                )
-            self._apply(u, now, rebroadcast=(u.node == source))
+                u = dataclasses.replace(u, status=Status.SUSPECT)
+            self._apply(u, now, rebroadcast=(u.node == source), via=source)
 
     def _queue_member(self, u: MemberUpdate, now: float) -> None:
         self._member_q.push(u.node, u)
         self._wake_gossip(now)
 
-    def _start_suspicion(self, m: Member, by: str, now: float) -> None:
+    def _start_suspicion(self, m: Member, by: str, now: float, via: str | None = None) -> None:
         cfg = self.config
         n = self.pool_size
         lo, hi = self.suspicion_bounds()
         k = expected_confirmations(cfg.suspicion_mult, n) if cfg.lifeguard else 0
-        self._suspicions[m.node] = Suspicion(now, by, k, lo, hi)
+        self._suspicions[m.node] = Suspicion(now, by, k, lo, hi, via)
 
     def _expire_suspicions(self, now: float) -> None:
         expired = [node for node, s in self._suspicions.items() if now >= s.deadline]
@@ -979,13 +1140,12 @@ class Node:
 
     def _merge_states(self, states: Iterable[SignedState], now: float, rebroadcast: bool) -> None:
         for signed in states:
+            if self._bad >= MAX_BAD_PER_MESSAGE:
+                break
             entry = self.store.get(signed.origin)
             if entry is not None and not wins(signed, entry.signed):
                 continue  # already have it or newer: skip verification entirely
             owner = doc_member(signed.origin)
-            if owner == self.id and self.publisher:
-                self._own_state_seen(signed, now)
-                continue
             if not may_reach(signed.origin, self.cluster):
                 # Export control, on the receiving side too: a peer that
                 # should not have sent it does not get it stored here.
@@ -993,7 +1153,12 @@ class Node:
                 continue
             result = self._verifier.verify(signed)
             if isinstance(result, Rejection):
+                self._bad += 1
                 self.counters[f"rejected-state:{result.reason}"] += 1
+                continue
+            if owner == self.id and self.publisher:
+                # Verified first: only our own signature may move our counter.
+                self._own_state_seen(signed, now)
                 continue
             m = self.members.get(owner)
             dead = m is not None and m.status in (Status.DEAD, Status.LEFT)
@@ -1003,7 +1168,7 @@ class Node:
             if self.store.merge(signed, result, now, tombstoned=dead):
                 self._note_doc(signed.origin)
                 if result.down:
-                    self._apply_down(result.down, now)
+                    self._apply_down(result.down, now, own=result.cluster == self.cluster)
                 self._events.append(OriginChanged(signed.origin, signed.version, not dead))
                 if rebroadcast and not dead:
                     self._record_q.push(signed.origin, signed)
@@ -1011,19 +1176,38 @@ class Node:
             else:
                 self.counters["rejected-state:store-full"] += 1
 
-    def _apply_down(self, down: Iterable[tuple[str, int]], now: float) -> None:
+    def _apply_down(self, down: Iterable[tuple[str, int]], now: float, own: bool) -> None:
         """A bridge says these members of its cluster are dead as of a version:
         tombstone what we hold of theirs up to it (the verifier has checked the
-        statement comes from a certificate of that cluster)."""
-        for member, version in down:
+        statement comes from a bridge certificate of that cluster).
+
+        A version is a counter about the member, so it is taken only up to
+        the highest version we hold signed by the member itself: a bridge
+        cannot bury a life the member has not yet lived.  In the bridge's own
+        cluster (``own``) membership is the authority on who is dead, so only
+        a statement about ourselves matters there: we republish, so that
+        other clusters serve us again.
+        """
+        for member, stated in down:
             if member == self.id:
-                # A stale or false statement about us: outrun it with a new
-                # version, so other clusters serve us again.
-                if self.publisher and version >= self.version:
-                    self.counters["own-version-behind"] += 1
-                    self.version = version
+                # A stale or false statement that covers our current version
+                # (receivers cap it at the versions they hold of ours): outrun
+                # it with the next version, so other clusters serve us again.
+                # Never jump to a stated version: it is no version we signed
+                # (a real later document of ours moves us in _own_state_seen).
+                if stated > self.version:
+                    self.counters["rejected-state:down-beyond-signed"] += 1
+                if self.publisher and stated >= self.version:
                     self._publish(now, force=True)
                 continue
+            if own:
+                continue
+            held = [v for d in self._doc_ids(member) if (v := self.store.version(d)) is not None]
+            if not held:
+                continue  # nothing of theirs here to bury, nor a version to bound it
+            if stated > max(held):
+                self.counters["rejected-state:down-beyond-signed"] += 1
+            version = min(stated, max(held))
             old = self._dead_as_of.get(member)
             if old is None or version > old[0]:
                 self._dead_as_of[member] = (version, now)
@@ -1044,8 +1228,23 @@ class Node:
     # ------------------------------------------------------------------
     # Anti-entropy
 
-    def _full_member_list(self) -> tuple[MemberUpdate, ...]:
-        return tuple(m.update_for(m.status, m.node) for m in self.members.values())
+    def _full_member_list(self) -> list[tuple[MemberUpdate, ...]]:
+        """Our member list in chunks that each fit a frame (claims carry certificates).
+
+        A suspected member is listed by its signed alive claim, then the
+        accusation, so a peer that never heard of it can take both.
+        """
+        updates: list[MemberUpdate] = []
+        for m in self.members.values():
+            if m.status is Status.SUSPECT:
+                updates.append(m.update_for(Status.ALIVE, m.node))
+            updates.append(m.update_for(m.status, m.node))
+        return list(_chunks(updates)) or [()]
+
+    def _send_members(self, address: str, rest: list[tuple[MemberUpdate, ...]]) -> None:
+        """The chunks of a member list after the first, which went in the sync."""
+        for chunk in rest:
+            self._send(address, Gossip(self.id, members=chunk, sync=True))
 
     def _digest_for(self, cluster: str | None) -> dict[str, int]:
         """Our digest as ``cluster`` may see it (None: unknown, public docs only)."""
@@ -1079,6 +1278,7 @@ class Node:
         records = self.store.fingerprint if dest_cluster == self.cluster else 0
         short = short and not full and records != 0
         self._open_syncs[address] = _SYNC_FULL if full else _SYNC_SHORT if short else _SYNC_DIGEST
+        chunks: list[tuple[MemberUpdate, ...]] = self._full_member_list() if full else [()]
         self._send(
             address,
             PushPull(
@@ -1086,11 +1286,12 @@ class Node:
                 source_addr=self.address,
                 join=join,
                 digest={} if short else self._digest_for(dest_cluster),
-                members=self._full_member_list() if full else (),
+                members=chunks[0],
                 view=self.view,
                 records=records,
             ),
         )
+        self._send_members(address, chunks[1:])
 
     def _start_sync(self, now: float) -> None:
         peers = self._random_members(1, lambda m: m.status is Status.ALIVE and m.node != self.id)
@@ -1136,17 +1337,19 @@ class Node:
         else:
             digest = self._digest_for(peer_cluster)
             chunks = list(_chunks(self._newer_for(msg.digest, peer_cluster)))
+        lists: list[tuple[MemberUpdate, ...]] = self._full_member_list() if full else [()]
         self._send(
             addr,
             PushPullReply(
                 self.id,
                 digest=digest,
-                members=self._full_member_list() if full else (),
+                members=lists[0],
                 states=chunks[0] if chunks else (),
                 view=self.view,
                 records=records,
             ),
         )
+        self._send_members(addr, lists[1:])
         for chunk in chunks[1:]:
             self._send(addr, Gossip(self.id, states=chunk, sync=True))
 
@@ -1158,15 +1361,17 @@ class Node:
         if offered in (_SYNC_DIGEST, _SYNC_SHORT) and msg.members and msg.view != self.view:
             # It sent its list because views differed; ours may hold what it
             # lacks.  Send it back as a reply, which is never answered again.
+            lists = self._full_member_list()
             self._send(
                 addr,
                 PushPullReply(
                     self.id,
                     digest=self._digest_for(_cluster_of(msg.source)),
-                    members=self._full_member_list(),
+                    members=lists[0],
                     view=self.view,
                 ),
             )
+            self._send_members(addr, lists[1:])
         if msg.records and not msg.digest:
             return  # its store matches ours
         peer_cluster = _cluster_of(msg.source)
@@ -1233,6 +1438,11 @@ class Node:
         return list(picked.values())
 
 
+class _Sized(Protocol):
+    @property
+    def size(self) -> int: ...
+
+
 class _Accept(Protocol):
     def __call__(self, m: Member) -> bool: ...
 
@@ -1241,10 +1451,11 @@ def _cluster_of(mid: str) -> str:
     return mid.partition("/")[0]
 
 
-def _chunks(states: list[SignedState]) -> Iterator[tuple[SignedState, ...]]:
-    chunk: list[SignedState] = []
+def _chunks(items: Sequence[_Sized]) -> Iterator[tuple[Any, ...]]:
+    """``items`` in runs of at most SYNC_CHUNK_BYTES (each run at least one item)."""
+    chunk: list[Any] = []
     used = 0
-    for s in states:
+    for s in items:
         if chunk and used + s.size > SYNC_CHUNK_BYTES:
             yield tuple(chunk)
             chunk, used = [], 0

@@ -44,26 +44,46 @@ class Suspicion:
 
     The member that raised it is not a confirmation; each further distinct
     accuser is, up to ``k``.  ``deadline`` is recomputed on every new one.
+
+    An accusation names its accuser (``by``) but is not signed by it, so a
+    confirmation also names the peer that delivered it (``via``, known by its
+    connection's certificate) and counts only if that peer has not delivered
+    one before: a peer holding a valid certificate that invents accusers gets
+    one confirmation, not ``k``.  The driver's own evidence (``via`` None,
+    e.g. a refused connection) is not limited so.
     """
 
-    __slots__ = ("start", "k", "min_t", "max_t", "_accusers", "deadline")
+    __slots__ = ("start", "k", "min_t", "max_t", "_accusers", "_relays", "deadline")
 
-    def __init__(self, start: float, first_by: str, k: int, min_t: float, max_t: float) -> None:
+    def __init__(
+        self,
+        start: float,
+        first_by: str,
+        k: int,
+        min_t: float,
+        max_t: float,
+        via: str | None = None,
+    ) -> None:
         self.start = start
         self.k = k
         self.min_t = min_t
         self.max_t = max_t
         self._accusers = {first_by}
+        self._relays = {via} if via is not None else set()
         self.deadline = start + suspicion_timeout(0, k, min_t, max_t)
 
     @property
     def confirmations(self) -> int:
         return len(self._accusers) - 1
 
-    def confirm(self, by: str) -> bool:
+    def confirm(self, by: str, via: str | None = None) -> bool:
         """Count ``by`` once; True when it was new and moved the deadline."""
         if self.confirmations >= self.k or by in self._accusers:
             return False
+        if via is not None:
+            if via in self._relays:
+                return False
+            self._relays.add(via)
         self._accusers.add(by)
         self.deadline = self.start + suspicion_timeout(
             self.confirmations, self.k, self.min_t, self.max_t

@@ -1,0 +1,344 @@
+"""A peer holding a valid certificate that lies, on the in-memory harness.
+
+A rogue node (never part of the honest cluster's harness, but holding a
+certificate of its CA) sends honest cores arbitrary well-formed messages:
+accusations at any incarnation, alive and left claims for others (unsigned,
+signed by itself, or with another's certificate and a junk signature), states
+for others and for the receiver itself, down statements, phantom members,
+replays of what honest nodes said.  Every message goes through the wire codec
+first, as it would from a socket.
+
+The invariant, checked after the attack and one repair bound of virtual time:
+every honest node lists every honest node alive and serves every honest
+registration, and no honest node's incarnation or version moved further than
+its own refutations and republishing account for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from meshd.identity import StateSigner, issue_node_cert
+from meshd.protocol.config import Config
+from meshd.testing import Cluster
+from meshd.wire import (
+    AppRecord,
+    Gossip,
+    MemberClaim,
+    MemberUpdate,
+    Message,
+    OriginState,
+    Ping,
+    PushPull,
+    PushPullReply,
+    SignedClaim,
+    SignedState,
+    Status,
+    decode_message,
+    encode_message,
+)
+
+HONEST = 4
+#: Virtual seconds after the attack within which everything must be repaired:
+#: a refutation spreads in a few gossip rounds, a republished document in a
+#: few more, and anti-entropy (local profile: every 2 s) repairs the rest.
+REPAIR_BOUND = 30.0
+#: How far an honest counter may move during one attack: a refutation or a
+#: republish per accepted lie at most, and the attack has at most this many steps.
+STEPS = 25
+MAX_INT = 2**63 - 1
+
+incarnations = st.one_of(st.integers(0, 8), st.just(MAX_INT), st.integers(0, MAX_INT))
+
+
+@dataclass
+class Rogue:
+    name: str
+    cluster: str
+    bridge: bool
+    signer: StateSigner
+
+    @property
+    def id(self) -> str:
+        return f"{self.cluster}/{self.name}"
+
+
+def build(kind: str) -> tuple[Cluster, Rogue]:
+    c = Cluster(HONEST, seed=7, config=Config.local())
+    for i in range(HONEST):
+        c.register(i, "orders", f"orders-{i}", port=9000 + i)
+    took = c.run_until_true(
+        lambda: all(len(c.resolve(i, "orders")) == HONEST for i in c.running()), 30
+    )
+    assert took is not None
+    cluster = "west" if kind == "other-cluster" else "east"
+    bridge = kind == "bridge"
+    nc = issue_node_cert(c.ca, "rogue", cluster, bridge=bridge)
+    return c, Rogue("rogue", cluster, bridge, StateSigner(nc))
+
+
+def honest_ok(c: Cluster) -> bool:
+    for i in c.running():
+        for j in c.running():
+            if i != j and c.status_of(i, j) is not Status.ALIVE:
+                return False
+        if {rec.instance for _, rec in c.core(i).store.endpoints("orders")} != {
+            f"orders-{k}" for k in range(HONEST)
+        }:
+            return False
+    return True
+
+
+class RogueMachine(RuleBasedStateMachine):
+    """One attack: a cluster of four honest nodes and one rogue (see module doc)."""
+
+    kind = "same-cluster"
+
+    @initialize()
+    def setup(self) -> None:
+        self.c, self.rogue = build(self.kind)
+        self.start = {
+            i: (self.c.core(i).incarnation, self.c.core(i).version) for i in self.c.running()
+        }
+        self.sent = 0
+        # Everything honest nodes said so far, for replays.
+        self.seen_claims = [m.claim for m in self.c.core(0).members.values() if m.claim is not None]
+        self.seen_states = [e.signed for e in self.c.core(0).store.live()]
+
+    # -- sending -----------------------------------------------------------
+
+    def send(self, dst: int, msg: Message) -> None:
+        wire = decode_message(encode_message(msg))  # exactly what a socket would hand over
+        assert isinstance(wire, Message), wire
+        self.c.core(dst).receive(wire, self.c.now, peer=self.rogue.id)
+        self.c._flush(self.c.nodes[dst])
+        self.sent += 1
+
+    def carrier(self, kind: int, dst: int, **payload: object) -> Message:
+        rid = self.rogue.id
+        if kind == 0:
+            return Gossip(rid, **payload)  # type: ignore[arg-type]
+        if kind == 1:
+            payload.pop("states", None)  # a push-pull opens with members and a digest only
+            return PushPull(rid, source_addr="127.0.0.1:1", **payload)  # type: ignore[arg-type]
+        if kind == 2:
+            return PushPullReply(rid, **payload)  # type: ignore[arg-type]
+        return Ping(rid, seq=1, source_addr="127.0.0.1:1", target=self.c.nodes[dst].id, **payload)  # type: ignore[arg-type]
+
+    # -- the lies --------------------------------------------------------------
+
+    @rule(
+        dst=st.integers(0, HONEST - 1),
+        victim=st.integers(0, HONEST - 1),
+        status=st.sampled_from([Status.SUSPECT, Status.DEAD]),
+        inc=incarnations,
+        by=st.sampled_from(["east/n0", "east/ghost", "west/x", "east/rogue"]),
+        kind=st.integers(0, 3),
+    )
+    def accuse(self, dst: int, victim: int, status: Status, inc: int, by: str, kind: int) -> None:
+        v = self.c.nodes[victim]
+        u = MemberUpdate(status, v.id, inc, v.address, v.region, v.zone, by)
+        self.send(dst, self.carrier(kind, dst, members=(u,)))
+
+    @rule(
+        dst=st.integers(0, HONEST - 1),
+        victim=st.integers(0, HONEST - 1),
+        status=st.sampled_from([Status.ALIVE, Status.LEFT]),
+        inc=incarnations,
+        how=st.sampled_from(["unsigned", "self-signed", "junk-signature", "stolen-cert"]),
+        kind=st.integers(0, 3),
+    )
+    def impersonate(
+        self, dst: int, victim: int, status: Status, inc: int, how: str, kind: int
+    ) -> None:
+        v = self.c.nodes[victim]
+        body = MemberClaim(status, v.id, inc, "127.0.0.1:6666", "evil", "evil")
+        real = self.c.core(victim).members[v.id].claim
+        assert real is not None
+        claim: SignedClaim | None
+        if how == "unsigned":
+            claim = None
+        elif how == "self-signed":
+            s = self.rogue.signer.sign_claim(
+                MemberClaim(status, self.rogue.id, inc, "127.0.0.1:6666")
+            )
+            claim = SignedClaim(body.encode(), s.signature, s.cert)
+        elif how == "junk-signature":
+            claim = SignedClaim(body.encode(), b"\x01" * 64, real.cert)
+        else:
+            claim = SignedClaim(body.encode(), real.signature, real.cert)
+        u = MemberUpdate(status, v.id, inc, "127.0.0.1:6666", "evil", "evil", v.id, claim)
+        self.send(dst, self.carrier(kind, dst, members=(u,)))
+
+    @rule(dst=st.integers(0, HONEST - 1), count=st.integers(1, 40), kind=st.integers(0, 2))
+    def phantoms(self, dst: int, count: int, kind: int) -> None:
+        """Made-up alive members: each 'signed' by the rogue for another name."""
+        updates = []
+        for k in range(count):
+            mid = f"{self.rogue.cluster}/phantom{k}"
+            s = self.rogue.signer.sign_claim(
+                MemberClaim(Status.ALIVE, self.rogue.id, 1, "127.0.0.1:7000")
+            )
+            body = MemberClaim(Status.ALIVE, mid, 1, f"127.0.0.1:{7000 + k}").encode()
+            updates.append(
+                MemberUpdate(
+                    Status.ALIVE,
+                    mid,
+                    1,
+                    f"127.0.0.1:{7000 + k}",
+                    by=mid,
+                    claim=SignedClaim(body, s.signature, s.cert),
+                )
+            )
+        self.send(dst, self.carrier(kind, dst, members=tuple(updates)))
+
+    @rule(
+        dst=st.integers(0, HONEST - 1),
+        victim=st.integers(0, HONEST - 1),
+        version=incarnations,
+        how=st.sampled_from(["self-signed", "junk-signature"]),
+        kind=st.integers(0, 3),
+    )
+    def forge_state(self, dst: int, victim: int, version: int, how: str, kind: int) -> None:
+        """A document for another node, or for the receiver itself (victim == dst)."""
+        v = self.c.nodes[victim]
+        evil = AppRecord(app="orders", instance=f"orders-{victim}", address="6.6.6.6", port=1)
+        state = OriginState(v.name, v.cluster, "", "", version, apps=(evil,))
+        body = state.encode()
+        if how == "self-signed":
+            sig = self.rogue.signer.node_cert.key.sign(body)  # type: ignore[call-arg]
+            cert = self.rogue.signer.node_cert.cert_der
+        else:
+            sig, cert = b"\x02" * 64, self.c.core(victim).store.get(v.id).signed.cert  # type: ignore[union-attr]
+        signed = SignedState(state.origin, version, body, sig, cert)
+        self.send(dst, self.carrier(kind, dst, states=(signed,)))
+
+    @rule(
+        dst=st.integers(0, HONEST - 1),
+        victim=st.integers(0, HONEST - 1),
+        version=incarnations,
+        rversion=st.integers(1, MAX_INT),
+    )
+    def state_down(self, dst: int, victim: int, version: int, rversion: int) -> None:
+        """The rogue's own signed document, stating an honest member down."""
+        v = self.c.nodes[victim]
+        down = ((v.id, version),) if v.cluster == self.rogue.cluster else ()
+        state = OriginState(
+            self.rogue.name,
+            self.rogue.cluster,
+            "",
+            "",
+            rversion,
+            bridge=True,
+            down=down,
+            unreachable=("east",) if self.rogue.cluster != "east" else ("west",),
+        )
+        signed = self.rogue.signer.sign(state)
+        self.send(dst, Gossip(self.rogue.id, states=(signed,)))
+
+    @rule(dst=st.integers(0, HONEST - 1), pick=st.integers(0, 1000), kind=st.integers(0, 2))
+    def replay(self, dst: int, pick: int, kind: int) -> None:
+        """Something an honest node really said, earlier."""
+        claim = self.seen_claims[pick % len(self.seen_claims)]
+        state = self.seen_states[pick % len(self.seen_states)]
+        body = MemberClaim.decode(claim.body)
+        u = MemberUpdate(
+            body.status, body.node, body.incarnation, body.address, body.region, body.zone,
+            body.node, claim,
+        )  # fmt: skip
+        self.send(dst, self.carrier(kind, dst, members=(u,), states=(state,)))
+
+    @rule(dt=st.floats(0.01, 2.0))
+    def time_passes(self, dt: float) -> None:
+        self.c.run_for(dt)
+
+    # -- what must hold --------------------------------------------------------
+
+    @invariant()
+    def no_counter_jumped(self) -> None:
+        if not hasattr(self, "c"):
+            return
+        for i, (inc, ver) in self.start.items():
+            core = self.c.core(i)
+            # Each lie buys at most one refutation or one republish.
+            assert core.incarnation <= inc + self.sent + 1, (i, core.incarnation)
+            assert core.version <= ver + self.sent + 1, (i, core.version)
+            assert len(core.members) <= HONEST + 1  # the rogue may be a member; no phantom
+
+    def teardown(self) -> None:
+        if hasattr(self, "c"):
+            c = self.c
+            took = c.run_until_true(lambda: honest_ok(c), REPAIR_BOUND)
+            assert took is not None, {
+                i: {m.node: m.status.label for m in c.core(i).members.values()} for i in c.running()
+            }
+
+
+class OtherClusterRogue(RogueMachine):
+    kind = "other-cluster"
+
+
+class BridgeRogue(RogueMachine):
+    kind = "bridge"
+
+
+_settings = settings(
+    max_examples=30,
+    stateful_step_count=STEPS,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+TestSameClusterRogue = RogueMachine.TestCase
+TestSameClusterRogue.settings = _settings
+TestOtherClusterRogue = OtherClusterRogue.TestCase
+TestOtherClusterRogue.settings = _settings
+TestBridgeRogue = BridgeRogue.TestCase
+TestBridgeRogue.settings = _settings
+
+
+def test_a_huge_accusation_moves_no_counter() -> None:
+    """The attack of the issue, by hand: dead at 2^63-1 for every member, to every member."""
+    c, rogue = build("same-cluster")
+    before = [c.core(i).incarnation for i in range(HONEST)]
+    for dst in range(HONEST):
+        for victim in range(HONEST):
+            v = c.nodes[victim]
+            u = MemberUpdate(Status.DEAD, v.id, MAX_INT, v.address, by=rogue.id)
+            c.core(dst).receive(Gossip(rogue.id, members=(u,)), c.now, peer=rogue.id)
+    c.run_for(5.0)
+    assert [c.core(i).incarnation for i in range(HONEST)] == before
+    assert honest_ok(c)
+    assert c.core(0).counters["rejected-claim:beyond-signed"] >= 1
+
+
+def test_own_state_with_junk_signature_does_not_move_the_version() -> None:
+    c, rogue = build("same-cluster")
+    me = c.core(0)
+    mine = me.store.get(me.id)
+    assert mine is not None
+    forged = SignedState(me.id, MAX_INT, mine.signed.body, b"\0" * 64, mine.signed.cert)
+    version = me.version
+    me.receive(Gossip(rogue.id, states=(forged,)), c.now, peer=rogue.id)
+    assert me.version == version
+    assert me.counters["rejected-state:bad-signature"] == 1
+
+
+@pytest.mark.parametrize("count", [300, 1500])
+def test_phantom_members_never_enter_a_view(count: int) -> None:
+    c, rogue = build("same-cluster")
+    m = RogueMachine()
+    m.c, m.rogue, m.sent = c, rogue, 0
+    m.phantoms(dst=1, count=count, kind=0)
+    assert len(c.core(1).members) == HONEST
+    # A flood of bad signatures stops being checked after a few.
+    assert c.core(1).counters["rejected-state:flood"] == 1
+    assert sum(v for k, v in c.core(1).counters.items() if k.startswith("rejected-claim")) <= 8
+    c.register(2, "late", "late-2")
+    spread = c.run_until_true(lambda: all(c.serves(i, "late", "late-2") for i in c.running()), 5)
+    assert spread is not None
