@@ -7,6 +7,9 @@ a file that cannot be used), always as one line on stderr.
 Client commands (register, deregister, resolve, members) talk to the local
 HTTP API with urllib: the CLI must start fast and needs no event loop.  The
 API address is ``--api URL``, else ``$MESHD_API``, else http://127.0.0.1:7700.
+Commands that write send the API token, if one is given (``--token``,
+``--token-file``, ``$MESHD_HTTP_TOKEN``, ``$CONSUL_HTTP_TOKEN``, in that
+order), as ``X-Consul-Token``.
 """
 
 from __future__ import annotations
@@ -20,14 +23,24 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import Any, NoReturn
 
 from meshd import identity, wire
-from meshd.agent.config import ConfigError, load_config, parse_hostport
+from meshd.agent.config import (
+    ConfigError,
+    check_token,
+    load_config,
+    parse_hostport,
+    read_token_file,
+)
 from meshd.api.durations import parse_duration
 
 DEFAULT_API_URL = "http://127.0.0.1:7700"
 API_ENV = "MESHD_API"
+#: Where write commands find the API token when no flag gives it: meshd's own
+#: variable first, then Consul's, so a shell set up for Consul works as is.
+TOKEN_ENVS = ("MESHD_HTTP_TOKEN", "CONSUL_HTTP_TOKEN")
 #: Seconds to wait for the agent.  Nothing the CLI asks blocks on the server
 #: side (no ``index``), so a slow answer means a stuck agent, not a busy one.
 HTTP_TIMEOUT = 30.0
@@ -221,6 +234,11 @@ def _add_agent_parser(commands: Any) -> None:
         "--gateway", metavar="HOST:PORT", help="gateway other clusters use to reach this one"
     )
     agent.add_argument("--api", metavar="HOST:PORT", help="HTTP API listener (127.0.0.1:7700)")
+    agent.add_argument(
+        "--api-token-file",
+        metavar="FILE",
+        help="file with the token every API write must carry (required off loopback)",
+    )
     agent.add_argument("--state-dir", metavar="DIR")
     agent.add_argument("--policy", metavar="FILE")
     agent.add_argument("--tls-ca", metavar="FILE")
@@ -236,6 +254,21 @@ def _add_api_flag(parser: argparse.ArgumentParser) -> None:
         "--api",
         metavar="URL",
         help=f"agent API (default: ${API_ENV} or {DEFAULT_API_URL})",
+    )
+
+
+def _add_token_flags(parser: argparse.ArgumentParser) -> None:
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help="API token for an agent started with --api-token-file"
+        " (visible to other users in the process list: prefer --token-file)",
+    )
+    given.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"file holding the API token (default: ${TOKEN_ENVS[0]} or ${TOKEN_ENVS[1]})",
     )
 
 
@@ -271,12 +304,14 @@ def _add_client_parsers(commands: Any) -> None:
     )
     reg.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
     _add_api_flag(reg)
+    _add_token_flags(reg)
     reg.set_defaults(func=_cmd_register)
 
     dereg = commands.add_parser("deregister", help="remove an app instance", allow_abbrev=False)
     dereg.add_argument("instance", metavar="ID")
     dereg.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
     _add_api_flag(dereg)
+    _add_token_flags(dereg)
     dereg.set_defaults(func=_cmd_deregister)
 
     res = commands.add_parser("resolve", help="list an app's endpoints", allow_abbrev=False)
@@ -357,12 +392,28 @@ def _api_base(args: argparse.Namespace) -> str:
     return url.rstrip("/")
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """The API token for a write: a flag, else the first token variable set, else None."""
+    try:
+        if args.token is not None:
+            return check_token(args.token, "--token")
+        if args.token_file is not None:
+            return read_token_file(Path(args.token_file), "--token-file")
+        for name in TOKEN_ENVS:
+            value = os.environ.get(name, "").strip()
+            if value:
+                return check_token(value, f"${name}")
+    except ConfigError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    return None
+
+
 # The agent API is local: an http_proxy meant for the internet must not
 # intercept calls to 127.0.0.1, so proxies from the environment are ignored.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _call(base: str, method: str, path: str, body: object = None) -> Any:
+def _call(base: str, method: str, path: str, body: object = None, token: str | None = None) -> Any:
     """One API request; the decoded JSON answer (None for an empty body).
 
     Raises CommandError with the agent's own ``error`` sentence on 4xx/5xx,
@@ -373,6 +424,8 @@ def _call(base: str, method: str, path: str, body: object = None) -> Any:
     request.add_header("Accept", "application/json")
     if data is not None:
         request.add_header("Content-Type", "application/json")
+    if token is not None:
+        request.add_header("X-Consul-Token", token)
     try:
         with _OPENER.open(request, timeout=HTTP_TIMEOUT) as response:
             raw = response.read()
@@ -464,7 +517,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
     elif args.check_tcp:
         body["check"] = {"tcp": args.check_tcp, "interval": interval}
     base = _api_base(args)
-    answer = _call(base, "PUT", f"/v1/apps/{_quote(args.instance)}", body)
+    answer = _call(base, "PUT", f"/v1/apps/{_quote(args.instance)}", body, _token(args))
     if args.json:
         _print_json(answer)
     else:
@@ -476,7 +529,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 def _cmd_deregister(args: argparse.Namespace) -> int:
     base = _api_base(args)
-    answer = _call(base, "DELETE", f"/v1/apps/{_quote(args.instance)}")
+    answer = _call(base, "DELETE", f"/v1/apps/{_quote(args.instance)}", token=_token(args))
     if args.json:
         _print_json(answer)
     else:

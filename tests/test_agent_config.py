@@ -419,3 +419,120 @@ def test_agent_passes_config_to_run_agent(
     assert cfg.join == ("192.0.2.2:7946", "192.0.2.3:1")
     assert cfg.wan_bind == ("127.0.0.1", 0) and cfg.api == ("127.0.0.1", 0)
     assert cfg.log_level == "debug" and cfg.dev is False
+
+
+# ---------------------------------------------------------------------------
+# The API token file and the loopback rule.
+
+TOKEN = "q5bXc0fN/7+k=="
+
+
+def token_file(tmp_path: Path, content: str | bytes = f"  {TOKEN}\n\n", name: str = "t") -> Path:
+    path = tmp_path / name
+    if isinstance(content, str):
+        content = content.encode()
+    path.write_bytes(content)
+    return path
+
+
+def test_api_token_file_from_flag_and_from_file(tmp_path: Path) -> None:
+    path = token_file(tmp_path)
+    cfg = load_config({"dev": True, "api_token_file": str(path)})
+    # Surrounding whitespace (the newline an editor or echo adds) is not the token.
+    assert cfg.api_token == TOKEN and cfg.api_token_file == path
+    assert TOKEN not in repr(cfg)  # a logged config never shows the token
+
+    # In the file the path is relative to the file, as every path there is.
+    (tmp_path / "etc").mkdir()
+    token_file(tmp_path / "etc", "other-token\n", name="api-token")
+    conf = write_toml(tmp_path / "etc", 'dev = true\napi_token_file = "api-token"\n')
+    cfg = load_config({"config": str(conf)})
+    assert cfg.api_token == "other-token"
+    assert cfg.api_token_file == tmp_path / "etc" / "api-token"
+    # The flag wins over the file.
+    assert load_config({"config": str(conf), "api_token_file": str(path)}).api_token == TOKEN
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (None, "does not exist"),
+        ("", "is empty; write a token into it, for example with head -c 32 /dev/urandom"),
+        (" \n\t \r\n", "is empty"),
+        ("two words", "holds a space, a control character or a non-ASCII character"),
+        ("line1\nline2", "holds a space"),
+        ("tok\x00en", "holds a space"),
+        ("caf\u00e9", "non-ASCII"),
+        (b"\xff\xfe", "non-ASCII"),
+        ("x" * (config_mod.MAX_TOKEN_BYTES + 1), "is larger than 1024 bytes"),
+    ],
+)
+def test_bad_api_token_files(tmp_path: Path, content: str | bytes | None, fragment: str) -> None:
+    path = tmp_path / "t" if content is None else token_file(tmp_path, content)
+    raises_config({"dev": True, "api_token_file": str(path)}, f"--api-token-file file {path} ")
+    raises_config({"dev": True, "api_token_file": str(path)}, fragment)
+    conf = write_toml(tmp_path, f'dev = true\napi_token_file = "{path}"\n')
+    raises_config({"config": str(conf)}, f"config file {conf}: key 'api_token_file' file {path}")
+
+
+def test_api_token_file_that_is_a_directory_or_unreadable(tmp_path: Path) -> None:
+    raises_config({"dev": True, "api_token_file": str(tmp_path)}, "is a directory")
+    # Unreadable even for root: a path through a regular file.
+    path = token_file(tmp_path) / "token"
+    raises_config(
+        {"dev": True, "api_token_file": str(path)},
+        f"cannot read --api-token-file file {path}: Not a directory",
+    )
+
+
+@pytest.mark.parametrize(
+    "api", ["0.0.0.0:7700", "192.0.2.7:7700", "[::]:7700", "[fd00::1]:1", "meshd.example:7700",
+            "[::ffff:192.0.2.1]:1", "10.0.0.1"],
+)  # fmt: skip
+def test_api_off_loopback_needs_a_token(tmp_path: Path, api: str) -> None:
+    msg = raises_config({"dev": True, "api": api}, "is not a loopback address", "--api-token-file")
+    host, port = parse_hostport(api, "api", 7700)
+    assert msg.startswith(f"--api {config_mod.format_hostport(host, port)} ")
+    cfg = load_config({"dev": True, "api": api, "api_token_file": str(token_file(tmp_path))})
+    assert cfg.api == (host, port) and cfg.api_token == TOKEN
+    # Named as the file's key when the file sets it.
+    conf = write_toml(tmp_path, f'dev = true\napi = "{api}"\n')
+    raises_config({"config": str(conf)}, f"config file {conf}: key 'api' ", "--api-token-file")
+
+
+@pytest.mark.parametrize(
+    "api", ["127.0.0.1:7700", "127.3.2.1:0", "[::1]:7700", "localhost:7700", "LocalHost.:1",
+            "[::ffff:127.0.0.1]:7700"],
+)  # fmt: skip
+def test_api_on_loopback_needs_no_token(api: str) -> None:
+    assert load_config({"dev": True, "api": api}).api_token is None
+
+
+def test_is_loopback_and_direct_construction() -> None:
+    assert config_mod.is_loopback("127.255.0.1") and config_mod.is_loopback("::1")
+    assert not config_mod.is_loopback("0.0.0.0") and not config_mod.is_loopback("localhost.lan")
+    with pytest.raises(ConfigError, match="api 0.0.0.0:7700 is not a loopback address"):
+        AgentConfig.development(api=("0.0.0.0", 7700))
+    cfg = AgentConfig.development(api=("0.0.0.0", 7700), api_token=TOKEN)
+    assert cfg.api_token == TOKEN
+    with pytest.raises(ConfigError, match="api_token holds a space"):
+        AgentConfig.development(api_token="a b")
+
+
+def test_agent_off_loopback_via_main(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    fake_run: list[AgentConfig],
+    tls_flags: dict[str, Any],
+) -> None:
+    argv = ["agent", "--tls-ca", tls_flags["tls_ca"], "--tls-cert", tls_flags["tls_cert"]]
+    argv += ["--tls-key", tls_flags["tls_key"], "--state-dir", str(tmp_path / "s")]
+    argv += ["--api", "0.0.0.0:7700"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("meshd: error: --api 0.0.0.0:7700 ")
+    assert "--api-token-file" in err and fake_run == []
+
+    assert main([*argv, "--api-token-file", str(token_file(tmp_path))]) == 0
+    (cfg,) = fake_run
+    assert cfg.api == ("0.0.0.0", 7700) and cfg.api_token == TOKEN

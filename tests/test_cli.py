@@ -475,3 +475,103 @@ async def test_unreachable_agent(capsys: pytest.CaptureFixture[str], argv: list[
     assert out == ""
     assert err.startswith(f"meshd: error: cannot reach the agent at {url}: ")
     assert "refused" in one_error_line(err).lower()
+
+
+# ---------------------------------------------------------------------------
+# The API token of write commands.
+
+TOKEN = "cli-T0ken/+="
+
+
+@pytest.fixture
+async def guarded_agent(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeAgent]:
+    """An API that wants TOKEN on writes and records the X-Consul-Token of each."""
+    for name in ("MESHD_HTTP_TOKEN", "CONSUL_HTTP_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    fake = FakeAgent(url="")
+
+    async def write(request: web.Request) -> web.Response:
+        token = request.headers.get("X-Consul-Token")
+        fake.requests.append({"method": request.method, "token": token})
+        if token != TOKEN:
+            return web.json_response({"error": "Permission denied: no token"}, status=403)
+        return web.json_response({"instance": request.match_info["instance"], "version": 3})
+
+    app = web.Application()
+    app.router.add_put("/v1/apps/{instance}", write)
+    app.router.add_delete("/v1/apps/{instance}", write)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    fake.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()
+
+
+def _register(url: str, *extra: str) -> list[str]:
+    return ["register", "a", "--instance", "i", "--address", "h", "--port", "1", "--api", url,
+            *extra]  # fmt: skip
+
+
+async def test_write_commands_send_the_token_from_flag_file_or_environment(
+    guarded_agent: FakeAgent,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    url = guarded_agent.url
+    path = tmp_path / "token"
+    path.write_text(f"{TOKEN}\n")
+    assert await run(*_register(url, "--token", TOKEN)) == 0
+    assert await run(*_register(url, "--token-file", str(path))) == 0
+    assert await run("deregister", "i", "--api", url, "--token", TOKEN) == 0
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", TOKEN)
+    assert await run(*_register(url)) == 0
+    assert await run("deregister", "i", "--api", url) == 0
+    # meshd's own variable comes first, then a flag over both.
+    monkeypatch.setenv("MESHD_HTTP_TOKEN", "meshd-one")
+    assert await run(*_register(url)) == 1
+    assert await run(*_register(url, "--token-file", str(path))) == 0
+    sent = [r["token"] for r in guarded_agent.requests]
+    assert sent == [TOKEN] * 5 + ["meshd-one", TOKEN]
+
+
+async def test_refused_write_prints_the_agents_sentence(
+    guarded_agent: FakeAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await run(*_register(guarded_agent.url)) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err == "meshd: error: Permission denied: no token\n"
+    assert await run("deregister", "i", "--api", guarded_agent.url, "--token", "wrong") == 1
+    assert one_error_line(capsys.readouterr().err).endswith("Permission denied: no token\n")
+    assert [r["token"] for r in guarded_agent.requests] == [None, "wrong"]
+
+
+async def test_unusable_tokens_are_usage_errors(
+    guarded_agent: FakeAgent,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    url = guarded_agent.url
+    gone = tmp_path / "gone"
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    cases = [
+        (["--token", "a b"], "--token holds a space"),
+        (["--token", ""], "--token is empty"),
+        (["--token-file", str(gone)], f"--token-file file {gone} does not exist"),
+        (["--token-file", str(empty)], f"--token-file file {empty} is empty"),
+        (["--token", TOKEN, "--token-file", str(empty)], "not allowed with argument"),
+    ]
+    for extra, fragment in cases:
+        assert await run(*_register(url, *extra)) == 2, extra
+        assert fragment in one_error_line(capsys.readouterr().err)
+    # A variable that would smuggle a second header line is refused, not sent.
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "t\r\nX-Evil: 1")
+    assert await run("deregister", "i", "--api", url) == 2
+    assert "$CONSUL_HTTP_TOKEN holds a space" in one_error_line(capsys.readouterr().err)
+    assert guarded_agent.requests == []

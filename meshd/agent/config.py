@@ -7,7 +7,8 @@ it, so what one sees on the command line is what the agent does.
 Everything that can be checked before the agent starts is checked here, so a
 bad setting is one :class:`ConfigError` sentence and exit 2 with nothing
 half-started (CONTRACT.md, "Command line"): names, addresses, the TLS files
-(read and checked to belong together), the policy file.  Binding ports is left
+(read and checked to belong together), the policy file, the API token file
+(read once, here) and that an API off loopback has one.  Binding ports is left
 to the agent, which is the only one that can tell whether a port is in use.
 
 Relative paths in the config file are taken relative to the file's own
@@ -36,6 +37,13 @@ DEFAULT_GOSSIP_PORT = 7946
 #: Local HTTP API port (CONTRACT.md).
 DEFAULT_API_PORT = 7700
 PROFILES = ("lan", "wan", "local")
+#: Largest API token file.  A token is one short line (Consul's are 36
+#: characters, ``head -c 32 /dev/urandom | base64`` makes 44); the cap keeps a
+#: wrong path (a log, a device) from being read whole.
+MAX_TOKEN_BYTES = 1024
+# Printable ASCII without space: what goes into an HTTP header unchanged and
+# cannot be split by a Bearer scheme or a shell.
+_TOKEN_RE = re.compile(r"[!-~]+")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -97,9 +105,17 @@ class AgentConfig:
     #: ("HOST:PORT"); None: they are reached directly.  Every node of the
     #: cluster should set the same value (each publishes it with its records).
     gateway: tuple[str, int] | None = None
-    #: Local HTTP API listener.  Loopback by default: the API has no
-    #: authentication, so only processes on this host may use it.
+    #: Local HTTP API listener.  Loopback by default, so only processes on
+    #: this host can reach it; any other address needs an API token.
     api: tuple[str, int] = ("127.0.0.1", DEFAULT_API_PORT)
+    #: File holding the API token every write must carry (docs/access-control.md).
+    #: None: writes are open to whoever can reach the API, which is allowed
+    #: only on a loopback address.
+    api_token_file: Path | None = None
+    #: The token itself, read from ``api_token_file`` once by load_config (the
+    #: agent reads the file itself when only the path is given).  Kept out of
+    #: repr so a logged config never shows it.
+    api_token: str | None = field(default=None, repr=False)
     #: Directory for durable state (registrations, incarnation).  Required
     #: except in dev, where None makes the agent use a throwaway directory.
     state_dir: Path | None = None
@@ -135,6 +151,13 @@ class AgentConfig:
         for what in ("advertise", "wan_bind", "wan_advertise"):
             if getattr(self, what) is not None:
                 _check_addr(getattr(self, what), what)
+        if self.api_token is not None:
+            check_token(self.api_token, "api_token")
+        if self.api_token is None and self.api_token_file is None and not is_loopback(self.api[0]):
+            raise ConfigError(
+                f"api {format_hostport(*self.api)} is not a loopback address:"
+                " set api_token_file so writes need a token"
+            )
         if self.profile not in PROFILES:
             raise ConfigError(f"profile must be one of {', '.join(PROFILES)}")
         if self.log_level not in LOG_LEVELS:
@@ -170,6 +193,66 @@ def _check_name(value: object, what: str) -> str:
         return wire.check_name(value, what)
     except wire.WireError as exc:
         raise ConfigError(f"{exc}, not {value!r:.60}") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine: 127.0.0.0/8, ::1, localhost.
+
+    Other names are not resolved: what they resolve to may change after
+    start, so only the one name that means loopback by convention counts.
+    """
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback  # ::ffff:127.0.0.1 is loopback too
+    return ip.is_loopback
+
+
+def check_token(value: str | bytes, what: str) -> str:
+    """An API token as given, or ConfigError naming ``what`` if it is unusable."""
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    if not text:
+        raise ConfigError(f"{what} is empty")
+    if len(text) > MAX_TOKEN_BYTES:
+        raise ConfigError(f"{what} is longer than {MAX_TOKEN_BYTES} characters")
+    if not _TOKEN_RE.fullmatch(text):
+        raise ConfigError(
+            f"{what} holds a space, a control character or a non-ASCII character;"
+            " a token must be printable ASCII (letters, digits, punctuation)"
+        )
+    return text
+
+
+def read_token_file(path: Path, what: str) -> str:
+    """The token in ``path``: its content without surrounding whitespace.
+
+    ``what`` names the flag or config key for messages.  Missing, unreadable,
+    oversized, empty or non-printable: ConfigError, one sentence.
+    """
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_TOKEN_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{what} file {path} is a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise ConfigError(
+            f"{what} file {path} is larger than {MAX_TOKEN_BYTES} bytes; it should hold one token"
+        )
+    token = raw.strip()
+    if not token:
+        raise ConfigError(
+            f"{what} file {path} is empty; write a token into it, for example with"
+            f" head -c 32 /dev/urandom | base64 > {path}"
+        )
+    return check_token(token, f"{what} file {path}")
 
 
 def _check_addr(value: object, what: str) -> None:
@@ -266,6 +349,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "wan_join": list,
     "gateway": str,
     "api": str,
+    "api_token_file": str,
     "state_dir": str,
     "policy": (str, dict),
     "dev": bool,
@@ -339,6 +423,7 @@ _FLAGS = {
     "wan_join": "--wan-join",
     "gateway": "--gateway",
     "api": "--api",
+    "api_token_file": "--api-token-file",
     "state_dir": "--state-dir",
     "policy": "--policy",
     "dev": "--dev",
@@ -448,6 +533,17 @@ def load_config(flags: dict[str, Any]) -> AgentConfig:
         DEFAULT_GOSSIP_PORT,
     )
     api = _addr(s, "api", DEFAULT_API_PORT) or ("127.0.0.1", DEFAULT_API_PORT)
+    api_token_file = s.path("api_token_file")
+    api_token = None
+    if api_token_file is not None:
+        api_token = read_token_file(api_token_file, s.what("api_token_file"))
+    elif not is_loopback(api[0]):
+        # Anyone who can reach an open API can deregister every instance and
+        # rewrite the policy; off loopback that is the whole network.
+        raise ConfigError(
+            f"{s.what('api')} {format_hostport(*api)} is not a loopback address, so the API"
+            " needs a token: give --api-token-file FILE (or api_token_file in the config file)"
+        )
     wan_bind = _addr(s, "wan_bind")
     advertise = _addr(s, "advertise", bind[1])
     wan_advertise = _addr(s, "wan_advertise", wan_bind[1] if wan_bind else None)
@@ -520,6 +616,8 @@ def load_config(flags: dict[str, Any]) -> AgentConfig:
             wan_join=wan_join,
             gateway=gateway,
             api=api,
+            api_token_file=api_token_file,
+            api_token=api_token,
             state_dir=state_dir,
             policy_file=policy_file,
             policy_table=policy_table,
@@ -558,9 +656,13 @@ __all__ = [
     "DEFAULT_GOSSIP_PORT",
     "LOG_LEVELS",
     "PROFILES",
+    "MAX_TOKEN_BYTES",
     "AgentConfig",
     "ConfigError",
+    "check_token",
     "format_hostport",
+    "is_loopback",
     "load_config",
     "parse_hostport",
+    "read_token_file",
 ]

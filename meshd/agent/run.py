@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from meshd.agent.config import AgentConfig
+from meshd.agent.config import AgentConfig, ConfigError, read_token_file
 from meshd.agent.statedb import StateDB, StateError
 from meshd.agent.transport import Transport, make_client_context, make_server_context
 from meshd.identity import (
@@ -139,6 +139,30 @@ async def _watch_policy(cfg: AgentConfig, agent: Agent) -> None:
             _reload_policy(cfg, agent)
 
 
+def _api_token(cfg: AgentConfig) -> str | None:
+    """The API token: as load_config read it, or from the file when only its path is set."""
+    if cfg.api_token_file is None:
+        return cfg.api_token
+    try:
+        mode = cfg.api_token_file.stat().st_mode
+    except OSError:
+        mode = 0
+    if mode & 0o077:
+        # Anyone who can read the token can write to the API: worth a line,
+        # not a refusal (a group-readable file may be deliberate).
+        log.warning(
+            "API token file %s is readable by other users (mode %o); chmod 600 it",
+            cfg.api_token_file,
+            mode & 0o777,
+        )
+    if cfg.api_token is not None:
+        return cfg.api_token
+    try:
+        return read_token_file(cfg.api_token_file, "api_token_file")
+    except ConfigError as exc:
+        raise StartError(str(exc)) from None
+
+
 def _advertise_of(given: tuple[str, int] | None, bound: tuple[str, int]) -> str:
     if given is not None:
         host, port = given
@@ -238,6 +262,7 @@ async def _serve(cfg: AgentConfig) -> int:
             wan_advertise = _advertise_of(cfg.wan_advertise, wan_bound)
 
         policy = _load_policy(cfg)
+        api_token = _api_token(cfg)
 
         from meshd.agent.agent import Agent
         from meshd.api.app import create_app
@@ -257,7 +282,10 @@ async def _serve(cfg: AgentConfig) -> int:
             gateway=_fmt(*cfg.gateway) if cfg.gateway else "",
             policy=policy,
         )
-        runner = web.AppRunner(create_app(agent), access_log=None, handle_signals=False)
+        # No access log: a ?token= in a logged URL would hand the token to
+        # whoever reads the log.
+        app = create_app(agent, api_token=api_token)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         cleanup.append(runner.cleanup)
         site = web.TCPSite(runner, cfg.api[0], cfg.api[1])

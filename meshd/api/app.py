@@ -25,13 +25,14 @@ from aiohttp.typedefs import Middleware
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from meshd.agent.interface import AgentAPI
-from meshd.api.consul import add_consul_routes
+from meshd.api.access import MAX_BLOCKING_QUERIES, BlockingQueries, require_token
+from meshd.api.consul import add_consul_routes, text_error
 from meshd.api.durations import parse_wait
 from meshd.api.validation import ApiError, parse_health, parse_registration
 from meshd.metrics import Metrics
 from meshd.wire import WireError, check_name
 
-__all__ = ["create_app", "AGENT_KEY", "MAX_BODY_BYTES", "DEFAULT_WAIT", "MAX_WAIT"]
+__all__ = ["create_app", "AGENT_KEY", "BLOCKING_KEY", "MAX_BODY_BYTES", "DEFAULT_WAIT", "MAX_WAIT"]
 
 log = logging.getLogger("meshd.api")
 
@@ -48,6 +49,8 @@ UNMATCHED = "unmatched"
 
 #: Lets later additions on the same listener (the Consul subset) reach the agent.
 AGENT_KEY = web.AppKey("meshd_agent", AgentAPI)
+#: The blocking-query cap of this listener (tests read how many are waiting).
+BLOCKING_KEY = web.AppKey("meshd_blocking_queries", BlockingQueries)
 
 # Compact separators: smaller answers, and slightly faster to produce.
 _dumps = functools.partial(json.dumps, separators=(",", ":"))
@@ -277,19 +280,46 @@ def _wait(value: str | None) -> float:
         raise ApiError(400, 'wait must be a duration such as "200ms", "30s" or "5m"') from None
 
 
-def create_app(agent: AgentAPI) -> web.Application:
-    """The local API over ``agent``, ready for ``web.AppRunner`` or a test server."""
-    app = web.Application(
-        client_max_size=MAX_BODY_BYTES, middlewares=[_errors_and_counts(agent.metrics)]
-    )
+def _blocks(request: web.Request) -> bool:
+    """A native resolve waits whenever it carries a well-formed ``index``."""
+    text = request.query.get("index", "")
+    return _INDEX.fullmatch(text) is not None and int(text) <= _MAX_INDEX
+
+
+def create_app(
+    agent: AgentAPI,
+    *,
+    api_token: str | None = None,
+    max_blocking_queries: int = MAX_BLOCKING_QUERIES,
+) -> web.Application:
+    """The local API over ``agent``, ready for ``web.AppRunner`` or a test server.
+
+    With ``api_token`` every write needs it (``meshd.api.access``); without,
+    the API is open, which the agent allows only on a loopback address.
+    ``max_blocking_queries`` caps the blocking queries waiting at once.
+    """
+    consul_routes: set[web.AbstractRoute] = set()
+
+    def refuse(request: web.Request, status: int, message: str) -> web.StreamResponse:
+        # Each route family answers a refusal the way it answers its other errors.
+        if request.match_info.route in consul_routes:
+            return text_error(status, message)
+        return _error(status, message)
+
+    middlewares = [_errors_and_counts(agent.metrics)]
+    if api_token is not None:
+        # Inside the counting middleware, so refused writes are counted by route too.
+        middlewares.append(require_token(api_token, agent.metrics, refuse))
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app[AGENT_KEY] = agent
+    blocking = app[BLOCKING_KEY] = BlockingQueries(agent.metrics, max_blocking_queries)
     h = _Handlers(agent)
     r = app.router
     r.add_put("/v1/apps/{instance}", h.register)
     r.add_delete("/v1/apps/{instance}", h.deregister)
     r.add_put("/v1/apps/{instance}/health", h.set_health)
     r.add_get("/v1/apps", h.list_apps)
-    r.add_get("/v1/resolve/{app}", h.resolve)
+    r.add_get("/v1/resolve/{app}", blocking.guard(h.resolve, _blocks, _error))
     r.add_get("/v1/members", h.members)
     r.add_get("/v1/clusters", h.clusters)
     r.add_get("/v1/health", h.health)
@@ -297,5 +327,5 @@ def create_app(agent: AgentAPI) -> web.Application:
     r.add_get("/v1/policy", h.get_policy)
     r.add_put("/v1/policy", h.put_policy)
     r.add_get("/metrics", h.metrics)
-    add_consul_routes(app, agent)
+    consul_routes.update(add_consul_routes(app, agent, blocking))
     return app

@@ -60,12 +60,14 @@ from typing import Any
 from aiohttp import web
 
 from meshd.agent.interface import HEALTH, AgentAPI, Endpoint, MemberInfo, Registration
+from meshd.api.access import BlockingQueries
 from meshd.api.durations import parse_wait
 from meshd.api.validation import ApiError, is_host, parse_registration
 from meshd.wire import WireError, check_name
 
 __all__ = [
     "add_consul_routes",
+    "text_error",
     "parse_service",
     "parse_filter",
     "health_rows",
@@ -157,8 +159,11 @@ def _given(value: Any) -> bool:
     return value is not None and value != "" and value != 0 and value != [] and value != {}
 
 
-def _text(status: int, message: str) -> web.Response:
-    return web.Response(status=status, text=message, content_type="text/plain", charset="utf-8")
+def text_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """An error as Consul answers one: the sentence as plain text."""
+    return web.Response(
+        status=status, text=message, content_type="text/plain", charset="utf-8", headers=headers
+    )
 
 
 def _name(value: Any, what: str) -> str:
@@ -556,12 +561,12 @@ def _text_errors(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except ApiError as exc:
-            return _text(exc.status, exc.message)
+            return text_error(exc.status, exc.message)
         except web.HTTPRequestEntityTooLarge:
-            return _text(413, "request body is too large")
+            return text_error(413, "request body is too large")
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path[:200])
-            return _text(500, "internal error in the agent; its log has the details")
+            return text_error(500, "internal error in the agent; its log has the details")
 
     return wrapped
 
@@ -893,10 +898,27 @@ class _Handlers:
         return self._json([self._leader(request)])
 
 
-def add_consul_routes(app: web.Application, agent: AgentAPI) -> None:
-    """Add the Consul-compatible routes to ``app`` (the native API's application)."""
+def _blocks(request: web.Request) -> bool:
+    """Whether :meth:`_Handlers._block` will wait: a well-formed ``index`` above 0."""
+    text = request.query.get("index", "")
+    return _INDEX.fullmatch(text) is not None and 0 < int(text) <= _MAX_INDEX
+
+
+def add_consul_routes(
+    app: web.Application, agent: AgentAPI, blocking: BlockingQueries | None = None
+) -> list[web.AbstractRoute]:
+    """Add the Consul-compatible routes to ``app`` (the native API's application).
+
+    Routes that may block count against ``blocking``, the listener's cap on
+    waiting queries.  Returns the routes added, so the application can tell
+    its Consul routes apart (they answer errors as plain text).
+    """
     h = _Handlers(agent)
     r = app.router
+
+    def capped(handler: Handler) -> Handler:
+        return handler if blocking is None else blocking.guard(handler, _blocks, text_error)
+
     routes: list[tuple[str, str, Handler]] = [
         ("PUT", "/v1/agent/service/register", h.register),
         ("PUT", "/v1/agent/service/deregister/{service_id}", h.deregister),
@@ -909,12 +931,11 @@ def add_consul_routes(app: web.Application, agent: AgentAPI) -> None:
         ("GET", "/v1/agent/checks", h.checks),
         ("GET", "/v1/agent/self", h.self_),
         ("GET", "/v1/agent/members", h.members),
-        ("GET", "/v1/health/service/{service}", h.health_service),
-        ("GET", "/v1/health/state/{state}", h.health_state),
-        ("GET", "/v1/catalog/services", h.catalog_services),
-        ("GET", "/v1/catalog/service/{service}", h.catalog_service),
+        ("GET", "/v1/health/service/{service}", capped(h.health_service)),
+        ("GET", "/v1/health/state/{state}", capped(h.health_state)),
+        ("GET", "/v1/catalog/services", capped(h.catalog_services)),
+        ("GET", "/v1/catalog/service/{service}", capped(h.catalog_service)),
         ("GET", "/v1/status/leader", h.leader),
         ("GET", "/v1/status/peers", h.peers),
     ]
-    for method, path, handler in routes:
-        r.add_route(method, path, _text_errors(handler))
+    return [r.add_route(method, path, _text_errors(handler)) for method, path, handler in routes]
