@@ -69,6 +69,9 @@ PEER_SAVE_INTERVAL = 2.0
 BRIDGE_REFRESH_INTERVAL = 5.0
 #: Seconds a graceful leave waits for its notice to be written out.
 LEAVE_FLUSH_TIMEOUT = 2.0
+#: Seconds between checks that the certificates behind held documents still
+#: vouch for them (expiry); a revocation list triggers one at once.
+SIGNER_RECHECK_INTERVAL = 60.0
 
 
 class Agent:
@@ -118,6 +121,7 @@ class Agent:
         self._peers_changed = asyncio.Event()
         self._peer_task: asyncio.Task[None] | None = None
         self._bridge_task: asyncio.Task[None] | None = None
+        self._recheck_task: asyncio.Task[None] | None = None
         self.core: Node | None = None
         self._reach: tuple[int, Reach] | None = None
         self._reported: Counter[str] = Counter()  # core counters already exported
@@ -194,6 +198,43 @@ class Agent:
         self._peer_task = self._loop.create_task(self._save_peers_loop())
         if self.bridge is not None:
             self._bridge_task = self._loop.create_task(self._refresh_bridge_loop())
+        self._recheck_task = self._loop.create_task(self._recheck_signers_loop())
+
+    async def _recheck_signers_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SIGNER_RECHECK_INTERVAL)
+            self.recheck_signers()
+
+    def recheck_signers(self) -> int:
+        """Stop serving documents whose signer expired or was revoked since."""
+        now = self._loop.time()
+        dropped = 0
+        for pool in self.pools.values():
+            if pool.core is not None:
+                dropped += pool.core.recheck_signers(now)
+        if dropped:
+            log.warning("stopped serving %d documents whose certificates no longer hold", dropped)
+        self._pump()
+        return dropped
+
+    def rotate(self, node_cert: NodeCert) -> None:
+        """A renewed certificate for this node: sign every claim and document with it.
+
+        The caller (SIGHUP, the certificate-file watcher) has checked that it
+        names this node and cluster and chains to the CA.
+        """
+        if (node_cert.node, node_cert.cluster) != (self.node_name, self.cluster):
+            raise ValueError(
+                f"certificate for {node_cert.member_id}, not {self.cluster}/{self.node_name}"
+            )
+        self._cert = node_cert
+        now = self._loop.time()
+        for pool in self.pools.values():
+            if pool.core is not None:
+                self._reserve_version(pool.core.version + 1)
+                pool.core.set_signer(StateSigner(node_cert), now)
+        log.info("signing with the certificate of serial %x from now on", node_cert.serial)
+        self._pump()
 
     async def _refresh_bridge_loop(self) -> None:
         # Round-trip estimates drift without any membership event; restate
@@ -221,6 +262,8 @@ class Agent:
             self._peer_task.cancel()
         if self._bridge_task is not None:
             self._bridge_task.cancel()
+        if self._recheck_task is not None:
+            self._recheck_task.cancel()
         await self.runner.stop_all()
         self._save_peers()
         for pool in self.pools.values():
@@ -297,13 +340,18 @@ class Agent:
                 self._db.set_counters(**{key: core.incarnation})
                 self._persisted[pool.name] = core.incarnation
             for reason, count in core.counters.items():
-                if reason.startswith("rejected-state:") or reason == "impersonation":
+                # States keep their bare reasons (as before); member claims
+                # are told apart by a "claim:" prefix.
+                if reason.startswith(("rejected-state:", "rejected-claim:")) or (
+                    reason == "impersonation"
+                ):
                     label = f"{pool.name}:{reason}"
                     delta = count - self._reported.get(label, 0)
                     if delta:
-                        self.metrics.rejected.labels(reason.removeprefix("rejected-state:")).inc(
-                            delta
+                        name = reason.removeprefix("rejected-state:").replace(
+                            "rejected-claim:", "claim:"
                         )
+                        self.metrics.rejected.labels(name).inc(delta)
                         self._reported[label] = count
             if rearm:
                 at = core.get_timer()

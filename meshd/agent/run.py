@@ -22,6 +22,7 @@ import socket
 import ssl
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -269,7 +270,11 @@ async def _serve(cfg: AgentConfig) -> int:
 
         agent = Agent(
             node_cert=node_cert,
-            verifier=StateVerifier(node_cert.ca_cert, node_cert.trust_domain),
+            # The wall clock: a signer whose certificate has expired is refused
+            # at every verification, not only at the TLS handshake.
+            verifier=StateVerifier(
+                node_cert.ca_cert, node_cert.trust_domain, clock=lambda: datetime.now(UTC)
+            ),
             transport=transport,
             metrics=metrics,
             protocol=_protocol_config(cfg.profile),
