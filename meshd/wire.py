@@ -915,22 +915,33 @@ class FrameDecoder:
     An oversized length prefix is reported at once, before its body arrives,
     so the driver can close the connection without buffering anything.  After
     such an error the decoder is ``closed`` and ignores further input.
+
+    A partial frame holds only the bytes received so far, never its declared
+    length: a peer announcing 1 MiB and sending 10 bytes costs 10 bytes.
     """
 
     def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
         self._buf = bytearray()
         self._max = max_frame
         self.closed = False
-        #: Frame sizes (prefix included) of the results of the last ``feed``,
-        #: in the same order, for byte accounting without re-encoding.
+        #: Frame sizes (prefix included) of the results of the last ``feed``
+        #: or ``split``, in the same order, for byte accounting without
+        #: re-encoding.
         self.sizes: list[int] = []
 
     def feed(self, data: bytes) -> list[Message | Rejection]:
+        return [
+            decode_message(body) if isinstance(body, bytes) else body for body in self.split(data)
+        ]
+
+    def split(self, data: bytes) -> list[bytes | Rejection]:
+        """The complete frame bodies in ``data``, undecoded, so a driver can
+        refuse a frame (a rate limit) before paying for its decoding."""
         self.sizes = []
         if self.closed:
             return []
         self._buf += data
-        out: list[Message | Rejection] = []
+        out: list[bytes | Rejection] = []
         while len(self._buf) >= _LEN.size:
             (length,) = _LEN.unpack_from(self._buf)
             if length > self._max:
@@ -941,9 +952,8 @@ class FrameDecoder:
                 break
             if len(self._buf) < _LEN.size + length:
                 break
-            body = bytes(self._buf[_LEN.size : _LEN.size + length])
+            out.append(bytes(self._buf[_LEN.size : _LEN.size + length]))
             del self._buf[: _LEN.size + length]
-            out.append(decode_message(body))
             self.sizes.append(_LEN.size + length)
         return out
 
