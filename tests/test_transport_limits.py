@@ -18,6 +18,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from meshd import identity
 from meshd.agent.ratelimit import PeerLimiter, RateLimits, Verdict
@@ -426,3 +428,40 @@ def test_limits_refuse_nonsense() -> None:
         Limits(max_inbound=0)
     with pytest.raises(ValueError):
         Limits(rates=rates(bytes_burst=1000.0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    bodies=st.lists(st.binary(max_size=9000), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=40000), max_size=12),
+)
+def test_the_decoder_splits_any_chunking_into_the_same_frames(
+    bodies: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(len(b).to_bytes(4, "big") + b for b in bodies)
+    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    decoder = FrameDecoder()
+    got: list[bytes | object] = []
+    sizes: list[int] = []
+    for lo, hi in zip(points, points[1:], strict=False):
+        got += decoder.split(stream[lo:hi])
+        sizes += decoder.sizes
+    assert got == bodies
+    assert sizes == [4 + len(b) for b in bodies]
+    assert decoder.pending == 0
+
+
+def test_a_trickled_frame_holds_about_what_it_received() -> None:
+    decoder = FrameDecoder()
+    frame = (50_000).to_bytes(4, "big") + b"z" * 50_000
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):  # one byte at a time, as a trickling peer sends it
+            assert decoder.split(frame[i : i + 1]) == []
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert decoder.pending == 20_000
+    assert held < 20_000 * 1.25, held
+    assert decoder.split(frame[20_000:]) == [b"z" * 50_000]
