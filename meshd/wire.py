@@ -1020,39 +1020,112 @@ class FrameDecoder:
     An oversized length prefix is reported at once, before its body arrives,
     so the driver can close the connection without buffering anything.  After
     such an error the decoder is ``closed`` and ignores further input.
+
+    A partial frame holds only the bytes received so far, never its declared
+    length: a peer announcing 1 MiB and sending 10 bytes costs 10 bytes.  They
+    are kept as the pieces they arrived in and joined once, when the frame is
+    complete: a growing buffer would be copied to ever larger blocks as it
+    fills, and hundreds of slowly filling buffers fragment the heap until the
+    process holds far more memory than the bytes they contain.
     """
 
     def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
-        self._buf = bytearray()
+        self._pieces: list[bytes] = []  # unconsumed input, in arrival order
+        self._offset = 0  # bytes of _pieces[0] already consumed
+        self._pending = 0  # unconsumed bytes in all pieces
         self._max = max_frame
         self.closed = False
-        #: Frame sizes (prefix included) of the results of the last ``feed``,
-        #: in the same order, for byte accounting without re-encoding.
+        #: Frame sizes (prefix included) of the results of the last ``feed``
+        #: or ``split``, in the same order, for byte accounting without
+        #: re-encoding.
         self.sizes: list[int] = []
 
     def feed(self, data: bytes) -> list[Message | Rejection]:
+        return [
+            decode_message(body) if isinstance(body, bytes) else body for body in self.split(data)
+        ]
+
+    def split(self, data: bytes) -> list[bytes | Rejection]:
+        """The complete frame bodies in ``data``, undecoded, so a driver can
+        refuse a frame (a rate limit) before paying for its decoding."""
         self.sizes = []
         if self.closed:
             return []
-        self._buf += data
-        out: list[Message | Rejection] = []
-        while len(self._buf) >= _LEN.size:
-            (length,) = _LEN.unpack_from(self._buf)
+        self._add(bytes(data))
+        out: list[bytes | Rejection] = []
+        while self._pending >= _LEN.size:
+            (length,) = _LEN.unpack(self._peek(_LEN.size))
             if length > self._max:
                 self.closed = True
-                self._buf.clear()
+                self._pieces, self._offset, self._pending = [], 0, 0
                 out.append(Rejection("oversized", f"length prefix {length}"))
                 self.sizes.append(_LEN.size)
                 break
-            if len(self._buf) < _LEN.size + length:
+            if self._pending < _LEN.size + length:
                 break
-            body = bytes(self._buf[_LEN.size : _LEN.size + length])
-            del self._buf[: _LEN.size + length]
-            out.append(decode_message(body))
+            self._consume(_LEN.size)
+            out.append(self._consume(length))
             self.sizes.append(_LEN.size + length)
+        if self._offset > _SMALL_PIECE:
+            # What is left shares a piece with frames already taken: keep it alone.
+            self._pieces[0] = self._pieces[0][self._offset :]
+            self._offset = 0
         return out
 
     @property
     def pending(self) -> int:
         """Bytes buffered for an incomplete frame (a truncated frame at EOF)."""
-        return len(self._buf)
+        return self._pending
+
+    def _add(self, data: bytes) -> None:
+        if not data:
+            return
+        pieces = self._pieces
+        if pieces and len(data) < _SMALL_PIECE and len(pieces[-1]) < _SMALL_PIECE:
+            # Trickled bytes: a few pieces, not an object per byte.
+            pieces[-1] += data
+        else:
+            pieces.append(data)
+        self._pending += len(data)
+
+    def _peek(self, n: int) -> bytes:
+        """The next ``n`` (<= pending) bytes, not consumed."""
+        first = self._pieces[0]
+        if len(first) - self._offset >= n:
+            return first[self._offset : self._offset + n]
+        head = bytearray(first[self._offset :])
+        for piece in self._pieces[1:]:
+            head += piece[: n - len(head)]
+            if len(head) >= n:
+                break
+        return bytes(head)
+
+    def _consume(self, n: int) -> bytes:
+        """Take the next ``n`` (<= pending) bytes, joined into one object."""
+        if n == 0:
+            return b""
+        pieces = self._pieces
+        parts: list[memoryview] = []
+        need = n
+        used = 0  # pieces emptied
+        while need:
+            piece = pieces[used]
+            avail = len(piece) - self._offset
+            if avail <= need:
+                parts.append(memoryview(piece)[self._offset :])
+                need -= avail
+                used += 1
+                self._offset = 0
+            else:
+                parts.append(memoryview(piece)[self._offset : self._offset + need])
+                self._offset += need
+                need = 0
+        del pieces[:used]
+        self._pending -= n
+        return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
+
+
+#: Pieces under this size are merged as they arrive (a trickle costs no
+#: object per byte), and a remainder is copied out of a piece once more than
+#: this much of it was consumed (a partial frame holds about what it received).
+_SMALL_PIECE = 4096

@@ -13,6 +13,15 @@ SPIFFE ID of our trust domain; the member id it names is handed to the core
 as the authenticated ``peer`` of every message on that connection.  An
 oversized length prefix or an undecodable frame closes the connection; a
 frame of an unknown type is counted and dropped (newer peers may send it).
+
+Every resource a peer can make us hold is capped (docs/limits.md lists them
+all): inbound connections in total, in handshake, in handshake per address
+and per authenticated member; the time one frame may take to arrive; the
+bytes held in unfinished frames across all connections; and the frames and
+bytes per second a member may make us decode (``meshd.agent.ratelimit``).
+Each refusal is counted in ``meshd_rejected_total`` under a fixed reason.
+Idleness counts from the last complete frame, so trickling the bytes of an
+unfinished frame keeps no connection alive.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
+from meshd.agent.ratelimit import PeerLimiter, RateLimits, Verdict
 from meshd.identity import IdentityError, verify_peer_certificate
 from meshd.metrics import Metrics
 from meshd.wire import (
@@ -35,6 +45,7 @@ from meshd.wire import (
     FrameDecoder,
     Message,
     Rejection,
+    decode_message,
     encode_frame,
     member_id,
 )
@@ -46,8 +57,9 @@ log = logging.getLogger("meshd.transport")
 #: of CPU; a failed connect is reported to the core as evidence anyway.
 CONNECT_TIMEOUT = 2.0
 HANDSHAKE_TIMEOUT = 5.0
-#: Seconds an unused connection stays open.  Probes reuse connections, so a
-#: member probed every few seconds keeps its connection.
+#: Seconds an unused connection stays open, counted from the last complete
+#: frame (trickled bytes of an unfinished one do not count as use).  Probes
+#: reuse connections, so a member probed every few seconds keeps its own.
 IDLE_TIMEOUT = 60.0
 #: Frames queued for one peer while its connection is (re)established; past
 #: this the oldest are dropped: gossip tolerates loss, memory must not grow.
@@ -56,6 +68,95 @@ MAX_QUEUED_FRAMES = 1024
 WRITE_TIMEOUT = 5.0
 #: Log a given peer's rejection reason at most once per this many seconds.
 LOG_EVERY = 60.0
+
+#: Inbound connections of one transport, whatever their state.  Each member
+#: opens at most one connection to us and keeps it while it has sent a frame
+#: within IDLE_TIMEOUT.  Members gossip to random members (3 every 0.2 s on a
+#: LAN) and probe one a second, so in a busy 10,000-member pool about 16
+#: distinct members a second send to us: ~960 within an idle timeout.  2048
+#: leaves twice that; an idle TLS connection costs about 40 KB, so a full
+#: table is ~80 MB, and filling it takes 256 certificates of the CA (see
+#: MAX_CONNECTIONS_PER_PEER) since unauthenticated ones stop at MAX_HANDSHAKES.
+MAX_INBOUND_CONNECTIONS = 2048
+#: Connections still in their TLS handshake (nobody knows who they are yet).
+#: An honest handshake takes milliseconds, so even a pool's joining wave has
+#: a handful in flight; 256 bounds what an attacker without a certificate can
+#: make us hold (~10 MB for HANDSHAKE_TIMEOUT each) below the full table.
+MAX_HANDSHAKES = 256
+#: Of those, from one remote IP address: one host cannot take them all.
+#: Counted only until the handshake ends, because many honest members may
+#: share an address (agents on one host, a NAT); after it, the member id
+#: counts (MAX_CONNECTIONS_PER_PEER).
+MAX_HANDSHAKES_PER_ADDRESS = 64
+#: Authenticated connections of one member (one certificate identity).  An
+#: honest member has one (two for a moment when it reconnects while our side
+#: has not yet seen the old one close); the newest wins, so a peer whose old
+#: connections died unseen is never locked out, and an attacker with one
+#: certificate holds at most this many.
+MAX_CONNECTIONS_PER_PEER = 8
+#: Seconds from the first byte of a frame to its last.  Twice WRITE_TIMEOUT:
+#: an honest sender gives up on a connection whose frame does not drain in
+#: WRITE_TIMEOUT, so any frame it still sends fits; a frame trickled slower
+#: than 1 MiB in 10 s (~100 KB/s) is an attack on our memory.
+FRAME_TIMEOUT = 10.0
+#: Bytes held in unfinished frames across all inbound connections of one
+#: transport.  An honest frame is in flight for milliseconds on a LAN, and a
+#: member receives about one sync (a few frames of at most MAX_FRAME_BYTES)
+#: per sync interval, so 32 honest maximal frames arriving at the same
+#: instant is far beyond need; it bounds what trickling peers make us hold.
+MAX_PARTIAL_BYTES = 32 * 1024 * 1024
+#: What one member may make us decode.  Honest peak per member: one sync
+#: answer to our join, i.e. its member list (under 1 MiB for 10,000
+#: members) and all its record states in 256 KiB chunks: ~0.6-2 KB per
+#: member, 6-20 MiB for 10,000 members, so ~80 frames.  The bursts (400
+#: frames, 32 MiB) pass that at once; the rates (200 frames/s, 4 MiB/s)
+#: refill them within 8 s, while steady gossip, probes and syncs of one
+#: member are under 20 frames/s and 100 KB/s.  Drops past ABUSE_AFTER
+#: seconds without a pause of ABUSE_GAP close the connection.
+RATE_FRAMES_PER_SECOND = 200.0
+RATE_FRAMES_BURST = 400.0
+RATE_BYTES_PER_SECOND = 4.0 * 1024 * 1024
+RATE_BYTES_BURST = 32.0 * 1024 * 1024
+ABUSE_AFTER = 10.0
+ABUSE_GAP = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The caps of one transport.  Defaults are the module constants above
+    (docs/limits.md explains each); tests shrink them to run in milliseconds."""
+
+    idle_timeout: float = IDLE_TIMEOUT
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    frame_timeout: float = FRAME_TIMEOUT
+    max_inbound: int = MAX_INBOUND_CONNECTIONS
+    max_handshakes: int = MAX_HANDSHAKES
+    max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS
+    max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER
+    max_partial_bytes: int = MAX_PARTIAL_BYTES
+    rates: RateLimits = RateLimits(
+        frames_per_second=RATE_FRAMES_PER_SECOND,
+        frames_burst=RATE_FRAMES_BURST,
+        bytes_per_second=RATE_BYTES_PER_SECOND,
+        bytes_burst=RATE_BYTES_BURST,
+        abuse_after=ABUSE_AFTER,
+        abuse_gap=ABUSE_GAP,
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("idle_timeout", "handshake_timeout", "frame_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        for name in (
+            "max_inbound",
+            "max_handshakes",
+            "max_handshakes_per_address",
+            "max_connections_per_peer",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.rates.bytes_burst < MAX_FRAME_BYTES + 4:
+            raise ValueError("the byte burst must hold one frame of MAX_FRAME_BYTES")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -107,6 +208,7 @@ class Transport:
         metrics: Metrics,
         on_message: Callable[[str, Message], None],
         on_refused: Callable[[str], None],
+        limits: Limits | None = None,
     ) -> None:
         self.server_ctx = server_ctx
         self.client_ctx = client_ctx
@@ -115,10 +217,16 @@ class Transport:
         self.metrics = metrics
         self.on_message = on_message
         self.on_refused = on_refused
+        self.limits = limits or Limits()
         self._server: asyncio.Server | None = None
         self._out: dict[str, _Outbound] = {}
         self._inbound: set[_Inbound] = set()
         self._logged: dict[tuple[str, str], float] = {}
+        # Inbound accounting; each entry is added and removed by _Inbound only.
+        self._handshakes: dict[str, int] = {}  # remote IP -> connections in handshake
+        self._by_peer: dict[str, list[_Inbound]] = {}  # member id -> its connections, oldest first
+        self._limiters: dict[str, PeerLimiter] = {}  # member id -> its buckets
+        self.partial_bytes = 0  # bytes held in unfinished frames, all connections
         self.closing = False
 
     # -- listening ---------------------------------------------------------
@@ -139,6 +247,32 @@ class Transport:
             if len(self._logged) > 4096:
                 self._logged.clear()
             log.warning("rejected from %s: %s %s", who, reason, detail)
+
+    def inbound_count(self) -> int:
+        """Inbound connections open now (in handshake or authenticated)."""
+        return len(self._inbound)
+
+    def _refusal(self, host: str) -> tuple[str, str] | None:
+        """Why a new inbound connection from ``host`` is refused, if it is."""
+        lim = self.limits
+        if len(self._inbound) >= lim.max_inbound:
+            return "inbound-connections", f"{len(self._inbound)} open"
+        if sum(self._handshakes.values()) >= lim.max_handshakes:
+            return "handshakes", f"{lim.max_handshakes} in handshake"
+        if self._handshakes.get(host, 0) >= lim.max_handshakes_per_address:
+            return "per-address-connections", f"{lim.max_handshakes_per_address} in handshake"
+        return None
+
+    def _limiter(self, peer: str, now: float) -> PeerLimiter:
+        limiter = self._limiters.get(peer)
+        if limiter is None:
+            if len(self._limiters) >= 2 * self.limits.max_inbound:
+                # Only members with a certificate of the CA get here, so this
+                # is rare; forgetting those without a connection keeps it bounded.
+                for p in [p for p in self._limiters if p not in self._by_peer]:
+                    del self._limiters[p]
+            limiter = self._limiters[peer] = PeerLimiter(self.limits.rates, now)
+        return limiter
 
     # -- sending -----------------------------------------------------------
 
@@ -166,7 +300,7 @@ class Transport:
                 if not out.frames:
                     out.wake.clear()
                     try:
-                        await asyncio.wait_for(out.wake.wait(), IDLE_TIMEOUT)
+                        await asyncio.wait_for(out.wake.wait(), self.limits.idle_timeout)
                     except TimeoutError:
                         return
                     continue
@@ -201,9 +335,9 @@ class Transport:
                     port,
                     ssl=self.client_ctx,
                     server_hostname=host,
-                    ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                    ssl_handshake_timeout=self.limits.handshake_timeout,
                 ),
-                CONNECT_TIMEOUT + HANDSHAKE_TIMEOUT,
+                CONNECT_TIMEOUT + self.limits.handshake_timeout,
             )
         except ConnectionRefusedError:
             out.frames.clear()
@@ -262,6 +396,11 @@ class _Inbound(asyncio.Protocol):
     TCP connection exists, so not one byte of the client's hello can land in
     a stream buffer before the TLS layer is attached (the race that makes
     ``StreamWriter.start_tls`` on a server hang now and then).
+
+    What must stay true: a connection is counted in its owner's tables from
+    ``connection_made`` (unless refused there) until ``_release``, which runs
+    exactly once whichever way it ends; ``held`` bytes are counted in the
+    owner's ``partial_bytes`` while it is open.
     """
 
     def __init__(self, owner: Transport) -> None:
@@ -269,11 +408,21 @@ class _Inbound(asyncio.Protocol):
         self.raw: asyncio.Transport | None = None
         self.tls: asyncio.Transport | None = None
         self.remote = "?"
+        self.host = "?"
         self.peer: str | None = None
         self.decoder = FrameDecoder(MAX_FRAME_BYTES)
         self.early: list[bytes] = []
-        self.idle: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
+        self.in_handshake = False
+        self.counted = False
+        self.closed = False
+        #: Bytes of unfinished frames (or pre-handshake data) counted in the owner.
+        self.held = 0
+        #: Loop time of the last complete frame (or of the handshake).
+        self.last_frame = 0.0
+        #: Loop time the first byte of the unfinished frame arrived, if one is.
+        self.partial_since: float | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.raw is not None:
@@ -281,10 +430,21 @@ class _Inbound(asyncio.Protocol):
         assert isinstance(transport, asyncio.Transport)
         self.raw = transport
         transport.pause_reading()
+        owner = self.owner
         peername = transport.get_extra_info("peername")
         if peername:
+            self.host = str(peername[0])
             self.remote = f"{peername[0]}:{peername[1]}"
-        self.owner._inbound.add(self)
+        refusal = owner._refusal(self.host)
+        if refusal is not None:
+            # Before any TLS work: a refused connection costs one accept.
+            self.closed = True
+            owner._reject(self.remote, *refusal)
+            transport.abort()
+            return
+        self.counted = self.in_handshake = True
+        owner._inbound.add(self)
+        owner._handshakes[self.host] = owner._handshakes.get(self.host, 0) + 1
         self.task = asyncio.get_running_loop().create_task(self._handshake())
 
     async def _handshake(self) -> None:
@@ -296,16 +456,17 @@ class _Inbound(asyncio.Protocol):
                 self,
                 owner.server_ctx,
                 server_side=True,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT,
+                ssl_handshake_timeout=owner.limits.handshake_timeout,
             )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             owner._reject(self.remote, "tls-handshake", str(exc) or type(exc).__name__)
             self.abort()
             return
-        if tls is None:  # closed during the handshake
+        if tls is None or self.closed:  # closed during the handshake
             self.abort()
             return
         self.tls = tls
+        self._end_handshake()
         ssl_obj = tls.get_extra_info("ssl_object")
         der = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
         try:
@@ -316,25 +477,51 @@ class _Inbound(asyncio.Protocol):
             owner._reject(self.remote, "bad-peer-cert", str(exc))
             self.abort()
             return
-        self.peer = member_id(cluster, node)
-        self._arm_idle()
+        self.peer = peer = member_id(cluster, node)
+        mine = owner._by_peer.setdefault(peer, [])
+        mine.append(self)
+        while len(mine) > owner.limits.max_connections_per_peer:
+            oldest = mine[0]
+            owner._reject(peer, "per-peer-connections", f"closing {oldest.remote}")
+            oldest.abort()  # removes it from ``mine``
+        self.last_frame = asyncio.get_running_loop().time()
+        self._schedule()
         early, self.early = self.early, []
         for data in early:
             self.data_received(data)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         if self.peer is None:
             # Application data can arrive before our handshake task resumes.
             self.early.append(data)
+            self._hold(self.held + len(data))
             return
-        self._arm_idle()
         owner = self.owner
-        items = self.decoder.feed(data)
-        for item, size in zip(items, self.decoder.sizes, strict=True):
+        now = asyncio.get_running_loop().time()
+        bodies = self.decoder.split(data)
+        if bodies:
+            self.last_frame = now
+        limiter = owner._limiter(self.peer, now)
+        for body, size in zip(bodies, self.decoder.sizes, strict=True):
+            if not isinstance(body, bytes):
+                owner._reject(self.peer, body.reason, body.detail)  # oversized
+                self.abort()
+                return
+            verdict = limiter.admit(size, now)
+            if verdict is not Verdict.PASS:
+                owner._reject(self.peer, verdict.value, f"{size} bytes")
+                if limiter.abusive(now):
+                    owner._reject(self.peer, "rate-limit-sustained", "over the limit too long")
+                    self.abort()
+                    return
+                continue
+            item = decode_message(body)
             if isinstance(item, Rejection):
                 owner._reject(self.peer, item.reason, item.detail)
                 if item.reason != "unknown-type":
-                    self.abort()  # oversized or undecodable: this peer is broken
+                    self.abort()  # undecodable: this peer is broken
                     return
                 continue
             kind = type(item).__name__
@@ -343,7 +530,31 @@ class _Inbound(asyncio.Protocol):
             try:
                 owner.on_message(self.peer, item)
             except Exception:  # a bug of ours must not kill the connection loop
-                log.exception("handling %s from %s failed", type(item).__name__, self.peer)
+                log.exception("handling %s from %s failed", kind, self.peer)
+            if self.closed:
+                return  # on_message may close the transport
+        pending = self.decoder.pending
+        if not pending:
+            self.partial_since = None
+        elif bodies or self.partial_since is None:
+            self.partial_since = now  # the first bytes of a new frame
+        self._hold(pending)
+        self._schedule()
+
+    def _hold(self, held: int) -> None:
+        """Count ``held`` bytes as ours, or close if the owner's total would pass its cap."""
+        owner = self.owner
+        grow = held - self.held
+        if grow > 0 and owner.partial_bytes + grow > owner.limits.max_partial_bytes:
+            owner._reject(
+                self.peer or self.remote,
+                "partial-bytes",
+                f"{held} bytes unfinished, {owner.partial_bytes} held in all",
+            )
+            self.abort()
+            return
+        owner.partial_bytes += grow
+        self.held = held
 
     def eof_received(self) -> bool | None:
         if self.decoder.pending and self.peer is not None:
@@ -351,19 +562,83 @@ class _Inbound(asyncio.Protocol):
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.owner._inbound.discard(self)
-        if self.idle is not None:
-            self.idle.cancel()
+        self._release()
 
-    def _arm_idle(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
-        self.idle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self.abort)
+    # -- deadlines -----------------------------------------------------------
+
+    def _deadline(self) -> float:
+        lim = self.owner.limits
+        due = self.last_frame + lim.idle_timeout
+        if self.partial_since is not None:
+            due = min(due, self.partial_since + lim.frame_timeout)
+        return due
+
+    def _schedule(self) -> None:
+        """One timer at the earliest deadline; a later deadline waits for it to fire."""
+        if self.closed:
+            return
+        due = self._deadline()
+        if self.timer is not None:
+            if self.timer.when() <= due:
+                return
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        now = asyncio.get_running_loop().time()
+        lim = self.owner.limits
+        if self.partial_since is not None and now >= self.partial_since + lim.frame_timeout:
+            self.owner._reject(
+                self.peer or self.remote,
+                "frame-timeout",
+                f"{self.decoder.pending} bytes in {lim.frame_timeout:g} s",
+            )
+            self.abort()
+        elif now >= self.last_frame + lim.idle_timeout:
+            self.abort()  # idle: nothing wrong, not counted
+        else:
+            self._schedule()
+
+    # -- closing ---------------------------------------------------------------
+
+    def _end_handshake(self) -> None:
+        if self.in_handshake:
+            self.in_handshake = False
+            table = self.owner._handshakes
+            left = table.get(self.host, 0) - 1
+            if left > 0:
+                table[self.host] = left
+            else:
+                table.pop(self.host, None)
+
+    def _release(self) -> None:
+        """Give back everything this connection is counted for; runs once."""
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.counted:
+            return
+        self.counted = False
+        owner = self.owner
+        self._end_handshake()
+        owner._inbound.discard(self)
+        owner.partial_bytes -= self.held
+        self.held = 0
+        self.early = []
+        if self.peer is not None:
+            mine = owner._by_peer.get(self.peer, [])
+            if self in mine:
+                mine.remove(self)
+            if not mine:
+                owner._by_peer.pop(self.peer, None)
+                limiter = owner._limiters.get(self.peer)
+                if limiter is not None and limiter.at_rest(asyncio.get_running_loop().time()):
+                    del owner._limiters[self.peer]
 
     def abort(self) -> None:
-        if self.idle is not None:
-            self.idle.cancel()
+        self._release()
         transport = self.tls or self.raw
         if transport is not None:
             transport.abort()
-        self.owner._inbound.discard(self)
