@@ -218,6 +218,9 @@ class Transport:
         self.on_message = on_message
         self.on_refused = on_refused
         self.limits = limits or Limits()
+        #: Whether a certificate serial is on the CA's revocation list (set by
+        #: the agent); checked after every handshake, both directions.
+        self.revoked: Callable[[int], bool] | None = None
         self._server: asyncio.Server | None = None
         self._out: dict[str, _Outbound] = {}
         self._inbound: set[_Inbound] = set()
@@ -353,7 +356,7 @@ class Transport:
         try:
             if not der:
                 raise IdentityError("the server sent no certificate")
-            verify_peer_certificate(der, self.ca_certs, self.trust_domain)
+            verify_peer_certificate(der, self.ca_certs, self.trust_domain, revoked=self.revoked)
         except IdentityError as exc:
             out.frames.clear()
             self._reject(out.address, "bad-peer-cert", str(exc))
@@ -472,7 +475,9 @@ class _Inbound(asyncio.Protocol):
         try:
             if not der:
                 raise IdentityError("the client sent no certificate")
-            cluster, node = verify_peer_certificate(der, owner.ca_certs, owner.trust_domain)
+            cluster, node = verify_peer_certificate(
+                der, owner.ca_certs, owner.trust_domain, revoked=owner.revoked
+            )
         except IdentityError as exc:
             owner._reject(self.remote, "bad-peer-cert", str(exc))
             self.abort()
