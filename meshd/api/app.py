@@ -27,6 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from meshd.agent.interface import AgentAPI
 from meshd.api.consul import add_consul_routes
 from meshd.api.durations import parse_wait
+from meshd.api.revocations import add_revocation_routes
 from meshd.api.validation import ApiError, parse_health, parse_registration
 from meshd.metrics import Metrics
 from meshd.wire import WireError, check_name
@@ -298,4 +299,5 @@ def create_app(agent: AgentAPI) -> web.Application:
     r.add_put("/v1/policy", h.put_policy)
     r.add_get("/metrics", h.metrics)
     add_consul_routes(app, agent)
+    add_revocation_routes(app, agent)
     return app
