@@ -31,6 +31,7 @@ two CAs do not hand out the same one.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -101,6 +102,10 @@ class RevocationList:
     """
 
     der: bytes = field(repr=False)
+    #: SHA-256 of the signed part (tbsCertList).  Two encodings of one list
+    #: share it: an ECDSA signature can be re-encoded by anyone (s or n-s)
+    #: without the CA, so "the same list" must not mean "the same bytes".
+    content_id: bytes = field(repr=False)
     #: The CRLNumber: higher replaces lower, 1 for the first list.
     number: int
     serials: frozenset[int] = field(repr=False)
@@ -212,7 +217,8 @@ def create_revocation_list(
             .revocation_date(dates[serial])
             .build()
         )
-    der = builder.sign(ca.key, _signing_hash(ca)).public_bytes(serialization.Encoding.DER)
+    crl = builder.sign(ca.key, _signing_hash(ca))
+    der = crl.public_bytes(serialization.Encoding.DER)
     if len(der) > MAX_CRL_BYTES:
         raise RevocationError(
             f"the list would take {len(der)} bytes, more than the {MAX_CRL_BYTES}"
@@ -220,6 +226,7 @@ def create_revocation_list(
         )
     return RevocationList(
         der=der,
+        content_id=_content_id(crl),
         number=number,
         serials=frozenset(dates),
         this_update=start,
@@ -229,6 +236,10 @@ def create_revocation_list(
 
 # ---------------------------------------------------------------------------
 # Verifying a list (bytes from peers, API clients and files).
+
+
+def _content_id(crl: x509.CertificateRevocationList) -> bytes:
+    return hashlib.sha256(crl.tbs_certlist_bytes).digest()
 
 
 def _vouches(ca: x509.Certificate, crl: x509.CertificateRevocationList) -> bool:
@@ -287,6 +298,11 @@ def verify_revocation_list(
         return Rejection("untrusted-crl", "it is not signed by a CA this mesh trusts")
     if _outside(signer, now):
         return Rejection("untrusted-crl", "the CA that signed it is not valid now")
+    if not der.endswith(b"\x00" + crl.signature):
+        # The signature BIT STRING may also be encoded with unused bits; such
+        # a copy verifies but is other bytes.  Only the usual form is
+        # spread, so every agent holds and passes on the same bytes.
+        return Rejection("bad-crl", "its signature is not encoded the usual way")
     # From here the CA signed every byte; what remains are our own rules.
     try:
         return _read_signed(crl, der)
@@ -321,6 +337,7 @@ def _read_signed(crl: x509.CertificateRevocationList, der: bytes) -> RevocationL
         serials.add(entry.serial_number)
     return RevocationList(
         der=der,
+        content_id=_content_id(crl),
         number=number,
         serials=frozenset(serials),
         this_update=crl.last_update_utc,
@@ -356,18 +373,19 @@ def compare(held: RevocationList | None, incoming: RevocationList) -> Verdict:
     """What ``incoming`` is relative to the list ``held``.
 
     ``newer``: a higher number that keeps every held serial; it replaces held.
-    ``same``: the very list held.  ``older``: a lower number.  ``conflict``: the
-    same number with other content (two lists signed from one predecessor, an
-    operator's mistake); the held one stays, so agents never flap between them.
-    ``shrinks``: a higher number that drops a held serial; revocation is
-    permanent, so it is refused.
+    ``same``: the very list held (the same signed content, however encoded).
+    ``older``: a lower number.  ``conflict``: the same number with other
+    content (two lists signed from one predecessor, an operator's mistake);
+    the held one stays, so agents never flap between them.  ``shrinks``: a
+    higher number that drops a held serial; revocation is permanent, so it
+    is refused.
     """
     if held is None:
         return "newer"
     if incoming.number < held.number:
         return "older"
     if incoming.number == held.number:
-        return "same" if incoming.der == held.der else "conflict"
+        return "same" if incoming.content_id == held.content_id else "conflict"
     if not held.serials <= incoming.serials:
         return "shrinks"
     return "newer"

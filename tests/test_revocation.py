@@ -22,6 +22,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -48,6 +52,7 @@ from meshd.revocation import (
 from meshd.wire import Rejection
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +193,50 @@ def test_no_single_byte_change_makes_another_list(ca: CA) -> None:
             assert isinstance(got, Rejection), (i, flip)
 
 
+def tlv(tag: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 0x80:
+        return bytes([tag, n]) + body
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + body
+
+
+def resigned(der: bytes, signature: bytes, unused_bits: int = 0) -> bytes:
+    """``der`` with its signature BIT STRING replaced (the signed part untouched)."""
+    crl = x509.load_der_x509_crl(der)
+    tbs, old = crl.tbs_certlist_bytes, tlv(0x03, b"\x00" + crl.signature)
+    assert der.endswith(old)
+    start = der.index(tbs)
+    algorithm = der[start + len(tbs) : len(der) - len(old)]
+    return tlv(0x30, tbs + algorithm + tlv(0x03, bytes([unused_bits]) + signature))
+
+
+def test_another_encoding_of_the_same_list_is_the_same_list() -> None:
+    # Anyone can turn an ECDSA signature (r, s) into (r, n - s) without the CA.
+    ecdsa = create_ca("mesh.local", now=NOW - timedelta(days=1), key_type="ecdsa-p256")
+    rl = create_revocation_list(ecdsa, [5], now=NOW)
+    r, s = decode_dss_signature(x509.load_der_x509_crl(rl.der).signature)
+    twin = ok(
+        verify_revocation_list(
+            resigned(rl.der, encode_dss_signature(r, P256_ORDER - s)), ecdsa.cert
+        )
+    )
+    assert twin.der != rl.der and twin.content_id == rl.content_id
+    assert compare(rl, twin) == "same" and accept(rl, twin) is False
+
+
+def test_a_signature_with_unused_bits_is_refused(ca: CA) -> None:
+    # One bit shorter but the same bytes: a second encoding of the same list,
+    # valid only when the bit dropped is 0, as it is in about half of them.
+    for _ in range(64):
+        rl = create_revocation_list(ca, [5], now=NOW + timedelta(seconds=_))
+        signature = x509.load_der_x509_crl(rl.der).signature
+        if signature[-1] & 1 == 0:
+            break
+    rej = refused(verify_revocation_list(resigned(rl.der, signature, 1), ca.cert), "bad-crl")
+    assert "not encoded the usual way" in rej.detail
+
+
 def test_a_list_without_a_number_is_refused(ca: CA) -> None:
     rej = refused(verify_revocation_list(raw_list(ca, [1], number=None), [ca.cert]), "bad-crl")
     assert "no CRL number" in rej.detail
@@ -289,7 +338,12 @@ def test_compare_and_accept(ca: CA) -> None:
     rival_two = create_revocation_list(ca, [3], previous=one, now=NOW)
     fresh = create_revocation_list(ca, [9], now=NOW)  # number 1 again, made without --previous
     three_without_one = RevocationList(
-        der=b"x", number=3, serials=frozenset({2}), this_update=NOW, next_update=None
+        der=b"x",
+        content_id=b"x",
+        number=3,
+        serials=frozenset({2}),
+        this_update=NOW,
+        next_update=None,
     )
     assert compare(None, one) == "newer" and accept(None, one) is True
     assert compare(one, two) == "newer" and accept(one, two) is True
@@ -311,7 +365,14 @@ def test_compare_and_accept(ca: CA) -> None:
 
 def test_a_revocation_list_checks_its_fields() -> None:
     with pytest.raises(RevocationError):
-        RevocationList(der=b"", number=0, serials=frozenset(), this_update=NOW, next_update=None)
+        RevocationList(
+            der=b"",
+            content_id=b"",
+            number=0,
+            serials=frozenset(),
+            this_update=NOW,
+            next_update=None,
+        )
 
 
 # ---------------------------------------------------------------------------
