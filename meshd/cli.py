@@ -26,7 +26,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
-from meshd import identity, wire
+from cryptography import x509
+
+from meshd import identity, revocation, wire
 from meshd.agent.config import (
     ConfigError,
     check_token,
@@ -179,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--days", type=_positive_int, default=3650, help="validity in days (default: %(default)s)"
     )
     ca_create.set_defaults(func=_cmd_ca_create)
+    _add_ca_revoke_parser(ca_commands)
 
     cert = commands.add_parser("cert", help="manage node certificates", allow_abbrev=False)
     cert_commands = cert.add_subparsers(dest="cert_command", metavar="COMMAND", required=True)
@@ -208,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_agent_parser(commands)
     _add_client_parsers(commands)
+    _add_revocation_parsers(commands)
     return parser
 
 
@@ -329,6 +333,66 @@ def _add_client_parsers(commands: Any) -> None:
     mem.set_defaults(func=_cmd_members)
 
 
+def _serial(text: str) -> int:
+    try:
+        return revocation.parse_serial(text)
+    except revocation.RevocationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_ca_revoke_parser(ca_commands: Any) -> None:
+    revoke = ca_commands.add_parser(
+        "revoke",
+        help="make a CA-signed revocation list (a CRL) naming certificates no agent may trust",
+        allow_abbrev=False,
+    )
+    revoke.add_argument("--ca", required=True, metavar="DIR", help="directory with ca.pem, ca.key")
+    revoke.add_argument(
+        "--serial",
+        action="append",
+        default=[],
+        type=_serial,
+        metavar="HEX",
+        help="serial number of a certificate to revoke, in hex (repeatable)",
+    )
+    revoke.add_argument(
+        "--cert",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="certificate file to revoke, e.g. NAME.pem from `meshd cert issue` (repeatable)",
+    )
+    revoke.add_argument(
+        "--previous",
+        metavar="FILE",
+        help="the list in force: every serial it revokes stays revoked, and the new"
+        " list's number is one higher (without it the new list is number 1)",
+    )
+    revoke.add_argument("--out", required=True, metavar="FILE", help="where to write the list")
+    revoke.set_defaults(func=_cmd_ca_revoke)
+
+
+def _add_revocation_parsers(commands: Any) -> None:
+    rev = commands.add_parser(
+        "revocation", help="hand an agent a revocation list, or show its list", allow_abbrev=False
+    )
+    rev_commands = rev.add_subparsers(dest="revocation_command", metavar="COMMAND", required=True)
+    put = rev_commands.add_parser(
+        "put", help="give the agent a list made by `meshd ca revoke`", allow_abbrev=False
+    )
+    put.add_argument("file", metavar="FILE", help="the revocation list (PEM or DER)")
+    put.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
+    _add_api_flag(put)
+    _add_token_flags(put)
+    put.set_defaults(func=_cmd_revocation_put)
+    show = rev_commands.add_parser(
+        "show", help="show the revocation list in force on the agent", allow_abbrev=False
+    )
+    show.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
+    _add_api_flag(show)
+    show.set_defaults(func=_cmd_revocation_show)
+
+
 # ---------------------------------------------------------------------------
 # ca, cert, agent.
 
@@ -361,6 +425,54 @@ def _cmd_cert_issue(args: argparse.Namespace) -> int:
         raise CommandError(str(exc), EXIT_USAGE) from None
     for path in paths:
         print(path)
+    return EXIT_OK
+
+
+def _revoked_cert_serial(path_text: str, ca: identity.CA, ca_dir: str) -> int:
+    """The serial of the certificate in ``path_text`` (the first one of a chain)."""
+    path = Path(path_text)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CommandError(f"certificate {path} does not exist", EXIT_USAGE) from None
+    except OSError as exc:
+        raise CommandError(f"cannot read certificate {path}: {exc.strerror}", EXIT_USAGE) from None
+    try:
+        if b"-----BEGIN" in data:
+            cert = x509.load_pem_x509_certificates(data)[0]
+        else:
+            cert = x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise CommandError(f"{path} holds no certificate", EXIT_USAGE) from None
+    if cert == ca.cert:
+        raise CommandError(
+            f"{path} is the CA certificate itself; to stop trusting it, make a new CA", EXIT_USAGE
+        )
+    try:
+        cert.verify_directly_issued_by(ca.cert)
+    except Exception:  # another issuer or another key: this CA cannot revoke it
+        raise CommandError(
+            f"certificate {path} was not issued by the CA in {ca_dir}", EXIT_USAGE
+        ) from None
+    return cert.serial_number
+
+
+def _cmd_ca_revoke(args: argparse.Namespace) -> int:
+    if not args.serial and not args.cert:
+        raise CommandError("name a certificate to revoke with --serial or --cert", EXIT_USAGE)
+    try:
+        ca = identity.load_ca(args.ca)
+        serials = list(args.serial)
+        serials += [_revoked_cert_serial(c, ca, args.ca) for c in args.cert]
+        previous = None
+        if args.previous is not None:
+            previous = revocation.load_revocation_list(args.previous, ca.cert)
+        rl = revocation.create_revocation_list(ca, serials, previous)
+        out = revocation.write_revocation_list(args.out, rl)
+    except identity.IdentityError as exc:  # RevocationError included
+        raise CommandError(str(exc), EXIT_USAGE) from None
+    added = len(rl.serials) - (len(previous.serials) if previous is not None else 0)
+    print(f"{out}: revocation list number {rl.number} ({len(rl.serials)} revoked, {added} new)")
     return EXIT_OK
 
 
@@ -576,6 +688,90 @@ def _cmd_members(args: argparse.Namespace) -> int:
     columns = ("node", "cluster", "region", "zone", "address", "status", "incarnation")
     rows = [[m.get(c) for c in columns] for m in _rows(answer, None, "members")]
     print(format_table([c.upper() for c in columns], rows))
+    return EXIT_OK
+
+
+def _call_bytes(
+    base: str, method: str, path: str, data: bytes, content_type: str, token: str | None = None
+) -> Any:
+    """Like :func:`_call`, for a request whose body is not JSON (a revocation list)."""
+    request = urllib.request.Request(base + path, data=data, method=method)
+    request.add_header("Accept", "application/json")
+    request.add_header("Content-Type", content_type)
+    if token is not None:
+        request.add_header("X-Consul-Token", token)
+    try:
+        with _OPENER.open(request, timeout=HTTP_TIMEOUT) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as exc:
+        raise CommandError(_error_sentence(exc)) from None
+    except urllib.error.URLError as exc:
+        raise CommandError(f"cannot reach the agent at {base}: {_reason(exc.reason)}") from None
+    except OSError as exc:
+        raise CommandError(f"cannot reach the agent at {base}: {_reason(exc)}") from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise CommandError(
+            f"the agent at {base} answered {method} {path} with invalid JSON"
+        ) from None
+
+
+def _read_revocation_file(path: Path) -> tuple[bytes, str]:
+    """The bytes of a list file to send, and their content type.  Only the form
+    is checked here; the agent verifies the signature against its CA."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(revocation.MAX_CRL_BYTES * 2 + 1)
+    except FileNotFoundError:
+        raise CommandError(f"revocation list {path} does not exist", EXIT_USAGE) from None
+    except OSError as exc:
+        raise CommandError(
+            f"cannot read revocation list {path}: {exc.strerror}", EXIT_USAGE
+        ) from None
+    if len(data) > revocation.MAX_CRL_BYTES * 2:
+        raise CommandError(f"{path} is too large to be a revocation list", EXIT_USAGE)
+    try:
+        if b"-----BEGIN X509 CRL-----" in data:
+            x509.load_pem_x509_crl(data)
+            return data, "application/x-pem-file"
+        x509.load_der_x509_crl(data)
+    except ValueError:
+        raise CommandError(
+            f"{path} holds no revocation list (make one with `meshd ca revoke`)", EXIT_USAGE
+        ) from None
+    return data, "application/pkix-crl"
+
+
+def _cmd_revocation_put(args: argparse.Namespace) -> int:
+    data, content_type = _read_revocation_file(Path(args.file))
+    base = _api_base(args)
+    answer = _call_bytes(base, "PUT", "/v1/revocations", data, content_type, token=_token(args))
+    if args.json:
+        _print_json(answer)
+        return EXIT_OK
+    if not isinstance(answer, dict) or not isinstance(answer.get("number"), int):
+        raise CommandError("the agent's revocation answer is not in the expected form")
+    print(f"revocation list number {answer['number']} in force ({answer.get('revoked')} revoked)")
+    return EXIT_OK
+
+
+def _cmd_revocation_show(args: argparse.Namespace) -> int:
+    answer = _call(_api_base(args), "GET", "/v1/revocations")
+    if args.json:
+        _print_json(answer)
+        return EXIT_OK
+    revoked = answer.get("revoked") if isinstance(answer, dict) else None
+    number = answer.get("number") if isinstance(answer, dict) else None
+    if not isinstance(number, int) or not isinstance(revoked, list):
+        raise CommandError("the agent's revocation answer is not in the expected form")
+    if number == 0:
+        print("no revocation list")
+        return EXIT_OK
+    # The serials one a line after a header, so `tail -n +2` lists them alone.
+    print(f"revocation list number {number} ({len(revoked)} revoked)")
+    for serial in revoked:
+        print(serial)
     return EXIT_OK
 
 

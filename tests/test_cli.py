@@ -20,7 +20,7 @@ import pytest
 from aiohttp import web
 from cryptography import x509
 
-from meshd import identity
+from meshd import identity, revocation
 from meshd.cli import format_table, main
 
 # ---------------------------------------------------------------------------
@@ -94,6 +94,85 @@ def test_cert_issue_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert main([*base, "--ca", str(tmp_path / "ca"), "--ip", "not-an-ip"]) == 2
     assert "is not an IP address" in one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "o" / "n1.key").exists()
+
+
+# ---------------------------------------------------------------------------
+# ca revoke.
+
+
+@pytest.fixture
+def pki(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A CA in tmp/ca and certificates for east/n1 and east/n2 in tmp/certs."""
+    assert main(["ca", "create", "--out", str(tmp_path / "ca")]) == 0
+    for node in ("n1", "n2"):
+        argv = ["cert", "issue", "--ca", str(tmp_path / "ca"), "--node", node]
+        assert main([*argv, "--cluster", "east", "--out", str(tmp_path / "certs")]) == 0
+    capsys.readouterr()
+    return tmp_path
+
+
+def serial_of(path: Path) -> int:
+    return x509.load_pem_x509_certificates(path.read_bytes())[0].serial_number
+
+
+def test_ca_revoke_by_serial_and_by_cert(pki: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ca = identity.load_ca(pki / "ca")
+    n1, n2 = serial_of(pki / "certs" / "n1.pem"), serial_of(pki / "certs" / "n2.pem")
+    out = pki / "revocations.pem"
+    argv = ["ca", "revoke", "--ca", str(pki / "ca"), "--out", str(out)]
+    # By serial, in the colon form openssl prints.
+    colons = ":".join(f"{n1:x}"[i : i + 2] for i in range(0, len(f"{n1:x}"), 2))
+    assert main([*argv, "--serial", colons.upper()]) == 0
+    assert capsys.readouterr().out == f"{out}: revocation list number 1 (1 revoked, 1 new)\n"
+    first = revocation.load_revocation_list(out, ca.cert)
+    assert first.number == 1 and first.serials == {n1}
+    assert out.read_bytes().startswith(b"-----BEGIN X509 CRL-----")
+    assert mode(out) == 0o644
+
+    # By certificate file, continuing the list in place.
+    assert main([*argv, "--cert", str(pki / "certs" / "n2.pem"), "--previous", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}: revocation list number 2 (2 revoked, 1 new)\n"
+    second = revocation.load_revocation_list(out, ca.cert)
+    assert second.number == 2 and second.serials == {n1, n2}
+    # Revoking again what is revoked still makes a newer list; nothing is dropped.
+    assert main([*argv, "--serial", f"{n2:x}", "--previous", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}: revocation list number 3 (2 revoked, 0 new)\n"
+    assert revocation.load_revocation_list(out, ca.cert).serials == {n1, n2}
+
+
+def test_ca_revoke_errors_exit_2(
+    pki: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = pki / "revocations.pem"
+    base = ["ca", "revoke", "--ca", str(pki / "ca"), "--out", str(out)]
+    assert main(["ca", "create", "--out", str(tmp_path / "other")]) == 0
+    argv = ["cert", "issue", "--ca", str(tmp_path / "other"), "--node", "x"]
+    assert main([*argv, "--cluster", "east", "--out", str(tmp_path / "other")]) == 0
+    assert main(["ca", "revoke", "--ca", str(tmp_path / "other"), "--serial", "1"]
+                + ["--out", str(tmp_path / "other.pem")]) == 0  # fmt: skip
+    (tmp_path / "junk.pem").write_text("hello")
+    capsys.readouterr()
+    cases = [
+        ([], "--serial or --cert"),
+        (["--serial", "xyz"], "argument --serial"),
+        (["--serial", "0"], "argument --serial"),
+        (["--cert", str(tmp_path / "nope.pem")], "does not exist"),
+        (["--cert", str(tmp_path / "junk.pem")], "holds no certificate"),
+        (["--cert", str(tmp_path / "other" / "x.pem")], "was not issued by the CA"),
+        (["--cert", str(pki / "ca" / "ca.pem")], "is the CA certificate itself"),
+        (["--serial", "1", "--previous", str(tmp_path / "other.pem")], "is refused"),
+        (["--serial", "1", "--previous", str(tmp_path / "junk.pem")], "is refused"),
+        (["--serial", "1", "--previous", str(tmp_path / "nope.pem")], "does not exist"),
+    ]
+    for extra, fragment in cases:
+        assert main([*base, *extra]) == 2, extra
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert fragment in one_error_line(captured.err), (extra, captured.err)
+    assert main(["ca", "revoke", "--ca", str(tmp_path / "no-ca"), "--serial", "1"]
+                + ["--out", str(out)]) == 2  # fmt: skip
+    assert "does not exist" in one_error_line(capsys.readouterr().err)
+    assert not out.exists()  # nothing half-written by any refused command
 
 
 @pytest.mark.parametrize(

@@ -8,11 +8,14 @@ dataclasses with a ``to_json`` that fixes the contract's JSON shapes.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from cryptography import x509
+
 from meshd.metrics import Metrics
+from meshd.revocation import RevocationList
 from meshd.wire import AppRecord
 
 CheckKind = Literal["ttl", "http", "tcp"]
@@ -218,6 +221,26 @@ class AgentAPI(Protocol):
     def put_policy(self, data: dict[str, Any]) -> dict[str, Any]:
         """Validate and apply a policy; raises ValueError (one sentence) and
         keeps the old one when it is invalid.  Returns the policy now in force."""
+        ...
+
+    @property
+    def ca_certs(self) -> Sequence[x509.Certificate]:
+        """The CA certificates this agent trusts: a revocation list must be signed by one."""
+        ...
+
+    def revocations(self) -> RevocationList | None:
+        """The revocation list in force, or None while the agent has none."""
+        ...
+
+    async def put_revocations(self, rl: RevocationList) -> RevocationList:
+        """Put a verified list in force, keep it in the state directory and spread it.
+
+        Returns the list now in force; the list already held, offered again, is
+        not an error.  Raises :class:`meshd.revocation.StaleRevocationList`
+        (one sentence, nothing changed) when ``meshd.revocation.accept``
+        refuses it: older, a different list of the same number, or one that
+        drops a revoked serial.
+        """
         ...
 
 

@@ -5,7 +5,8 @@ are checked first (no socket yet), then the gossip listener is bound, then
 the API listener; only when both are bound does the core start and contact
 peers.  A failure at any step closes what earlier steps opened and exits 2
 with one line on stderr.  SIGTERM (and SIGINT) leave gracefully and exit 0;
-SIGHUP reloads the certificates without touching membership.
+SIGHUP, or a change of the certificate files, rotates to a renewed
+certificate for the same node without touching membership (rotation.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from meshd.agent.config import AgentConfig, ConfigError, read_token_file
+from meshd.agent.rotation import CertificateRotator
 from meshd.agent.statedb import StateDB, StateError
 from meshd.agent.transport import Transport, make_client_context, make_server_context
 from meshd.identity import (
@@ -326,19 +328,25 @@ async def _serve(cfg: AgentConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    watcher = loop.create_task(_watch_policy(cfg, agent))
+    rotator = CertificateRotator(
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        current=node_cert,
+        transports=[transport, wan_transport],
+        agent=agent,
+        revoked=lambda serial: (
+            (held := agent.revocations()) is not None and held.is_revoked(serial)
+        ),
+    )
+    watchers = [
+        loop.create_task(_watch_policy(cfg, agent)),
+        loop.create_task(rotator.watch()),
+    ]
 
     def reload() -> None:
         _reload_policy(cfg, agent)
-        try:
-            server = make_server_context(str(ca_file), str(cert_file), str(key_file))
-            client = make_client_context(str(ca_file), str(cert_file), str(key_file))
-            for t in (transport, wan_transport):
-                if t is not None:
-                    t.server_ctx, t.client_ctx = server, client
-            log.info("reloaded certificates from %s", cert_file)
-        except (ssl.SSLError, OSError) as exc:
-            log.error("SIGHUP: kept the old certificates: %s", exc)
+        rotator.reload_soon("SIGHUP")
 
     loop.add_signal_handler(signal.SIGHUP, reload)
     if wan_transport is not None:
@@ -351,7 +359,8 @@ async def _serve(cfg: AgentConfig) -> int:
     if cfg.dev:
         log.info("dev mode: state and throwaway certificates in %s", state_dir)
     await stop.wait()
-    watcher.cancel()
+    for task in watchers:
+        task.cancel()
     log.info("leaving the mesh")
     await agent.stop(leave=True)
     await runner.cleanup()

@@ -28,6 +28,7 @@ from meshd.agent.interface import AgentAPI
 from meshd.api.access import MAX_BLOCKING_QUERIES, BlockingQueries, require_token
 from meshd.api.consul import add_consul_routes, text_error
 from meshd.api.durations import parse_wait
+from meshd.api.revocations import add_revocation_routes
 from meshd.api.validation import ApiError, parse_health, parse_registration
 from meshd.metrics import Metrics
 from meshd.wire import WireError, check_name
@@ -328,4 +329,5 @@ def create_app(
     r.add_put("/v1/policy", h.put_policy)
     r.add_get("/metrics", h.metrics)
     consul_routes.update(add_consul_routes(app, agent, blocking))
+    add_revocation_routes(app, agent)
     return app
