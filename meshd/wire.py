@@ -85,6 +85,7 @@ class MsgType(enum.IntEnum):
     GOSSIP = 5
     PUSH_PULL = 6
     PUSH_PULL_REPLY = 7
+    REVOCATIONS = 8
 
 
 class Status(enum.IntEnum):
@@ -782,6 +783,14 @@ def _records(x: Any) -> int:
     return _check_int(x, "records", 0, 2**64 - 1)
 
 
+def _revocations(x: Any) -> int:
+    return _check_int(x, "revocations", 0)
+
+
+def _crl(x: Any) -> bytes:
+    return _check_bytes(x, "crl", MAX_BIN_BYTES)
+
+
 def _opt_mid(x: Any) -> str:
     # "" is the field default (not set); anything else must be a member id.
     return x if x == "" else _mid(x)
@@ -803,6 +812,8 @@ _CODECS: dict[str, tuple[str, Any, Any, Any]] = {
     "digest": ("d", _same, _digest_from_wire, _digest),
     "view": ("vw", _same, _same, _view),
     "records": ("rc", _same, _same, _records),
+    "revocations": ("rn", _same, _same, _revocations),
+    "crl": ("cr", _same, _same, _crl),
     "coord": ("co", _opt_list, _opt_tuple, _coord),
     "members": ("m", _updates_to_wire, _updates_from_wire, _tuple_of(MemberUpdate, "members")),
     "states": ("st", _states_to_wire, _states_from_wire, _tuple_of(SignedState, "states")),
@@ -897,6 +908,9 @@ class PushPull(Message):
     #: only toward its own cluster; 0 when not given.  With an empty digest it
     #: is all the opener offers: a mismatch asks for the digest.
     records: int = 0
+    #: Number of the CA revocation list the sender holds (0: none): a peer
+    #: holding a higher one sends it (``Revocations``).
+    revocations: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -910,10 +924,23 @@ class PushPullReply(Message):
     view: int = 0
     #: As ``PushPull.records``; with an empty digest: "my store matches yours".
     records: int = 0
+    revocations: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Revocations(Message):
+    """The CA's revocation list (an X.509 CRL, DER), pushed to peers holding an older one.
+
+    Signed by the CA, not by the sender: the receiver's driver verifies it.
+    """
+
+    TYPE: ClassVar[MsgType] = MsgType.REVOCATIONS
+    crl: bytes = b""
 
 
 MESSAGE_CLASSES: dict[int, type[Message]] = {
-    cls.TYPE: cls for cls in (Ping, IndirectPing, Ack, Nack, Gossip, PushPull, PushPullReply)
+    cls.TYPE: cls
+    for cls in (Ping, IndirectPing, Ack, Nack, Gossip, PushPull, PushPullReply, Revocations)
 }
 
 

@@ -50,7 +50,7 @@ import hashlib
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -83,6 +83,7 @@ from meshd.wire import (
     PushPull,
     PushPullReply,
     Rejection,
+    Revocations,
     SignedClaim,
     SignedState,
     Status,
@@ -282,6 +283,14 @@ class Node:
         self.view = 0
         #: Failed verifications in the message being received (see receive).
         self._bad = 0
+        #: The CA's revocation list we hold (its number, its DER), spread like
+        #: a document: pushed on adoption, pulled by syncs that show a lower
+        #: number.  The core cannot read X.509: ``revocation_check`` (set by
+        #: the driver) verifies a list and returns its number when it adopted
+        #: it, None otherwise.  Without one (a simulator) lists are ignored.
+        self.revocation_number = 0
+        self._crl = b""
+        self.revocation_check: Callable[[bytes], int | None] | None = None
         self._add_member(
             Member(
                 self.id,
@@ -433,6 +442,8 @@ class Node:
             self._on_push_pull(msg, now)
         elif isinstance(msg, PushPullReply):
             self._on_push_pull_reply(msg, now)
+        elif isinstance(msg, Revocations):
+            self._on_revocations(msg, now)
 
     # -- commands ---------------------------------------------------------
 
@@ -475,6 +486,31 @@ class Node:
     def set_apps(self, records: Iterable[AppRecord], now: float) -> int:
         self._apps = {r.instance: r for r in records}
         return self._publish(now)
+
+    def set_revocations(self, number: int, crl: bytes, now: float) -> None:
+        """Hold the CA revocation list ``crl`` (already verified and newer) and push it on."""
+        if number <= self.revocation_number:
+            return
+        self.revocation_number, self._crl = number, crl
+        targets = self._random_members(
+            self.config.gossip_nodes, lambda m: m.serving and m.node != self.id
+        )
+        for m in targets:
+            self._send(m.address, Revocations(self.id, crl=crl))
+
+    def _on_revocations(self, msg: Revocations, now: float) -> None:
+        check = self.revocation_check
+        if check is None:
+            return
+        number = check(msg.crl)
+        if number is None or number <= self.revocation_number:
+            self.counters["revocations-not-taken"] += 1
+            return
+        self.set_revocations(number, msg.crl, now)
+
+    def _offer_revocations(self, address: str, theirs: int) -> None:
+        if theirs < self.revocation_number:
+            self._send(address, Revocations(self.id, crl=self._crl))
 
     def set_signer(self, signer: Signer, now: float) -> None:
         """A renewed certificate: sign everything we say with it from now on.
@@ -1289,6 +1325,7 @@ class Node:
                 members=chunks[0],
                 view=self.view,
                 records=records,
+                revocations=self.revocation_number,
             ),
         )
         self._send_members(address, chunks[1:])
@@ -1347,9 +1384,11 @@ class Node:
                 states=chunks[0] if chunks else (),
                 view=self.view,
                 records=records,
+                revocations=self.revocation_number,
             ),
         )
         self._send_members(addr, lists[1:])
+        self._offer_revocations(addr, msg.revocations)
         for chunk in chunks[1:]:
             self._send(addr, Gossip(self.id, states=chunk, sync=True))
 
@@ -1358,6 +1397,7 @@ class Node:
         if addr is None:
             return
         offered = self._open_syncs.pop(addr, None)
+        self._offer_revocations(addr, msg.revocations)
         if offered in (_SYNC_DIGEST, _SYNC_SHORT) and msg.members and msg.view != self.view:
             # It sent its list because views differed; ours may hold what it
             # lacks.  Send it back as a reply, which is never answered again.
