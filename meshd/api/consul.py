@@ -59,7 +59,14 @@ from typing import Any
 
 from aiohttp import web
 
-from meshd.agent.interface import HEALTH, AgentAPI, Endpoint, MemberInfo, Registration
+from meshd.agent.interface import (
+    HEALTH,
+    AgentAPI,
+    Endpoint,
+    MemberInfo,
+    Registration,
+    StorageError,
+)
 from meshd.api.durations import parse_wait
 from meshd.api.validation import ApiError, is_host, parse_registration
 from meshd.wire import WireError, check_name
@@ -556,6 +563,8 @@ def _text_errors(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except ApiError as exc:
+            return _text(exc.status, exc.message)
+        except StorageError as exc:  # 507 full disk, 503 other; nothing was changed
             return _text(exc.status, exc.message)
         except web.HTTPRequestEntityTooLarge:
             return _text(413, "request body is too large")
