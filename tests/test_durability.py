@@ -120,6 +120,10 @@ def test_byte_cap_is_checked_per_document_at_its_worst() -> None:
     problem = publish_problem(apps, WHO)
     assert problem is not None and one_sentence(problem)
     assert "document for every cluster would exceed 131072 bytes" in problem
+    # Checking only the document the newest record joins gives the same answer.
+    assert publish_problem(apps, WHO, apps[-1]) == problem
+    assert publish_problem(accepted, WHO, accepted[-1]) is None
+    assert publish_problem([*apps[:-1], record("x", BIG_META, export=())], WHO) is None
     # What was accepted can be signed in the worst case the core will meet:
     # every record critical (the longest health) at the largest version.
     worst = tuple(replace(a, health="critical") for a in accepted)

@@ -222,7 +222,7 @@ class Agent:
             return regs
         kept: list[Registration] = []
         for reg in regs:
-            problem = publish_problem([k.record for k in kept] + [reg.record], who)
+            problem = publish_problem([k.record for k in kept] + [reg.record], who, reg.record)
             if problem is None:
                 kept.append(reg)
                 continue
@@ -439,7 +439,7 @@ class Agent:
                 record = replace(record, health="critical")
             apps = core.apps
             apps[record.instance] = record
-            problem = publish_problem(apps.values(), Publisher.of(core))
+            problem = publish_problem(apps.values(), Publisher.of(core), record)
             if problem is not None:
                 raise ValueError(problem)
             # Both writes raise StorageError with nothing of this request
