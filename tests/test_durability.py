@@ -21,6 +21,7 @@ What must hold, and how each part is shown:
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -254,6 +255,33 @@ def test_a_full_disk_raises_stores_nothing_and_is_remembered(state_dir: Path) ->
     assert db.problem is not None and len(seen) == 4
     db.put_registration(Registration(record("b")), 20)
     assert db.problem is None
+    db.close()
+
+
+def test_a_marker_that_cannot_be_written_keeps_the_change_but_degrades(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = StateDB.open(state_dir / DB_FILE)
+    seen: list[StateWriteError] = []
+    db.on_error = seen.append
+    real_replace = os.replace
+
+    def no_room(src: Any, dst: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", no_room)
+    db.put_registration(Registration(record("a")), 10)  # committed: no raise
+    assert [r.record.instance for r in db.load_registrations()] == ["a"]
+    assert len(seen) == 1 and seen[0].full
+    assert db.problem is not None and db.problem.endswith("the change itself was stored")
+    assert not (state_dir / (MARKER_FILE + ".tmp")).exists()
+    # A peer-list save does not clear it while the marker still cannot be written.
+    db.save_peers([("127.0.0.1:1", "x")])
+    assert db.problem is not None and len(seen) == 2
+    monkeypatch.setattr(os, "replace", real_replace)
+    db.save_peers([("127.0.0.1:1", "x")])  # brings the marker up to date
+    assert db.problem is None
+    assert json.loads((state_dir / MARKER_FILE).read_text())["registrations"] == 1
     db.close()
 
 

@@ -452,9 +452,10 @@ class StateDB:
         with self._mutex:
             self._write_marker(counters, count, clean=False)
 
-    def _write_marker(self, counters: dict[str, int], count: int, clean: bool) -> None:
-        """Replace the marker atomically.  A failure is noted, never raised: the
-        change it follows is committed, only its loss detection is behind."""
+    def _write_marker(self, counters: dict[str, int], count: int, clean: bool) -> bool:
+        """Replace the marker atomically; False if that failed.  A failure is
+        noted, never raised: the change it follows is committed, only its loss
+        detection is behind (a marker behind the database is still right)."""
         doc = {
             "format": MARKER_FORMAT,
             "database": self.path.name,
@@ -468,7 +469,9 @@ class StateDB:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
             try:
                 os.fchmod(fd, FILE_MODE)
-                os.write(fd, data)
+                view = memoryview(data)
+                while view:  # a write may be short; a full disk then raises
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -489,6 +492,8 @@ class StateDB:
                     full=full,
                 )
             )
+            return False
+        return True
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -544,24 +549,20 @@ class StateDB:
                     self._failed(err)
                     raise err from exc
                 raise
-            problem = self.problem
-            self._succeeded()
-            if marker:
+            # After a failure the marker may be behind: any write that got
+            # through brings it up to date, and only then is the state healthy.
+            if marker or self.problem is not None:
                 try:
                     # PASSIVE never waits; with one connection it copies the
                     # whole WAL, so a deleted -wal file loses none of this.
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     counters, count = _snapshot(conn)
                 except sqlite3.Error as exc:
-                    err = _write_error(self.path, exc, committed=True)
-                    self._failed(err)
+                    self._failed(_write_error(self.path, exc, committed=True))
                     return
-                self._write_marker(counters, count, clean=False)
-            elif problem is not None and self.problem is None:
-                # A peer-list write got through, but the marker may still be
-                # behind from the failure: bring it up to date.
-                with contextlib.suppress(sqlite3.Error):
-                    self._write_marker(*_snapshot(conn), clean=False)
+                if not self._write_marker(counters, count, clean=False):
+                    return
+            self._succeeded()
 
 
 #: errno values that mean "no room": the disk is full, or the user's quota is.
