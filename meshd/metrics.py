@@ -52,5 +52,13 @@ class Metrics:
             registry=r,
         )
 
+        self.storage_errors = Counter(
+            "meshd_storage_errors",
+            "Writes to the state directory that failed (nothing of them stored), by cause:"
+            " full (disk or quota) or error (any other).",
+            ["cause"],
+            registry=r,
+        )
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -28,6 +28,7 @@ from meshd.agent.interface import (
     Endpoint,
     MemberInfo,
     Registration,
+    StorageError,
 )
 from meshd.api.app import MAX_BODY_BYTES, create_app
 from meshd.api.durations import parse_duration
@@ -44,6 +45,7 @@ class FakeAgent:
 
     node_name = "n7"
     cluster = "east"
+    storage_error: str | None = None  # set to a sentence to fake a failed write
 
     def __init__(self) -> None:
         self.metrics = Metrics()
@@ -827,6 +829,40 @@ async def test_health(client: TestClient) -> None:
     resp = await client.get("/v1/health")
     assert resp.status == 200
     assert await resp.json() == {"status": "ok", "node": "n7", "cluster": "east"}
+
+
+async def test_health_is_degraded_while_the_agent_cannot_store(
+    client: TestClient, agent: FakeAgent
+) -> None:
+    agent.storage_error = "the disk of state directory /s is full; nothing was stored"
+    resp = await client.get("/v1/health")
+    assert resp.status == 503
+    assert await resp.json() == {
+        "status": "degraded",
+        "node": "n7",
+        "cluster": "east",
+        "reason": "the disk of state directory /s is full; nothing was stored",
+    }
+    agent.storage_error = None
+    assert (await client.get("/v1/health")).status == 200
+
+
+@pytest.mark.parametrize("full, status", [(True, 507), (False, 503)])
+async def test_a_storage_error_of_any_write_is_507_or_503_with_its_sentence(
+    client: TestClient, agent: FakeAgent, monkeypatch: pytest.MonkeyPatch, full: bool, status: int
+) -> None:
+    async def cannot_store(*args: Any) -> Any:
+        raise StorageError("the disk is full; nothing was stored", full=full)
+
+    for method in ("register", "deregister", "set_health"):
+        monkeypatch.setattr(agent, method, cannot_store)
+    for resp in (
+        await client.put("/v1/apps/o1", json=VALID),
+        await client.delete("/v1/apps/o1"),
+        await client.put("/v1/apps/o1/health", json={"status": "passing"}),
+    ):
+        assert resp.status == status
+        assert await resp.json() == {"error": "the disk is full; nothing was stored"}
 
 
 async def test_metrics(client: TestClient, agent: FakeAgent) -> None:

@@ -21,7 +21,13 @@ import consul.aio
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from meshd.agent.interface import ClusterInfo, Endpoint, MemberInfo, Registration
+from meshd.agent.interface import (
+    ClusterInfo,
+    Endpoint,
+    MemberInfo,
+    Registration,
+    StorageError,
+)
 from meshd.api.app import create_app
 from meshd.api.consul import CHECK_ID_KEY, TAGS_KEY, decode_tags, parse_filter
 from meshd.api.validation import ApiError
@@ -38,6 +44,7 @@ class FakeAgent:
 
     node_name = "n7"
     cluster = "east"
+    storage_error: str | None = None  # set to a sentence to fake a failed write
 
     def __init__(self) -> None:
         self.metrics = Metrics()
@@ -795,3 +802,17 @@ async def test_py_consul_client_round_trip(client: TestClient, agent: FakeAgent)
         assert await c.agent.check.ttl_pass("service:orders-1") is False  # 404
     finally:
         await c.close()
+
+
+async def test_register_that_cannot_be_stored_is_507_text(
+    client: TestClient, agent: FakeAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def cannot_store(reg: Registration) -> int:
+        raise StorageError("the disk of state directory /s is full; nothing was stored", True)
+
+    monkeypatch.setattr(agent, "register", cannot_store)
+    status, text = await put(client, "/v1/agent/service/register", GO_BODY)
+    assert status == 507
+    assert text == "the disk of state directory /s is full; nothing was stored"
+    assert_text_error(text)
+    assert agent.registrations == {}

@@ -11,11 +11,19 @@ it, so an acknowledged registration survives a crash.  Origin versions must
 never repeat across restarts (a repeat with other content would be two truths
 at one version), so the agent reserves versions in blocks: it persists a
 ceiling before publishing past it, and a restart starts above the ceiling.
+
+Atomic requests: a registration is checked against what the node may publish
+(``limits.py``) before anything is written, and a write the disk refuses
+(``StorageError``) leaves the core untouched; either way the request changed
+nothing.  Stored registrations that cannot all be published (written by an
+older build, or by hand) are dropped one by one with a log line at start:
+stored data never keeps the agent from starting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import Counter
@@ -29,7 +37,9 @@ from meshd.agent.interface import (
     Endpoint,
     MemberInfo,
     Registration,
+    StorageError,
 )
+from meshd.agent.limits import Publisher, publish_problem
 from meshd.agent.statedb import StateDB
 from meshd.agent.transport import Transport
 from meshd.identity import NodeCert, StateSigner, StateVerifier
@@ -72,6 +82,8 @@ LEAVE_FLUSH_TIMEOUT = 2.0
 #: Seconds between checks that the certificates behind held documents still
 #: vouch for them (expiry); a revocation list triggers one at once.
 SIGNER_RECHECK_INTERVAL = 60.0
+#: Seconds between retries of the counter writes a pump makes, after one failed.
+STORAGE_RETRY_INTERVAL = 1.0
 
 
 class Agent:
@@ -136,10 +148,17 @@ class Agent:
     def attach_statedb(self, statedb: StateDB) -> None:
         """Hand over the durable state (opened last, after the listeners bound)."""
         self._db = statedb
+        errors = self.metrics.storage_errors
+        statedb.on_error = lambda err: errors.labels("full" if err.full else "error").inc()
+
+    @property
+    def storage_error(self) -> str | None:
+        return None if self._db is None else self._db.problem
 
     def start(self, join: list[str], wan_join: list[str] | None = None) -> None:
         """Build the core from the durable state and contact peers."""
-        regs = self._db.load_registrations()
+        self._storage_retry_at = 0.0
+        regs = self._publishable(self._db.load_registrations())
         incarnation = self._db.get_counter("incarnation")
         version = self._db.get_counter("version")
         self._version_ceiling = version + VERSION_BLOCK
@@ -236,6 +255,26 @@ class Agent:
         log.info("signing with the certificate of serial %x from now on", node_cert.serial)
         self._pump()
 
+    def _publishable(self, regs: list[Registration]) -> list[Registration]:
+        """The stored registrations this node can publish, oldest first; each
+        one it cannot gets a log line and is removed from the state file."""
+        who = Publisher(self.node_name, self.cluster, self.region, self.zone, self.gateway)
+        if publish_problem((r.record for r in regs), who) is None:
+            return regs
+        kept: list[Registration] = []
+        for reg in regs:
+            problem = publish_problem([k.record for k in kept] + [reg.record], who, reg.record)
+            if problem is None:
+                kept.append(reg)
+                continue
+            instance = reg.record.instance
+            log.error("not publishing stored registration %r: %s", instance, problem)
+            # Logged by the state file if it fails; unpublished either way.
+            # Removing a row publishes nothing, so it takes no version.
+            with contextlib.suppress(StorageError):
+                self._db.delete_registration(instance, None)
+        return kept
+
     async def _refresh_bridge_loop(self) -> None:
         # Round-trip estimates drift without any membership event; restate
         # them now and then (only a changed statement is re-signed).
@@ -331,14 +370,11 @@ class Agent:
                     event = core.next_event()
             if not busy:
                 break
+        self._persist_counters()
         for pool in self.pools.values():
             core = pool.core
             if core is None:
                 continue
-            if core.incarnation != self._persisted.get(pool.name):
-                key = "incarnation" if pool.name == LAN else "wan_incarnation"
-                self._db.set_counters(**{key: core.incarnation})
-                self._persisted[pool.name] = core.incarnation
             for reason, count in core.counters.items():
                 # States keep their bare reasons (as before); member claims
                 # are told apart by a "claim:" prefix.
@@ -367,11 +403,43 @@ class Agent:
             self._changed.set()
             self._changed = asyncio.Event()
 
+    def _persist_counters(self) -> None:
+        """Write what the cores moved on their own: incarnations (refutes) and a
+        version ceiling well ahead of the LAN core (it also publishes bridge
+        statements and re-signs unasked).  Called after every pump.
+
+        A refused write must not escape: the pump would stop before re-arming
+        the timers.  It is logged and counted by the state file and retried,
+        at most once per STORAGE_RETRY_INTERVAL so a full disk is not hammered.
+        """
+        now = self._loop.time()
+        if now < self._storage_retry_at:
+            return
+        try:
+            lan = self.pools[LAN].core
+            if lan is not None:
+                self._reserve_version(lan.version + VERSION_BLOCK // 2)
+            for pool in self.pools.values():
+                core = pool.core
+                if core is not None and core.incarnation != self._persisted.get(pool.name):
+                    key = "incarnation" if pool.name == LAN else "wan_incarnation"
+                    self._db.set_counters(**{key: core.incarnation})
+                    self._persisted[pool.name] = core.incarnation
+        except StorageError:
+            self._storage_retry_at = now + STORAGE_RETRY_INTERVAL
+
     def _reserve_version(self, upcoming: int) -> None:
-        """Persist a new ceiling before the core publishes past the old one."""
+        """Persist a new ceiling before the core publishes past the old one.
+
+        Synchronous, on the loop, so no other write of the counter interleaves
+        (one fsync per VERSION_BLOCK versions).  StorageError: nothing changed.
+        """
         if upcoming >= self._version_ceiling:
-            self._version_ceiling = upcoming + VERSION_BLOCK
-            self._db.set_counters(version=self._version_ceiling)
+            ceiling = upcoming + VERSION_BLOCK
+            self._db.set_counters(version=ceiling)
+            # Only once it is on disk: a ceiling in memory alone would let the
+            # core publish versions a restart would hand out again.
+            self._version_ceiling = ceiling
 
     async def _save_peers_loop(self) -> None:
         # Save at once after a change (a crash right after joining must still
@@ -417,9 +485,15 @@ class Agent:
                 record = replace(record, health=status or "critical")
             elif reg.check is not None:
                 record = replace(record, health="critical")
-            upcoming = core.version + 1
-            self._reserve_version(upcoming)
-            await asyncio.to_thread(self._db.put_registration, reg, self._version_ceiling)
+            apps = core.apps
+            apps[record.instance] = record
+            problem = publish_problem(apps.values(), Publisher.of(core), record)
+            if problem is not None:
+                raise ValueError(problem)
+            # Both writes raise StorageError with nothing of this request
+            # stored; the core is touched only after they succeeded.
+            self._reserve_version(core.version + 1)
+            await asyncio.to_thread(self._db.put_registration, reg, None)
             version = core.set_app(record, self._loop.time())
             old = self._checks.get(record.instance)
             self._checks[record.instance] = reg
@@ -436,7 +510,7 @@ class Agent:
             if instance not in core.apps:
                 return False
             self._reserve_version(core.version + 1)
-            await asyncio.to_thread(self._db.delete_registration, instance, self._version_ceiling)
+            await asyncio.to_thread(self._db.delete_registration, instance, None)
             core.remove_app(instance, self._loop.time())
             self._checks.pop(instance, None)
             self.runner.stop(instance)
@@ -454,7 +528,12 @@ class Agent:
 
     def _on_check_status(self, instance: str, status: str) -> None:
         if self.core is not None and instance in self.core.apps:
-            self._set_health(instance, status)
+            try:
+                self._set_health(instance, status)
+            except StorageError:
+                # No version could be reserved, so none is published; the
+                # state file logged and counted it, health shows it degraded.
+                log.warning("instance %s is %s, not published: cannot store", instance, status)
 
     def _set_health(self, instance: str, status: str) -> None:
         core = self._core

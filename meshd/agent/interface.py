@@ -22,6 +22,23 @@ CheckKind = Literal["ttl", "http", "tcp"]
 HEALTH = ("passing", "warning", "critical")
 
 
+class StorageError(Exception):
+    """A change the agent could not store durably, and so did not make.
+
+    ``full`` says the cause is a full disk (or quota); the API answers 507
+    then, 503 for any other storage failure.  The message is one sentence.
+    """
+
+    def __init__(self, message: str, full: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.full = full
+
+    @property
+    def status(self) -> int:
+        return 507 if self.full else 503
+
+
 @dataclass(frozen=True, slots=True)
 class CheckSpec:
     """A health check the agent runs for one instance (contract: ``check``).
@@ -167,6 +184,12 @@ class AgentAPI(Protocol):
     metrics: Metrics
 
     @property
+    def storage_error(self) -> str | None:
+        """Why the last write to the state directory failed (one sentence), or
+        None once a later write succeeded; ``/v1/health`` is degraded meanwhile."""
+        ...
+
+    @property
     def index(self) -> int:
         """Rises on every change of the records held (the blocking-query index)."""
         ...
@@ -178,11 +201,15 @@ class AgentAPI(Protocol):
         ...
 
     async def register(self, reg: Registration) -> int:
-        """Store durably, then publish; returns the new origin version."""
+        """Store durably, then publish; returns the new origin version.
+
+        Raises ValueError (one sentence) when the node could not publish the
+        result, StorageError when it cannot be stored; either way nothing changed.
+        """
         ...
 
     async def deregister(self, instance: str) -> bool:
-        """False when the instance is unknown."""
+        """False when the instance is unknown.  StorageError: nothing changed."""
         ...
 
     async def set_health(self, instance: str, status: str) -> bool:

@@ -31,7 +31,7 @@ from aiohttp import web
 
 from meshd.agent.config import AgentConfig, ConfigError, read_token_file
 from meshd.agent.rotation import CertificateRotator
-from meshd.agent.statedb import StateDB, StateError
+from meshd.agent.statedb import StateDB, StateError, ensure_state_dir
 from meshd.agent.transport import Transport, make_client_context, make_server_context
 from meshd.identity import (
     IdentityError,
@@ -206,9 +206,10 @@ async def _serve(cfg: AgentConfig) -> int:
         else:
             state_dir = Path(cfg.state_dir)
         try:
-            state_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StartError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
+            # 0700 whatever the umask: it holds the registrations and dev keys.
+            ensure_state_dir(state_dir)
+        except StateError as exc:
+            raise StartError(str(exc)) from None
 
         if cfg.dev and cfg.tls_cert is None:
             ca_file, cert_file, key_file = _dev_identity(cfg, state_dir)
@@ -312,7 +313,10 @@ async def _serve(cfg: AgentConfig) -> int:
         cleanup.append(db.close)
         agent.attach_statedb(db)
 
-        agent.start(list(cfg.join), list(cfg.wan_join))
+        try:
+            agent.start(list(cfg.join), list(cfg.wan_join))
+        except StateError as exc:  # e.g. a full disk: versions cannot be reserved
+            raise StartError(str(exc)) from None
         cleanup.remove(transport.close)  # the agent closes it on stop
         if wan_transport is not None:
             cleanup.remove(wan_transport.close)

@@ -24,7 +24,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from meshd.agent.interface import AgentAPI
+from meshd.agent.interface import AgentAPI, StorageError
 from meshd.api.access import MAX_BLOCKING_QUERIES, BlockingQueries, require_token
 from meshd.api.consul import add_consul_routes, text_error
 from meshd.api.durations import parse_wait
@@ -128,6 +128,8 @@ def _errors_and_counts(metrics: Metrics) -> Middleware:
         try:
             response = await handler(request)
         except ApiError as exc:
+            response = _error(exc.status, exc.message)
+        except StorageError as exc:  # 507 full disk, 503 other; nothing was changed
             response = _error(exc.status, exc.message)
         except web.HTTPException as exc:
             response = _from_http_exception(request, exc)
@@ -253,6 +255,19 @@ class _Handlers:
 
     async def health(self, request: web.Request) -> web.Response:
         agent = self.agent
+        reason = agent.storage_error
+        if reason is not None:
+            # Reads still work, but no change can be made: a load balancer or
+            # supervisor watching this should see it.
+            return _json(
+                {
+                    "status": "degraded",
+                    "node": agent.node_name,
+                    "cluster": agent.cluster,
+                    "reason": reason,
+                },
+                status=503,
+            )
         return _json({"status": "ok", "node": agent.node_name, "cluster": agent.cluster})
 
     async def metrics(self, request: web.Request) -> web.Response:

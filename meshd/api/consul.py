@@ -59,7 +59,14 @@ from typing import Any
 
 from aiohttp import web
 
-from meshd.agent.interface import HEALTH, AgentAPI, Endpoint, MemberInfo, Registration
+from meshd.agent.interface import (
+    HEALTH,
+    AgentAPI,
+    Endpoint,
+    MemberInfo,
+    Registration,
+    StorageError,
+)
 from meshd.api.access import BlockingQueries
 from meshd.api.durations import parse_wait
 from meshd.api.validation import ApiError, is_host, parse_registration
@@ -561,6 +568,8 @@ def _text_errors(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except ApiError as exc:
+            return text_error(exc.status, exc.message)
+        except StorageError as exc:  # 507 full disk, 503 other; nothing was changed
             return text_error(exc.status, exc.message)
         except web.HTTPRequestEntityTooLarge:
             return text_error(413, "request body is too large")
