@@ -27,9 +27,12 @@ import contextlib
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
+
+from cryptography import x509
 
 from meshd.agent.checks import CheckRunner
 from meshd.agent.interface import (
@@ -52,6 +55,15 @@ from meshd.protocol.config import Config
 from meshd.protocol.events import MemberChanged, OriginChanged
 from meshd.protocol.node import Node
 from meshd.protocol.reach import Reach, compute_reach
+from meshd.revocation import (
+    RevocationError,
+    RevocationList,
+    StaleRevocationList,
+    accept,
+    load_saved_revocation_list,
+    save_revocation_list,
+    verify_revocation_list,
+)
 from meshd.wire import Message
 
 log = logging.getLogger("meshd.agent")
@@ -138,9 +150,14 @@ class Agent:
         self._reach: tuple[int, Reach] | None = None
         self._reported: Counter[str] = Counter()  # core counters already exported
         self.runner = CheckRunner(self._on_check_status)
+        #: The CA's revocation list in force: refused at every handshake and
+        #: every verification (the predicates below read it).
+        self._revocations: RevocationList | None = None
+        verifier.revoked = self._is_revoked
         for pool in self.pools.values():
             pool.transport.on_message = self._receiver(pool)
             pool.transport.on_refused = self._refusal(pool)
+            pool.transport.revoked = self._is_revoked
 
     # ------------------------------------------------------------------
     # Life cycle
@@ -218,6 +235,71 @@ class Agent:
         if self.bridge is not None:
             self._bridge_task = self._loop.create_task(self._refresh_bridge_loop())
         self._recheck_task = self._loop.create_task(self._recheck_signers_loop())
+        for pool in self.pools.values():
+            if pool.core is not None:
+                pool.core.revocation_check = self._revocation_from_peer
+        saved = load_saved_revocation_list(self._db.path.parent, self.ca_certs)
+        if saved is not None:
+            self._adopt_revocations(saved)
+
+    # ------------------------------------------------------------------
+    # Revocation
+
+    def _is_revoked(self, serial: int) -> bool:
+        held = self._revocations
+        return held is not None and held.is_revoked(serial)
+
+    @property
+    def ca_certs(self) -> Sequence[x509.Certificate]:
+        return [self._cert.ca_cert]
+
+    def revocations(self) -> RevocationList | None:
+        return self._revocations
+
+    async def put_revocations(self, rl: RevocationList) -> RevocationList:
+        if not accept(self._revocations, rl):
+            assert self._revocations is not None
+            return self._revocations  # the list held, offered again
+        self._keep_revocations(rl)
+        self._adopt_revocations(rl)
+        return rl
+
+    def _keep_revocations(self, rl: RevocationList) -> None:
+        try:
+            save_revocation_list(self._db.path.parent, rl)
+        except RevocationError as exc:
+            # In force in memory all the same: refusing a revoked certificate
+            # now matters more than remembering it across a restart.
+            log.error("revocation list %d not kept in the state directory: %s", rl.number, exc)
+
+    def _adopt_revocations(self, rl: RevocationList) -> None:
+        self._revocations = rl
+        now = self._loop.time()
+        for pool in self.pools.values():
+            if pool.core is not None:
+                pool.core.set_revocations(rl.number, rl.der, now)
+        log.warning(
+            "revocation list %d in force: %d certificates revoked", rl.number, len(rl.serials)
+        )
+        for pool in self.pools.values():
+            pool.transport.drop_revoked()
+        self.recheck_signers()
+
+    def _revocation_from_peer(self, der: bytes) -> int | None:
+        """The cores' ``revocation_check``: verify a list a peer pushed, adopt it if newer."""
+        got = verify_revocation_list(der, self.ca_certs, now=datetime.now(UTC))
+        if not isinstance(got, RevocationList):
+            self.metrics.rejected.labels(f"revocations:{got.reason}").inc()
+            return None
+        try:
+            if not accept(self._revocations, got):
+                return None
+        except StaleRevocationList as exc:
+            self.metrics.rejected.labels(f"revocations:{exc.verdict}").inc()
+            return None
+        self._keep_revocations(got)
+        self._adopt_revocations(got)
+        return got.number
 
     async def _recheck_signers_loop(self) -> None:
         while True:

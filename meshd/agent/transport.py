@@ -193,6 +193,9 @@ class _Outbound:
     frames: deque[tuple[str, bytes]] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    #: The open connection and its peer's certificate serial (drop_revoked).
+    writer: asyncio.StreamWriter | None = None
+    serial: int = -1
 
 
 class Transport:
@@ -362,7 +365,30 @@ class Transport:
             self._reject(out.address, "bad-peer-cert", str(exc))
             writer.close()
             return None
+        out.writer, out.serial = writer, x509.load_der_x509_certificate(der).serial_number
         return writer
+
+    def drop_revoked(self) -> int:
+        """Close open connections, both ways, whose peer certificate is now revoked.
+
+        A handshake is checked once; a revocation list that arrives later must
+        also end the conversations already open.  Returns how many were closed.
+        """
+        revoked = self.revoked
+        if revoked is None:
+            return 0
+        closed = 0
+        for out in self._out.values():
+            if out.writer is not None and not out.writer.is_closing() and revoked(out.serial):
+                out.writer.close()
+                closed += 1
+        for conn in list(self._inbound):
+            if conn.serial >= 0 and revoked(conn.serial):
+                conn.abort()
+                closed += 1
+        if closed:
+            self.metrics.rejected.labels("revoked-cert").inc(closed)
+        return closed
 
     def pending(self) -> int:
         """Frames queued and not yet written."""
@@ -413,6 +439,7 @@ class _Inbound(asyncio.Protocol):
         self.remote = "?"
         self.host = "?"
         self.peer: str | None = None
+        self.serial = -1
         self.decoder = FrameDecoder(MAX_FRAME_BYTES)
         self.early: list[bytes] = []
         self.task: asyncio.Task[None] | None = None
@@ -482,6 +509,7 @@ class _Inbound(asyncio.Protocol):
             owner._reject(self.remote, "bad-peer-cert", str(exc))
             self.abort()
             return
+        self.serial = x509.load_der_x509_certificate(der).serial_number
         self.peer = peer = member_id(cluster, node)
         mine = owner._by_peer.setdefault(peer, [])
         mine.append(self)
