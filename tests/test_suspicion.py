@@ -55,3 +55,16 @@ def test_confirmations_count_distinct_accusers_only():
     assert s.confirm("east/c")
     assert s.deadline == pytest.approx(108.0)
     assert not s.confirm("east/d")  # already at k
+
+
+def test_one_delivering_peer_counts_once_whatever_accusers_it_names():
+    """A peer that invents accusers (a valid certificate that lies) buys one
+    confirmation; first-hand ones and the driver's own evidence still count."""
+    s = Suspicion(0.0, "east/a", k=3, min_t=4.0, max_t=24.0, via="east/a")
+    assert s.confirm("east/b", via="east/rogue")
+    assert not s.confirm("east/c", via="east/rogue")
+    assert not s.confirm("east/ghost", via="east/rogue")
+    assert s.confirmations == 1
+    assert s.confirm("east/d", via="east/d")
+    assert s.confirm("transport:refused")
+    assert s.confirmations == 3
