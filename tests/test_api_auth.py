@@ -61,6 +61,7 @@ def no_token_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 class FakeAgent:
     node_name = "n7"
     cluster = "east"
+    storage_error: str | None = None  # /v1/health reads it
 
     def __init__(self) -> None:
         self.metrics = Metrics()

@@ -38,6 +38,7 @@ from meshd.wire import (
     PushPull,
     PushPullReply,
     Rejection,
+    Revocations,
     SignedState,
     Status,
     WireError,
@@ -150,6 +151,7 @@ def all_messages() -> list[Message]:
             members=members,
         ),
         PushPullReply("west/n9", digest={"east/n1": 8}, members=members, states=states),
+        Revocations("east/n1", crl=b"0\x82\x01\x00" + b"\x00" * 256),
     ]
 
 
