@@ -829,6 +829,11 @@ class StateVerifier:
             return outcome
         return Rejection("malformed", "not a member claim")
 
+    def serial_of(self, cert: bytes) -> int | None:
+        """The serial number of a CA-signed certificate (cached), None for any other."""
+        info = self._cert_info(cert)
+        return None if isinstance(info, Rejection) else info.serial
+
     def current(self, cert: bytes, now: datetime | None = None) -> Rejection | None:
         """Why a certificate that signed something we hold no longer vouches for it
         (expired, revoked), or None while it does."""

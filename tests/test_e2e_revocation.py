@@ -84,3 +84,64 @@ def test_a_revoked_node_is_refused_everywhere_and_after_a_restart(
     b.start()
     assert b.get("/v1/revocations")["number"] == 1
     wait_until(lambda: served(b) == {"orders-a", "orders-b", "orders-c"}, bound, "b serving")
+
+
+def test_a_renewed_certificate_signs_the_next_documents_and_survives_revoking_the_old(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Rotate a's certificate, then revoke the old one: a keeps being served
+    (everything it says is signed anew), across restarts of both agents."""
+    certs = Certs(tmp_path_factory.mktemp("pki2"))
+    root = tmp_path_factory.mktemp("rot")
+    a = AgentProc(root, certs, "a").start()
+    b = AgentProc(root, certs, "b", join=[a.gossip]).start()
+    try:
+        bound = repair_bound(2, LOCAL) + SLACK
+        a.register("orders", "orders-a", 9301)
+
+        def signers_on_b() -> set[str]:
+            return {r["signer"] for r in b.get("/v1/records") if r["node"] == "a"}
+
+        wait_until(lambda: served(b) == {"orders-a"}, bound, "orders-a on b")
+        (old,) = signers_on_b()
+        inc_before = {m["node"]: m["incarnation"] for m in b.get("/v1/members")}["a"]
+
+        # Renew: a new certificate for the same node, written over the files.
+        _, cert, key = certs.issue("a", "east")
+        renewed = root / "renewed"
+        run_meshd(
+            "cert", "issue", "--ca", str(certs.ca_dir), "--node", "a", "--cluster", "east",
+            "--ip", "127.0.0.1", "--out", str(renewed),
+        )  # fmt: skip
+        (renewed / "a.key").replace(key)
+        (renewed / "a.pem").replace(cert)
+        wait_until(lambda: signers_on_b() not in ({old}, set()), bound, "a's documents re-signed")
+        (new,) = signers_on_b()
+        assert new != old
+        # A new incarnation's claim, signed with the new key, reached b too.
+        wait_until(
+            lambda: {m["node"]: m["incarnation"] for m in b.get("/v1/members")}["a"] > inc_before,
+            bound,
+            "a's new incarnation on b",
+        )
+
+        # Revoke the old certificate: nothing of a's is signed by it any more.
+        crl = root / "crl.pem"
+        run_meshd("ca", "revoke", "--ca", str(certs.ca_dir), "--serial", old, "--out", str(crl))
+        run_meshd("revocation", "put", str(crl), "--api", b.api)
+        wait_until(lambda: a.get("/v1/revocations")["number"] == 1, bound, "the list on a")
+        a.register("orders", "orders-a2", 9302)
+        wait_until(lambda: served(b) == {"orders-a", "orders-a2"}, bound, "a still served")
+        assert b.members()["east/a"] == "alive"
+
+        # Both restart: the list and the new certificate stay in force.
+        for agent in (a, b):
+            agent.stop()
+        a.start()
+        b.start(join=[a.gossip])
+        assert b.get("/v1/revocations")["number"] == 1
+        wait_until(lambda: served(b) == {"orders-a", "orders-a2"}, bound, "a served after restarts")
+        assert signers_on_b() == {new}
+    finally:
+        for agent in (a, b):
+            agent.stop()

@@ -519,13 +519,6 @@ def test_e2e_agent_refuses_another_nodes_certificate(lone: tuple[AgentProc, Cert
     assert presented_serial(agent, certs, "probe") == old
 
 
-def _agent_rotates() -> bool:
-    from meshd.agent.agent import Agent
-
-    return hasattr(Agent, "rotate") and hasattr(Agent, "revocations")
-
-
-@pytest.mark.skipif(not _agent_rotates(), reason="Agent.rotate is not implemented yet")
 def test_e2e_agent_takes_a_renewed_certificate(lone: tuple[AgentProc, Certs]) -> None:
     agent, certs = lone
     ca, cert, key = certs.issue("n0", "east")

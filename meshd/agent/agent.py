@@ -711,6 +711,8 @@ class Agent:
                     "served": entry.tombstone_since is None and self.reach().serves(st.member),
                     "bridge": st.bridge,
                     "apps": [a.instance for a in st.apps],
+                    # Which certificate signed it: shows a rotation reaching peers.
+                    "signer": f"{self._verifier.serial_of(signed.cert) or 0:x}",
                 }
             )
         return out
