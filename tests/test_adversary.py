@@ -342,3 +342,20 @@ def test_phantom_members_never_enter_a_view(count: int) -> None:
     c.register(2, "late", "late-2")
     spread = c.run_until_true(lambda: all(c.serves(i, "late", "late-2") for i in c.running()), 5)
     assert spread is not None
+
+
+def test_documents_of_an_expired_signer_stop_being_served() -> None:
+    """Verified while valid, held, then the certificate expires: rechecking drops them."""
+    from datetime import UTC, datetime, timedelta
+
+    c, _ = build("same-cluster")
+    me = c.core(0)
+    assert {rec.instance for _, rec in me.store.endpoints("orders")} == {
+        f"orders-{k}" for k in range(HONEST)
+    }
+    assert me.recheck_signers(c.now) == 0  # no clock yet: nothing expires
+    c.verifier.clock = lambda: datetime.now(UTC) + timedelta(days=400)  # past every leaf
+    dropped = me.recheck_signers(c.now)
+    assert dropped == HONEST - 1  # everyone's but our own (we re-sign ours on renewal)
+    assert {rec.instance for _, rec in me.store.endpoints("orders")} == {"orders-0"}
+    assert me.counters["rejected-state:expired-cert"] == HONEST - 1
