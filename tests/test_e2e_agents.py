@@ -20,6 +20,8 @@ from meshd.protocol.config import Config
 from meshd.wire import Gossip, Ping, encode_frame
 from tests.agents import AgentProc, Certs, run_meshd, wait_until
 
+pytestmark = pytest.mark.e2e
+
 LOCAL = Config.local()
 SLACK = 5.0  # process scheduling on a loaded 2-core machine
 

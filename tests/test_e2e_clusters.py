@@ -16,6 +16,8 @@ from meshd.protocol.bounds import detection_bound, repair_bound, spread_bound
 from meshd.protocol.config import Config
 from tests.agents import AgentProc, Certs, wait_until
 
+pytestmark = pytest.mark.e2e
+
 LOCAL = Config.local()
 SLACK = 8.0
 #: A change crosses: detection in its LAN, the WAN pool, then the asker's LAN.

@@ -23,6 +23,8 @@ from meshd.protocol.bounds import repair_bound
 from meshd.protocol.config import Config
 from tests.agents import AgentProc, Certs, wait_until
 
+pytestmark = pytest.mark.e2e
+
 LOCAL = Config.local()
 SLACK = 5.0
 SPREAD = repair_bound(2, LOCAL) + SLACK

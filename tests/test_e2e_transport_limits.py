@@ -40,6 +40,8 @@ from meshd.protocol.config import Config
 from meshd.wire import Gossip, encode_frame
 from tests.agents import AgentProc, Certs, wait_until
 
+pytestmark = pytest.mark.e2e
+
 SLACK = 5.0  # process scheduling on a loaded 2-core machine
 MIB = 1024 * 1024
 #: Trickling connections, and what each sends of its 1 MiB frame up front:
