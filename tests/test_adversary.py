@@ -359,3 +359,24 @@ def test_documents_of_an_expired_signer_stop_being_served() -> None:
     assert dropped == HONEST - 1  # everyone's but our own (we re-sign ours on renewal)
     assert {rec.instance for _, rec in me.store.endpoints("orders")} == {"orders-0"}
     assert me.counters["rejected-state:expired-cert"] == HONEST - 1
+
+
+def test_a_peer_cannot_amplify_small_syncs_into_member_lists() -> None:
+    """Join requests cost the rogue a few bytes each and us O(n): past a burst,
+    it gets fingerprints only, until it slows down."""
+    from meshd.protocol.node import HEAVY_REPLY_BURST
+
+    c, rogue = build("same-cluster")
+    me = c.core(0)
+    heavy = 0
+    for _ in range(50):
+        msg = PushPull(rogue.id, source_addr="127.0.0.1:1", join=True)
+        me.receive(msg, c.now, peer=rogue.id)
+        heavy += sum(
+            1 for _, m in me.messages_to_send() if isinstance(m, PushPullReply) and m.members
+        )
+    assert heavy == HEAVY_REPLY_BURST
+    assert me.counters["rejected-state:sync-rate"] == 50 - HEAVY_REPLY_BURST
+    c.run_for(3.0)  # the bucket refills: an honest pace is served again
+    me.receive(PushPull(rogue.id, source_addr="127.0.0.1:1", join=True), c.now, peer=rogue.id)
+    assert any(isinstance(m, PushPullReply) and m.members for _, m in me.messages_to_send())

@@ -107,6 +107,14 @@ PUSH_PULL_SCALE_THRESHOLD = 32
 #: what verified for it, so a few failures are churn (an expired signer) and
 #: many are an attack whose every signature check costs us CPU.
 MAX_BAD_PER_MESSAGE = 8
+#: Heavy sync answers (our member list, digest or states: O(n) bytes, ~0.6 KB
+#: a member with its claim) one peer may draw from us: a burst of
+#: HEAVY_REPLY_BURST, then one per HEAVY_REPLY_INTERVAL seconds.  An honest
+#: peer syncs with us about once per digest interval (2-10 s) and a joiner
+#: retries every 2 s; a peer that asks faster is amplifying its own small
+#: frames into our O(n) answers, and gets fingerprints only until it slows.
+HEAVY_REPLY_BURST = 8
+HEAVY_REPLY_INTERVAL = 1.0
 
 # What an open sync offered (``Node._open_syncs``): our full member list and
 # digest (a join), our digest, or our fingerprints alone.
@@ -291,6 +299,8 @@ class Node:
         self.revocation_number = 0
         self._crl = b""
         self.revocation_check: Callable[[bytes], int | None] | None = None
+        #: source -> (heavy answers left, when last counted); see _heavy_ok.
+        self._heavy: dict[str, tuple[float, float]] = {}
         self._add_member(
             Member(
                 self.id,
@@ -500,8 +510,10 @@ class Node:
 
     def _on_revocations(self, msg: Revocations, now: float) -> None:
         check = self.revocation_check
-        if check is None:
+        if check is None or msg.crl == self._crl:
             return
+        if not self._heavy_ok(msg.source, now):
+            return  # checking a list costs a signature verification: rationed per peer
         number = check(msg.crl)
         if number is None or number <= self.revocation_number:
             self.counters["revocations-not-taken"] += 1
@@ -1363,7 +1375,20 @@ class Node:
         full = bool(msg.members) or msg.join or msg.view != self.view
         peer_cluster = _cluster_of(msg.source)
         records = self.store.fingerprint if peer_cluster == self.cluster else 0
-        if records and msg.records == records:
+        agree = bool(records) and msg.records == records
+        if (full or not agree) and not self._heavy_ok(msg.source, now):
+            # Fingerprints only: enough for an honest peer to ask again later.
+            self._send(
+                addr,
+                PushPullReply(
+                    self.id,
+                    view=self.view,
+                    records=records,
+                    revocations=self.revocation_number,
+                ),
+            )
+            return
+        if agree:
             digest: dict[str, int] = {}  # we agree: nothing to send either way
             chunks: list[tuple[SignedState, ...]] = []
         elif msg.records and not msg.digest:
@@ -1391,6 +1416,19 @@ class Node:
         self._offer_revocations(addr, msg.revocations)
         for chunk in chunks[1:]:
             self._send(addr, Gossip(self.id, states=chunk, sync=True))
+
+    def _heavy_ok(self, source: str, now: float) -> bool:
+        """May ``source`` draw one more O(n) answer from us now?  (a token bucket)"""
+        tokens, last = self._heavy.get(source, (float(HEAVY_REPLY_BURST), now))
+        tokens = min(float(HEAVY_REPLY_BURST), tokens + (now - last) / HEAVY_REPLY_INTERVAL)
+        if tokens < 1.0:
+            self.counters["rejected-state:sync-rate"] += 1
+            self._heavy[source] = (tokens, now)
+            return False
+        if len(self._heavy) >= 4096 and source not in self._heavy:
+            self._heavy.clear()  # bounded: forgetting only makes us more generous
+        self._heavy[source] = (tokens - 1.0, now)
+        return True
 
     def _on_push_pull_reply(self, msg: PushPullReply, now: float) -> None:
         addr = self._address_of(msg.source)
