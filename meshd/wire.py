@@ -505,6 +505,10 @@ class MemberClaim:
     bytes.  Only the member raises its own incarnation, and it signs each one,
     so a claim is the proof that an incarnation exists: no receiver takes an
     incarnation, address, region or zone for a member from anyone else.
+
+    ``pool`` names the gossip pool the claim is for (``lan`` or ``wan``): a
+    bridge is a member of both, with an incarnation and an address in each,
+    and a claim copied from one pool into the other must not move it there.
     """
 
     status: Status
@@ -513,6 +517,7 @@ class MemberClaim:
     address: str
     region: str = ""
     zone: str = ""
+    pool: str = "lan"
 
     def __post_init__(self) -> None:
         if self.status not in (Status.ALIVE, Status.LEFT):
@@ -522,10 +527,20 @@ class MemberClaim:
         _check_str(self.address, "address", MAX_NAME_LEN + 6)
         _check_str(self.region, "region", MAX_NAME_LEN)
         _check_str(self.zone, "zone", MAX_NAME_LEN)
+        if self.pool not in ("lan", "wan"):
+            raise WireError("a claim's pool is 'lan' or 'wan'")
 
     def encode(self) -> bytes:
         return _pack(
-            [int(self.status), self.node, self.incarnation, self.address, self.region, self.zone]
+            [
+                int(self.status),
+                self.node,
+                self.incarnation,
+                self.address,
+                self.region,
+                self.zone,
+                self.pool,
+            ]
         )
 
     @classmethod
@@ -537,13 +552,13 @@ class MemberClaim:
             raw = _unpack(body)
         except Exception as exc:  # msgpack raises assorted types on hostile input
             raise WireError(f"claim body undecodable: {type(exc).__name__}") from None
-        if not isinstance(raw, list) or len(raw) != 6:
-            raise WireError("a claim body is a list of 6 fields")
+        if not isinstance(raw, list) or len(raw) != 7:
+            raise WireError("a claim body is a list of 7 fields")
         status = raw[0]
         if type(status) is not int or status not in Status._value2member_map_:
             raise WireError("unknown member status")
         try:
-            return cls(Status(status), *raw[1:6])
+            return cls(Status(status), *raw[1:7])
         except TypeError as exc:
             raise WireError(f"claim malformed: {exc}") from None
 

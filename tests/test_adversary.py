@@ -380,3 +380,17 @@ def test_a_peer_cannot_amplify_small_syncs_into_member_lists() -> None:
     c.run_for(3.0)  # the bucket refills: an honest pace is served again
     me.receive(PushPull(rogue.id, source_addr="127.0.0.1:1", join=True), c.now, peer=rogue.id)
     assert any(isinstance(m, PushPullReply) and m.members for _, m in me.messages_to_send())
+
+
+def test_a_claim_for_the_other_pool_does_not_move_a_member() -> None:
+    """A bridge's WAN claim (its own signature, another address and incarnation)
+    copied into its LAN pool changes nothing there."""
+    c, rogue = build("same-cluster")
+    victim = c.nodes[1]
+    signer = c.nodes[1].signer
+    wan = signer.sign_claim(MemberClaim(Status.ALIVE, victim.id, 99, "127.0.0.1:40001", pool="wan"))
+    u = MemberUpdate(Status.ALIVE, victim.id, 99, "127.0.0.1:40001", by=victim.id, claim=wan)
+    c.core(0).receive(Gossip(rogue.id, members=(u,)), c.now, peer=rogue.id)
+    m = c.core(0).members[victim.id]
+    assert m.incarnation < 99 and m.address == victim.address
+    assert c.core(0).counters["rejected-claim:wrong-pool"] == 1

@@ -720,9 +720,22 @@ class Node:
         self._merge_states((signed,), now, rebroadcast=True)
         return self.store.version(signed.origin) != before
 
+    @property
+    def pool(self) -> str:
+        """The pool this core is in: a bridge's WAN core is the one that does not publish."""
+        return "lan" if self.publisher else "wan"
+
     def _own_claim(self, status: Status) -> SignedClaim:
         return self._signer.sign_claim(
-            MemberClaim(status, self.id, self.incarnation, self.address, self.region, self.zone)
+            MemberClaim(
+                status,
+                self.id,
+                self.incarnation,
+                self.address,
+                self.region,
+                self.zone,
+                self.pool,
+            )
         )
 
     def _refute(self, claim: MemberUpdate, now: float) -> None:
@@ -831,6 +844,10 @@ class Node:
         if claim.node != u.node:
             self._bad += 1
             self.counters["rejected-claim:node-mismatch"] += 1
+            return None
+        if claim.pool != self.pool:
+            # Signed by the member, but for its life in the other pool.
+            self.counters["rejected-claim:wrong-pool"] += 1
             return None
         return MemberUpdate(
             claim.status,
