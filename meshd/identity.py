@@ -37,7 +37,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from meshd import wire
+from meshd.files import write_atomic
 from meshd.wire import MemberClaim, OriginState, Rejection, SignedClaim, SignedState
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
@@ -257,27 +257,8 @@ def _ca_list(ca_certs: Sequence[x509.Certificate] | x509.Certificate) -> list[x5
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    # Written beside the target and renamed over it: a reader, or a crash,
-    # never sees half a file.  The mode is set by os.open itself, so a key is
-    # never readable by others, not even between create and chmod.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            with open(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, data, mode)
     except OSError as exc:
         raise IdentityError(f"cannot write {path}: {exc.strerror or exc}") from None
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -45,6 +44,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from meshd.files import write_atomic
 from meshd.identity import CA, IdentityError
 from meshd.wire import Rejection
 
@@ -429,26 +429,8 @@ def accept(held: RevocationList | None, incoming: RevocationList) -> bool:
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    # Written beside the target, synced and renamed over it, so a crash leaves
-    # the old file or the new one, never half of either.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            with open(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomic(path, data, mode)
     except OSError as exc:
         raise RevocationError(f"cannot write {path}: {exc.strerror or exc}") from None
 

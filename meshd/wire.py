@@ -292,6 +292,16 @@ class AppRecord:
         )
 
 
+def _signed_body(body: bytes, max_len: int, what: str) -> Any:
+    """Unpack a signed body; WireError (only) when it is too large or undecodable."""
+    if not isinstance(body, bytes) or len(body) > max_len:
+        raise WireError(f"{what} body too large")
+    try:
+        return _unpack(body)
+    except Exception as exc:  # msgpack raises assorted types on hostile input
+        raise WireError(f"{what} body undecodable: {type(exc).__name__}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class OriginState:
     """Everything one node publishes.  Only that node writes it; ``version`` only grows."""
@@ -420,12 +430,7 @@ class OriginState:
     @classmethod
     def decode(cls, body: bytes) -> OriginState:
         """Decode a signed body.  Raises WireError (only) on anything malformed."""
-        if not isinstance(body, bytes) or len(body) > MAX_ORIGIN_BODY_BYTES:
-            raise WireError("origin state body too large")
-        try:
-            raw = _unpack(body)
-        except Exception as exc:  # msgpack raises assorted types on hostile input
-            raise WireError(f"origin state body undecodable: {type(exc).__name__}") from None
+        raw = _signed_body(body, MAX_ORIGIN_BODY_BYTES, "origin state")
         if not isinstance(raw, dict):
             raise WireError("origin state body is not a map")
         apps = raw.get("a")
@@ -546,12 +551,7 @@ class MemberClaim:
     @classmethod
     def decode(cls, body: bytes) -> MemberClaim:
         """Decode a signed body.  Raises WireError (only) on anything malformed."""
-        if not isinstance(body, bytes) or len(body) > MAX_CLAIM_BODY_BYTES:
-            raise WireError("claim body too large")
-        try:
-            raw = _unpack(body)
-        except Exception as exc:  # msgpack raises assorted types on hostile input
-            raise WireError(f"claim body undecodable: {type(exc).__name__}") from None
+        raw = _signed_body(body, MAX_CLAIM_BODY_BYTES, "claim")
         if not isinstance(raw, list) or len(raw) != 7:
             raise WireError("a claim body is a list of 7 fields")
         status = raw[0]

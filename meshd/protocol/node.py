@@ -534,15 +534,8 @@ class Node:
         self._signer = signer
         if self.left:
             return
-        self.incarnation += 1
-        me = self._set_status(
-            self.members[self.id],
-            Status.ALIVE,
-            now,
-            self.incarnation,
-            claim=self._own_claim(Status.ALIVE),
-        )
-        self._queue_member(me.update_for(Status.ALIVE, self.id), now)
+        self._new_life(self.incarnation + 1, now)
+        self._wake_gossip(now)
         if self.publisher:
             self._publish(now, force=True)
 
@@ -738,20 +731,24 @@ class Node:
             )
         )
 
+    def _new_life(self, incarnation: int, now: float) -> None:
+        """Move to ``incarnation``: alive, under a newly signed claim, queued to spread."""
+        self.incarnation = incarnation
+        me = self._set_status(
+            self.members[self.id],
+            Status.ALIVE,
+            now,
+            incarnation,
+            claim=self._own_claim(Status.ALIVE),
+        )
+        self._member_q.push(self.id, me.update_for(Status.ALIVE, self.id))
+
     def _refute(self, claim: MemberUpdate, now: float) -> None:
         """Outrun ``claim`` (about us, at an incarnation we signed) with a new one."""
         if self.left:
             return
         self.counters["refutations"] += 1
-        self.incarnation = max(self.incarnation, claim.incarnation) + 1
-        me = self._set_status(
-            self.members[self.id],
-            Status.ALIVE,
-            now,
-            self.incarnation,
-            claim=self._own_claim(Status.ALIVE),
-        )
-        self._member_q.push(self.id, me.update_for(Status.ALIVE, self.id))
+        self._new_life(max(self.incarnation, claim.incarnation) + 1, now)
         if self.config.lifeguard:
             self.awareness.apply(1)
         if claim.status is Status.DEAD and self.publisher:
