@@ -1,4 +1,4 @@
-"""The ``meshd`` command line (CONTRACT.md, "Command line").
+"""The ``meshd`` command line (README.md, "The agent" and "Local HTTP API").
 
 Exit codes: 0 success; 1 the operation failed (agent unreachable, the agent
 answered with an error); 2 the command itself is wrong (bad flag, bad config,

@@ -6,7 +6,7 @@ it, so what one sees on the command line is what the agent does.
 
 Everything that can be checked before the agent starts is checked here, so a
 bad setting is one :class:`ConfigError` sentence and exit 2 with nothing
-half-started (CONTRACT.md, "Command line"): names, addresses, the TLS files
+half-started (README.md, "The agent"): names, addresses, the TLS files
 (read and checked to belong together), the policy file, the API token file
 (read once, here) and that an API off loopback has one.  Binding ports is left
 to the agent, which is the only one that can tell whether a port is in use.
@@ -34,7 +34,7 @@ from meshd import identity, wire
 
 #: Gossip port when none is given (Serf/Consul LAN convention).
 DEFAULT_GOSSIP_PORT = 7946
-#: Local HTTP API port (CONTRACT.md).
+#: Local HTTP API port (README.md, "Local HTTP API").
 DEFAULT_API_PORT = 7700
 PROFILES = ("lan", "wan", "local")
 #: Largest API token file.  A token is one short line (Consul's are 36
