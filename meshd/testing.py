@@ -41,6 +41,7 @@ from meshd.protocol.bounds import detection_bound, repair_bound, spread_bound
 from meshd.protocol.bridge import LAN, WAN, Bridge
 from meshd.protocol.config import Config
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
+from meshd.protocol.host import Host
 from meshd.protocol.node import Node
 from meshd.protocol.reach import Reach, compute_reach
 from meshd.protocol.suspicion import suspicion_max, suspicion_min
@@ -72,8 +73,8 @@ def uniform_latency(lo: float, hi: float) -> Latency:
 class HarnessNode:
     """One slot of the harness: the identity outlives the cores across restarts.
 
-    Every node has a LAN core; a bridge also has a WAN core and the
-    :class:`Bridge` that couples them, exactly as the agent runs them.
+    Every node has a :class:`Host`: a LAN core, and on a bridge a WAN core
+    and the bridge that couples them, exactly as the agent runs them.
     """
 
     index: int
@@ -86,8 +87,7 @@ class HarnessNode:
     is_bridge: bool = False
     wan_address: str = ""
     gateway: str = ""
-    cores: dict[str, Node] = field(default_factory=dict)
-    bridge: Bridge | None = None
+    host: Host | None = None
     crashed: bool = False
     paused: bool = False
     inbox: list[tuple[str, int, Message]] = field(default_factory=list)
@@ -105,7 +105,16 @@ class HarnessNode:
 
     @property
     def core(self) -> Node | None:
-        return self.cores.get(LAN)
+        return self.host.lan if self.host is not None else None
+
+    @property
+    def cores(self) -> dict[str, Node]:
+        """pool -> core; empty before the node first starts."""
+        return self.host.cores if self.host is not None else {}
+
+    @property
+    def bridge(self) -> Bridge | None:
+        return self.host.bridge if self.host is not None else None
 
 
 class Cluster:
@@ -159,7 +168,7 @@ class Cluster:
             for hn in self.nodes[1:]:
                 assert hn.core is not None
                 hn.core.join([seed_addr], self.now)
-                self._flush(hn)
+                self._settle(hn)
 
     # ------------------------------------------------------------------
     # Building
@@ -238,12 +247,9 @@ class Cluster:
                 gateway=hn.gateway,
             )
 
-        hn.cores = {LAN: make(LAN, self.config, hn.address, incarnation)}
-        hn.bridge = None
-        if hn.is_bridge:
-            hn.cores[WAN] = make(WAN, self.wan_config, hn.wan_address, wan_incarnation)
-            hn.bridge = Bridge(hn.cores[LAN], hn.cores[WAN])
-            hn.bridge.start(self.now)
+        lan = make(LAN, self.config, hn.address, incarnation)
+        wan = make(WAN, self.wan_config, hn.wan_address, wan_incarnation) if hn.is_bridge else None
+        hn.host = Host(lan, self.now, wan=wan)
         hn.crashed = False
         self._flush(hn)
 
@@ -260,11 +266,11 @@ class Cluster:
 
     def join(self, i: int, seed: int) -> None:
         self.core(i).join([self.nodes[seed].address], self.now)
-        self._flush(self.nodes[i])
+        self._settle(self.nodes[i])
 
     def join_wan(self, i: int, seed: int) -> None:
         self.wan(i).join([self.nodes[seed].wan_address], self.now)
-        self._flush(self.nodes[i])
+        self._settle(self.nodes[i])
 
     def crash(self, i: int) -> None:
         """Stop node ``i`` at once: no leave, no more messages, timers gone."""
@@ -294,12 +300,13 @@ class Cluster:
         if old_wan is not None:
             wan_peers = [m.address for m in old_wan.member_list() if m.node != old.id and m.serving]
             self.wan(i).join(wan_peers, self.now)
-        self._flush(hn)
+        self._settle(hn)
 
     def leave(self, i: int) -> None:
-        for core in self.nodes[i].cores.values():
-            core.leave(self.now)
-        self._flush(self.nodes[i])
+        hn = self.nodes[i]
+        assert hn.host is not None
+        hn.host.leave(self.now)
+        self._flush(hn)
 
     def pause(self, i: int) -> None:
         self.nodes[i].paused = True
@@ -310,10 +317,10 @@ class Cluster:
         hn = self.nodes[i]
         hn.paused = False
         inbox, hn.inbox = hn.inbox, []
+        assert hn.host is not None
         for pool, src, msg in inbox:
-            hn.cores[pool].receive(msg, self.now, peer=self.nodes[src].id)
-        for core in hn.cores.values():
-            core.handle_timer(self.now)
+            hn.host.receive(pool, msg, self.now, peer=self.nodes[src].id)
+        hn.host.handle_timer(self.now)
         self._flush(hn)
 
     def partition(self, a: Iterable[int], b: Iterable[int], one_way: bool = False) -> None:
@@ -337,14 +344,19 @@ class Cluster:
     def register(self, i: int, app: str, instance: str, port: int = 8080, **kw: object) -> int:
         rec = AppRecord(app=app, instance=instance, address="127.0.0.1", port=port, **kw)  # type: ignore[arg-type]
         version = self.core(i).set_app(rec, self.now)
-        self._flush(self.nodes[i])
+        self._settle(self.nodes[i])
         return version
 
-    def inject(self, dst: int, msg: Message, src: int | None = None) -> None:
-        """Deliver a hand-made message to ``dst`` now (for adversarial tests)."""
-        peer = self.nodes[src].id if src is not None else None
-        self.core(dst).receive(msg, self.now, peer=peer)
-        self._flush(self.nodes[dst])
+    def inject(
+        self, dst: int, msg: Message, src: int | None = None, as_peer: str | None = None
+    ) -> None:
+        """Deliver a hand-made message to ``dst`` now (for adversarial tests), as
+        from node ``src`` or from any certificate holder ``as_peer``."""
+        peer = self.nodes[src].id if src is not None else as_peer
+        hn = self.nodes[dst]
+        assert hn.host is not None
+        hn.host.receive(LAN, msg, self.now, peer=peer)
+        self._flush(hn)
 
     # ------------------------------------------------------------------
     # The event loop
@@ -358,35 +370,31 @@ class Cluster:
     # locals and call nothing they need not (a big simulation runs millions
     # of events); what they do is what step's docstring says, in that order.
 
+    def _settle(self, hn: HarnessNode) -> None:
+        """After a direct call into one of ``hn``'s cores: collect, then flush."""
+        if hn.host is not None and not hn.crashed:
+            hn.host.settle(self.now)
+        self._flush(hn)
+
     def _flush(self, hn: HarnessNode) -> None:
-        if not hn.cores or hn.crashed:
+        """Send what ``hn``'s host made, show observers its LAN events, re-arm its timer."""
+        host = hn.host
+        if host is None or hn.crashed:
             return
         transmit = self._transmit
+        for pool, addr, msg in host.messages_to_send():
+            transmit(hn, pool, addr, msg)
         observers = self.observers
-        index = hn.index
-        # A bridge's injection makes the other core produce more: go round
-        # until both are quiet (bounded: each pass only relays new versions).
-        for _ in range(16):
-            busy = False
-            for pool, core in hn.cores.items():
-                for addr, msg in core.messages_to_send():
-                    transmit(hn, pool, addr, msg)
-                event = core.next_event()
-                while event is not None:
-                    busy = True
-                    if pool == LAN:
-                        for obs in observers:
-                            obs(index, event, self.now)
-                    if hn.bridge is not None:
-                        hn.bridge.on_event(pool, event, self.now)
-                    event = core.next_event()
-            if not busy:
-                break
+        if observers:
+            index = hn.index
+            for pool, event in host.events():
+                if pool == LAN:
+                    for obs in observers:
+                        obs(index, event, self.now)
+        else:
+            host.drop_events()
         if not hn.paused:
-            cores = iter(hn.cores.values())
-            t = next(cores).get_timer()
-            for core in cores:
-                t = min(t, core.get_timer())
+            t = host.get_timer()
             now = self.now
             if t < now:
                 t = now
@@ -395,7 +403,7 @@ class Cluster:
             hn.timer_gen += 1
             hn.timer_at = t
             self._tie += 1
-            heapq.heappush(self._heap, (t, self._tie, _TIMER, index, hn.timer_gen))
+            heapq.heappush(self._heap, (t, self._tie, _TIMER, hn.index, hn.timer_gen))
 
     def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message) -> None:
         kind = type(msg).__name__
@@ -421,8 +429,8 @@ class Cluster:
 
     def _deliver(self, dst: int, pool: str, src: int, payload: object) -> None:
         hn = self.nodes[dst]
-        core = hn.cores.get(pool)
-        if hn.crashed or core is None:
+        host = hn.host
+        if hn.crashed or host is None or pool not in host.cores:
             self.dropped += 1
             return
         if isinstance(payload, bytes):
@@ -437,7 +445,7 @@ class Cluster:
             hn.inbox.append((pool, src, msg))
             return
         self.delivered += 1
-        core.receive(msg, self.now, peer=self.nodes[src].id)
+        host.receive(pool, msg, self.now, peer=self.nodes[src].id)
         self._flush(hn)
 
     def _run(self, until: float, limit: int = -1) -> int:
@@ -459,15 +467,11 @@ class Cluster:
                 deliver(index, pool, src, data)
                 continue
             hn = nodes[index]
-            if payload != hn.timer_gen or hn.crashed or hn.paused or not hn.cores:
+            host = hn.host
+            if payload != hn.timer_gen or hn.crashed or hn.paused or host is None:
                 continue
             hn.timer_at = None  # consumed: the flush below sets the next one
-            now = self.now
-            for core in hn.cores.values():
-                if core.get_timer() <= now:
-                    core.handle_timer(now)
-            if hn.bridge is not None:
-                hn.bridge.refresh(now)  # as the agent does every few seconds
+            host.handle_timer(self.now)
             flush(hn)
         return n
 
@@ -477,8 +481,9 @@ class Cluster:
         The next event in time order (ties in the order they were scheduled)
         moves the clock to its time.  A delivery goes to :meth:`_deliver`.  A
         node's timer is live only if it is the last one :meth:`_flush` set
-        (``timer_gen``) and the node runs: then every core whose deadline has
-        come handles its timers, a bridge refreshes, and the node is flushed.
+        (``timer_gen``) and the node runs: then its host handles its timers
+        (every core whose deadline has come, a due bridge refresh), and the
+        node is flushed.
         """
         return self._run(math.inf, 1) == 1
 
@@ -1077,7 +1082,9 @@ def heal_time(c: Cluster, timeout: float = 600.0, check_every: float = 0.5) -> f
 def inject_wan(c: Cluster, dst: int, msg: Message, src: int | None = None) -> None:
     """Deliver a hand-made message to the WAN core of bridge ``dst`` now."""
     peer = c.nodes[src].id if src is not None else None
-    c.wan(dst).receive(msg, c.now, peer=peer)
+    host = c.nodes[dst].host
+    assert host is not None
+    host.receive(WAN, msg, c.now, peer=peer)
     c._flush(c.nodes[dst])
 
 

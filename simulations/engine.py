@@ -411,7 +411,7 @@ class Simulation(Cluster):
     def register(self, i: int, app: str, instance: str, port: int = 8080, **kw: object) -> int:
         rec = AppRecord(app=app, instance=instance, address=f"10.0.0.{i % 250 + 1}", port=port)
         version = self.core(i).set_app(rec, self.now)
-        self._flush(self.nodes[i])
+        self._settle(self.nodes[i])
         return version
 
     def _watch_detection(self, victim: int) -> None:
@@ -501,7 +501,8 @@ class Simulation(Cluster):
                     msg = PushPullReply(
                         src.id, digest=digest, members=members, states=tuple(states), view=view
                     )
-                    core.receive(msg, self.now, peer=src.id)
+                    assert h.host is not None
+                    h.host.receive(pool, msg, self.now, peer=src.id)
                 self._flush(h)
                 if k == 0 and pool == "lan":
                     shared = core.snapshot()

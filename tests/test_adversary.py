@@ -115,8 +115,7 @@ class RogueMachine(RuleBasedStateMachine):
     def send(self, dst: int, msg: Message) -> None:
         wire = decode_message(encode_message(msg))  # exactly what a socket would hand over
         assert isinstance(wire, Message), wire
-        self.c.core(dst).receive(wire, self.c.now, peer=self.rogue.id)
-        self.c._flush(self.c.nodes[dst])
+        self.c.inject(dst, wire, as_peer=self.rogue.id)
         self.sent += 1
 
     def carrier(self, kind: int, dst: int, **payload: object) -> Message:

@@ -53,6 +53,7 @@ from meshd.policy.resolve import resolve as policy_resolve
 from meshd.protocol.bridge import LAN, WAN, Bridge
 from meshd.protocol.config import Config
 from meshd.protocol.events import MemberChanged, OriginChanged
+from meshd.protocol.host import Host
 from meshd.protocol.node import Node
 from meshd.protocol.reach import Reach, compute_reach
 from meshd.revocation import (
@@ -71,15 +72,13 @@ log = logging.getLogger("meshd.agent")
 
 @dataclass
 class _Pool:
-    """One gossip pool this agent is in: its core, its listener, its timer."""
+    """One gossip pool this agent is in: its listener, and its core once started."""
 
     name: str
     transport: Transport
     protocol: Config
     advertise: str
     core: Node | None = None
-    timer: asyncio.TimerHandle | None = None
-    timer_at: float | None = None
 
 
 #: Versions reserved per SQLite write (see module doc).  Large enough that a
@@ -87,8 +86,6 @@ class _Pool:
 VERSION_BLOCK = 1000
 #: Seconds between writes of the last known peers (for rejoin without --join).
 PEER_SAVE_INTERVAL = 2.0
-#: Seconds between a bridge's checks of its round-trip statement.
-BRIDGE_REFRESH_INTERVAL = 5.0
 #: Seconds a graceful leave waits for its notice to be written out.
 LEAVE_FLUSH_TIMEOUT = 2.0
 #: Seconds between checks that the certificates behind held documents still
@@ -136,7 +133,10 @@ class Agent:
         self.pools: dict[str, _Pool] = {LAN: _Pool(LAN, transport, protocol, advertise)}
         if wan_transport is not None:
             self.pools[WAN] = _Pool(WAN, wan_transport, wan_protocol or Config.wan(), wan_advertise)
-        self.bridge: Bridge | None = None
+        #: The node's protocol (cores and bridge), built by start().
+        self.host: Host | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._checks: dict[str, Registration] = {}
@@ -144,7 +144,6 @@ class Agent:
         self._version_ceiling = 0
         self._peers_changed = asyncio.Event()
         self._peer_task: asyncio.Task[None] | None = None
-        self._bridge_task: asyncio.Task[None] | None = None
         self._recheck_task: asyncio.Task[None] | None = None
         self.core: Node | None = None
         self._reach: tuple[int, Reach] | None = None
@@ -211,29 +210,27 @@ class Agent:
             )
 
         lan = self.pools[LAN]
-        lan.core = self.core = make(lan, incarnation)
+        lan_core = lan.core = self.core = make(lan, incarnation)
         self._persisted[LAN] = incarnation + 1
         wan = self.pools.get(WAN)
+        wan_core = None
         if wan is not None:
             wan_inc = self._db.get_counter("wan_incarnation")
             self._db.set_counters(wan_incarnation=wan_inc + 1)
             self._persisted[WAN] = wan_inc + 1
-            wan.core = make(wan, wan_inc)
-            self.bridge = Bridge(lan.core, wan.core)
-            self.bridge.start(now)
+            wan_core = wan.core = make(wan, wan_inc)
+        self.host = Host(lan_core, now, wan=wan_core)
         for reg in regs:
             if reg.check is not None:
                 self.runner.start(reg.record.instance, reg.check, initial="critical")
         seeds = join or self._db.load_peers()
         if seeds:
-            lan.core.join(seeds, now)
+            lan_core.join(seeds, now)
         wan_seeds = wan_join or (self._db.load_peers(WAN) if wan is not None else [])
-        if wan is not None and wan_seeds:
-            wan.core.join(wan_seeds, now)
+        if wan_core is not None and wan_seeds:
+            wan_core.join(wan_seeds, now)
         self._pump()
         self._peer_task = self._loop.create_task(self._save_peers_loop())
-        if self.bridge is not None:
-            self._bridge_task = self._loop.create_task(self._refresh_bridge_loop())
         self._recheck_task = self._loop.create_task(self._recheck_signers_loop())
         for pool in self.pools.values():
             if pool.core is not None:
@@ -357,32 +354,22 @@ class Agent:
                 self._db.delete_registration(instance, None)
         return kept
 
-    async def _refresh_bridge_loop(self) -> None:
-        # Round-trip estimates drift without any membership event; restate
-        # them now and then (only a changed statement is re-signed).
-        while True:
-            await asyncio.sleep(BRIDGE_REFRESH_INTERVAL)
-            if self.bridge is not None:
-                self.bridge.refresh(self._loop.time())
-                self._pump()
+    @property
+    def bridge(self) -> Bridge | None:
+        return self.host.bridge if self.host is not None else None
 
     async def stop(self, leave: bool = True) -> None:
         """Graceful leave (when asked), then close everything we opened."""
-        for pool in self.pools.values():
-            if pool.timer is not None:
-                pool.timer.cancel()
-        if self.core is not None and leave:
-            for pool in self.pools.values():
-                if pool.core is not None:
-                    pool.core.leave(self._loop.time())
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.host is not None and leave:
+            self.host.leave(self._loop.time())
             self._pump(rearm=False)
             await asyncio.gather(
                 *(p.transport.flush(LEAVE_FLUSH_TIMEOUT) for p in self.pools.values())
             )
         if self._peer_task is not None:
             self._peer_task.cancel()
-        if self._bridge_task is not None:
-            self._bridge_task.cancel()
         if self._recheck_task is not None:
             self._recheck_task.cancel()
         await self.runner.stop_all()
@@ -400,58 +387,46 @@ class Agent:
 
     def _receiver(self, pool: _Pool) -> Callable[[str, Message], None]:
         def on_message(peer: str, msg: Message) -> None:
-            if pool.core is None:
+            if self.host is None:
                 return
-            pool.core.receive(msg, self._loop.time(), peer=peer)
+            self.host.receive(pool.name, msg, self._loop.time(), peer=peer)
             self._pump()
 
         return on_message
 
     def _refusal(self, pool: _Pool) -> Callable[[str], None]:
         def on_refused(address: str) -> None:
-            if pool.core is None:
+            if self.host is None:
                 return
-            pool.core.report_refused(address, self._loop.time())
+            self.host.report_refused(pool.name, address, self._loop.time())
             self._pump()
 
         return on_refused
 
-    def _on_timer(self, pool: _Pool) -> None:
-        pool.timer = None
-        pool.timer_at = None
-        if pool.core is not None:
-            pool.core.handle_timer(self._loop.time())
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        if self.host is not None:
+            self.host.handle_timer(self._loop.time())
         self._pump()
 
     def _pump(self, rearm: bool = True) -> None:
-        """Send, handle events, persist, re-arm: after every call into a core.
-
-        A bridge's relay makes the other core produce more, so go round until
-        both cores are quiet (bounded: each pass only relays new versions).
-        """
+        """Send, handle events, persist, re-arm: after every call into the host
+        (or directly into a core: the host first collects what that produced)."""
+        host = self.host
+        if host is None:
+            return
+        host.settle(self._loop.time())
+        for pool_name, address, msg in host.messages_to_send():
+            self.pools[pool_name].transport.send(address, msg)
         changed = False
-        for _ in range(16):
-            busy = False
-            for pool in self.pools.values():
-                core = pool.core
-                if core is None:
-                    continue
-                for address, msg in core.messages_to_send():
-                    pool.transport.send(address, msg)
-                event = core.next_event()
-                while event is not None:
-                    busy = True
-                    if isinstance(event, MemberChanged):
-                        self._peers_changed.set()
-                        changed = True
-                        log.info("%s member %s is %s", pool.name, event.node, event.status.label)
-                    elif isinstance(event, OriginChanged):
-                        changed = True
-                    if self.bridge is not None:
-                        self.bridge.on_event(pool.name, event, self._loop.time())
-                    event = core.next_event()
-            if not busy:
-                break
+        for pool_name, event in host.events():
+            if isinstance(event, MemberChanged):
+                self._peers_changed.set()
+                changed = True
+                log.info("%s member %s is %s", pool_name, event.node, event.status.label)
+            elif isinstance(event, OriginChanged):
+                changed = True
         self._persist_counters()
         for pool in self.pools.values():
             core = pool.core
@@ -471,15 +446,13 @@ class Agent:
                         )
                         self.metrics.rejected.labels(name).inc(delta)
                         self._reported[label] = count
-            if rearm:
-                at = core.get_timer()
-                if pool.timer_at is None or at < pool.timer_at - 1e-4 or at > pool.timer_at:
-                    if pool.timer is not None:
-                        pool.timer.cancel()
-                    pool.timer = self._loop.call_at(
-                        max(at, self._loop.time()), self._on_timer, pool
-                    )
-                    pool.timer_at = at
+        if rearm:
+            at = host.get_timer()
+            if self._timer_at is None or at < self._timer_at - 1e-4 or at > self._timer_at:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer = self._loop.call_at(max(at, self._loop.time()), self._on_timer)
+                self._timer_at = at
         if changed:
             self.update_gauges()
             self._changed.set()

@@ -1,0 +1,160 @@
+"""One node's whole protocol: its LAN core, a bridge's WAN core, the bridge between them.
+
+Shape (aioquic's ``QuicConnection`` under its single ``transmit()`` pump): a
+driver hands the host each decoded message with the pool it came on
+(:meth:`Host.receive`), calls :meth:`Host.handle_timer` when
+:meth:`Host.get_timer` says so, and then pulls ``(pool, address, message)``
+triples to send with :meth:`Host.messages_to_send` and ``(pool, event)``
+pairs with :meth:`Host.next_event`.  Everything that couples the cores
+happens in here, so the asyncio agent, the in-memory harness and the
+simulator drive the very same node, each with a short pump:
+
+- after every call, events of either core go to the bridge, which may inject
+  documents into the other core and restate what it knows; that makes more
+  messages and events, so the host goes round until both cores are quiet
+  (bounded: each pass only relays new versions);
+- a bridge restates its round-trip estimates every BRIDGE_REFRESH_INTERVAL
+  (they drift without any membership event), on the host's own timer.
+
+What a pass produced keeps the order the cores produced it in, so a driver
+sees the same sequence whichever driver it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator
+
+from meshd.protocol.bridge import LAN, WAN, Bridge
+from meshd.protocol.events import Event
+from meshd.protocol.node import Node
+from meshd.wire import Message
+
+__all__ = ["BRIDGE_REFRESH_INTERVAL", "Host", "LAN", "WAN"]
+
+#: Seconds between a bridge's checks of its round-trip statement (only a
+#: changed statement is re-signed, so a check costs nothing on the wire).
+BRIDGE_REFRESH_INTERVAL = 5.0
+#: Passes of relaying between the cores after one call: each pass relays only
+#: versions the other core lacks, so two or three suffice; the cap keeps a
+#: bug from spinning forever.
+MAX_RELAY_PASSES = 16
+
+
+class Host:
+    """The cores of one node and the bridge that couples them (see module doc)."""
+
+    def __init__(self, lan: Node, now: float, wan: Node | None = None) -> None:
+        if not lan.publisher:
+            raise ValueError("the LAN core publishes this node's documents (publisher=True)")
+        self.lan = lan
+        self.wan = wan
+        #: pool name -> core, LAN first: the order every pass visits them in.
+        self.cores: dict[str, Node] = {LAN: lan}
+        self.bridge: Bridge | None = None
+        self._out: deque[tuple[str, str, Message]] = deque()
+        self._events: deque[tuple[str, Event]] = deque()
+        self._next_refresh = math.inf
+        if wan is not None:
+            self.cores[WAN] = wan
+            self.bridge = Bridge(lan, wan)
+            self.bridge.start(now)
+            self._next_refresh = now + BRIDGE_REFRESH_INTERVAL
+        self._settle(now)
+
+    @property
+    def id(self) -> str:
+        return self.lan.id
+
+    def core(self, pool: str) -> Node:
+        return self.cores[pool]
+
+    # ------------------------------------------------------------------
+    # Driver interface
+
+    def receive(self, pool: str, msg: Message, now: float, peer: str | None = None) -> None:
+        """A decoded message that arrived on ``pool``; ``peer`` as in :meth:`Node.receive`."""
+        core = self.cores.get(pool)
+        if core is None:
+            return  # a pool this node is not in (a WAN message to a non-bridge)
+        core.receive(msg, now, peer=peer)
+        self._settle(now)
+
+    def report_refused(self, pool: str, address: str, now: float) -> None:
+        """The driver got 'connection refused' from ``address`` on ``pool``."""
+        core = self.cores.get(pool)
+        if core is not None:
+            core.report_refused(address, now)
+            self._settle(now)
+
+    def get_timer(self) -> float:
+        """When the host next wants :meth:`handle_timer` (the earliest of its cores)."""
+        t = self._next_refresh
+        for core in self.cores.values():
+            c = core.get_timer()
+            if c < t:
+                t = c
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        """Run every core whose deadline has come, and a due bridge refresh."""
+        for core in self.cores.values():
+            if core.get_timer() <= now:
+                core.handle_timer(now)
+        if self.bridge is not None and now >= self._next_refresh:
+            self._next_refresh = now + BRIDGE_REFRESH_INTERVAL
+            self.bridge.refresh(now)
+        self._settle(now)
+
+    def messages_to_send(self) -> list[tuple[str, str, Message]]:
+        """``(pool, address, message)`` in the order the cores made them."""
+        out = list(self._out)
+        self._out.clear()
+        return out
+
+    def next_event(self) -> tuple[str, Event] | None:
+        """The next ``(pool, event)``, or None."""
+        return self._events.popleft() if self._events else None
+
+    def events(self) -> Iterator[tuple[str, Event]]:
+        """Every pending ``(pool, event)``, consumed as it is iterated."""
+        while self._events:
+            yield self._events.popleft()
+
+    def drop_events(self) -> None:
+        """Forget pending events (a driver that watches none)."""
+        self._events.clear()
+
+    # ------------------------------------------------------------------
+    # Commands that concern every pool
+
+    def leave(self, now: float) -> None:
+        """Graceful leave from every pool."""
+        for core in self.cores.values():
+            core.leave(now)
+        self._settle(now)
+
+    def settle(self, now: float) -> None:
+        """Collect what a direct call into a core produced (``host.lan.set_app(...)``
+        and the like); the drivers call it after such calls."""
+        self._settle(now)
+
+    def _settle(self, now: float) -> None:
+        bridge = self.bridge
+        out = self._out
+        events = self._events
+        for _ in range(MAX_RELAY_PASSES):
+            busy = False
+            for pool, core in self.cores.items():
+                for addr, msg in core.messages_to_send():
+                    out.append((pool, addr, msg))
+                event = core.next_event()
+                while event is not None:
+                    busy = True
+                    events.append((pool, event))
+                    if bridge is not None:
+                        bridge.on_event(pool, event, now)
+                    event = core.next_event()
+            if not busy:
+                break
