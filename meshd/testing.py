@@ -15,6 +15,11 @@ a TCP receive buffer).
 By default every message is encoded to wire bytes and decoded again on
 delivery, so the harness exercises the real codec and counts real sizes.
 
+The network is an interface (:class:`Network`: ``transit(src, dst, now)``
+gives a delay or None for a lost message); :class:`FakeNetwork` is the
+default above.  The simulator passes its own model and a sizer instead of
+overriding anything here.
+
 Run ``python -m meshd.testing --nodes 64`` for the figures of the standard
 scenarios (join, spread, detection, false deaths under loss).
 """
@@ -32,6 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Protocol
 
 from meshd.identity import CA, StateSigner, StateVerifier, create_ca, issue_node_cert
 from meshd.policy.locality import Topology
@@ -58,6 +64,40 @@ from meshd.wire import (
 )
 
 Latency = Callable[[int, int, random.Random], float]
+
+
+class Network(Protocol):
+    """Where messages between harness nodes go: the harness asks once per message."""
+
+    def transit(self, src: int, dst: int, now: float) -> float | None:
+        """Seconds until a message sent by node ``src`` at ``now`` reaches ``dst``;
+        None when it is lost."""
+        ...
+
+
+class FakeNetwork:
+    """The harness's own network: a latency draw, independent loss, blocked links.
+
+    Every draw comes from the one generator given, in a fixed order (loss,
+    then latency), so a run is the same for the same seed.
+    """
+
+    def __init__(
+        self, rng: random.Random, latency: Latency, loss: float, blocked: set[tuple[int, int]]
+    ) -> None:
+        self.rng = rng
+        self.latency = latency
+        self.loss = loss
+        #: (src, dst) links that drop everything (the harness's partitions).
+        self.blocked = blocked
+
+    def transit(self, src: int, dst: int, now: float) -> float | None:
+        if (src, dst) in self.blocked:
+            return None
+        if self.loss and self.rng.random() < self.loss:
+            return None
+        return self.latency(src, dst, self.rng)
+
 
 _DELIVER, _TIMER = 0, 1
 
@@ -139,14 +179,18 @@ class Cluster:
         encode: bool = True,
         join: bool = True,
         ca: CA | None = None,
+        network: Network | None = None,
+        sizer: Callable[[Message], int] | None = None,
     ) -> None:
+        """``network`` replaces the fake one (``latency``, ``loss`` and the
+        partition methods then do nothing); ``sizer`` counts the bytes of a
+        message that is not encoded (``encode=False``)."""
         self.seed = seed
         self.rng = random.Random(seed)
         self.config = config or Config.lan()
         self.wan_config = wan_config or Config.wan()
-        self.latency = latency or uniform_latency(0.0005, 0.002)
-        self.loss = loss
         self.encode = encode
+        self.sizer = sizer
         self.now = 0.0
         self.ca = ca or create_ca("mesh.local")
         self.verifier = StateVerifier(self.ca.cert, self.ca.trust_domain)
@@ -155,6 +199,15 @@ class Cluster:
         self._heap: list[tuple[float, int, int, int, object]] = []
         self._tie = 0
         self.blocked: set[tuple[int, int]] = set()
+        #: The fake network's settings stay live: ``c.loss = 0.1`` takes effect
+        #: at once (they do nothing when another ``network`` was given).
+        self.fake = FakeNetwork(
+            self.rng, latency or uniform_latency(0.0005, 0.002), loss, self.blocked
+        )
+        self.network: Network = network or self.fake
+        #: Per node: messages and bytes delivered to it (sent ones: HarnessNode.sent_*).
+        self.received_msgs: list[int] = []
+        self.received_bytes: list[int] = []
         self.observers: list[Callable[[int, Event, float], None]] = []
         self.rejected: Counter[str] = Counter()
         self.delivered = 0
@@ -194,6 +247,8 @@ class Cluster:
         cert = issue_node_cert(self.ca, name, cluster, bridge=bridge)
         hn = HarnessNode(i, name, cluster, address, region, zone, StateSigner(cert))
         hn.gateway = gateway
+        self.received_msgs.append(0)
+        self.received_bytes.append(0)
         self._by_addr[address] = (i, LAN)
         if bridge:
             hn.is_bridge = True
@@ -251,7 +306,32 @@ class Cluster:
         wan = make(WAN, self.wan_config, hn.wan_address, wan_incarnation) if hn.is_bridge else None
         hn.host = Host(lan, self.now, wan=wan)
         hn.crashed = False
+        self.node_started(hn)
         self._flush(hn)
+
+    @property
+    def latency(self) -> Latency:
+        return self.fake.latency
+
+    @latency.setter
+    def latency(self, value: Latency) -> None:
+        self.fake.latency = value
+
+    @property
+    def loss(self) -> float:
+        return self.fake.loss
+
+    @loss.setter
+    def loss(self, value: float) -> None:
+        self.fake.loss = value
+
+    def start(self, i: int) -> None:
+        """Build node ``i``'s cores (it joins nobody: see :meth:`join`)."""
+        self._start(self.nodes[i])
+
+    def node_started(self, hn: HarnessNode) -> None:
+        """Called each time a node's cores are (re)built, before they run; for
+        drivers built on the harness to note what a new life starts with."""
 
     def core(self, i: int) -> Node:
         c = self.nodes[i].core
@@ -341,6 +421,10 @@ class Cluster:
     def heal(self) -> None:
         self.blocked.clear()
 
+    def flush(self, i: int) -> None:
+        """After a direct call into node ``i``'s cores: send what they made."""
+        self._settle(self.nodes[i])
+
     def register(self, i: int, app: str, instance: str, port: int = 8080, **kw: object) -> int:
         rec = AppRecord(app=app, instance=instance, address="127.0.0.1", port=port, **kw)  # type: ignore[arg-type]
         version = self.core(i).set_app(rec, self.now)
@@ -407,32 +491,39 @@ class Cluster:
 
     def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message) -> None:
         kind = type(msg).__name__
-        dst = self._by_addr.get(addr)
         payload: object = msg
         if self.encode:
             frame = encode_frame(msg)
-            hn.sent_bytes[kind] += len(frame)
+            size = len(frame)
             payload = frame
+        else:
+            size = self.sizer(msg) if self.sizer is not None else 0
         hn.sent_msgs[kind] += 1
-        if dst is None or (hn.index, dst[0]) in self.blocked:
+        if size:
+            hn.sent_bytes[kind] += size
+        dst = self._by_addr.get(addr)
+        if dst is None:
             self.dropped += 1
             return
-        if self.loss and self.rng.random() < self.loss:
+        now = self.now
+        delay = self.network.transit(hn.index, dst[0], now)
+        if delay is None:
             self.dropped += 1
             return
-        self._push(
-            self.now + self.latency(hn.index, dst[0], self.rng),
-            _DELIVER,
-            dst[0],
-            (dst[1], hn.index, payload),
+        self._tie += 1
+        heapq.heappush(
+            self._heap,
+            (now + delay, self._tie, _DELIVER, dst[0], (dst[1], hn.index, payload, size)),
         )
 
-    def _deliver(self, dst: int, pool: str, src: int, payload: object) -> None:
+    def _deliver(self, dst: int, pool: str, src: int, payload: object, size: int) -> None:
         hn = self.nodes[dst]
         host = hn.host
         if hn.crashed or host is None or pool not in host.cores:
             self.dropped += 1
             return
+        self.received_msgs[dst] += 1
+        self.received_bytes[dst] += size
         if isinstance(payload, bytes):
             decoded = decode_message(payload[4:])
             if isinstance(decoded, Rejection):
@@ -463,8 +554,8 @@ class Cluster:
             if t > self.now:
                 self.now = t
             if kind == _DELIVER:
-                pool, src, data = payload  # type: ignore[misc]
-                deliver(index, pool, src, data)
+                pool, src, data, size = payload  # type: ignore[misc]
+                deliver(index, pool, src, data, size)
                 continue
             hn = nodes[index]
             host = hn.host
@@ -487,9 +578,11 @@ class Cluster:
         """
         return self._run(math.inf, 1) == 1
 
-    def run_until(self, t: float) -> None:
-        self._run(t)
+    def run_until(self, t: float) -> int:
+        """Advance to virtual time ``t``; how many events that took."""
+        n = self._run(t)
         self.now = max(self.now, t)
+        return n
 
     def run_for(self, dt: float) -> None:
         self.run_until(self.now + dt)

@@ -1,18 +1,20 @@
 """The simulator: ``meshd.testing.Cluster`` driven by a scenario over a modelled network.
 
 One driver of the core, not two: :class:`Simulation` is the harness's
-``Cluster`` (its event heap in virtual time, its ``_flush`` that pulls each
-core's messages, events and next deadline exactly as the agent does, its
-crash/restart/leave/pause/resume), with three things changed by overriding:
+``Cluster`` (its event heap in virtual time, its pump of each node's
+:class:`~meshd.protocol.host.Host` exactly as the agent pumps it, its
+crash/restart/leave/pause/resume), composed with what the harness lets a
+driver plug in:
 
-- ``_transmit``: every message is counted (messages and exact wire bytes per
-  node and type, :func:`simulations.wiresize.wire_size`, without encoding),
-  then the :class:`~simulations.network.Network` decides loss and partitions,
-  and the harness schedules the delivery with the model's latency.
-- ``_deliver``: counts what each node receives.
-- ``add_node``: deterministic identities (a node's key and certificate serial
-  come from the seed), so that certificate sizes, hence byte counts, are the
-  same in every run of one scenario and seed.
+- the network: the :class:`~simulations.network.Network` model decides loss,
+  partitions and latency (``Cluster(network=...)``);
+- the sizes: every message is counted in exact wire bytes per node and type,
+  :func:`simulations.wiresize.wire_size`, without encoding
+  (``Cluster(sizer=...)``); the harness counts what each node receives;
+- identities: ``add_node`` gives deterministic ones (a node's key and
+  certificate serial come from the seed), so that certificate sizes, hence
+  byte counts, are the same in every run of one scenario and seed;
+- ``node_started`` notes the incarnation each life starts at.
 
 Commands (joins, publications, faults) sit in a second heap and run between
 events at their virtual times.  A run is: build the topology, join it (warm
@@ -51,7 +53,7 @@ from meshd.identity import (
 from meshd.policy.policy import AppPolicy
 from meshd.protocol.bridge import WAN
 from meshd.protocol.node import view_term
-from meshd.testing import _DELIVER, Cluster, HarnessNode
+from meshd.testing import Cluster, HarnessNode
 from meshd.wire import (
     AppRecord,
     Message,
@@ -66,6 +68,12 @@ from simulations.metrics import Collector, Detection, FailoverWatch, Spread
 from simulations.network import Network
 from simulations.scenario import Scenario
 from simulations.wiresize import SIZERS as _SIZERS
+
+
+def _size(msg: Message) -> int:
+    """Exact wire bytes of ``msg`` without encoding it (simulations.wiresize)."""
+    return _SIZERS[type(msg)](msg)
+
 
 # ----------------------------------------------------------------------
 # Deterministic identities
@@ -152,9 +160,6 @@ class Simulation(Cluster):
             burst=spec.burst,
         )
         self.net.enabled = not sc.warmup.clean_network
-        # Per node: messages and bytes received (sent ones are in HarnessNode.sent_*).
-        self.recv_msgs: list[int] = []
-        self.recv_bytes: list[int] = []
         self.index_of: dict[str, int] = {}
         #: node -> the incarnation its current life started at (a verdict at a
         #: lower one is about a previous life, before a restart).
@@ -182,11 +187,15 @@ class Simulation(Cluster):
             seed=sc.seed,
             config=sc.lan,
             wan_config=sc.wan,
-            latency=self.net.latency,
             encode=False,
             join=False,
             ca=_deterministic_ca(),
+            network=self.net,
+            sizer=_size,
         )
+        # Per node: messages and bytes received (sent ones are in HarnessNode.sent_*).
+        self.recv_msgs = self.received_msgs
+        self.recv_bytes = self.received_bytes
         self.collector = Collector(
             self.index_of,
             lambda i: i in self.down,
@@ -210,14 +219,11 @@ class Simulation(Cluster):
         nc = _deterministic_cert(self.ca, self.seed, hn.cluster, hn.name, hn.is_bridge)
         hn.signer = StateSigner(nc)
         self.index_of[hn.id] = hn.index
-        self.recv_msgs.append(0)
-        self.recv_bytes.append(0)
         if start:
-            self._start(hn)
+            self.start(hn.index)
         return hn
 
-    def _start(self, hn: HarnessNode, *args: Any, **kw: Any) -> None:
-        super()._start(hn, *args, **kw)
+    def node_started(self, hn: HarnessNode) -> None:
         self.life_start[hn.index] = hn.cores["lan"].incarnation
 
     def _build(self) -> None:
@@ -267,9 +273,10 @@ class Simulation(Cluster):
         """Run ``fn`` at virtual time ``t`` (absolute), after the events at ``t``."""
         heapq.heappush(self._cmds, (t, next(self._cmd_tie), fn))
 
-    def run_until(self, t: float) -> None:
-        self.events += self._run(t)
-        self.now = max(self.now, t)
+    def run_until(self, t: float) -> int:
+        n = super().run_until(t)
+        self.events += n
+        return n
 
     def advance(self, t_end: float) -> None:
         """Run events and commands up to ``t_end``, printing progress now and then."""
@@ -302,40 +309,6 @@ class Simulation(Cluster):
             f"[{self.scenario.name} n={len(self.nodes)}] {self.phase} {where}, "
             f"{self.events:,} events, {rate:,.0f} events/s, wall {elapsed:.0f} s"
         )
-
-    # -- the network ------------------------------------------------------
-
-    def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message) -> None:
-        # Sized once, here; the size rides with the message to _deliver.
-        cls = type(msg)
-        size = _SIZERS[cls](msg)
-        kind = cls.__name__
-        hn.sent_msgs[kind] += 1
-        hn.sent_bytes[kind] += size
-        dst = self._by_addr.get(addr)
-        if dst is None:
-            self.dropped += 1
-            return
-        j = dst[0]
-        now = self.now
-        # The harness's own loss and blocked set stay empty; the model decides
-        # loss and draws the latency, and the delivery is scheduled as _push does.
-        delay = self.net.transit(hn.index, j, now)
-        if delay is None:
-            self.dropped += 1
-            return
-        self._tie += 1
-        heapq.heappush(
-            self._heap, (now + delay, self._tie, _DELIVER, j, (dst[1], hn.index, (msg, size)))
-        )
-
-    def _deliver(self, dst: int, pool: str, src: int, payload: object) -> None:
-        msg, size = payload  # type: ignore[misc]
-        hn = self.nodes[dst]
-        if not hn.crashed and pool in hn.cores:
-            self.recv_msgs[dst] += 1
-            self.recv_bytes[dst] += size
-        Cluster._deliver(self, dst, pool, src, msg)
 
     # -- faults and commands the schedule uses ------------------------------
 
@@ -411,7 +384,7 @@ class Simulation(Cluster):
     def register(self, i: int, app: str, instance: str, port: int = 8080, **kw: object) -> int:
         rec = AppRecord(app=app, instance=instance, address=f"10.0.0.{i % 250 + 1}", port=port)
         version = self.core(i).set_app(rec, self.now)
-        self._settle(self.nodes[i])
+        self.flush(i)
         return version
 
     def _watch_detection(self, victim: int) -> None:
@@ -503,7 +476,7 @@ class Simulation(Cluster):
                     )
                     assert h.host is not None
                     h.host.receive(pool, msg, self.now, peer=src.id)
-                self._flush(h)
+                self.flush(h.index)
                 if k == 0 and pool == "lan":
                     shared = core.snapshot()
                 self._maybe_progress()
