@@ -570,8 +570,9 @@ def _error_sentence(exc: urllib.error.HTTPError) -> str:
         answer = json.loads(exc.read())
     except (ValueError, OSError):
         answer = None
-    if isinstance(answer, dict) and isinstance(answer.get("error"), str) and answer["error"]:
-        return answer["error"]
+    error = answer.get("error") if isinstance(answer, dict) else None
+    if isinstance(error, str) and error:
+        return error
     return f"the agent answered HTTP {exc.code} {exc.reason}"
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -54,6 +55,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from meshd import wire
 from meshd.files import write_atomic
 from meshd.wire import MemberClaim, OriginState, Rejection, SignedClaim, SignedState
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -928,7 +932,7 @@ class StateVerifier:
             ), True
         return claim, True
 
-    def _remember(self, cache: OrderedDict, key: object, value: object) -> None:
+    def _remember(self, cache: OrderedDict[_K, _V], key: _K, value: _V) -> None:
         if self.cache_size == 0:
             return
         cache[key] = value

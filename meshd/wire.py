@@ -422,7 +422,7 @@ class OriginState:
             doc["gw"] = self.gateway
         if self.rtt:
             doc["rt"] = [[c, us] for c, us in self.rtt]
-        body = msgpack.packb(doc, use_bin_type=True)
+        body = _pack(doc)
         if len(body) > MAX_ORIGIN_BODY_BYTES:
             raise WireError(f"an origin state encodes to at most {MAX_ORIGIN_BODY_BYTES} bytes")
         return body
@@ -981,7 +981,9 @@ class Rejection:
 
 
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    # msgpack ships no type information, so its packb is untyped; it returns bytes.
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
+    return body
 
 
 def _unpack(data: bytes) -> Any:

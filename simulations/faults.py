@@ -187,7 +187,10 @@ class FaultSchedule:
                 continue
             sim.net.slow[i] = f.delay_s
             sim.log("slow", node=i, delay_s=f.delay_s, duration_s=f.duration_s)
-            sim.at(sim.now + f.duration_s, partial(sim.net.slow.pop, i, None))
+            sim.at(sim.now + f.duration_s, partial(self._unslow, i))
+
+    def _unslow(self, i: int) -> None:
+        self.sim.net.slow.pop(i, None)
 
     def _resume(self, i: int) -> None:
         sim = self.sim

@@ -45,7 +45,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from meshd.protocol.config import Config
 from meshd.wire import WireError, check_name
@@ -169,7 +169,7 @@ class Scenario:
 
     def summary(self) -> dict[str, Any]:
         """The scenario as plain data, for results.json."""
-        return _plain(dataclasses.asdict(self))
+        return {k: _plain(v) for k, v in dataclasses.asdict(self).items()}
 
 
 def _plain(x: Any) -> Any:
@@ -213,7 +213,7 @@ class _Reader:
         self.source = source
         if not isinstance(raw, dict):
             self.fail(None, f"must be a table, not {_type_name(raw)}")
-        self.raw: dict[str, Any] = raw  # type: ignore[assignment]
+        self.raw: dict[str, Any] = raw
         self.used: set[str] = set()
 
     def where(self, key: str | None) -> str:
@@ -221,7 +221,7 @@ class _Reader:
             return self.path or "(top level)"
         return f"{self.path}.{key}" if self.path else key
 
-    def fail(self, key: str | None, why: str) -> ScenarioError:
+    def fail(self, key: str | None, why: str) -> NoReturn:
         raise ScenarioError(f"{self.source}: {self.where(key)}: {why}.")
 
     def get(self, key: str) -> Any:

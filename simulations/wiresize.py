@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from operator import attrgetter
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
@@ -178,7 +178,8 @@ def _sizer(cls: type[Message]) -> Callable[[Message], int]:
     src += "    return n\n"
     ns = dict(_NAMESPACE)
     exec(compile(src, f"<wiresize {cls.__name__}>", "exec"), ns)
-    fn: Callable[[Message], int] = ns[name]
+    # exec built it from the source above; the check below catches a misread layout.
+    fn = cast(Callable[[Message], int], ns[name])
     sample = cls("a/b")
     if fn(sample) != message_size(sample):  # a layout this module misreads
         return message_size

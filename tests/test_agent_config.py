@@ -159,7 +159,7 @@ def test_development_constructor_and_invariants() -> None:
 def test_node_defaults_to_sanitized_hostname(
     monkeypatch: pytest.MonkeyPatch, hostname: str, expected: str
 ) -> None:
-    monkeypatch.setattr(config_mod.socket, "gethostname", lambda: hostname)
+    monkeypatch.setattr("meshd.agent.config.socket.gethostname", lambda: hostname)
     assert load_config({"dev": True}).node == expected
 
 

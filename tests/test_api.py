@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography import x509
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -34,6 +35,7 @@ from meshd.api.app import MAX_BODY_BYTES, create_app
 from meshd.api.durations import parse_duration
 from meshd.api.validation import ApiError, is_host, parse_check
 from meshd.metrics import Metrics
+from meshd.revocation import RevocationList
 from meshd.wire import AppRecord
 
 # ---------------------------------------------------------------------------
@@ -180,6 +182,18 @@ class FakeAgent:
 
         self.policy_doc = policy_to_dict(parse_policy(data, source="PUT /v1/policy"))
         return self.policy_json()
+
+    def app_names(self) -> dict[str, set[str]]:
+        return {"default": {r.record.app for r in self.registrations.values()}}
+
+    # The revocation routes are tested against their own fake (test_revocation.py).
+    ca_certs: tuple[x509.Certificate, ...] = ()
+
+    def revocations(self) -> RevocationList | None:
+        return None
+
+    async def put_revocations(self, rl: RevocationList) -> RevocationList:
+        raise NotImplementedError("not served by this fake")
 
 
 # ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import consul
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from cryptography import x509
 
 from meshd.agent.interface import CheckSpec, ClusterInfo, Endpoint, MemberInfo, Registration
 from meshd.api.access import (
@@ -38,6 +39,7 @@ from meshd.api.access import (
 )
 from meshd.api.app import BLOCKING_KEY, create_app
 from meshd.metrics import Metrics
+from meshd.revocation import RevocationList
 from meshd.wire import AppRecord
 from tests.agents import AgentProc, Certs, meshd_cmd, run_meshd, wait_until
 
@@ -170,6 +172,15 @@ class FakeAgent:
         self.calls.append("policy")
         self.policy = dict(data)
         return self.policy_json()
+
+    # The revocation routes are tested against their own fake (test_revocation.py).
+    ca_certs: tuple[x509.Certificate, ...] = ()
+
+    def revocations(self) -> RevocationList | None:
+        return None
+
+    async def put_revocations(self, rl: RevocationList) -> RevocationList:
+        raise NotImplementedError("not served by this fake")
 
 
 @pytest.fixture

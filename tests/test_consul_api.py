@@ -20,6 +20,7 @@ from typing import Any
 import consul.aio
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from cryptography import x509
 
 from meshd.agent.interface import (
     ClusterInfo,
@@ -32,6 +33,7 @@ from meshd.api.app import create_app
 from meshd.api.consul import CHECK_ID_KEY, TAGS_KEY, decode_tags, parse_filter
 from meshd.api.validation import ApiError
 from meshd.metrics import Metrics
+from meshd.revocation import RevocationList
 from meshd.wire import AppRecord
 
 # ---------------------------------------------------------------------------
@@ -173,6 +175,15 @@ class FakeAgent:
 
     def put_policy(self, data: dict[str, Any]) -> dict[str, Any]:
         return {}
+
+    # The revocation routes are tested against their own fake (test_revocation.py).
+    ca_certs: tuple[x509.Certificate, ...] = ()
+
+    def revocations(self) -> RevocationList | None:
+        return None
+
+    async def put_revocations(self, rl: RevocationList) -> RevocationList:
+        raise NotImplementedError("not served by this fake")
 
 
 def remote(

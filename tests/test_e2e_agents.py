@@ -12,6 +12,7 @@ import socket
 import ssl
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -85,7 +86,7 @@ def test_blocking_resolve_returns_within_a_second_of_a_change(five):
     _, body, headers = five[1].call("GET", "/v1/resolve/payments")
     index = body["index"]
     assert int(headers["X-Meshd-Index"]) == index
-    result = {}
+    result: dict[str, Any] = {}
 
     def blocked():
         start = time.monotonic()

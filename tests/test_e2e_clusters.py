@@ -32,7 +32,7 @@ def _wan_addr(agent: AgentProc) -> str:
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
+def mesh(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("mesh")
     certs = Certs(root / "pki")
     policy = root / "central-policy.toml"

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshd.identity import NodeCert, StateSigner, issue_node_cert, load_ca, write_node_cert
 from meshd.protocol.bounds import repair_bound
@@ -186,12 +187,9 @@ def test_forged_states_for_others_and_for_the_receiver(
         state = OriginState(victim.node, "east", "", "", MAX_INT, apps=(evil,))
         body = state.encode()
         junk = SignedState(state.origin, MAX_INT, body, b"\x07" * 64, real.cert_der)
+        assert isinstance(rogue.cert.key, ed25519.Ed25519PrivateKey)
         by_rogue = SignedState(
-            state.origin,
-            MAX_INT,
-            body,
-            rogue.cert.key.sign(body),
-            rogue.cert.cert_der,  # type: ignore[call-arg]
+            state.origin, MAX_INT, body, rogue.cert.key.sign(body), rogue.cert.cert_der
         )
         msgs.append(Gossip(rogue.id, states=(junk, by_rogue)))
     attack_then_check(three, rogue, msgs, "bad-signature")

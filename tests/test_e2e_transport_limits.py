@@ -211,9 +211,9 @@ def test_a_rogue_with_valid_certificates_cannot_exhaust_an_agent(pair) -> None:
         assert peak - base < RSS_ALLOWANCE
         print(f"agent RSS {base / MIB:.1f} MiB, peak {peak / MIB:.1f} MiB during the flood")
     finally:
-        for s in opened:
+        for sock in opened:
             with contextlib.suppress(OSError):
-                s.close()
+                sock.close()
     # The handshake flood ended at the handshake timeout, counted as such.
     wait_until(
         lambda: rejected(n0, "tls-handshake") >= MAX_HANDSHAKES_PER_ADDRESS,

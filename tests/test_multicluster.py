@@ -25,6 +25,8 @@ from meshd.policy.policy import AppPolicy
 from meshd.policy.resolve import Gateway
 from meshd.protocol.bounds import detection_bound
 from meshd.protocol.config import Config
+from meshd.protocol.node import Node
+from meshd.protocol.store import Entry
 from meshd.protocol.suspicion import suspicion_min
 from meshd.testing import (
     Cluster,
@@ -58,7 +60,9 @@ N_WAN = sum(BRIDGES.values())
 JOIN_TIMEOUT = 60.0
 
 
-def build(seed: int = 1, *, encode: bool = True, gateways=None, apps: bool = True, config=LAN):
+def build(
+    seed: int = 1, *, encode: bool = True, gateways=None, apps: bool = True, config=LAN
+) -> tuple[Cluster, dict[str, list[int]]]:
     """East, west, central joined and converged; ``orders`` in east and west."""
     c, g = multi_cluster(
         CLUSTERS,
@@ -107,6 +111,13 @@ def settle(c, origin="east", asker="west"):
 
 def node(c, g, cluster, k):
     return g[cluster][k]
+
+
+def held(node: Node, origin: str) -> Entry:
+    """The entry ``node`` holds for ``origin``; the test fails when it holds none."""
+    entry = node.store.get(origin)
+    assert entry is not None, f"{node.id} holds nothing from {origin}"
+    return entry
 
 
 def instances(answers):
@@ -254,7 +265,7 @@ def test_dead_instance_node_in_east_fails_over_to_west_within_the_bound(seed):
             a.state.member for a in c.resolve(i, "orders", include_unhealthy=True)
         ]
         assert "east/n2" in c.core(i).store
-        down = c.core(i).store.get("east/n0").state.down
+        down = held(c.core(i), "east/n0").state.down
         assert [member for member, _ in down] == ["east/n2"]
         assert down[0][1] == c.core(i).store.version("east/n2")  # dead as of its last version
         assert reach_of(c, i).down == {"east/n2"}
@@ -575,8 +586,8 @@ def test_a_west_bridge_cannot_mark_an_east_node_down():
         assert counters["rejected-state:cluster-mismatch"] == 1
     for i in c.running():
         assert reach_of(c, i).down == frozenset()
-        assert c.core(i).store.version("west/n0") < ver
-        assert c.core(i).store.version("east/n0") < claim.version
+        assert held(c.core(i), "west/n0").signed.version < ver
+        assert held(c.core(i), "east/n0").signed.version < claim.version
         assert "orders-east" in instances(c.resolve(i, "orders"))
 
 
@@ -584,7 +595,7 @@ def test_a_relay_that_alters_an_east_document_is_rejected_and_counted():
     c, g = build(seed=9)
     w0, w2, w3 = (node(c, g, "west", k) for k in (0, 2, 3))
     c0 = node(c, g, "central", 0)
-    genuine = c.core(w3).store.get("east/n2").signed
+    genuine = held(c.core(w3), "east/n2").signed
     state = OriginState.decode(genuine.body)
     rec = state.apps[0]
     altered = OriginState(
@@ -616,7 +627,7 @@ def test_a_document_not_exported_to_central_is_refused_there():
     c.register(node(c, g, "east", 3), "ledger", "ledger-east", export=("west",))
     settle(c)
     w0, c0, c1, c2 = node(c, g, "west", 0), *g["central"]
-    doc = c.core(node(c, g, "west", 3)).store.get("east/n3#to:west").signed
+    doc = held(c.core(node(c, g, "west", 3)), "east/n3#to:west").signed
     c.inject(c1, Gossip(c.nodes[c2].id, states=(doc,)), src=c2)
     inject_wan(c, c0, Gossip(c.nodes[w0].id, states=(doc,)), src=w0)
     c.run_for(10)
@@ -710,7 +721,7 @@ def test_nearest_other_cluster_and_rtt_order_come_from_measured_round_trips():
     c.run_for(120)  # enough probes for the coordinates to settle
 
     # The central bridge states round trips per cluster; every central node has them.
-    stated = dict(c.core(ids["c0"]).store.get("central/c0").state.rtt)
+    stated = dict(held(c.core(ids["c0"]), "central/c0").state.rtt)
     assert set(stated) == {"east", "west"}
     assert stated["west"] < stated["east"]
     rtt = reach_of(c, ids["c2"]).rtt
@@ -721,6 +732,8 @@ def test_nearest_other_cluster_and_rtt_order_come_from_measured_round_trips():
     assert [a.active for a in answers] == [True, False]
     # order = "rtt" inside a tier: w1 measures w2 near and w3 far.
     core = c.core(ids["w1"])
-    assert core.estimated_rtt("west/w2") < 0.005 < core.estimated_rtt("west/w3")
+    to_w2, to_w3 = core.estimated_rtt("west/w2"), core.estimated_rtt("west/w3")
+    assert to_w2 is not None and to_w3 is not None
+    assert to_w2 < 0.005 < to_w3
     by_rtt = AppPolicy(tiers=("region", "any"), order="rtt")
     assert instances(c.resolve(ids["w1"], "cache", policy=by_rtt)) == ["cache-near", "cache-far"]

@@ -13,11 +13,13 @@ import random
 from functools import cache
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshd.identity import StateSigner, StateVerifier, create_ca, issue_node_cert
 from meshd.protocol.config import Config
 from meshd.protocol.events import MemberChanged, OriginChanged
 from meshd.protocol.node import Node, nack_timeout
+from meshd.protocol.store import Entry
 from meshd.protocol.suspicion import suspicion_timeout
 from meshd.testing import Cluster
 from meshd.wire import (
@@ -103,6 +105,13 @@ def drain_events(node: Node) -> list:
     while (e := node.next_event()) is not None:
         out.append(e)
     return out
+
+
+def held(node: Node, origin: str) -> Entry:
+    """The entry ``node`` holds for ``origin``; the test fails when it holds none."""
+    entry = node.store.get(origin)
+    assert entry is not None, f"{node.id} holds nothing from {origin}"
+    return entry
 
 
 def sent(node: Node, kind: type) -> list:
@@ -443,13 +452,13 @@ def test_suspicion_without_confirmations_runs_the_full_lifeguard_timeout():
     assert a.counters["declared-dead"] == 1
     assert MemberChanged(x.id, Status.DEAD, x.incarnation, x.address) in drain_events(a)
     # Its origin is now a tombstone, not served.
-    assert a.store.get(x.id).tombstone_since == start + hi
+    assert held(a, x.id).tombstone_since == start + hi
     assert x.id not in {e.signed.origin for e in a.store.live()}
     # A newer state of a dead origin is kept, but as a tombstone.
     v = x.set_app(rec(), 40.0)
-    gossip(x, a, 40.0, states=[x.store.get(x.id).signed])
+    gossip(x, a, 40.0, states=[held(x, x.id).signed])
     assert a.store.version(x.id) == v
-    assert a.store.get(x.id).tombstone_since == 40.0
+    assert held(a, x.id).tombstone_since == 40.0
     assert a.store.endpoints("orders") == []
 
 
@@ -581,7 +590,7 @@ def test_leave_tells_peers_directly_and_they_tombstone_its_origin():
     for peer in (b, c):
         assert peer.members[a.id].status is Status.LEFT
         assert peer.members[a.id].incarnation == inc
-        assert peer.store.get(a.id).tombstone_since == 2.0
+        assert held(peer, a.id).tombstone_since == 2.0
         assert a.id not in {e.signed.origin for e in peer.store.live()}
         assert OriginChanged(a.id, a.version, False) in drain_events(peer)
     # The left node does not refute, and no longer probes.
@@ -617,7 +626,7 @@ def test_set_app_publishes_a_new_signed_version_that_gossip_spreads():
     before = a.version
     v = a.set_app(rec(), 1.0)
     assert v == before + 1 == a.version
-    own = a.store.get(a.id)
+    own = held(a, a.id)
     assert own.signed.version == v and own.state.apps == (rec(),)
     assert VERIFIER.verify(own.signed) == own.state
     net.run(1.0 + LAN.gossip_interval)  # well before any digest sync could carry it
@@ -635,7 +644,7 @@ def test_remove_app_of_unknown_instance_returns_none_and_changes_nothing():
     assert a.remove_app("nope", 2.0) is None
     assert a.version == v
     assert a.remove_app("o-1", 3.0) == v + 1
-    assert a.store.get(a.id).state.apps == ()
+    assert held(a, a.id).state.apps == ()
 
 
 def test_restart_outranks_the_previous_life():
@@ -647,7 +656,7 @@ def test_restart_outranks_the_previous_life():
     a2 = make_node(1, now=2.0, incarnation=a.incarnation, version=a.version, apps=a.apps.values())
     assert a2.incarnation > a.incarnation
     assert a2.version > a.version
-    assert a2.store.get(a2.id).state.apps == (rec(),)
+    assert held(a2, a2.id).state.apps == (rec(),)
     net2 = Net(a2, b)
     net2.now = 2.0
     a2.join([b.address], 2.0)
@@ -662,10 +671,10 @@ def test_restart_outranks_the_previous_life():
 
 def test_push_pull_sends_each_side_only_what_the_other_lacks():
     a, b, c, d, e = (make_node(i) for i in range(1, 6))
-    c_v1 = c.store.get(c.id).signed
+    c_v1 = held(c, c.id).signed
     c.set_app(rec(), 0.0)
-    c_v2 = c.store.get(c.id).signed
-    d_v1, e_v1 = d.store.get(d.id).signed, e.store.get(e.id).signed
+    c_v2 = held(c, c.id).signed
+    d_v1, e_v1 = held(d, d.id).signed, held(e, e.id).signed
     # B holds C@2, D, E; A holds C@1 and E.  Both hold E at the same version.
     gossip(c, b, 0.0, states=[c_v2])
     gossip(d, b, 0.0, states=[d_v1])
@@ -746,8 +755,8 @@ def test_fingerprint_mismatch_repairs_what_each_side_lacks():
     net = mesh(a, b)
     net.run(10.0)
     # Each holds a document the other lacks (as a sync answer: not re-gossiped).
-    a.receive(Gossip(c.id, states=(c.store.get(c.id).signed,), sync=True), 10.0, peer=c.id)
-    b.receive(Gossip(d.id, states=(d.store.get(d.id).signed,), sync=True), 10.0, peer=d.id)
+    a.receive(Gossip(c.id, states=(held(c, c.id).signed,), sync=True), 10.0, peer=c.id)
+    b.receive(Gossip(d.id, states=(held(d, d.id).signed,), sync=True), 10.0, peer=d.id)
     assert a.store.fingerprint != b.store.fingerprint
     start = len(net.log)
     net.run(10.0 + 2 * LAN.digest_interval, stop=lambda: a.store.digest() == b.store.digest())
@@ -770,7 +779,7 @@ def adopters_and_reference():
     mesh(a, b, c)
     x, y = make_node(5), make_node(6)
     for n in (x, y):
-        gossip(n, a, 1.0, claim(Status.ALIVE, n, n), states=[n.store.get(n.id).signed])
+        gossip(n, a, 1.0, claim(Status.ALIVE, n, n), states=[held(n, n.id).signed])
     view = a.snapshot()
     x.adopt(view)
     y.adopt(view)
@@ -832,7 +841,7 @@ def test_adopt_refuses_a_view_that_does_not_list_the_core_as_it_is():
 def test_state_with_altered_body_is_rejected_as_bad_signature():
     a, b = make_node(1), make_node(2)
     a.set_app(rec(), 0.0)
-    good = a.store.get(a.id).signed
+    good = held(a, a.id).signed
     other = OriginState(node="n1", cluster="east", region="r1", zone="z1", version=good.version)
     forged = SignedState(good.origin, good.version, other.encode(), good.signature, good.cert)
     drain_events(b)
@@ -845,6 +854,7 @@ def test_state_with_altered_body_is_rejected_as_bad_signature():
 def test_state_signed_by_another_nodes_key_is_rejected_as_node_mismatch():
     b = make_node(2)
     n9 = signer("n9").node_cert
+    assert isinstance(n9.key, ed25519.Ed25519PrivateKey)
     body = OriginState(node="n1", cluster="east", region="r1", zone="z1", version=5).encode()
     forged = SignedState("east/n1", 5, body, n9.key.sign(body), n9.cert_der)
     b.receive(Gossip("east/n9", states=(forged,)), 1.0, peer="east/n9")

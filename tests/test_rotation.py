@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -486,7 +487,7 @@ def serial_in(path: Path) -> int:
 
 
 @pytest.fixture
-def lone(tmp_path: Path) -> tuple[AgentProc, Certs]:
+def lone(tmp_path: Path) -> Iterator[tuple[AgentProc, Certs]]:
     certs = Certs(tmp_path / "pki")
     agent = AgentProc(tmp_path, certs, "n0").start()
     yield agent, certs

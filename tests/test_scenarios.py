@@ -6,6 +6,7 @@ stated derivation; measured figures are printed by ``python -m meshd.testing``.
 """
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshd.protocol.bounds import detection_bound, repair_bound, spread_bound
 from meshd.protocol.config import Config
@@ -200,7 +201,9 @@ def test_relay_that_alters_a_record_is_rejected():
     assert converged_join(c) is not None
     c.register(1, "orders", "orders-1", port=3500)
     c.run_for(5)
-    genuine = c.core(0).store.get(c.nodes[1].id).signed
+    held = c.core(0).store.get(c.nodes[1].id)
+    assert held is not None
+    genuine = held.signed
     state = OriginState.decode(genuine.body)
     forged_rec = state.apps[0].__class__(**{**_fields(state.apps[0]), "port": 6666})
     forged_state = OriginState(
@@ -228,6 +231,7 @@ def test_node_signing_a_record_for_another_cluster_is_rejected():
     assert converged_join(c) is not None
     liar = c.nodes[6]
     key = liar.signer.node_cert.key
+    assert isinstance(key, ed25519.Ed25519PrivateKey)
     claim = OriginState(node=liar.name, cluster="west", region="r1", zone="z1", version=1)
     body = claim.encode()
     signed = SignedState(claim.origin, 1, body, key.sign(body), liar.signer.node_cert.cert_der)

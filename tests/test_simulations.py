@@ -470,6 +470,7 @@ def test_plots_are_written(tmp_path):
     doc = {**_SMALL, "faults": [{"at_s": 2.0, "kind": "crash"}], "duration_s": 40.0}
     r = Simulation(parse_scenario(doc)).run()
     made = plot_run(r, tmp_path)
+    assert made is not None
     assert {p.name for p in made} >= {"convergence.png", "detection_cdf.png", "bandwidth.png"}
     assert all(p.stat().st_size > 1000 for p in made)
     assert not math.isnan(r["convergence_s"]["p50"])

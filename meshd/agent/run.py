@@ -23,6 +23,7 @@ import socket
 import ssl
 import sys
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -199,7 +200,8 @@ def _fmt(host: str, port: int) -> str:
 
 async def _serve(cfg: AgentConfig) -> int:
     loop = asyncio.get_running_loop()
-    cleanup: list = []
+    # Undo steps, sync or async (a coroutine result is awaited), run in reverse on failure.
+    cleanup: list[Callable[[], object]] = []
     try:
         if cfg.state_dir is None:
             state_dir = Path(tempfile.mkdtemp(prefix="meshd-dev-"))

@@ -269,6 +269,6 @@ def parse_health(body: Any) -> str:
         if key != "status":
             raise _bad(f"unknown field {_shown(key)} in health report")
     status = body.get("status")
-    if status not in HEALTH:
+    if not isinstance(status, str) or status not in HEALTH:
         raise _bad(f"status must be one of {', '.join(HEALTH)}")
     return status
