@@ -1,8 +1,11 @@
-"""The README's harness figures come from ``scripts/readme_figures.py`` and stay current."""
+"""The README stays current: its harness figures come from ``scripts/readme_figures.py``,
+its documentation list names every file in docs/, and no link in the docs leads
+outside the repository or to a heading that does not exist."""
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +128,44 @@ def test_readme_figures_are_current() -> None:
         f"README.md's harness figures are stale; regenerate them with"
         f" `python3 scripts/readme_figures.py`.\n{done.stderr}"
     )
+
+
+# ---------------------------------------------------------------------------
+# The documentation list and the links between documents.
+
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchors(path: Path) -> set[str]:
+    """The heading anchors GitHub makes for ``path``: lower case, punctuation
+    dropped, spaces made hyphens."""
+    out = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"#{1,6}\s+(.*)", line)
+        if m:
+            text = m.group(1).strip().lower()
+            out.add(re.sub(r"[^a-z0-9 _-]", "", text).replace(" ", "-"))
+    return out
+
+
+def test_the_readme_lists_every_document() -> None:
+    readme = rf.README.read_text(encoding="utf-8")
+    missing = [d.name for d in DOCS if f"(docs/{d.name})" not in readme]
+    assert DOCS and not missing, f"README.md's Documentation list lacks {missing}"
+
+
+@pytest.mark.parametrize("doc", [rf.README, *DOCS], ids=lambda p: p.name)
+def test_links_stay_inside_the_repository_and_find_their_heading(doc: Path) -> None:
+    text = doc.read_text(encoding="utf-8")
+    bad = []
+    for target in _LINK.findall(text):
+        if re.match(r"[a-z]+:", target):
+            continue  # a web address, not a file
+        file_part, _, anchor = target.partition("#")
+        dest = (doc.parent / file_part).resolve() if file_part else doc
+        if not dest.is_relative_to(ROOT) or not dest.exists():
+            bad.append(f"{target}: no such file in the repository")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            bad.append(f"{target}: no such heading")
+    assert not bad, f"{doc.name}: " + "; ".join(bad)
