@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
+from typing import Protocol, cast
 
 from meshd.identity import CA, StateSigner, StateVerifier, create_ca, issue_node_cert
 from meshd.policy.locality import Topology
@@ -100,6 +100,8 @@ class FakeNetwork:
 
 
 _DELIVER, _TIMER = 0, 1
+#: A delivery event's payload: (pool, sending node, message or frame, wire bytes).
+_Delivery = tuple[str, int, object, int]
 
 
 def uniform_latency(lo: float, hi: float) -> Latency:
@@ -554,7 +556,7 @@ class Cluster:
             if t > self.now:
                 self.now = t
             if kind == _DELIVER:
-                pool, src, data, size = payload  # type: ignore[misc]
+                pool, src, data, size = cast(_Delivery, payload)
                 deliver(index, pool, src, data, size)
                 continue
             hn = nodes[index]

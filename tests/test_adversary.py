@@ -393,3 +393,19 @@ def test_a_claim_for_the_other_pool_does_not_move_a_member() -> None:
     m = c.core(0).members[victim.id]
     assert m.incarnation < 99 and m.address == victim.address
     assert c.core(0).counters["rejected-claim:wrong-pool"] == 1
+
+
+def test_an_unasked_sync_reply_draws_nothing() -> None:
+    """A reply to a sync we never opened, with an empty digest, would have us
+    send every state we hold: it is merged like gossip and answered with nothing."""
+    c, rogue = build("same-cluster")
+    me = c.core(0)
+    # The rogue is a member (its own claim is genuine): we know its address.
+    own = rogue.signer.sign_claim(MemberClaim(Status.ALIVE, rogue.id, 1, "127.0.0.1:1"))
+    hello = MemberUpdate(Status.ALIVE, rogue.id, 1, "127.0.0.1:1", by=rogue.id, claim=own)
+    me.receive(Gossip(rogue.id, members=(hello,)), c.now, peer=rogue.id)
+    me.messages_to_send()
+    assert rogue.id in me.members
+    me.receive(PushPullReply(rogue.id, digest={}, view=1), c.now, peer=rogue.id)
+    assert me.messages_to_send() == []
+    assert me.counters["rejected-state:unsolicited"] == 1

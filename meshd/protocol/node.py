@@ -1449,6 +1449,11 @@ class Node:
         if addr is None:
             return
         offered = self._open_syncs.pop(addr, None)
+        if offered is None:
+            # We asked nothing: what it carried was merged (verified) like any
+            # gossip, but an unasked reply draws no O(n) answer from us.
+            self.counters["rejected-state:unsolicited"] += 1
+            return
         self._offer_revocations(addr, msg.revocations)
         if offered in (_SYNC_DIGEST, _SYNC_SHORT) and msg.members and msg.view != self.view:
             # It sent its list because views differed; ours may hold what it
