@@ -935,3 +935,11 @@ def test_same_seed_same_observations():
     assert {type(e) for _, _, e in first} == {MemberChanged, OriginChanged}
     assert any(isinstance(e, MemberChanged) and e.status is Status.DEAD for _, _, e in first)
     assert first == second
+
+
+def test_every_message_type_has_its_handler():
+    """Adding a message type means adding its line to the dispatch table."""
+    from meshd.protocol.node import _HANDLERS
+    from meshd.wire import MESSAGE_CLASSES
+
+    assert set(_HANDLERS) == set(MESSAGE_CLASSES.values())

@@ -439,21 +439,9 @@ class Node:
         if self._bad >= MAX_BAD_PER_MESSAGE:
             self.counters["rejected-state:flood"] += 1
 
-        if isinstance(msg, Ping):
-            self._on_ping(msg, now)
-        elif isinstance(msg, Ack):
-            self._on_ack(msg, now)
-        elif isinstance(msg, Nack):
-            if self._probe is not None and self._probe.seq == msg.seq and self._probe.indirect:
-                self._probe.nacks += 1
-        elif isinstance(msg, IndirectPing):
-            self._on_indirect_ping(msg, now)
-        elif isinstance(msg, PushPull):
-            self._on_push_pull(msg, now)
-        elif isinstance(msg, PushPullReply):
-            self._on_push_pull_reply(msg, now)
-        elif isinstance(msg, Revocations):
-            self._on_revocations(msg, now)
+        handler = _HANDLERS.get(type(msg))
+        if handler is not None:
+            handler(self, msg, now)
 
     # -- commands ---------------------------------------------------------
 
@@ -1095,6 +1083,10 @@ class Node:
         # before the first suspicion reaches them could confirm it.
         self._apply(m.update_for(Status.SUSPECT, self.id), now)
 
+    def _on_nack(self, msg: Nack, now: float) -> None:
+        if self._probe is not None and self._probe.seq == msg.seq and self._probe.indirect:
+            self._probe.nacks += 1
+
     def _on_ping(self, msg: Ping, now: float) -> None:
         if msg.target != self.id:
             self.counters["misdirected"] += 1
@@ -1533,6 +1525,23 @@ class Node:
             for m in self._rng.sample(rest, need):
                 picked[m.node] = m
         return list(picked.values())
+
+
+_Handler = Callable[[Node, Any, float], None]
+
+#: What each message type does beyond the members and states it carries (which
+#: ``Node.receive`` merges for every type): one handler per type, the type
+#: checker sees each handler's argument.  A new message type adds its line here.
+_HANDLERS: dict[type[Message], _Handler] = {
+    Ping: Node._on_ping,
+    Ack: Node._on_ack,
+    Nack: Node._on_nack,
+    IndirectPing: Node._on_indirect_ping,
+    PushPull: Node._on_push_pull,
+    PushPullReply: Node._on_push_pull_reply,
+    Revocations: Node._on_revocations,
+    Gossip: lambda node, msg, now: None,  # members and states only
+}
 
 
 class _Sized(Protocol):
