@@ -18,8 +18,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meshd.protocol.bounds import detection_bound, epidemic_rounds, spread_bound
-from meshd.testing import cross_cluster_spread_bound, unreachable_bound
+from meshd.protocol.bounds import (
+    cross_cluster_spread_bound,
+    detection_bound,
+    epidemic_rounds,
+    spread_bound,
+    unreachable_bound,
+)
 from simulations.metrics import (
     FAILOVER_STATES,
     failover_times,
@@ -109,7 +114,7 @@ def build_results(sim: Simulation, wall_s: float, wall_build_s: float) -> dict[s
             "lost_at_s": loss_at,
             "failover_s": summary(fo),
             # Every asker's cluster holds the lost one unreachable within this
-            # (meshd.testing.unreachable_bound): WAN detection, then LAN spread.
+            # (meshd.protocol.bounds.unreachable_bound): WAN detection, then LAN spread.
             "failover_bound_s": _r(unreachable_bound(n_bridges, biggest, sc.lan, sc.wan), 4),
             "failed_over": len(fo),
             "stale_s": summary(stale_seconds(w, since, end)),

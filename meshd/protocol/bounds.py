@@ -63,3 +63,137 @@ def detection_bound(n: int, cfg: Config) -> float:
     lo = suspicion_min(cfg.suspicion_mult, n, cfg.probe_interval)
     hi = suspicion_max(lo, cfg.suspicion_max_timeout_mult) if cfg.lifeguard else lo
     return 2 * cfg.probe_interval + hi + spread_bound(n, cfg)
+
+
+# ----------------------------------------------------------------------
+# Several clusters: bounds over the LAN pools and the WAN pool of bridges.
+
+
+def cross_cluster_spread_bound(
+    n_origin: int, n_bridges: int, n_asker: int, config: Config, wan_config: Config
+) -> float:
+    """Seconds within which a new document of cluster A reaches every node of cluster B.
+
+    Three epidemics in a row, each ``bounds.spread_bound`` of its pool:
+
+    1. A's LAN pool (``n_origin`` nodes, ``config``): every node of A, so every
+       bridge of A, holds the document.  A bridge hands what its LAN core
+       learns to its WAN core in the same pass of the driver (``Bridge.on_event``).
+    2. The WAN pool (``n_bridges``, all bridges of the mesh, ``wan_config``):
+       every bridge holds it, those of B included, and each injects it into
+       its LAN core on receipt (when the document's scope admits B).
+    3. B's LAN pool (``n_asker`` nodes, ``config``).
+
+    Message latency is absorbed by the margin of each spread bound as long
+    as a hop takes well under a gossip interval (the harness: 2 ms at most).
+    """
+    return (
+        spread_bound(n_origin, config)
+        + spread_bound(n_bridges, wan_config)
+        + spread_bound(n_asker, config)
+    )
+
+
+def cross_cluster_bound(
+    n_victim: int, n_bridges: int, n_asker: int, config: Config, wan_config: Config
+) -> float:
+    """Seconds within which a crashed (non-bridge) node of cluster A stops being
+    served to every node of cluster B.
+
+    ``bounds.detection_bound(n_victim, config)`` + ``spread_bound(n_bridges,
+    wan_config)`` + ``spread_bound(n_asker, config)``:
+
+    1. Detection in A's LAN pool: every node of A, its bridges included,
+       holds the victim dead within ``detection_bound`` (first probe, the
+       Lifeguard suspicion ceiling, spread of the death notice).
+    2. On that ``MemberChanged`` a bridge of A restates at once: its main
+       document, re-signed with the victim in ``down``, goes into its WAN core
+       in the same pass, and spreads in the WAN pool within ``spread_bound``
+       of the WAN pool.
+    3. A bridge of B injects it into B's LAN pool on receipt; it spreads there
+       within ``spread_bound`` of B's pool.  A lookup on a node of B that holds
+       it drops the victim's endpoints at once (``Reach.down``), so the next
+       copy in policy order becomes the first active one.
+
+    Not a bound for a crashed bridge: its death is seen through the WAN pool
+    (see :func:`unreachable_bound`).  Inside A the bound is ``detection_bound``
+    alone, as for any crash.
+    """
+    return (
+        detection_bound(n_victim, config)
+        + spread_bound(n_bridges, wan_config)
+        + spread_bound(n_asker, config)
+    )
+
+
+def unreachable_bound(n_bridges: int, n_asker: int, config: Config, wan_config: Config) -> float:
+    """Seconds within which every node of cluster B marks a lost cluster A unreachable.
+
+    A is lost when none of its bridges answers in the WAN pool (crashed, or
+    cut off).  ``detection_bound(n_bridges, wan_config)``: every bridge of B
+    holds every bridge of A dead; on each such ``MemberChanged`` of its WAN
+    core a bridge restates its main document with A in ``unreachable``; then
+    ``spread_bound(n_asker, config)`` in B's LAN pool.  A node of B holds A
+    unreachable once every live bridge of B says so, and the last of them says
+    so within the detection bound.  Symmetrically, nodes of a cut-off A mark
+    every other cluster unreachable within the same bound (A's bridges hold
+    every other bridge dead).  If A's only bridge crashed, A's own nodes mark
+    the others unreachable once they hold that bridge dead: within
+    ``detection_bound(n_A, config)``.
+    """
+    return detection_bound(n_bridges, wan_config) + spread_bound(n_asker, config)
+
+
+def cut_off_side_bound(n_bridges: int, n_lan: int, config: Config, wan_config: Config) -> float:
+    """Seconds within which the nodes of a cut-off cluster mark every other cluster unreachable.
+
+    Not :func:`unreachable_bound`: ``detection_bound`` assumes most of the pool
+    is alive and probes the lost member, so one of them does within about two
+    probe intervals.  A cut-off bridge is on the minority side: it (and the
+    other bridges of its cluster, cut off with it) must probe every outside
+    bridge itself.  Its indirect probes go to outside helpers that never
+    answer, and each missing nack raises its Lifeguard local-health score
+    (as it should: it cannot tell a cut link from its own sickness) until its
+    probe interval is stretched ``awareness_max_multiplier`` times.  So:
+
+    - two round-robin cycles of ``n_bridges - 1`` probes at the stretched
+      interval (a member probed just before the cut waits for the next cycle);
+    - the suspicion ceiling (no confirmation comes from outside);
+    - the death notices spread in the WAN pool (among the cut-off bridges)
+      and the bridge's restated main document in its LAN pool.
+    """
+    cfg = wan_config
+    stretch = cfg.awareness_max_multiplier if cfg.lifeguard else 1
+    lo = suspicion_min(cfg.suspicion_mult, n_bridges, cfg.probe_interval)
+    hi = suspicion_max(lo, cfg.suspicion_max_timeout_mult) if cfg.lifeguard else lo
+    cycles = 2 * max(n_bridges - 1, 1) * cfg.probe_interval * stretch
+    return cycles + hi + spread_bound(n_bridges, cfg) + spread_bound(n_lan, config)
+
+
+def cross_cluster_repair_bound(
+    n_origin: int, n_bridges: int, n_asker: int, config: Config, wan_config: Config
+) -> float:
+    """Like :func:`cross_cluster_spread_bound`, but for a document that gossip
+    missed (published while its way out was cut): each of the three hops is
+    ``bounds.repair_bound`` (the next digest sync, then an epidemic)."""
+    return (
+        repair_bound(n_origin, config)
+        + repair_bound(n_bridges, wan_config)
+        + repair_bound(n_asker, config)
+    )
+
+
+def heal_bound(
+    n_origin: int, n_bridges: int, n_asker: int, config: Config, wan_config: Config
+) -> float:
+    """Seconds after a cut-off cluster's links heal until the mesh converges again.
+
+    Both sides hold the other's bridges dead and never probe them, so the
+    first contact is a reconnect attempt (every ``reconnect_interval`` of the
+    WAN config, the first after up to 1.5 of it, so two intervals), after
+    which member claims and missed documents flow by anti-entropy:
+    :func:`cross_cluster_repair_bound`.
+    """
+    return 2 * wan_config.reconnect_interval + cross_cluster_repair_bound(
+        n_origin, n_bridges, n_asker, config, wan_config
+    )

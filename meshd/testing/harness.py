@@ -1,0 +1,647 @@
+"""An in-memory cluster harness: many protocol cores, one fake network, virtual time.
+
+Everything here is deterministic from a seed: the network's latency and loss
+draw from one ``random.Random``, every core gets its own seeded generator, and
+time is a float that only the harness advances.  A 64-node cluster runs
+minutes of protocol time in seconds of wall time, so tests can assert on what
+each node observes without sleeping.
+
+The network models per-message latency (uniform between two bounds, or any
+callable), independent loss, one-way and two-way partitions, crashed nodes
+(messages to them vanish), and paused nodes (a stopped process: its timers do
+not fire and messages to it wait in a queue until it resumes, as they would in
+a TCP receive buffer).
+
+By default every message is encoded to wire bytes and decoded again on
+delivery, so the harness exercises the real codec and counts real sizes.
+
+The network is an interface (:class:`Network`: ``transit(src, dst, now)``
+gives a delay or None for a lost message); :class:`FakeNetwork` is the
+default above.  The simulator passes its own model and a sizer instead of
+overriding anything here.
+
+Run ``python -m meshd.testing --nodes 64`` for the figures of the standard
+scenarios (join, spread, detection, false deaths under loss).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Protocol, cast
+
+from meshd.identity import CA, StateSigner, StateVerifier, create_ca, issue_node_cert
+from meshd.policy.locality import Topology
+from meshd.policy.policy import AppPolicy
+from meshd.policy.resolve import Answer, resolve
+from meshd.protocol.bridge import LAN, WAN, Bridge
+from meshd.protocol.config import Config
+from meshd.protocol.events import Event
+from meshd.protocol.host import Host
+from meshd.protocol.node import Node
+from meshd.protocol.reach import compute_reach
+from meshd.wire import (
+    AppRecord,
+    Message,
+    Rejection,
+    Status,
+    decode_message,
+    encode_frame,
+    member_id,
+)
+
+Latency = Callable[[int, int, random.Random], float]
+
+
+class Network(Protocol):
+    """Where messages between harness nodes go: the harness asks once per message."""
+
+    def transit(self, src: int, dst: int, now: float) -> float | None:
+        """Seconds until a message sent by node ``src`` at ``now`` reaches ``dst``;
+        None when it is lost."""
+        ...
+
+
+class FakeNetwork:
+    """The harness's own network: a latency draw, independent loss, blocked links.
+
+    Every draw comes from the one generator given, in a fixed order (loss,
+    then latency), so a run is the same for the same seed.
+    """
+
+    def __init__(
+        self, rng: random.Random, latency: Latency, loss: float, blocked: set[tuple[int, int]]
+    ) -> None:
+        self.rng = rng
+        self.latency = latency
+        self.loss = loss
+        #: (src, dst) links that drop everything (the harness's partitions).
+        self.blocked = blocked
+
+    def transit(self, src: int, dst: int, now: float) -> float | None:
+        if (src, dst) in self.blocked:
+            return None
+        if self.loss and self.rng.random() < self.loss:
+            return None
+        return self.latency(src, dst, self.rng)
+
+
+_DELIVER, _TIMER = 0, 1
+#: A delivery event's payload: (pool, sending node, message or frame, wire bytes).
+_Delivery = tuple[str, int, object, int]
+
+
+def uniform_latency(lo: float, hi: float) -> Latency:
+    def draw(src: int, dst: int, rng: random.Random) -> float:
+        return rng.uniform(lo, hi)
+
+    return draw
+
+
+@dataclass
+class HarnessNode:
+    """One slot of the harness: the identity outlives the cores across restarts.
+
+    Every node has a :class:`Host`: a LAN core, and on a bridge a WAN core
+    and the bridge that couples them, exactly as the agent runs them.
+    """
+
+    index: int
+    name: str
+    cluster: str
+    address: str
+    region: str
+    zone: str
+    signer: StateSigner
+    is_bridge: bool = False
+    wan_address: str = ""
+    gateway: str = ""
+    host: Host | None = None
+    crashed: bool = False
+    paused: bool = False
+    inbox: list[tuple[str, int, Message]] = field(default_factory=list)
+    timer_gen: int = 0
+    #: When the live timer event (the one of ``timer_gen``) fires; None when
+    #: there is none.  A flush that finds the same deadline pushes nothing.
+    timer_at: float | None = None
+    sent_msgs: Counter[str] = field(default_factory=Counter)
+    sent_bytes: Counter[str] = field(default_factory=Counter)
+
+    @cached_property
+    def id(self) -> str:
+        # Cached: every delivery names its sender; a node's name never changes.
+        return member_id(self.cluster, self.name)
+
+    @property
+    def core(self) -> Node | None:
+        return self.host.lan if self.host is not None else None
+
+    @property
+    def cores(self) -> dict[str, Node]:
+        """pool -> core; empty before the node first starts."""
+        return self.host.cores if self.host is not None else {}
+
+    @property
+    def bridge(self) -> Bridge | None:
+        return self.host.bridge if self.host is not None else None
+
+
+class Cluster:
+    """N cores over a fake network, driven by a virtual clock.
+
+    ``observers`` are called as ``observer(index, event, now)`` for every
+    event any LAN core emits; scenario tests use them to time spreads and
+    deaths.  Several clusters live in one harness: add nodes with another
+    ``cluster`` and ``bridge=True`` for the ones in the WAN pool.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        seed: int = 0,
+        config: Config | None = None,
+        wan_config: Config | None = None,
+        cluster: str = "east",
+        latency: Latency | None = None,
+        loss: float = 0.0,
+        encode: bool = True,
+        join: bool = True,
+        ca: CA | None = None,
+        network: Network | None = None,
+        sizer: Callable[[Message], int] | None = None,
+    ) -> None:
+        """``network`` replaces the fake one (``latency``, ``loss`` and the
+        partition methods then do nothing); ``sizer`` counts the bytes of a
+        message that is not encoded (``encode=False``)."""
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.config = config or Config.lan()
+        self.wan_config = wan_config or Config.wan()
+        self.encode = encode
+        self.sizer = sizer
+        self.now = 0.0
+        self.ca = ca or create_ca("mesh.local")
+        self.verifier = StateVerifier(self.ca.cert, self.ca.trust_domain)
+        self.nodes: list[HarnessNode] = []
+        self._by_addr: dict[str, tuple[int, str]] = {}
+        self._heap: list[tuple[float, int, int, int, object]] = []
+        self._tie = 0
+        self.blocked: set[tuple[int, int]] = set()
+        #: The fake network's settings stay live: ``c.loss = 0.1`` takes effect
+        #: at once (they do nothing when another ``network`` was given).
+        self.fake = FakeNetwork(
+            self.rng, latency or uniform_latency(0.0005, 0.002), loss, self.blocked
+        )
+        self.network: Network = network or self.fake
+        #: Per node: messages and bytes delivered to it (sent ones: HarnessNode.sent_*).
+        self.received_msgs: list[int] = []
+        self.received_bytes: list[int] = []
+        self.observers: list[Callable[[int, Event, float], None]] = []
+        self.rejected: Counter[str] = Counter()
+        self.delivered = 0
+        self.dropped = 0
+        for _ in range(n):
+            self.add_node(cluster=cluster, start=False)
+        for hn in self.nodes:
+            self._start(hn)
+        if join and n > 1:
+            seed_addr = self.nodes[0].address
+            for hn in self.nodes[1:]:
+                assert hn.core is not None
+                hn.core.join([seed_addr], self.now)
+                self._settle(hn)
+
+    # ------------------------------------------------------------------
+    # Building
+
+    def add_node(
+        self,
+        *,
+        cluster: str = "east",
+        name: str | None = None,
+        region: str = "r1",
+        zone: str = "z1",
+        start: bool = True,
+        join: bool = True,
+        bridge: bool = False,
+        gateway: str = "",
+        seed: int | None = None,
+        wan_seed: int | None = None,
+    ) -> HarnessNode:
+        """Add a node; ``seed``/``wan_seed`` name the nodes it joins through."""
+        i = len(self.nodes)
+        name = name or f"n{i}"
+        address = f"127.0.0.1:{20000 + i}"
+        cert = issue_node_cert(self.ca, name, cluster, bridge=bridge)
+        hn = HarnessNode(i, name, cluster, address, region, zone, StateSigner(cert))
+        hn.gateway = gateway
+        self.received_msgs.append(0)
+        self.received_bytes.append(0)
+        self._by_addr[address] = (i, LAN)
+        if bridge:
+            hn.is_bridge = True
+            hn.wan_address = f"127.0.0.1:{40000 + i}"
+            self._by_addr[hn.wan_address] = (i, WAN)
+        self.nodes.append(hn)
+        if start:
+            self._start(hn)
+            if join and i > 0:
+                lan_seed = seed if seed is not None else self._first_of(cluster, exclude=i)
+                if lan_seed is not None:
+                    self.join(i, lan_seed)
+                if bridge:
+                    ws = wan_seed if wan_seed is not None else self._first_bridge(exclude=i)
+                    if ws is not None:
+                        self.join_wan(i, ws)
+        return hn
+
+    def _first_of(self, cluster: str, exclude: int) -> int | None:
+        return next(
+            (h.index for h in self.nodes if h.cluster == cluster and h.index != exclude), None
+        )
+
+    def _first_bridge(self, exclude: int) -> int | None:
+        return next((h.index for h in self.nodes if h.is_bridge and h.index != exclude), None)
+
+    def _start(
+        self,
+        hn: HarnessNode,
+        incarnation: int = 0,
+        version: int = 0,
+        apps: Iterable[AppRecord] = (),
+        wan_incarnation: int = 0,
+    ) -> None:
+        def make(pool: str, config: Config, address: str, inc: int) -> Node:
+            return Node(
+                config=config,
+                node=hn.name,
+                cluster=hn.cluster,
+                region=hn.region,
+                zone=hn.zone,
+                address=address,
+                signer=hn.signer,
+                verifier=self.verifier,
+                rng=random.Random(f"{self.seed}/{hn.index}/{pool}/{inc}"),
+                now=self.now,
+                incarnation=inc,
+                version=version,
+                apps=apps if pool == LAN else (),
+                publisher=pool == LAN,
+                gateway=hn.gateway,
+            )
+
+        lan = make(LAN, self.config, hn.address, incarnation)
+        wan = make(WAN, self.wan_config, hn.wan_address, wan_incarnation) if hn.is_bridge else None
+        hn.host = Host(lan, self.now, wan=wan)
+        hn.crashed = False
+        self.node_started(hn)
+        self._flush(hn)
+
+    @property
+    def latency(self) -> Latency:
+        return self.fake.latency
+
+    @latency.setter
+    def latency(self, value: Latency) -> None:
+        self.fake.latency = value
+
+    @property
+    def loss(self) -> float:
+        return self.fake.loss
+
+    @loss.setter
+    def loss(self, value: float) -> None:
+        self.fake.loss = value
+
+    def start(self, i: int) -> None:
+        """Build node ``i``'s cores (it joins nobody: see :meth:`join`)."""
+        self._start(self.nodes[i])
+
+    def node_started(self, hn: HarnessNode) -> None:
+        """Called each time a node's cores are (re)built, before they run; for
+        drivers built on the harness to note what a new life starts with."""
+
+    def core(self, i: int) -> Node:
+        c = self.nodes[i].core
+        assert c is not None, f"node {i} has no core"
+        return c
+
+    def wan(self, i: int) -> Node:
+        return self.nodes[i].cores[WAN]
+
+    # ------------------------------------------------------------------
+    # Faults and commands
+
+    def join(self, i: int, seed: int) -> None:
+        self.core(i).join([self.nodes[seed].address], self.now)
+        self._settle(self.nodes[i])
+
+    def join_wan(self, i: int, seed: int) -> None:
+        self.wan(i).join([self.nodes[seed].wan_address], self.now)
+        self._settle(self.nodes[i])
+
+    def crash(self, i: int) -> None:
+        """Stop node ``i`` at once: no leave, no more messages, timers gone."""
+        hn = self.nodes[i]
+        hn.crashed = True
+        hn.inbox.clear()
+        hn.timer_gen += 1
+        hn.timer_at = None
+
+    def restart(self, i: int, seeds: Iterable[int] | None = None) -> None:
+        """Start new cores with the same identity and persisted counters and apps."""
+        hn = self.nodes[i]
+        old = hn.core
+        assert old is not None
+        old_wan = hn.cores.get(WAN)
+        last_peers = [m.address for m in old.member_list() if m.node != old.id and m.serving]
+        if seeds is not None:
+            last_peers = [self.nodes[s].address for s in seeds]
+        self._start(
+            hn,
+            incarnation=old.incarnation,
+            version=old.version,
+            apps=old.apps.values(),
+            wan_incarnation=old_wan.incarnation if old_wan is not None else 0,
+        )
+        self.core(i).join(last_peers, self.now)
+        if old_wan is not None:
+            wan_peers = [m.address for m in old_wan.member_list() if m.node != old.id and m.serving]
+            self.wan(i).join(wan_peers, self.now)
+        self._settle(hn)
+
+    def leave(self, i: int) -> None:
+        hn = self.nodes[i]
+        assert hn.host is not None
+        hn.host.leave(self.now)
+        self._flush(hn)
+
+    def pause(self, i: int) -> None:
+        self.nodes[i].paused = True
+        self.nodes[i].timer_gen += 1
+        self.nodes[i].timer_at = None
+
+    def resume(self, i: int) -> None:
+        hn = self.nodes[i]
+        hn.paused = False
+        inbox, hn.inbox = hn.inbox, []
+        assert hn.host is not None
+        for pool, src, msg in inbox:
+            hn.host.receive(pool, msg, self.now, peer=self.nodes[src].id)
+        hn.host.handle_timer(self.now)
+        self._flush(hn)
+
+    def partition(self, a: Iterable[int], b: Iterable[int], one_way: bool = False) -> None:
+        """Drop messages from ``a`` to ``b`` (and back unless ``one_way``)."""
+        a, b = list(a), list(b)
+        for x in a:
+            for y in b:
+                self.blocked.add((x, y))
+                if not one_way:
+                    self.blocked.add((y, x))
+
+    def isolate_cluster(self, cluster: str) -> None:
+        """Cut every link between ``cluster`` and the rest (a lost cluster)."""
+        inside = [h.index for h in self.nodes if h.cluster == cluster]
+        outside = [h.index for h in self.nodes if h.cluster != cluster]
+        self.partition(inside, outside)
+
+    def heal(self) -> None:
+        self.blocked.clear()
+
+    def flush(self, i: int) -> None:
+        """After a direct call into node ``i``'s cores: send what they made."""
+        self._settle(self.nodes[i])
+
+    def register(self, i: int, app: str, instance: str, port: int = 8080, **kw: object) -> int:
+        rec = AppRecord(app=app, instance=instance, address="127.0.0.1", port=port, **kw)  # type: ignore[arg-type]
+        version = self.core(i).set_app(rec, self.now)
+        self._settle(self.nodes[i])
+        return version
+
+    def inject(
+        self, dst: int, msg: Message, src: int | None = None, as_peer: str | None = None
+    ) -> None:
+        """Deliver a hand-made message to ``dst`` now (for adversarial tests), as
+        from node ``src`` or from any certificate holder ``as_peer``."""
+        peer = self.nodes[src].id if src is not None else as_peer
+        hn = self.nodes[dst]
+        assert hn.host is not None
+        hn.host.receive(LAN, msg, self.now, peer=peer)
+        self._flush(hn)
+
+    # ------------------------------------------------------------------
+    # The event loop
+
+    def _push(self, t: float, kind: int, index: int, payload: object) -> None:
+        self._tie += 1
+        heapq.heappush(self._heap, (t, self._tie, kind, index, payload))
+
+    # The hot path: every event goes through _run, most through _flush, every
+    # message through _transmit and _deliver.  They keep what they use in
+    # locals and call nothing they need not (a big simulation runs millions
+    # of events); what they do is what step's docstring says, in that order.
+
+    def _settle(self, hn: HarnessNode) -> None:
+        """After a direct call into one of ``hn``'s cores: collect, then flush."""
+        if hn.host is not None and not hn.crashed:
+            hn.host.settle(self.now)
+        self._flush(hn)
+
+    def _flush(self, hn: HarnessNode) -> None:
+        """Send what ``hn``'s host made, show observers its LAN events, re-arm its timer."""
+        host = hn.host
+        if host is None or hn.crashed:
+            return
+        transmit = self._transmit
+        for pool, addr, msg in host.messages_to_send():
+            transmit(hn, pool, addr, msg)
+        observers = self.observers
+        if observers:
+            index = hn.index
+            for pool, event in host.events():
+                if pool == LAN:
+                    for obs in observers:
+                        obs(index, event, self.now)
+        else:
+            host.drop_events()
+        if not hn.paused:
+            t = host.get_timer()
+            now = self.now
+            if t < now:
+                t = now
+            if t == hn.timer_at:
+                return  # the live timer event already fires then
+            hn.timer_gen += 1
+            hn.timer_at = t
+            self._tie += 1
+            heapq.heappush(self._heap, (t, self._tie, _TIMER, hn.index, hn.timer_gen))
+
+    def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message) -> None:
+        kind = type(msg).__name__
+        payload: object = msg
+        if self.encode:
+            frame = encode_frame(msg)
+            size = len(frame)
+            payload = frame
+        else:
+            size = self.sizer(msg) if self.sizer is not None else 0
+        hn.sent_msgs[kind] += 1
+        if size:
+            hn.sent_bytes[kind] += size
+        dst = self._by_addr.get(addr)
+        if dst is None:
+            self.dropped += 1
+            return
+        now = self.now
+        delay = self.network.transit(hn.index, dst[0], now)
+        if delay is None:
+            self.dropped += 1
+            return
+        self._tie += 1
+        heapq.heappush(
+            self._heap,
+            (now + delay, self._tie, _DELIVER, dst[0], (dst[1], hn.index, payload, size)),
+        )
+
+    def _deliver(self, dst: int, pool: str, src: int, payload: object, size: int) -> None:
+        hn = self.nodes[dst]
+        host = hn.host
+        if hn.crashed or host is None or pool not in host.cores:
+            self.dropped += 1
+            return
+        self.received_msgs[dst] += 1
+        self.received_bytes[dst] += size
+        if isinstance(payload, bytes):
+            decoded = decode_message(payload[4:])
+            if isinstance(decoded, Rejection):
+                self.rejected[decoded.reason] += 1
+                return
+            msg = decoded
+        else:
+            msg = payload  # type: ignore[assignment]
+        if hn.paused:
+            hn.inbox.append((pool, src, msg))
+            return
+        self.delivered += 1
+        host.receive(pool, msg, self.now, peer=self.nodes[src].id)
+        self._flush(hn)
+
+    def _run(self, until: float, limit: int = -1) -> int:
+        """Process the events due by ``until``, at most ``limit`` of them (-1: no
+        limit); how many it processed.  One event is as :meth:`step` says."""
+        heap = self._heap
+        nodes = self.nodes
+        deliver = self._deliver
+        flush = self._flush
+        pop = heapq.heappop
+        n = 0
+        while heap and heap[0][0] <= until and n != limit:
+            t, _, kind, index, payload = pop(heap)
+            n += 1
+            if t > self.now:
+                self.now = t
+            if kind == _DELIVER:
+                pool, src, data, size = cast(_Delivery, payload)
+                deliver(index, pool, src, data, size)
+                continue
+            hn = nodes[index]
+            host = hn.host
+            if payload != hn.timer_gen or hn.crashed or hn.paused or host is None:
+                continue
+            hn.timer_at = None  # consumed: the flush below sets the next one
+            host.handle_timer(self.now)
+            flush(hn)
+        return n
+
+    def step(self) -> bool:
+        """Process one event; False when nothing is scheduled.
+
+        The next event in time order (ties in the order they were scheduled)
+        moves the clock to its time.  A delivery goes to :meth:`_deliver`.  A
+        node's timer is live only if it is the last one :meth:`_flush` set
+        (``timer_gen``) and the node runs: then its host handles its timers
+        (every core whose deadline has come, a due bridge refresh), and the
+        node is flushed.
+        """
+        return self._run(math.inf, 1) == 1
+
+    def run_until(self, t: float) -> int:
+        """Advance to virtual time ``t``; how many events that took."""
+        n = self._run(t)
+        self.now = max(self.now, t)
+        return n
+
+    def run_for(self, dt: float) -> None:
+        self.run_until(self.now + dt)
+
+    def run_until_true(
+        self, predicate: Callable[[], bool], timeout: float, check_every: float = 0.05
+    ) -> float | None:
+        """Advance until ``predicate()`` holds; the virtual time it took, or None.
+
+        Bounded by ``timeout`` virtual seconds, so a broken protocol fails a
+        test instead of hanging it.
+        """
+        start = self.now
+        deadline = start + timeout
+        while True:
+            if predicate():
+                return self.now - start
+            if self.now >= deadline:
+                return None
+            self.run_until(min(self.now + check_every, deadline))
+
+    # ------------------------------------------------------------------
+    # Observations
+
+    def running(self) -> list[int]:
+        return [hn.index for hn in self.nodes if not hn.crashed and hn.core is not None]
+
+    def status_of(self, observer: int, subject: int) -> Status | None:
+        m = self.core(observer).members.get(self.nodes[subject].id)
+        return m.status if m is not None else None
+
+    def all_see(self, subject: int, status: Status, observers: Iterable[int] | None = None) -> bool:
+        obs = self.running() if observers is None else observers
+        return all(self.status_of(o, subject) is status for o in obs if o != subject)
+
+    def alive_counts(self) -> list[int]:
+        return [
+            sum(1 for m in self.core(i).members.values() if m.status is Status.ALIVE)
+            for i in self.running()
+        ]
+
+    def resolve(
+        self,
+        observer: int,
+        app: str,
+        namespace: str = "default",
+        policy: AppPolicy | None = None,
+        include_unhealthy: bool = False,
+    ) -> list[Answer]:
+        """A lookup on node ``observer``, exactly as its agent would answer it."""
+        hn = self.nodes[observer]
+        core = self.core(observer)
+        asker = Topology(hn.name, hn.cluster, hn.region, hn.zone)
+        reach = compute_reach(hn.cluster, core.store.live())
+        return resolve(
+            asker,
+            core.store,
+            reach,
+            policy or AppPolicy(),
+            app,
+            namespace,
+            include_unhealthy=include_unhealthy,
+            trust_domain=self.ca.trust_domain,
+            node_rtt=core.estimated_rtt,
+        )
+
+    def serves(self, observer: int, app: str, instance: str) -> bool:
+        return any(rec.instance == instance for _, rec in self.core(observer).store.endpoints(app))
