@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -26,7 +25,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 
-from meshd.agent.interface import CheckSpec, ClusterInfo, Endpoint, MemberInfo, Registration
 from meshd.api.access import (
     MAX_BLOCKING_QUERIES,
     MISSING_TOKEN,
@@ -38,8 +36,8 @@ from meshd.api.access import (
 )
 from meshd.api.app import BLOCKING_KEY, create_app
 from meshd.metrics import Metrics
-from meshd.wire import AppRecord
 from tests.agents import AgentProc, Certs, meshd_cmd, run_meshd, wait_until
+from tests.fakes import FakeAgent
 
 TOKEN = "s3cr3t-Token+/="
 WRONG = "s3cr3t-Token+/-"  # same length, one character off
@@ -55,128 +53,13 @@ def no_token_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---------------------------------------------------------------------------
-# A fake agent: state that a GET can read back, and a log of mutating calls.
-
-
-class FakeAgent:
-    node_name = "n7"
-    cluster = "east"
-    storage_error: str | None = None  # /v1/health reads it
-
-    def __init__(self) -> None:
-        self.metrics = Metrics()
-        self.registrations: dict[str, Registration] = {}
-        self.policy: dict[str, Any] = {"failover": []}
-        self.calls: list[str] = []
-        self._index = 1
-        self._changed = asyncio.Event()
-
-    @property
-    def index(self) -> int:
-        return self._index
-
-    @property
-    def generation(self) -> int:
-        return self._index
-
-    def bump(self) -> None:
-        self._index += 1
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def seed(self, instance: str = "web-1", health: str = "passing") -> None:
-        """A registration with a TTL check, put in place without an API call."""
-        record = AppRecord(app="web", instance=instance, address="192.0.2.3", port=80)
-        check = CheckSpec(kind="ttl", ttl=10.0)
-        self.registrations[instance] = Registration(replace(record, health=health), check)
-
-    async def register(self, reg: Registration) -> int:
-        self.calls.append(f"register {reg.record.instance}")
-        self.registrations[reg.record.instance] = reg
-        self.bump()
-        return self._index
-
-    async def deregister(self, instance: str) -> bool:
-        self.calls.append(f"deregister {instance}")
-        if self.registrations.pop(instance, None) is None:
-            return False
-        self.bump()
-        return True
-
-    async def set_health(self, instance: str, status: str) -> bool:
-        self.calls.append(f"health {instance} {status}")
-        reg = self.registrations.get(instance)
-        if reg is None:
-            return False
-        self.registrations[instance] = replace(reg, record=replace(reg.record, health=status))
-        self.bump()
-        return True
-
-    def local_registrations(self) -> list[Registration]:
-        return list(self.registrations.values())
-
-    def resolve(
-        self, app: str, namespace: str, policy: str | None, include_unhealthy: bool
-    ) -> tuple[int, list[Endpoint]]:
-        out = []
-        for reg in self.registrations.values():
-            r = reg.record
-            if r.app == app and r.namespace == namespace:
-                out.append(
-                    Endpoint(
-                        app=r.app,
-                        namespace=r.namespace,
-                        instance=r.instance,
-                        address=r.address,
-                        port=r.port,
-                        protocol=r.protocol,
-                        node=self.node_name,
-                        cluster=self.cluster,
-                        region="r",
-                        zone="z",
-                        health=r.health,
-                        weight=r.weight,
-                        meta=dict(r.meta),
-                        tier="node",
-                    )  # fmt: skip
-                )
-        return self._index, out
-
-    async def wait_for_index(self, index: int, timeout: float) -> int:
-        try:
-            async with asyncio.timeout(timeout):
-                while self._index <= index:
-                    await self._changed.wait()
-        except TimeoutError:
-            pass
-        return self._index
-
-    def app_names(self) -> dict[str, set[str]]:
-        return {"default": {r.record.app for r in self.registrations.values()}}
-
-    def members(self, cluster: str | None = None) -> list[MemberInfo]:
-        return [MemberInfo("n7", "east", "r", "z", "192.0.2.7:7946", "alive", 1)]
-
-    def clusters(self) -> list[ClusterInfo]:
-        return [ClusterInfo("east", True, 1, 0)]
-
-    def records(self) -> list[dict[str, Any]]:
-        return []
-
-    def policy_json(self) -> dict[str, Any]:
-        return dict(self.policy)
-
-    def put_policy(self, data: dict[str, Any]) -> dict[str, Any]:
-        self.calls.append("policy")
-        self.policy = dict(data)
-        return self.policy_json()
+# The shared fake agent (tests/fakes.py), seeded with web-1, behind a token.
 
 
 @pytest.fixture
-def agent() -> FakeAgent:
-    a = FakeAgent()
-    a.seed()
-    return a
+def agent(agent: FakeAgent) -> FakeAgent:
+    agent.seed()
+    return agent
 
 
 @pytest.fixture
@@ -554,11 +437,6 @@ async def _until(pred: Any) -> None:
 
 # ---------------------------------------------------------------------------
 # End to end: real agents on 127.0.0.1
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return Certs(tmp_path_factory.mktemp("pki"))
 
 
 def token_file(directory: Path, content: str = TOKEN + "\n") -> Path:

@@ -61,7 +61,7 @@ from meshd.wire import (
     OriginState,
     scope_for,
 )
-from tests.agents import AgentProc, Certs, wait_until
+from tests.agents import AgentProc, wait_until
 
 # ---------------------------------------------------------------------------
 # Helpers
@@ -679,11 +679,6 @@ async def test_stored_registrations_that_cannot_all_be_published_do_not_brick_th
 
 # ---------------------------------------------------------------------------
 # Real agents
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return Certs(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture
