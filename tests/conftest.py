@@ -3,7 +3,7 @@
 Tiers (markers declared in pyproject.toml):
 
 - ``e2e``: runs real ``meshd agent`` processes on 127.0.0.1 (``tests/agents.py``);
-- ``slow``: in-process, but takes about 1.5 s or more on a 2-core machine
+- ``slow``: in-process, but takes about a second or more on a 2-core machine
   (long simulated scenarios, big property searches); where a parametrized
   test is slow, one case stays in the fast tier;
 - everything else is the fast tier, for everyday work:

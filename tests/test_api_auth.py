@@ -456,6 +456,7 @@ def agent_exit(certs: Certs, root: Path, api: str, *extra: str) -> tuple[int, st
     return proc.returncode, proc.stderr
 
 
+@pytest.mark.e2e
 def test_non_loopback_api_without_token_exits_2(certs: Certs, tmp_path: Path) -> None:
     # Refused before anything is bound, so this 0.0.0.0 never listens.
     code, err = agent_exit(certs, tmp_path, "0.0.0.0:0")
@@ -467,6 +468,7 @@ def test_non_loopback_api_without_token_exits_2(certs: Certs, tmp_path: Path) ->
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("content", "fragment"),
     [
@@ -508,6 +510,7 @@ def cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.mark.e2e
 def test_agent_with_token_file_refuses_open_writes(guarded: tuple[AgentProc, Path]) -> None:
     a, _ = guarded
     before = a.metric("meshd_rejected_total", reason="api-token")
@@ -521,6 +524,7 @@ def test_agent_with_token_file_refuses_open_writes(guarded: tuple[AgentProc, Pat
     assert "raw" not in a.get("/v1/catalog/services")
 
 
+@pytest.mark.e2e
 def test_cli_register_with_and_without_the_token(guarded: tuple[AgentProc, Path]) -> None:
     a, path = guarded
     reg = ["register", "orders", "--address", "127.0.0.1", "--api", a.api]
@@ -557,6 +561,7 @@ def test_cli_register_with_and_without_the_token(guarded: tuple[AgentProc, Path]
     wait_until(lambda: len(a.resolve("orders")) == 4, 10, "o-5 gone")
 
 
+@pytest.mark.e2e
 def test_real_agent_with_py_consul(guarded: tuple[AgentProc, Path]) -> None:
     a, _ = guarded
     port = int(a.api.rpartition(":")[2])

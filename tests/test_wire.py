@@ -415,6 +415,7 @@ def _mutate(data: st.DataObject, body: bytes) -> bytes:
     return bytes(buf)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(origin_states, st.data())
 def test_fuzz_mutated_origin_bodies_raise_only_wire_error(
@@ -428,6 +429,7 @@ def test_fuzz_mutated_origin_bodies_raise_only_wire_error(
     assert OriginState.decode(got.encode()) == got
 
 
+@pytest.mark.slow
 @FUZZ
 @given(messages, st.data())
 def test_fuzz_mutated_frames_never_raise(msg: Message, data: st.DataObject) -> None:
@@ -443,6 +445,7 @@ def test_fuzz_mutated_frames_never_raise(msg: Message, data: st.DataObject) -> N
         assert all(is_result(r) for r in dec.feed(frame[i : i + 3]))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(messages, st.data())
 def test_fuzz_fields_replaced_by_random_values(msg: Message, data: st.DataObject) -> None:
@@ -466,6 +469,7 @@ def test_fuzz_fields_replaced_by_random_values(msg: Message, data: st.DataObject
         assert decode_message(encode_message(result)) == result
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(st.lists(messages, min_size=1, max_size=3), st.integers(1, 64))
 def test_fuzz_stream_split_anywhere(msgs: list[Message], chunk: int) -> None:
