@@ -234,6 +234,7 @@ class FakeAgent:
 
     async def put_revocations(self, rl: RevocationList) -> RevocationList:
         # The real agent's rule (meshd.revocation.accept), so a stale list is a 409.
+        self.calls.append(f"revocations {rl.number}")
         self.puts.append(rl.number)
         if accept(self.held, rl):
             self.held = rl
