@@ -1,9 +1,10 @@
 """Tests for meshd.api: the local HTTP API against an in-memory fake agent.
 
-The fake implements AgentAPI and nothing more, so these tests pin the HTTP
-contract (paths, JSON shapes, status codes, error sentences) independently of
-the real agent.  Every rejected request is also checked to have reached the
-agent not at all.
+The fake (tests/fakes.py, the ``agent`` fixture of tests/conftest.py)
+implements AgentAPI and nothing more, so these tests pin the HTTP contract
+(paths, JSON shapes, status codes, error sentences) independently of the real
+agent.  Every rejected request is also checked to have reached the agent not
+at all.
 """
 
 from __future__ import annotations
@@ -12,204 +13,20 @@ import asyncio
 import json
 import logging
 import math
-import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from cryptography import x509
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from meshd.agent.interface import (
-    CheckSpec,
-    ClusterInfo,
-    Endpoint,
-    MemberInfo,
-    Registration,
-    StorageError,
-)
+from meshd.agent.interface import CheckSpec, Endpoint, Registration, StorageError
 from meshd.api.app import MAX_BODY_BYTES, create_app
 from meshd.api.durations import parse_duration
 from meshd.api.validation import ApiError, is_host, parse_check
-from meshd.metrics import Metrics
-from meshd.revocation import RevocationList
 from meshd.wire import AppRecord
-
-# ---------------------------------------------------------------------------
-# The fake agent
-
-
-class FakeAgent:
-    """AgentAPI in memory: a registration dict, an index with a change event."""
-
-    node_name = "n7"
-    cluster = "east"
-    storage_error: str | None = None  # set to a sentence to fake a failed write
-
-    def __init__(self) -> None:
-        self.metrics = Metrics()
-        self.registrations: dict[str, Registration] = {}
-        self.calls: list[str] = []  # every mutating call, to prove rejects never got here
-        self._index = 1
-        self._changed = asyncio.Event()
-        self.refuse: str | None = None  # register raises ValueError(refuse) when set
-        self.explode = False  # members() raises when set, for the 500 path
-        self.member_rows = [
-            MemberInfo("n7", "east", "us-east", "us-east-1a", "192.0.2.7:7946", "alive", 3),
-            MemberInfo("n8", "east", "us-east", "us-east-1b", "192.0.2.8:7946", "suspect", 1),
-            MemberInfo("w1", "west", "us-west", "us-west-2a", "192.0.2.91:7946", "dead", 0),
-        ]
-
-    @property
-    def index(self) -> int:
-        return self._index
-
-    @property
-    def generation(self) -> int:
-        return self._index
-
-    def bump(self) -> None:
-        """Raise the index and wake every waiter (a fresh event for the next change)."""
-        self._index += 1
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def register(self, reg: Registration) -> int:
-        self.calls.append(f"register {reg.record.instance}")
-        if self.refuse is not None:
-            raise ValueError(self.refuse)
-        self.registrations[reg.record.instance] = reg
-        self.bump()
-        return self._index
-
-    async def deregister(self, instance: str) -> bool:
-        self.calls.append(f"deregister {instance}")
-        if self.registrations.pop(instance, None) is None:
-            return False
-        self.bump()
-        return True
-
-    async def set_health(self, instance: str, status: str) -> bool:
-        self.calls.append(f"health {instance} {status}")
-        reg = self.registrations.get(instance)
-        if reg is None:
-            return False
-        r = reg.record
-        record = AppRecord(
-            app=r.app,
-            instance=r.instance,
-            address=r.address,
-            port=r.port,
-            namespace=r.namespace,
-            protocol=r.protocol,
-            meta=r.meta,
-            weight=r.weight,
-            health=status,
-        )
-        self.registrations[instance] = Registration(record, reg.check)
-        self.bump()
-        return True
-
-    def local_registrations(self) -> list[Registration]:
-        return list(self.registrations.values())
-
-    def resolve(
-        self, app: str, namespace: str, policy: str | None, include_unhealthy: bool
-    ) -> tuple[int, list[Endpoint]]:
-        if policy not in (None, "default"):
-            raise KeyError(policy)
-        out = []
-        for reg in self.registrations.values():
-            r = reg.record
-            if r.app != app or r.namespace != namespace:
-                continue
-            if r.health == "critical" and not include_unhealthy:
-                continue
-            out.append(
-                Endpoint(
-                    app=r.app,
-                    namespace=r.namespace,
-                    instance=r.instance,
-                    address=r.address,
-                    port=r.port,
-                    protocol=r.protocol,
-                    node=self.node_name,
-                    cluster=self.cluster,
-                    region="us-east",
-                    zone="us-east-1a",
-                    health=r.health,
-                    weight=r.weight,
-                    meta=dict(r.meta),
-                    tier="node",
-                )
-            )
-        return self._index, out
-
-    async def wait_for_index(self, index: int, timeout: float) -> int:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self._index <= index:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                break
-        return self._index
-
-    def members(self, cluster: str | None = None) -> list[MemberInfo]:
-        if self.explode:
-            raise RuntimeError("boom")
-        return [m for m in self.member_rows if cluster is None or m.cluster == cluster]
-
-    def clusters(self) -> list[ClusterInfo]:
-        return [ClusterInfo("east", True, 2, 1), ClusterInfo("west", False, 1, 0)]
-
-    policy_doc: dict[str, Any] = {"failover": []}
-
-    def records(self) -> list[dict[str, Any]]:
-        return [{"origin": "east/n7", "version": 3, "apps": sorted(self.registrations)}]
-
-    def policy_json(self) -> dict[str, Any]:
-        return dict(self.policy_doc)
-
-    def put_policy(self, data: dict[str, Any]) -> dict[str, Any]:
-        from meshd.policy.policy import parse_policy, policy_to_dict
-
-        self.policy_doc = policy_to_dict(parse_policy(data, source="PUT /v1/policy"))
-        return self.policy_json()
-
-    def app_names(self) -> dict[str, set[str]]:
-        return {"default": {r.record.app for r in self.registrations.values()}}
-
-    # The revocation routes are tested against their own fake (test_revocation.py).
-    ca_certs: tuple[x509.Certificate, ...] = ()
-
-    def revocations(self) -> RevocationList | None:
-        return None
-
-    async def put_revocations(self, rl: RevocationList) -> RevocationList:
-        raise NotImplementedError("not served by this fake")
-
-
-# ---------------------------------------------------------------------------
-# Fixtures and helpers
-
-
-@pytest.fixture
-def agent() -> FakeAgent:
-    return FakeAgent()
-
-
-@pytest.fixture
-async def client(agent: FakeAgent) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(create_app(agent))) as c:
-        yield c
-
+from tests.fakes import FakeAgent
 
 VALID = {"app": "orders", "address": "192.0.2.3", "port": 3500}
 ENDPOINT_KEYS = {
@@ -748,20 +565,14 @@ async def test_blocking_resolve_returns_when_index_rises(
     client: TestClient, agent: FakeAgent
 ) -> None:
     start_index = agent.index
-
-    async def change_soon() -> None:
-        await asyncio.sleep(0.05)
-        record = AppRecord(app="orders", instance="orders-9", address="192.0.2.3", port=3500)
-        await agent.register(Registration(record))
-
-    started = time.monotonic()
-    task = asyncio.create_task(change_soon())
-    resp = await asyncio.wait_for(
-        client.get("/v1/resolve/orders", params={"index": str(start_index), "wait": "30s"}),
-        timeout=1.0,
-    )
-    await task
-    assert time.monotonic() - started < 1.0
+    query = {"index": str(start_index), "wait": "5m"}
+    request = asyncio.create_task(client.get("/v1/resolve/orders", params=query))
+    await agent.until_blocked()  # the query is parked, waiting for a change
+    assert not request.done() and agent.waits == [(start_index, 300.0)]
+    record = AppRecord(app="orders", instance="orders-9", address="192.0.2.3", port=3500)
+    await agent.register(Registration(record))
+    # Bounded far below the 5 minutes asked: only the change can release it in time.
+    resp = await asyncio.wait_for(request, timeout=30)
     body = await resp.json()
     assert body["index"] > start_index
     assert resp.headers["X-Meshd-Index"] == str(body["index"])
@@ -769,16 +580,15 @@ async def test_blocking_resolve_returns_when_index_rises(
 
 
 async def test_blocking_resolve_times_out_after_wait(client: TestClient, agent: FakeAgent) -> None:
-    started = time.monotonic()
+    index = agent.index
     resp = await asyncio.wait_for(
-        client.get("/v1/resolve/orders", params={"index": str(agent.index), "wait": "200ms"}),
-        timeout=2.0,
+        client.get("/v1/resolve/orders", params={"index": str(index), "wait": "200ms"}),
+        timeout=30,
     )
-    elapsed = time.monotonic() - started
     assert resp.status == 200
-    assert 0.19 <= elapsed < 1.0
+    assert agent.waits == [(index, 0.2)]  # waited as long as asked, for a change past index
     body = await resp.json()
-    assert body["index"] == agent.index and body["endpoints"] == []
+    assert body["index"] == index == agent.index and body["endpoints"] == []
     assert resp.headers["X-Meshd-Index"] == str(body["index"])
 
 
@@ -786,8 +596,9 @@ async def test_blocking_resolve_with_old_index_answers_at_once(
     client: TestClient, agent: FakeAgent
 ) -> None:
     agent.bump()
+    # Bounded far below the 30 s asked: an index already passed must not wait.
     resp = await asyncio.wait_for(
-        client.get("/v1/resolve/orders", params={"index": "0", "wait": "30s"}), timeout=0.5
+        client.get("/v1/resolve/orders", params={"index": "0", "wait": "30s"}), timeout=10
     )
     assert (await resp.json())["index"] == agent.index
 
@@ -1022,6 +833,7 @@ valid_bodies = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.slow
 @settings(
     max_examples=150,
     deadline=None,

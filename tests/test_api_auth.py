@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -25,9 +24,7 @@ import consul
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
-from cryptography import x509
 
-from meshd.agent.interface import CheckSpec, ClusterInfo, Endpoint, MemberInfo, Registration
 from meshd.api.access import (
     MAX_BLOCKING_QUERIES,
     MISSING_TOKEN,
@@ -39,9 +36,8 @@ from meshd.api.access import (
 )
 from meshd.api.app import BLOCKING_KEY, create_app
 from meshd.metrics import Metrics
-from meshd.revocation import RevocationList
-from meshd.wire import AppRecord
 from tests.agents import AgentProc, Certs, meshd_cmd, run_meshd, wait_until
+from tests.fakes import FakeAgent
 
 TOKEN = "s3cr3t-Token+/="
 WRONG = "s3cr3t-Token+/-"  # same length, one character off
@@ -57,137 +53,13 @@ def no_token_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---------------------------------------------------------------------------
-# A fake agent: state that a GET can read back, and a log of mutating calls.
-
-
-class FakeAgent:
-    node_name = "n7"
-    cluster = "east"
-    storage_error: str | None = None  # /v1/health reads it
-
-    def __init__(self) -> None:
-        self.metrics = Metrics()
-        self.registrations: dict[str, Registration] = {}
-        self.policy: dict[str, Any] = {"failover": []}
-        self.calls: list[str] = []
-        self._index = 1
-        self._changed = asyncio.Event()
-
-    @property
-    def index(self) -> int:
-        return self._index
-
-    @property
-    def generation(self) -> int:
-        return self._index
-
-    def bump(self) -> None:
-        self._index += 1
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def seed(self, instance: str = "web-1", health: str = "passing") -> None:
-        """A registration with a TTL check, put in place without an API call."""
-        record = AppRecord(app="web", instance=instance, address="192.0.2.3", port=80)
-        check = CheckSpec(kind="ttl", ttl=10.0)
-        self.registrations[instance] = Registration(replace(record, health=health), check)
-
-    async def register(self, reg: Registration) -> int:
-        self.calls.append(f"register {reg.record.instance}")
-        self.registrations[reg.record.instance] = reg
-        self.bump()
-        return self._index
-
-    async def deregister(self, instance: str) -> bool:
-        self.calls.append(f"deregister {instance}")
-        if self.registrations.pop(instance, None) is None:
-            return False
-        self.bump()
-        return True
-
-    async def set_health(self, instance: str, status: str) -> bool:
-        self.calls.append(f"health {instance} {status}")
-        reg = self.registrations.get(instance)
-        if reg is None:
-            return False
-        self.registrations[instance] = replace(reg, record=replace(reg.record, health=status))
-        self.bump()
-        return True
-
-    def local_registrations(self) -> list[Registration]:
-        return list(self.registrations.values())
-
-    def resolve(
-        self, app: str, namespace: str, policy: str | None, include_unhealthy: bool
-    ) -> tuple[int, list[Endpoint]]:
-        out = []
-        for reg in self.registrations.values():
-            r = reg.record
-            if r.app == app and r.namespace == namespace:
-                out.append(
-                    Endpoint(
-                        app=r.app,
-                        namespace=r.namespace,
-                        instance=r.instance,
-                        address=r.address,
-                        port=r.port,
-                        protocol=r.protocol,
-                        node=self.node_name,
-                        cluster=self.cluster,
-                        region="r",
-                        zone="z",
-                        health=r.health,
-                        weight=r.weight,
-                        meta=dict(r.meta),
-                        tier="node",
-                    )  # fmt: skip
-                )
-        return self._index, out
-
-    async def wait_for_index(self, index: int, timeout: float) -> int:
-        try:
-            async with asyncio.timeout(timeout):
-                while self._index <= index:
-                    await self._changed.wait()
-        except TimeoutError:
-            pass
-        return self._index
-
-    def app_names(self) -> dict[str, set[str]]:
-        return {"default": {r.record.app for r in self.registrations.values()}}
-
-    def members(self, cluster: str | None = None) -> list[MemberInfo]:
-        return [MemberInfo("n7", "east", "r", "z", "192.0.2.7:7946", "alive", 1)]
-
-    def clusters(self) -> list[ClusterInfo]:
-        return [ClusterInfo("east", True, 1, 0)]
-
-    def records(self) -> list[dict[str, Any]]:
-        return []
-
-    def policy_json(self) -> dict[str, Any]:
-        return dict(self.policy)
-
-    def put_policy(self, data: dict[str, Any]) -> dict[str, Any]:
-        self.calls.append("policy")
-        self.policy = dict(data)
-        return self.policy_json()
-
-    # The revocation routes are tested against their own fake (test_revocation.py).
-    ca_certs: tuple[x509.Certificate, ...] = ()
-
-    def revocations(self) -> RevocationList | None:
-        return None
-
-    async def put_revocations(self, rl: RevocationList) -> RevocationList:
-        raise NotImplementedError("not served by this fake")
+# The shared fake agent (tests/fakes.py), seeded with web-1, behind a token.
 
 
 @pytest.fixture
-def agent() -> FakeAgent:
-    a = FakeAgent()
-    a.seed()
-    return a
+def agent(agent: FakeAgent) -> FakeAgent:
+    agent.seed()
+    return agent
 
 
 @pytest.fixture
@@ -567,11 +439,6 @@ async def _until(pred: Any) -> None:
 # End to end: real agents on 127.0.0.1
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return Certs(tmp_path_factory.mktemp("pki"))
-
-
 def token_file(directory: Path, content: str = TOKEN + "\n") -> Path:
     path = directory / "api-token"
     path.write_text(content)
@@ -589,6 +456,7 @@ def agent_exit(certs: Certs, root: Path, api: str, *extra: str) -> tuple[int, st
     return proc.returncode, proc.stderr
 
 
+@pytest.mark.e2e
 def test_non_loopback_api_without_token_exits_2(certs: Certs, tmp_path: Path) -> None:
     # Refused before anything is bound, so this 0.0.0.0 never listens.
     code, err = agent_exit(certs, tmp_path, "0.0.0.0:0")
@@ -600,6 +468,7 @@ def test_non_loopback_api_without_token_exits_2(certs: Certs, tmp_path: Path) ->
     assert not (tmp_path / "state").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("content", "fragment"),
     [
@@ -641,6 +510,7 @@ def cli(*argv: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@pytest.mark.e2e
 def test_agent_with_token_file_refuses_open_writes(guarded: tuple[AgentProc, Path]) -> None:
     a, _ = guarded
     before = a.metric("meshd_rejected_total", reason="api-token")
@@ -654,6 +524,7 @@ def test_agent_with_token_file_refuses_open_writes(guarded: tuple[AgentProc, Pat
     assert "raw" not in a.get("/v1/catalog/services")
 
 
+@pytest.mark.e2e
 def test_cli_register_with_and_without_the_token(guarded: tuple[AgentProc, Path]) -> None:
     a, path = guarded
     reg = ["register", "orders", "--address", "127.0.0.1", "--api", a.api]
@@ -690,6 +561,7 @@ def test_cli_register_with_and_without_the_token(guarded: tuple[AgentProc, Path]
     wait_until(lambda: len(a.resolve("orders")) == 4, 10, "o-5 gone")
 
 
+@pytest.mark.e2e
 def test_real_agent_with_py_consul(guarded: tuple[AgentProc, Path]) -> None:
     a, _ = guarded
     port = int(a.api.rpartition(":")[2])

@@ -1,7 +1,8 @@
 """Tests for meshd.api.consul: the Consul-compatible subset against a fake agent.
 
-The fake implements AgentAPI in memory: local registrations (what the Consul
-routes write) plus "remote" endpoints a test lays out by hand, so locality
+The fake (tests/fakes.py, the ``agent`` fixture of tests/conftest.py)
+implements AgentAPI in memory: local registrations (what the Consul routes
+write) plus "remote" endpoints a test lays out by hand, so locality
 order, standbys (``active=False``) and unreachable clusters can be pinned
 without a mesh.  Shapes are checked against what Consul answers and what
 Dapr's resolver and py-consul read; every refused request is checked to have
@@ -12,178 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 import consul.aio
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
-from cryptography import x509
+from aiohttp.test_utils import TestClient
 
-from meshd.agent.interface import (
-    ClusterInfo,
-    Endpoint,
-    MemberInfo,
-    Registration,
-    StorageError,
-)
-from meshd.api.app import create_app
+from meshd.agent.interface import Endpoint, Registration, StorageError
 from meshd.api.consul import CHECK_ID_KEY, TAGS_KEY, decode_tags, parse_filter
 from meshd.api.validation import ApiError
-from meshd.metrics import Metrics
-from meshd.revocation import RevocationList
 from meshd.wire import AppRecord
+from tests.fakes import FakeAgent
 
 # ---------------------------------------------------------------------------
-# The fake agent
-
-
-class FakeAgent:
-    """AgentAPI in memory.  ``resolve`` answers local instances first (tier
-    ``node``), then ``remote`` in the order given, healthy before unhealthy."""
-
-    node_name = "n7"
-    cluster = "east"
-    storage_error: str | None = None  # set to a sentence to fake a failed write
-
-    def __init__(self) -> None:
-        self.metrics = Metrics()
-        self.registrations: dict[str, Registration] = {}
-        self.remote: list[Endpoint] = []
-        self.calls: list[str] = []
-        self._index = 0
-        self._changed = asyncio.Event()
-        self.explode = False
-        self.member_rows = [
-            MemberInfo("n7", "east", "us-east", "us-east-1a", "192.0.2.7:7946", "alive", 3),
-            MemberInfo("n8", "east", "us-east", "us-east-1b", "192.0.2.8:7946", "suspect", 1),
-            MemberInfo("w1", "west", "us-west", "us-west-2a", "192.0.2.91:7946", "dead", 0),
-        ]
-
-    @property
-    def index(self) -> int:
-        return self._index
-
-    @property
-    def generation(self) -> int:
-        return self._index
-
-    def bump(self) -> None:
-        self._index += 1
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    async def register(self, reg: Registration) -> int:
-        self.calls.append(f"register {reg.record.instance}")
-        self.registrations[reg.record.instance] = reg
-        self.bump()
-        return self._index
-
-    async def deregister(self, instance: str) -> bool:
-        self.calls.append(f"deregister {instance}")
-        if self.registrations.pop(instance, None) is None:
-            return False
-        self.bump()
-        return True
-
-    async def set_health(self, instance: str, status: str) -> bool:
-        self.calls.append(f"health {instance} {status}")
-        reg = self.registrations.get(instance)
-        if reg is None:
-            return False
-        self.registrations[instance] = replace(reg, record=replace(reg.record, health=status))
-        self.bump()
-        return True
-
-    def local_registrations(self) -> list[Registration]:
-        return list(self.registrations.values())
-
-    def _local_endpoints(self) -> list[Endpoint]:
-        out = []
-        for reg in self.registrations.values():
-            r = reg.record
-            out.append(
-                Endpoint(
-                    app=r.app,
-                    namespace=r.namespace,
-                    instance=r.instance,
-                    address=r.address,
-                    port=r.port,
-                    protocol=r.protocol,
-                    node=self.node_name,
-                    cluster=self.cluster,
-                    region="us-east",
-                    zone="us-east-1a",
-                    health=r.health,
-                    weight=r.weight,
-                    meta=dict(r.meta),
-                    tier="node",
-                )
-            )
-        return out
-
-    def resolve(
-        self, app: str, namespace: str, policy: str | None, include_unhealthy: bool
-    ) -> tuple[int, list[Endpoint]]:
-        if self.explode:
-            raise RuntimeError("boom")
-        rows = [
-            e
-            for e in self._local_endpoints() + self.remote
-            if e.app == app and e.namespace == namespace
-        ]
-
-        def usable(e: Endpoint) -> bool:
-            return e.reachable and e.health != "critical"
-
-        healthy = [e for e in rows if usable(e)]
-        unhealthy = [replace(e, active=False) for e in rows if not usable(e)]
-        return self._index, healthy + (unhealthy if include_unhealthy else [])
-
-    async def wait_for_index(self, index: int, timeout: float) -> int:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self._index <= index:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                break
-        return self._index
-
-    def app_names(self) -> dict[str, set[str]]:
-        out: dict[str, set[str]] = {}
-        for e in self._local_endpoints() + self.remote:
-            out.setdefault(e.namespace, set()).add(e.app)
-        return out
-
-    def members(self, cluster: str | None = None) -> list[MemberInfo]:
-        return [m for m in self.member_rows if cluster is None or m.cluster == cluster]
-
-    def clusters(self) -> list[ClusterInfo]:
-        return [ClusterInfo("east", True, 2, 1)]
-
-    def records(self) -> list[dict[str, Any]]:
-        return []
-
-    def policy_json(self) -> dict[str, Any]:
-        return {}
-
-    def put_policy(self, data: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    # The revocation routes are tested against their own fake (test_revocation.py).
-    ca_certs: tuple[x509.Certificate, ...] = ()
-
-    def revocations(self) -> RevocationList | None:
-        return None
-
-    async def put_revocations(self, rl: RevocationList) -> RevocationList:
-        raise NotImplementedError("not served by this fake")
+# Helpers
 
 
 def remote(
@@ -220,21 +63,6 @@ def remote(
         reachable=reachable,
         active=active,
     )
-
-
-# ---------------------------------------------------------------------------
-# Fixtures and helpers
-
-
-@pytest.fixture
-def agent() -> FakeAgent:
-    return FakeAgent()
-
-
-@pytest.fixture
-async def client(agent: FakeAgent) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(create_app(agent))) as c:
-        yield c
 
 
 async def put(client: TestClient, path: str, body: Any = None) -> tuple[int, str]:
@@ -610,37 +438,35 @@ async def test_blocking_query_returns_on_change(client: TestClient, agent: FakeA
     index = int(headers["X-Consul-Index"])
     assert index >= 1  # Consul clients take 0 as "no index"
 
-    async def change_soon() -> None:
-        await asyncio.sleep(0.2)
-        await agent.register(
-            Registration(AppRecord(app="orders", instance="orders-9", address="192.0.2.9", port=80))
-        )
-
-    task = asyncio.create_task(change_soon())
-    started = time.monotonic()
-    status, entries, headers = await get(
-        client, f"/v1/health/service/orders?index={index}&wait=10s"
+    request = asyncio.create_task(get(client, f"/v1/health/service/orders?index={index}&wait=5m"))
+    await agent.until_blocked()  # the query is parked, waiting for a change
+    assert not request.done() and agent.waits == [(index - 1, 300.0)]
+    await agent.register(
+        Registration(AppRecord(app="orders", instance="orders-9", address="192.0.2.9", port=80))
     )
-    waited = time.monotonic() - started
-    await task
-    assert status == 200 and 0.15 < waited < 2.0
+    # Bounded far below the 5 minutes asked: only the change can release it in time.
+    status, entries, headers = await asyncio.wait_for(request, timeout=30)
+    assert status == 200
     assert int(headers["X-Consul-Index"]) > index
     assert [e["Service"]["ID"] for e in entries] == ["orders-9"]
 
 
-async def test_blocking_query_times_out_with_same_index(client: TestClient) -> None:
+async def test_blocking_query_times_out_with_same_index(
+    client: TestClient, agent: FakeAgent
+) -> None:
     _, _, headers = await get(client, "/v1/health/service/orders")
     index = headers["X-Consul-Index"]
-    started = time.monotonic()
     status, _, headers = await get(client, f"/v1/health/service/orders?index={index}&wait=150ms")
-    assert status == 200 and time.monotonic() - started >= 0.14
+    # Waited as long as asked, for a change past the agent index behind X-Consul-Index.
+    assert status == 200 and agent.waits == [(int(index) - 1, 0.15)]
     assert headers["X-Consul-Index"] == index
 
 
-async def test_blocking_with_index_zero_does_not_block(client: TestClient) -> None:
-    started = time.monotonic()
+async def test_blocking_with_index_zero_does_not_block(
+    client: TestClient, agent: FakeAgent
+) -> None:
     status, _, _ = await get(client, "/v1/health/service/orders?index=0&wait=5s")
-    assert status == 200 and time.monotonic() - started < 1.0
+    assert status == 200 and agent.waits == []
 
 
 async def test_health_state(client: TestClient, agent: FakeAgent) -> None:

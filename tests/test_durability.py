@@ -61,7 +61,7 @@ from meshd.wire import (
     OriginState,
     scope_for,
 )
-from tests.agents import AgentProc, Certs, wait_until
+from tests.agents import AgentProc, wait_until
 
 # ---------------------------------------------------------------------------
 # Helpers
@@ -347,7 +347,15 @@ def test_a_deleted_wal_after_a_crash_is_noticed_and_loses_no_registration(
     db.close()
 
 
-@pytest.mark.parametrize("how", ["truncated", "deleted", "truncated-after-clean-stop"])
+# One case in the fast tier; the other two with the slow tests.
+@pytest.mark.parametrize(
+    "how",
+    [
+        pytest.param("truncated", marks=pytest.mark.slow),
+        "deleted",
+        pytest.param("truncated-after-clean-stop", marks=pytest.mark.slow),
+    ],
+)
 def test_an_emptied_database_is_noticed_and_counters_never_go_back(
     state_dir: Path, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
@@ -645,6 +653,7 @@ async def test_a_refused_registration_stores_nothing(local: Local, tls: Any, sta
         await stop_local(again)
 
 
+@pytest.mark.slow
 async def test_stored_registrations_that_cannot_all_be_published_do_not_brick_the_agent(
     tls: Any, state_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -681,11 +690,6 @@ async def test_stored_registrations_that_cannot_all_be_published_do_not_brick_th
 # Real agents
 
 
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return Certs(tmp_path_factory.mktemp("pki"))
-
-
 @pytest.fixture
 def agents() -> Iterator[list[AgentProc]]:
     started: list[AgentProc] = []
@@ -694,6 +698,7 @@ def agents() -> Iterator[list[AgentProc]]:
         a.stop()
 
 
+@pytest.mark.e2e
 def test_the_513th_registration_is_refused_and_a_restart_has_512(tmp_path, certs, agents):
     a = AgentProc(tmp_path, certs, "n1").start()
     agents.append(a)
@@ -719,6 +724,7 @@ def test_the_513th_registration_is_refused_and_a_restart_has_512(tmp_path, certs
     assert len(a.get("/v1/apps")) == MAX_APPS_PER_ORIGIN
 
 
+@pytest.mark.e2e
 def test_a_registration_past_the_byte_cap_is_refused_and_a_restart_is_fine(tmp_path, certs, agents):
     a = AgentProc(tmp_path, certs, "n1").start()
     agents.append(a)
@@ -742,6 +748,7 @@ def test_a_registration_past_the_byte_cap_is_refused_and_a_restart_is_fine(tmp_p
     assert a.call("PUT", f"/v1/apps/big-{n:02d}", big_meta_body())[0] == 200
 
 
+@pytest.mark.e2e
 def test_every_field_and_the_export_scope_come_back_after_sigkill(tmp_path, certs, agents):
     a = AgentProc(tmp_path, certs, "n1").start()
     agents.append(a)
@@ -775,6 +782,7 @@ def test_every_field_and_the_export_scope_come_back_after_sigkill(tmp_path, cert
     assert scopes() == {"web-1": "local", "api-1": "to:west", "all-1": "*"}
 
 
+@pytest.mark.e2e
 def test_a_fresh_state_directory_is_0700_and_its_files_0600(tmp_path, certs, agents):
     a = AgentProc(tmp_path, certs, "n1")
     old = os.umask(0)  # the agent inherits it: modes must not depend on it
@@ -797,6 +805,7 @@ def _incarnation(a: AgentProc) -> int:
     return next(m["incarnation"] for m in a.get("/v1/members") if m["node"] == a.node)
 
 
+@pytest.mark.e2e
 def test_a_deleted_wal_or_an_emptied_database_is_noticed_and_versions_only_grow(
     tmp_path, certs, agents
 ):
@@ -851,6 +860,7 @@ def _fill(path: Path) -> None:
         os.close(fd)
 
 
+@pytest.mark.e2e
 def test_a_really_full_disk_on_a_tmpfs(tmp_path, certs, agents):
     why = _can_mount()
     if why:

@@ -28,11 +28,6 @@ SLACK = 5.0  # process scheduling on a loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return Certs(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def five(tmp_path_factory, certs):
     root = tmp_path_factory.mktemp("five")
     agents = [AgentProc(root, certs, "n0").start()]

@@ -25,11 +25,6 @@ SLACK = 8.0
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return Certs(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def four(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[list[AgentProc]]:
     root = tmp_path_factory.mktemp("four")
     agents = [AgentProc(root, certs, "a").start()]

@@ -49,11 +49,6 @@ RSS_CAP_MB = 160
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    return Certs(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def three(tmp_path_factory: pytest.TempPathFactory, certs: Certs) -> Iterator[list[AgentProc]]:
     root = tmp_path_factory.mktemp("three")
     agents = [AgentProc(root, certs, "a").start()]

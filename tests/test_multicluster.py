@@ -643,6 +643,7 @@ def test_a_document_not_exported_to_central_is_refused_there():
 # Larger: 5 clusters x 20 nodes
 
 
+@pytest.mark.slow
 def test_five_clusters_of_twenty_converge_and_fail_over_within_the_bounds():
     names = ["c0", "c1", "c2", "c3", "c4"]
     n = 20

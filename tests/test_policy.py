@@ -291,6 +291,7 @@ policies = st.builds(
 )
 
 
+@pytest.mark.slow
 @PROPS
 @given(policies)
 def test_policy_to_dict_round_trips_any_policy(p):
@@ -638,6 +639,7 @@ def visible(asker: Topology, c: Candidate, policy: AppPolicy) -> bool:
     return any(TIER_RANK[listed] >= TIER_RANK[t] for listed in policy.tiers)
 
 
+@pytest.mark.slow
 @PROPS
 @given(st.sampled_from(ASKERS), candidates_st, policy_st, rtt_st, st.booleans())
 def test_prop_i_only_visible_candidates_each_once(asker, cands, policy, rtt, include):
@@ -652,6 +654,7 @@ def test_prop_i_only_visible_candidates_each_once(asker, cands, policy, rtt, inc
     assert set(keys) == expected
 
 
+@pytest.mark.slow
 @PROPS
 @given(st.sampled_from(ASKERS), candidates_st, policy_st, rtt_st)
 def test_prop_ii_no_unhealthy_before_healthy(asker, cands, policy, rtt):
@@ -664,6 +667,7 @@ def test_prop_ii_no_unhealthy_before_healthy(asker, cands, policy, rtt):
     assert full[: len(short)] == short  # same ranks and active flags either way
 
 
+@pytest.mark.slow
 @PROPS
 @given(st.sampled_from(ASKERS), candidates_st, policy_st, rtt_st, st.randoms(use_true_random=False))
 def test_prop_iii_independent_of_input_order(asker, cands, policy, rtt, rng):
@@ -678,6 +682,7 @@ def step_of(r: Ranked) -> tuple[str, str | None]:
     return (r.tier, r.candidate.cluster if r.tier in ("failover", "any") else None)
 
 
+@pytest.mark.slow
 @PROPS
 @given(st.sampled_from(ASKERS), candidates_st, policy_st, rtt_st)
 def test_prop_iv_active_set_is_the_smallest_step_prefix_meeting_thresholds(
@@ -714,6 +719,7 @@ def test_prop_iv_active_set_is_the_smallest_step_prefix_meeting_thresholds(
     assert any(flags) == bool(healthy)
 
 
+@pytest.mark.slow
 @PROPS
 @given(st.sampled_from(ASKERS), candidates_st, policy_st, rtt_st)
 def test_prop_failover_and_any_clusters_in_preference_order(asker, cands, policy, rtt):
@@ -767,6 +773,7 @@ keys = st.sampled_from(
 )
 
 
+@pytest.mark.slow
 @PROPS
 @given(st.dictionaries(keys, toml_values))
 def test_prop_parse_raises_only_policy_error(data):

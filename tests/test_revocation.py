@@ -33,7 +33,6 @@ from meshd import revocation, wire
 from meshd.api.app import create_app
 from meshd.cli import main
 from meshd.identity import CA, create_ca, issue_node_cert
-from meshd.metrics import Metrics
 from meshd.revocation import (
     MAX_CRL_BYTES,
     REVOCATIONS_FILE,
@@ -50,6 +49,7 @@ from meshd.revocation import (
     verify_revocation_list,
 )
 from meshd.wire import Rejection
+from tests.fakes import FakeAgent
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
@@ -449,30 +449,7 @@ def test_write_revocation_list_is_pem_and_public(tmp_path: Path, ca: CA) -> None
 
 
 # ---------------------------------------------------------------------------
-# The API against a fake agent.
-
-
-class FakeAgent:
-    """Just what create_app and the revocation routes need."""
-
-    node_name = "n7"
-    cluster = "east"
-
-    def __init__(self, ca_certs: list[x509.Certificate]) -> None:
-        self.metrics = Metrics()
-        self.ca_certs = ca_certs
-        self.held: RevocationList | None = None
-        self.puts: list[int] = []  # numbers of every list that reached the agent
-
-    def revocations(self) -> RevocationList | None:
-        return self.held
-
-    async def put_revocations(self, rl: RevocationList) -> RevocationList:
-        self.puts.append(rl.number)
-        if accept(self.held, rl):
-            self.held = rl
-        assert self.held is not None
-        return self.held
+# The API against the shared fake agent (tests/fakes.py).
 
 
 @pytest.fixture
@@ -482,7 +459,7 @@ def fake(ca: CA) -> FakeAgent:
 
 @pytest.fixture
 async def client(fake: FakeAgent) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(create_app(fake))) as c:  # type: ignore[arg-type]
+    async with TestClient(TestServer(create_app(fake))) as c:
         yield c
 
 
@@ -565,7 +542,7 @@ async def test_api_foreign_list_names_the_reason(
 
 @pytest.fixture
 async def api_url(fake: FakeAgent) -> AsyncIterator[str]:
-    runner = web.AppRunner(create_app(fake))  # type: ignore[arg-type]
+    runner = web.AppRunner(create_app(fake))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

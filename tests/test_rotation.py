@@ -494,6 +494,7 @@ def lone(tmp_path: Path) -> Iterator[tuple[AgentProc, Certs]]:
     agent.stop()
 
 
+@pytest.mark.e2e
 def test_e2e_agent_refuses_another_nodes_certificate(lone: tuple[AgentProc, Certs]) -> None:
     agent, certs = lone
     ca, cert, key = certs.issue("n0", "east")
@@ -520,6 +521,7 @@ def test_e2e_agent_refuses_another_nodes_certificate(lone: tuple[AgentProc, Cert
     assert presented_serial(agent, certs, "probe") == old
 
 
+@pytest.mark.e2e
 def test_e2e_agent_takes_a_renewed_certificate(lone: tuple[AgentProc, Certs]) -> None:
     agent, certs = lone
     ca, cert, key = certs.issue("n0", "east")

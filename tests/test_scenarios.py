@@ -39,7 +39,10 @@ def test_64_nodes_join_through_one_seed_and_all_list_64_alive(joined64):
         assert len(c.core(i).members) == N
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+# One seed in the fast tier; the other two with the slow tests.
+@pytest.mark.parametrize(
+    "seed", [1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)]
+)
 def test_record_reaches_every_node_within_the_spread_bound(seed):
     c = Cluster(N, seed=seed)
     assert converged_join(c) is not None
@@ -51,6 +54,7 @@ def test_record_reaches_every_node_within_the_spread_bound(seed):
         assert c.serves(i, "orders", "orders-1")
 
 
+@pytest.mark.slow
 def test_crashed_node_is_dead_everywhere_within_the_bound_and_not_served():
     c = Cluster(N, seed=5)
     assert converged_join(c) is not None
@@ -92,6 +96,7 @@ def test_restart_rejoins_with_higher_incarnation_and_records_come_back():
         assert c.core(i).store.version(vid) == c.core(4).version
 
 
+@pytest.mark.slow
 def test_node_paused_shorter_than_suspicion_refutes_and_is_never_declared_dead():
     c = Cluster(N, seed=8)
     assert converged_join(c) is not None
@@ -133,6 +138,7 @@ def test_graceful_leave_is_seen_as_left_and_stops_serving():
     assert not any(c.serves(i, "mail", "mail-1") for i in c.running())
 
 
+@pytest.mark.slow
 def test_no_false_death_at_10_percent_loss_with_lifeguard(record_property, capsys):
     on = false_deaths_under_loss(N, loss=0.10, minutes=10, lifeguard=True, seed=1)
     off = false_deaths_under_loss(N, loss=0.10, minutes=10, lifeguard=False, seed=1)
@@ -143,6 +149,7 @@ def test_no_false_death_at_10_percent_loss_with_lifeguard(record_property, capsy
     assert on == 0
 
 
+@pytest.mark.slow
 def test_partition_of_30_minutes_heals_and_records_converge():
     n = 32
     c = Cluster(n, seed=3, encode=False)

@@ -342,6 +342,7 @@ _SMALL = {
 }
 
 
+@pytest.mark.slow
 def test_same_scenario_and_seed_give_the_same_results():
     a = Simulation(parse_scenario(_SMALL)).run()
     b = Simulation(parse_scenario(_SMALL)).run()
@@ -401,6 +402,7 @@ def test_lost_cluster_fails_over_to_the_next_cluster():
     assert tl["primary"][0] == 1.0 and tl["failover"][-1] == 1.0
 
 
+@pytest.mark.slow
 def test_a_slow_node_makes_plain_swim_kill_healthy_members_more_than_lifeguard():
     def run(lifeguard: bool) -> dict:
         doc = {
@@ -420,6 +422,7 @@ def test_a_slow_node_makes_plain_swim_kill_healthy_members_more_than_lifeguard()
     assert swim["faults"] == {"slow": 1}
 
 
+@pytest.mark.slow
 def test_200_node_scenario_end_to_end(tmp_path, capsys):
     out = tmp_path / "conv"
     code = main(
