@@ -300,8 +300,8 @@ TestOtherClusterRogue.settings = _settings
 TestBridgeRogue = BridgeRogue.TestCase
 TestBridgeRogue.settings = _settings
 # One rogue machine in the fast tier; the two others with the slow tests.
-TestSameClusterRogue.pytestmark = [pytest.mark.slow]
-TestBridgeRogue.pytestmark = [pytest.mark.slow]
+pytest.mark.slow(TestSameClusterRogue)
+pytest.mark.slow(TestBridgeRogue)
 
 
 def test_a_huge_accusation_moves_no_counter() -> None:
