@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from meshd.protocol.store import (
     MAX_ORIGINS,
     Entry,
+    Merge,
     RecordStore,
     merge_maps,
     record_term,
@@ -53,7 +54,7 @@ def raw(origin: str, version: int, signature: bytes = b"", body: bytes = b"", ce
     return SignedState(origin=origin, version=version, body=body, signature=signature, cert=cert)
 
 
-def add(store: RecordStore, node: str, version: int, *apps: AppRecord, now: float = 0.0) -> bool:
+def add(store: RecordStore, node: str, version: int, *apps: AppRecord, now: float = 0.0) -> Merge:
     signed, state = make(node, version, tuple(apps))
     return store.merge(signed, state, now)
 
@@ -224,8 +225,9 @@ def test_store_full_rejects_new_origins_and_counts() -> None:
     store = RecordStore(max_origins=2)
     assert add(store, "a", 1)
     assert add(store, "b", 1)
-    assert not add(store, "c", 1)
-    assert not add(store, "d", 1)
+    assert add(store, "c", 1) is Merge.FULL
+    assert add(store, "d", 1) is Merge.FULL
+    assert add(store, "a", 1) is Merge.STALE  # says why: it holds that version
     assert store.rejected["store-full"] == 2
     assert "c/c" not in store and len(store) == 2
     assert store.index == 2
@@ -565,7 +567,7 @@ def anti_entropy(stores: list[RecordStore], now: float) -> int:
             if a is b:
                 continue
             for s in a.newer_than(b.digest()):
-                changed += b.merge(s, DECODED[s], now)
+                changed += bool(b.merge(s, DECODED[s], now))
     return changed
 
 
@@ -614,7 +616,7 @@ def test_store_agrees_with_merge_maps(picks: list[int]) -> None:
     replacements = 0
     for i in picks:
         signed, state = POOL[i]
-        replaced = store.merge(signed, state, now=0.0)
+        replaced = bool(store.merge(signed, state, now=0.0))
         assert replaced == wins(signed, folded.get(signed.origin))
         replacements += replaced
         folded = merge_maps(folded, {signed.origin: signed})

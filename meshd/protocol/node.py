@@ -59,7 +59,7 @@ from meshd.protocol.config import Config
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
 from meshd.protocol.members import Member, Move, decide
 from meshd.protocol.queue import BroadcastQueue, retransmit_limit
-from meshd.protocol.store import RecordStore, StoreSnapshot, wins
+from meshd.protocol.store import Merge, RecordStore, StoreSnapshot, wins
 from meshd.protocol.suspicion import (
     Suspicion,
     expected_confirmations,
@@ -1219,7 +1219,8 @@ class Node:
             as_of = self._dead_as_of.get(owner)
             if as_of is not None and signed.version <= as_of[0]:
                 dead = True  # a bridge of its cluster said so: this life is over
-            if self.store.merge(signed, result, now, tombstoned=dead):
+            merged = self.store.merge(signed, result, now, tombstoned=dead)
+            if merged is Merge.KEPT:
                 self._note_doc(signed.origin)
                 if result.down:
                     self._apply_down(result.down, now, own=result.cluster == self.cluster)
@@ -1227,7 +1228,7 @@ class Node:
                 if rebroadcast and not dead:
                     self._record_q.push(signed.origin, signed)
                     self._wake_gossip(now)
-            else:
+            elif merged is Merge.FULL:
                 self.counters["rejected-state:store-full"] += 1
 
     def _apply_down(self, down: Iterable[tuple[str, int]], now: float, own: bool) -> None:

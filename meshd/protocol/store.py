@@ -18,6 +18,7 @@ The store trusts what it is given: signatures are verified before ``merge``.
 from __future__ import annotations
 
 import collections
+import enum
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -29,6 +30,20 @@ from meshd.wire import AppRecord, OriginState, SignedState
 #: digest map the wire accepts (``wire.MAX_MAP_LEN``), so our own digest is
 #: never one a peer must refuse for its entry count.
 MAX_ORIGINS = 65536
+
+
+class Merge(enum.Enum):
+    """What :meth:`RecordStore.merge` did with a state, and so why it refused one.
+
+    Truthy only for ``KEPT``, so ``if store.merge(...)`` reads as "it changed".
+    """
+
+    KEPT = "kept"  # added, or replaced an older version
+    STALE = "stale"  # we hold this version or a newer one (or the fork winner)
+    FULL = "full"  # a new origin, and the store holds MAX_ORIGINS already
+
+    def __bool__(self) -> bool:
+        return self is Merge.KEPT
 
 
 def _order_key(s: SignedState) -> tuple[int, bytes, bytes, bytes]:
@@ -236,8 +251,9 @@ class RecordStore:
 
     def merge(
         self, signed: SignedState, state: OriginState, now: float, *, tombstoned: bool = False
-    ) -> bool:
-        """Keep ``signed`` if it wins over what we hold; True if it replaced or added.
+    ) -> Merge:
+        """Keep ``signed`` if it wins over what we hold; KEPT if it replaced or added,
+        else why not (:class:`Merge`).
 
         ``state`` is ``signed.body`` already verified and decoded.  With
         ``tombstoned`` the kept entry is a tombstone since ``now`` (its member
@@ -253,10 +269,10 @@ class RecordStore:
         origin = signed.origin
         old = self._entries.get(origin)
         if not wins(signed, None if old is None else old.signed):
-            return False
+            return Merge.STALE
         if old is None and len(self._entries) >= self.max_origins:
             self.rejected["store-full"] += 1
-            return False
+            return Merge.FULL
         self._own()
         if old is not None:
             self.fingerprint ^= record_term(origin, old.signed.version)
@@ -270,7 +286,7 @@ class RecordStore:
             self._tombstones.discard(origin)
             self._index(origin, state)
         self.index += 1
-        return True
+        return Merge.KEPT
 
     def tombstone(self, origin: str, now: float) -> bool:
         """Stop serving ``origin`` (its member is dead or left); True if it was live."""
