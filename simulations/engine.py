@@ -52,7 +52,7 @@ from meshd.identity import (
 )
 from meshd.policy.policy import AppPolicy
 from meshd.protocol.bridge import WAN
-from meshd.protocol.node import view_term
+from meshd.protocol.member_table import view_term
 from meshd.testing import Cluster, HarnessNode
 from meshd.wire import (
     AppRecord,

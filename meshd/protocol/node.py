@@ -46,7 +46,6 @@ fails verification is counted in ``counters`` and dropped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import random
 from collections import Counter, deque
@@ -57,6 +56,7 @@ from typing import Any, Protocol
 from meshd.protocol.awareness import Awareness, failed_probe_delta
 from meshd.protocol.config import Config
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
+from meshd.protocol.member_table import MemberTable
 from meshd.protocol.members import Member, Move, decide
 from meshd.protocol.queue import BroadcastQueue, retransmit_limit
 from meshd.protocol.store import Merge, RecordStore, StoreSnapshot, wins
@@ -157,12 +157,6 @@ def push_pull_scale(interval: float, n: int) -> float:
     return interval * mult
 
 
-def view_term(m: Member) -> int:
-    """A member's contribution to the view fingerprint (order-free, via XOR)."""
-    key = f"{m.node}|{int(m.status)}|{m.incarnation}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
-
-
 @dataclass(frozen=True, slots=True)
 class SharedView:
     """A core's member table and store, frozen to be adopted by other cores.
@@ -173,11 +167,7 @@ class SharedView:
     """
 
     cluster: str
-    members: dict[str, Member]
-    ids: list[str]
-    gone: set[str]
-    view: int
-    serving: int
+    table: MemberTable
     store: StoreSnapshot
     scoped: dict[str, frozenset[str]]
 
@@ -278,17 +268,8 @@ class Node:
         #: a random place among the members not yet probed).
         self._probe_order: list[str] = []
         self._probe_index = 0
-        self.members: dict[str, Member] = {}
-        self._ids: list[str] = []  # for O(1) random sampling
-        #: Members dead or left, so reconnect and reap need not scan everyone.
-        self._gone: set[str] = set()
-        #: True while members, _ids and _gone are a snapshot other cores
-        #: hold too (``snapshot``/``adopt``): the first change copies them.
-        self._shared = False
-        self._serving = 0
-        #: XOR of ``view_term`` over our members: equal views, equal numbers.
-        #: A digest sync compares it to decide whether member lists must flow.
-        self.view = 0
+        #: Our view of the pool (member_table.py): every change goes through it.
+        self.table = MemberTable()
         #: Failed verifications in the message being received (see receive).
         self._bad = 0
         #: The CA's revocation list we hold (its number, its DER), spread like
@@ -345,7 +326,7 @@ class Node:
     @property
     def pool_size(self) -> int:
         """Members alive or suspected, ourselves included (the ``n`` of the formulas)."""
-        return self._serving
+        return self.table.serving
 
     def member_list(self) -> list[Member]:
         return sorted(self.members.values(), key=lambda m: m.node)
@@ -644,14 +625,9 @@ class Node:
         Nothing is copied: from now on this core too copies a table before
         changing it.
         """
-        self._shared = True
         return SharedView(
             cluster=self.cluster,
-            members=self.members,
-            ids=self._ids,
-            gone=self._gone,
-            view=self.view,
-            serving=self._serving,
+            table=self.table.share(),
             store=self.store.snapshot(),
             scoped={m: frozenset(d) for m, d in self._scoped.items()},
         )
@@ -669,7 +645,7 @@ class Node:
         its own documents at their current versions.
         """
         me = self.members[self.id]
-        listed = shared.members.get(self.id)
+        listed = shared.table.members.get(self.id)
         if shared.cluster != self.cluster or len(self.members) > 1:
             raise ValueError("only a core that knows no one yet adopts a view of its own cluster")
         if listed is None or listed.update_for(me.status, self.id) != me.update_for(
@@ -681,10 +657,7 @@ class Node:
             entry = shared.store.entries.get(doc)
             if entry is None or entry.signed != self.store.get(doc).signed:  # type: ignore[union-attr]
                 raise ValueError(f"the view does not hold {doc} at its current version")
-        self.members, self._ids, self._gone = shared.members, shared.ids, shared.gone
-        self._shared = True
-        self.view = shared.view
-        self._serving = shared.serving
+        self.table = shared.table.share()
         self.store.adopt(shared.store)
         self._scoped = {m: set(d) for m, d in shared.scoped.items()}
         self._probe_order, self._probe_index = [], 0
@@ -748,42 +721,28 @@ class Node:
     # ------------------------------------------------------------------
     # Membership
 
-    # Every change to members, _ids and _gone goes through the three methods
-    # below, which copy shared tables first.
+    # Every change to the member table goes through the table's own methods
+    # (member_table.py); these add what the core keeps beside it.
 
-    def _own_members(self) -> None:
-        if self._shared:
-            self.members = dict(self.members)
-            self._ids = list(self._ids)
-            self._gone = set(self._gone)
-            self._shared = False
+    @property
+    def members(self) -> dict[str, Member]:
+        """member id -> our view of it (read only: change it through the table)."""
+        return self.table.members
+
+    @property
+    def view(self) -> int:
+        """Fingerprint of our member view (see member_table.view_term)."""
+        return self.table.view
 
     def _add_member(self, m: Member) -> None:
-        self._own_members()
-        self.members[m.node] = m
-        self.view ^= view_term(m)
-        self._ids.append(m.node)
-        if m.serving:
-            self._serving += 1
-        elif m.status in (Status.DEAD, Status.LEFT):
-            self._gone.add(m.node)
+        self.table.add(m)
         if m.node != self.id:
             # Among the members not yet probed this round: probed within it.
             self._probe_order.append(m.node)
 
     def _remove_member(self, node: str) -> None:
-        self._own_members()
         self.coords.pop(node, None)
-        m = self.members.pop(node)
-        self.view ^= view_term(m)
-        if m.serving:
-            self._serving -= 1
-        self._gone.discard(node)
-        # O(n), but a member is removed only when reaped, long after its death.
-        pos = self._ids.index(node)
-        last = self._ids.pop()
-        if last != node:
-            self._ids[pos] = last
+        self.table.remove(node)
 
     def _set_status(
         self,
@@ -793,24 +752,7 @@ class Node:
         incarnation: int | None = None,
         **where: str | SignedClaim | None,
     ) -> Member:
-        """The one place a known member's status, incarnation or address
-        (``where``: address, region, zone, claim) changes; returns the new member."""
-        self._own_members()
-        new = dataclasses.replace(
-            m,
-            status=status,
-            since=now if status is not m.status else m.since,
-            incarnation=m.incarnation if incarnation is None else incarnation,
-            **where,  # type: ignore[arg-type]
-        )
-        self.members[m.node] = new
-        self.view ^= view_term(m) ^ view_term(new)
-        self._serving += int(new.serving) - int(m.serving)
-        if status in (Status.DEAD, Status.LEFT):
-            self._gone.add(m.node)
-        else:
-            self._gone.discard(m.node)
-        return new
+        return self.table.set_status(m, status, now, incarnation, **where)  # type: ignore[arg-type]
 
     def _verified(self, u: MemberUpdate) -> MemberUpdate | None:
         """An alive or left update rebuilt from its member's verified signed claim.
@@ -1002,7 +944,7 @@ class Node:
                 if m is not None and m.serving and m.node != self.id:
                     return m
             # Round over: a new one over who is there now (memberlist resetNodes).
-            self._probe_order = list(self._ids)
+            self._probe_order = list(self.table.ids)
             self._probe_index = 0
         return None
 
@@ -1360,7 +1302,7 @@ class Node:
         # refutations flow (Serf's reconnect).  A short sync is enough: if it
         # answers, our views differ (it is dead in ours), so member lists flow
         # both ways; if it is really gone, the attempt cost one small message.
-        dead = sorted(n for n in self._gone if self.members[n].status is Status.DEAD)
+        dead = sorted(n for n in self.table.gone if self.members[n].status is Status.DEAD)
         if dead:
             m = self.members[dead[self._rng.randrange(len(dead))]]
             self._send_sync(m.address, full=False, dest_cluster=m.cluster)
@@ -1481,7 +1423,7 @@ class Node:
 
     def _reap(self, now: float) -> None:
         timeout = self.config.tombstone_timeout
-        gone = sorted(n for n in self._gone if now - self.members[n].since >= timeout)
+        gone = sorted(n for n in self.table.gone if now - self.members[n].since >= timeout)
         for node in gone:
             self._remove_member(node)
         for member in [m for m, (_, t) in self._dead_as_of.items() if now - t >= timeout]:
@@ -1509,7 +1451,7 @@ class Node:
         Rejection sampling over the id list keeps this O(k) in large pools;
         a bounded number of tries falls back to a full scan in sparse ones.
         """
-        ids = self._ids
+        ids = self.table.ids
         if not ids or k <= 0:
             return []
         picked: dict[str, Member] = {}
