@@ -530,6 +530,9 @@ class MemberClaim:
         _mid(self.node)
         _check_int(self.incarnation, "incarnation", 0)
         _check_str(self.address, "address", MAX_NAME_LEN + 6)
+        host, sep, port = self.address.rpartition(":")
+        if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise WireError("a claim's address is host:port with a port from 1 to 65535")
         _check_str(self.region, "region", MAX_NAME_LEN)
         _check_str(self.zone, "zone", MAX_NAME_LEN)
         if self.pool not in ("lan", "wan"):

@@ -863,3 +863,12 @@ def test_frame_decoder_reports_the_size_of_each_frame():
     assert dec.feed(a + b[:3]) == [Nack("east/n1", seq=3)]
     assert dec.sizes == [len(a)]
     assert len(dec.feed(b[3:])) == 1 and dec.sizes == [len(b)]
+
+
+@pytest.mark.parametrize("address", ["", "nohost", ":7946", "h:0", "h:65536", "h:x", "h:²"])
+def test_a_member_claim_names_a_real_host_and_port(address: str) -> None:
+    from meshd.wire import MemberClaim
+
+    with pytest.raises(WireError):
+        MemberClaim(Status.ALIVE, "east/n1", 1, address)
+    assert MemberClaim(Status.ALIVE, "east/n1", 1, "[::1]:7946").address == "[::1]:7946"

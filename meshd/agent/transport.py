@@ -333,7 +333,16 @@ class Transport:
                 del self._out[out.address]
 
     async def _connect(self, out: _Outbound) -> asyncio.StreamWriter | None:
-        host, port = split_address(out.address)
+        try:
+            host, port = split_address(out.address)
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port} out of range")
+        except ValueError as exc:
+            # A member's own signed claim may still name nowhere: say so once
+            # a minute and drop what was queued, never kill the sender.
+            out.frames.clear()
+            self._reject(out.address[:80], "bad-address", str(exc)[:80])
+            return None
         try:
             _, writer = await asyncio.wait_for(
                 asyncio.open_connection(
