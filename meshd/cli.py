@@ -526,35 +526,14 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _call(base: str, method: str, path: str, body: object = None, token: str | None = None) -> Any:
-    """One API request; the decoded JSON answer (None for an empty body).
+    """One API request with a JSON body (or none); the decoded JSON answer
+    (None for an empty body).
 
     Raises CommandError with the agent's own ``error`` sentence on 4xx/5xx,
     and "cannot reach the agent" when there is no answer at all.
     """
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method)
-    request.add_header("Accept", "application/json")
-    if data is not None:
-        request.add_header("Content-Type", "application/json")
-    if token is not None:
-        request.add_header("X-Consul-Token", token)
-    try:
-        with _OPENER.open(request, timeout=HTTP_TIMEOUT) as response:
-            raw = response.read()
-    except urllib.error.HTTPError as exc:
-        raise CommandError(_error_sentence(exc)) from None
-    except urllib.error.URLError as exc:
-        raise CommandError(f"cannot reach the agent at {base}: {_reason(exc.reason)}") from None
-    except OSError as exc:  # reset or timeout mid-answer
-        raise CommandError(f"cannot reach the agent at {base}: {_reason(exc)}") from None
-    if not raw.strip():
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        raise CommandError(
-            f"the agent at {base} answered {method} {path} with invalid JSON"
-        ) from None
+    return _call_bytes(base, method, path, data, "application/json", token)
 
 
 def _reason(reason: object) -> str:
@@ -693,12 +672,18 @@ def _cmd_members(args: argparse.Namespace) -> int:
 
 
 def _call_bytes(
-    base: str, method: str, path: str, data: bytes, content_type: str, token: str | None = None
+    base: str,
+    method: str,
+    path: str,
+    data: bytes | None,
+    content_type: str,
+    token: str | None = None,
 ) -> Any:
-    """Like :func:`_call`, for a request whose body is not JSON (a revocation list)."""
+    """As :func:`_call`, for any body (a revocation list is PEM or DER)."""
     request = urllib.request.Request(base + path, data=data, method=method)
     request.add_header("Accept", "application/json")
-    request.add_header("Content-Type", content_type)
+    if data is not None:
+        request.add_header("Content-Type", content_type)
     if token is not None:
         request.add_header("X-Consul-Token", token)
     try:
@@ -708,8 +693,10 @@ def _call_bytes(
         raise CommandError(_error_sentence(exc)) from None
     except urllib.error.URLError as exc:
         raise CommandError(f"cannot reach the agent at {base}: {_reason(exc.reason)}") from None
-    except OSError as exc:
+    except OSError as exc:  # reset or timeout mid-answer
         raise CommandError(f"cannot reach the agent at {base}: {_reason(exc)}") from None
+    if not raw.strip():
+        return None
     try:
         return json.loads(raw)
     except ValueError:
