@@ -321,3 +321,30 @@ def test_failing_checks_turn_the_instance_critical_everywhere(five):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_policy_change_releases_waiting_lookups(tmp_path, certs):
+    """A new policy reorders answers without new records: waiting blocking
+    queries come back at once (same index) instead of at the end of their wait."""
+    agent = AgentProc(tmp_path, certs, "p0").start()
+    try:
+        index = agent.get("/v1/resolve/orders")["index"]
+        got: list[float] = []
+
+        def blocked() -> None:
+            start = time.monotonic()
+            agent.call("GET", f"/v1/resolve/orders?index={index}&wait=120s", timeout=150)
+            got.append(time.monotonic() - start)
+
+        t = threading.Thread(target=blocked, daemon=True)
+        t.start()
+        wait_until(
+            lambda: agent.metric("meshd_http_requests_total") > 0 and t.is_alive(), 10, "parked"
+        )
+        policy = agent.get("/v1/policy")
+        status, _, _ = agent.call("PUT", "/v1/policy", policy)
+        assert status == 200
+        t.join(60)
+        assert got and got[0] < 60, got  # released by the change, not by the 120 s wait
+    finally:
+        agent.stop()

@@ -706,8 +706,11 @@ class Agent:
         self._changed = asyncio.Event()
 
     async def wait_for_index(self, index: int, timeout: float) -> int:
+        # A new policy reorders answers without touching the records: it ends
+        # the wait too (same index; a client that wants changes only re-blocks).
         deadline = self._loop.time() + timeout
-        while self.index <= index:
+        policy = self._policy_generation
+        while self.index <= index and self._policy_generation == policy:
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 break
