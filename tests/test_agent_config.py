@@ -536,3 +536,13 @@ def test_agent_off_loopback_via_main(
     assert main([*argv, "--api-token-file", str(token_file(tmp_path))]) == 0
     (cfg,) = fake_run
     assert cfg.api == ("0.0.0.0", 7700) and cfg.api_token == TOKEN
+
+
+def test_a_wildcard_bind_is_never_advertised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAN and WAN alike: peers cannot dial 0.0.0.0, so the host's own address goes out."""
+    from meshd.agent import run
+
+    monkeypatch.setattr("meshd.agent.run.socket.gethostbyname", lambda name: "192.0.2.7")
+    assert run._advertise_of(None, ("0.0.0.0", 7000)) == "192.0.2.7:7000"
+    assert run._advertise_of(("198.51.100.1", 0), ("0.0.0.0", 7000)) == "198.51.100.1:7000"
+    assert run._advertise_of(None, ("127.0.0.1", 7000)) == "127.0.0.1:7000"

@@ -168,25 +168,24 @@ def _api_token(cfg: AgentConfig) -> str | None:
 
 
 def _advertise_of(given: tuple[str, int] | None, bound: tuple[str, int]) -> str:
+    """The address peers should dial: ``given`` (its port 0: the bound one),
+    else the bound address, with a wildcard replaced by the address our host
+    name resolves to (a peer cannot dial 0.0.0.0); LAN and WAN alike."""
     if given is not None:
         host, port = given
-        return _fmt(host, port or bound[1])
-    return _fmt(*bound)
-
-
-def _advertise(cfg: AgentConfig, bound: tuple[str, int]) -> str:
-    if cfg.advertise is not None:
-        host, port = cfg.advertise
         port = port or bound[1]
     else:
         host, port = bound
         if ipaddress.ip_address(host).is_unspecified:
-            # Listening everywhere: advertise the address our name resolves to.
             try:
                 host = socket.gethostbyname(socket.gethostname())
             except OSError:
                 host = "127.0.0.1"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _advertise(cfg: AgentConfig, bound: tuple[str, int]) -> str:
+    return _advertise_of(cfg.advertise, bound)
 
 
 def _why(exc: OSError) -> str:
