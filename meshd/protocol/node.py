@@ -799,12 +799,14 @@ class Node:
         if move is Move.IGNORE:
             self.counters["stale-claims"] += 1
             return
-        if u.status in (Status.ALIVE, Status.LEFT) and not (
-            cur is not None and u.claim is cur.claim and u.claim is not None
-        ):
+        if u.status in (Status.ALIVE, Status.LEFT):
+            if cur is not None and u.claim is not None and u.claim is cur.claim:
+                # The very claim we hold (shared in memory): nothing new in it.
+                self.counters["stale-claims"] += 1
+                return
             # The member's own word: believed only through its signature
             # (checked after the cheap table lookup, so stale repeats cost
-            # nothing; the very claim we hold needs no second look).
+            # nothing).
             checked = self._verified(u)
             if checked is None:
                 return
