@@ -36,6 +36,7 @@ from meshd.wire import (
     Ping,
     PushPull,
     PushPullReply,
+    Revocations,
     SignedClaim,
     SignedState,
     Status,
@@ -412,3 +413,23 @@ def test_an_unasked_sync_reply_draws_nothing() -> None:
     me.receive(PushPullReply(rogue.id, digest={}, view=1), c.now, peer=rogue.id)
     assert me.messages_to_send() == []
     assert me.counters["rejected-state:unsolicited"] == 1
+
+
+def test_syncs_claiming_no_revocation_list_draw_it_a_rationed_number_of_times() -> None:
+    """Our revocation list is up to 256 KiB; a peer's sync saying it holds none
+    costs it a few bytes: it gets the list HEAVY_REPLY_BURST times, then slowly."""
+    from meshd.protocol.node import HEAVY_REPLY_BURST
+
+    c, rogue = build("same-cluster")
+    me = c.core(0)
+    me.set_revocations(1, b"\x30" * 1000, c.now)
+    me.messages_to_send()
+    sent = 0
+    for _ in range(50):
+        # Fingerprints that agree: no member list or states, only the offer.
+        msg = PushPull(
+            rogue.id, source_addr="127.0.0.1:1", records=me.store.fingerprint, view=me.view
+        )
+        me.receive(msg, c.now, peer=rogue.id)
+        sent += sum(1 for _, m in me.messages_to_send() if isinstance(m, Revocations))
+    assert sent == HEAVY_REPLY_BURST

@@ -489,8 +489,10 @@ class Node:
             return
         self.set_revocations(number, msg.crl, now)
 
-    def _offer_revocations(self, address: str, theirs: int) -> None:
-        if theirs < self.revocation_number:
+    def _offer_revocations(self, address: str, source: str, theirs: int, now: float) -> None:
+        """Send our list to a peer whose sync showed an older one (rationed:
+        a list is up to 256 KiB, a sync frame a few bytes)."""
+        if theirs < self.revocation_number and self._heavy_ok(source, now):
             self._send(address, Revocations(self.id, crl=self._crl))
 
     def set_signer(self, signer: Signer, now: float) -> None:
@@ -1364,7 +1366,7 @@ class Node:
             ),
         )
         self._send_members(addr, lists[1:])
-        self._offer_revocations(addr, msg.revocations)
+        self._offer_revocations(addr, msg.source, msg.revocations, now)
         for chunk in chunks[1:]:
             self._send(addr, Gossip(self.id, states=chunk, sync=True))
 
@@ -1391,7 +1393,7 @@ class Node:
             # gossip, but an unasked reply draws no O(n) answer from us.
             self.counters["rejected-state:unsolicited"] += 1
             return
-        self._offer_revocations(addr, msg.revocations)
+        self._offer_revocations(addr, msg.source, msg.revocations, now)
         if offered in (_SYNC_DIGEST, _SYNC_SHORT) and msg.members and msg.view != self.view:
             # It sent its list because views differed; ours may hold what it
             # lacks.  Send it back as a reply, which is never answered again.
