@@ -8,8 +8,9 @@ stored and its app set changed, which once left an agent refusing every
 later write and failing to start.  So the agent asks :func:`publish_problem`
 first, about the whole would-be set, and refuses the request with its answer.
 
-The drafts are built the way the core builds them (one per scope, sorted by
-instance, the main one carrying a bridge's statements) but at their worst:
+The drafts are built by the core's own functions (``meshd.protocol.documents``:
+one per scope, sorted by instance, the main one carrying a bridge's
+statements) but at their worst:
 every record at the longest health value and the version at its largest, so
 an app set accepted here still fits after any later health flip or version.
 A bridge's statements (``down``, ``unreachable``, ``rtt``) are taken as they
@@ -20,58 +21,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from meshd.protocol.documents import Publisher, by_scope, draft
 from meshd.wire import (
     HEALTH_VALUES,
     MAX_APPS_PER_ORIGIN,
     MAX_ORIGIN_BODY_BYTES,
     AppRecord,
-    OriginState,
     WireError,
     scope_for,
 )
 
-if TYPE_CHECKING:
-    from meshd.protocol.node import Node
-
-__all__ = ["Publisher", "publish_problem"]
+__all__ = ["Publisher", "publish_problem"]  # Publisher: from meshd.protocol.documents
 
 #: The longest health value: a record's encoded size at its worst.
 _WORST_HEALTH = max(HEALTH_VALUES, key=len)
 #: The largest version a document can carry (an unsigned wire integer below 2**63).
 _WORST_VERSION = 2**63 - 1
-
-
-@dataclass(frozen=True, slots=True)
-class Publisher:
-    """What a node's documents carry besides its apps."""
-
-    node: str
-    cluster: str
-    region: str = ""
-    zone: str = ""
-    gateway: str = ""
-    bridge: bool = False
-    down: tuple[tuple[str, int], ...] = ()
-    unreachable: tuple[str, ...] = ()
-    rtt: tuple[tuple[str, int], ...] = ()
-
-    @classmethod
-    def of(cls, core: Node) -> Publisher:
-        """The publisher a running core is (its public attributes only)."""
-        return cls(
-            node=core.node_name,
-            cluster=core.cluster,
-            region=core.region,
-            zone=core.zone,
-            gateway=core.gateway,
-            bridge=core.bridge,
-            down=core.down,
-            unreachable=core.unreachable,
-            rtt=core.rtt_statement,
-        )
 
 
 def _audience(scope: str) -> str:
@@ -97,35 +63,18 @@ def publish_problem(
             f"this node already publishes {MAX_APPS_PER_ORIGIN} app records, "
             "the most one node may publish"
         )
-    by_scope: dict[str, list[AppRecord]] = {"": []}
     wanted = None if only is None else scope_for(only.export)
-    for rec in records:
-        scope = scope_for(rec.export)
-        if wanted is None or scope == wanted:
-            by_scope.setdefault(scope, []).append(dataclasses.replace(rec, health=_WORST_HEALTH))
+    worst = [dataclasses.replace(rec, health=_WORST_HEALTH) for rec in records]
+    scopes = by_scope(worst)
     if wanted is not None:
-        by_scope = {wanted: by_scope.get(wanted, [])}
-    for scope, recs in sorted(by_scope.items()):
-        main = scope == ""
+        scopes = {wanted: scopes.get(wanted, [])}
+    for scope, recs in sorted(scopes.items()):
         try:
-            draft = OriginState(
-                node=who.node,
-                cluster=who.cluster,
-                region=who.region,
-                zone=who.zone,
-                version=_WORST_VERSION,
-                apps=tuple(recs),
-                scope=scope,
-                bridge=who.bridge and main,
-                down=who.down if main else (),
-                unreachable=who.unreachable if main else (),
-                rtt=who.rtt if main else (),
-                gateway=who.gateway,
-            )
+            document = draft(who, scope, recs, _WORST_VERSION)
         except WireError as exc:  # a record the wire refuses: not expected after validation
             return str(exc)
         try:
-            draft.encode()  # raises only past the byte cap
+            document.encode()  # raises only past the byte cap
         except WireError:
             return (
                 f"the node's document for {_audience(scope)} would exceed "

@@ -55,6 +55,8 @@ from typing import Any, Protocol
 
 from meshd.protocol.awareness import Awareness, failed_probe_delta
 from meshd.protocol.config import Config
+from meshd.protocol.documents import Publisher
+from meshd.protocol.documents import drafts as draft_documents
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
 from meshd.protocol.member_table import MemberTable
 from meshd.protocol.members import Member, Move, decide
@@ -90,7 +92,6 @@ from meshd.wire import (
     doc_member,
     may_reach,
     member_id,
-    scope_for,
 )
 
 #: Bytes of states per anti-entropy message: with a full member list of a
@@ -549,37 +550,18 @@ class Node:
     def _publish(self, now: float, force: bool = False) -> int:
         """Re-sign, under one new version, every document whose content changed.
 
-        One document per audience (see ``OriginState.scope``); the main
-        document (scope "") always exists and carries the bridge statements.
-        A scope whose apps all went away is published empty, not dropped: a
-        CRDT cannot forget, only supersede.
+        What the documents hold is drafted in ``documents.py`` (one per
+        audience, the main one always, emptied scopes kept).
         """
         if not self.publisher:
             raise RuntimeError("this core does not publish (a bridge's WAN core)")
-        by_scope: dict[str, list[AppRecord]] = {"": []}
-        for scope in self._published:
-            by_scope.setdefault(scope, [])
-        for rec in sorted(self._apps.values(), key=lambda a: a.instance):
-            by_scope.setdefault(scope_for(rec.export), []).append(rec)
-        drafts = {}
-        for scope, recs in by_scope.items():
-            main = scope == ""
-            draft = OriginState(
-                node=self.node_name,
-                cluster=self.cluster,
-                region=self.region,
-                zone=self.zone,
-                version=0,
-                apps=tuple(recs),
-                scope=scope,
-                bridge=self.bridge and main,
-                down=self.down if main else (),
-                unreachable=self.unreachable if main else (),
-                rtt=self.rtt_statement if main else (),
-                gateway=self.gateway,
-            )
-            if force or self._published.get(scope) != draft:
-                drafts[scope] = draft
+        drafts = {
+            scope: d
+            for scope, d in draft_documents(
+                Publisher.of(self), self._apps.values(), self._published
+            ).items()
+            if force or self._published.get(scope) != d
+        }
         if not drafts:
             return self.version
         self.version += 1
