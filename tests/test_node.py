@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from meshd.identity import StateSigner, StateVerifier, create_ca, issue_node_cert
 from meshd.protocol.config import Config
 from meshd.protocol.events import MemberChanged, OriginChanged
-from meshd.protocol.node import Node, nack_timeout
+from meshd.protocol.node import Node
+from meshd.protocol.prober import nack_timeout
 from meshd.protocol.store import Entry
 from meshd.protocol.suspicion import suspicion_timeout
 from meshd.testing import Cluster

@@ -53,13 +53,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from meshd.protocol.awareness import Awareness, failed_probe_delta
+from meshd.protocol.awareness import Awareness
 from meshd.protocol.config import Config
 from meshd.protocol.documents import Publisher
 from meshd.protocol.documents import drafts as draft_documents
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
 from meshd.protocol.member_table import MemberTable
 from meshd.protocol.members import Member, Move, decide
+from meshd.protocol.prober import Prober
 from meshd.protocol.queue import BroadcastQueue, retransmit_limit
 from meshd.protocol.store import Merge, RecordStore, StoreSnapshot, wins
 from meshd.protocol.suspicion import (
@@ -68,9 +69,7 @@ from meshd.protocol.suspicion import (
     suspicion_max,
     suspicion_min,
 )
-from meshd.protocol.vivaldi import Coordinate, VivaldiConfig
-from meshd.protocol.vivaldi import distance as vivaldi_distance
-from meshd.protocol.vivaldi import update as vivaldi_update
+from meshd.protocol.vivaldi import Coordinate
 from meshd.wire import (
     Ack,
     AppRecord,
@@ -99,8 +98,6 @@ from meshd.wire import (
 SYNC_CHUNK_BYTES = 256 * 1024
 #: Seconds between join attempts while we know no other member.
 JOIN_RETRY_INTERVAL = 2.0
-#: Fraction of the probe timeout a helper waits before it nacks (see nack_timeout).
-NACK_TIMEOUT_FRACTION = 0.8
 #: Pools above this size sync less often (memberlist's pushPullScaleThreshold).
 PUSH_PULL_SCALE_THRESHOLD = 32
 #: Failed verifications (bad signature, bad or untrusted certificate) after
@@ -136,17 +133,6 @@ class Verifier(Protocol):
     def current(self, cert: bytes) -> Rejection | None: ...
 
 
-def nack_timeout(probe_timeout: float) -> float:
-    """How long a helper waits for the target before sending its nack.
-
-    The prober asks helpers at ``probe_timeout`` and gives up at the end of
-    the probe interval; a nack sent at a full ``probe_timeout`` would land
-    after that and be counted missing, blaming a healthy prober.  Lifeguard
-    (footnote 5 of the paper) waits 80% of the timeout.
-    """
-    return NACK_TIMEOUT_FRACTION * probe_timeout
-
-
 def push_pull_scale(interval: float, n: int) -> float:
     """Stretch a sync interval above 32 members so the pool-wide sync load stays flat.
 
@@ -171,28 +157,6 @@ class SharedView:
     table: MemberTable
     store: StoreSnapshot
     scoped: dict[str, frozenset[str]]
-
-
-@dataclass(slots=True)
-class _Probe:
-    target: str
-    seq: int
-    ack_deadline: float
-    end: float
-    sent: float = 0.0
-    indirect: bool = False
-    expected_nacks: int = 0
-    nacks: int = 0
-
-
-@dataclass(slots=True)
-class _Relay:
-    """An indirect probe we run for ``requester``: forward its ack, or a nack."""
-
-    requester_addr: str
-    requester_seq: int
-    deadline: float
-    want_nack: bool
 
 
 class Node:
@@ -230,7 +194,8 @@ class Node:
         #: Counters of what happened that an operator may want to see: rejected
         #: states by reason, impersonation attempts, stale claims, refutations.
         self.counters: Counter[str] = Counter()
-        self.awareness = Awareness(config.awareness_max_multiplier)
+        #: SWIM probing and Lifeguard health (prober.py).
+        self.prober = Prober(self, config, rng)
         self.store = RecordStore()
         self.left = False
 
@@ -246,6 +211,8 @@ class Node:
         self.bridge = False
         self.down: tuple[tuple[str, int], ...] = ()
         self.unreachable: tuple[str, ...] = ()
+        #: Bridges only: (cluster, microseconds) statement, see OriginState.rtt.
+        self.rtt_statement: tuple[tuple[str, int], ...] = ()
         #: Last published content per scope (version left at 0), to re-sign
         #: only the documents that changed.
         self._published: dict[str, OriginState] = {}
@@ -255,20 +222,6 @@ class Node:
         #: member id -> (version it is dead as of, when we heard it), from
         #: bridges' down statements; forgotten after tombstone_timeout.
         self._dead_as_of: dict[str, tuple[int, float]] = {}
-        #: Vivaldi: our network coordinate, and the last one each member we
-        #: probed told us (fed by the round trips of direct probes).
-        self._vivaldi = VivaldiConfig()
-        self.coord = Coordinate.origin(self._vivaldi)
-        self.coords: dict[str, Coordinate] = {}
-        #: Bridges only: (cluster, microseconds) statement, see OriginState.rtt.
-        self.rtt_statement: tuple[tuple[str, int], ...] = ()
-
-        #: This probe round's order: ``[:_probe_index]`` probed, the rest
-        #: drawn one at a time (a lazy Fisher-Yates shuffle: a random order
-        #: without an O(n) shuffle up front, and a newcomer appended lands at
-        #: a random place among the members not yet probed).
-        self._probe_order: list[str] = []
-        self._probe_index = 0
         #: Our view of the pool (member_table.py): every change goes through it.
         self.table = MemberTable()
         #: Failed verifications in the message being received (see receive).
@@ -301,16 +254,13 @@ class Node:
         self._out: list[tuple[str, Message]] = []
         self._events: deque[Event] = deque()
 
-        self._seq = 0
-        self._probe: _Probe | None = None
-        self._relays: dict[int, _Relay] = {}
         self._suspicions: dict[str, Suspicion] = {}
         self._seeds: list[str] = []
         #: address -> what our open sync offered (_SYNC_FULL/_DIGEST/_SHORT).
         self._open_syncs: dict[str, str] = {}
 
         jitter = rng.random()
-        self._next_probe = now + config.probe_interval * jitter
+        self.prober.next_probe = now + config.probe_interval * jitter
         self._next_gossip: float | None = None
         self._next_digest = now + config.digest_interval * (0.5 + rng.random())
         self._next_reconnect = now + config.reconnect_interval * (0.5 + rng.random())
@@ -354,32 +304,21 @@ class Node:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float:
-        t = min(self._next_probe, self._next_digest, self._next_reap)
+        t = min(self.prober.deadline(), self._next_digest, self._next_reap)
         if self.config.reconnect_interval > 0:
             t = min(t, self._next_reconnect)
         if self._next_gossip is not None:
             t = min(t, self._next_gossip)
         if self._next_join is not None:
             t = min(t, self._next_join)
-        if self._probe is not None:
-            t = min(t, self._probe.end if self._probe.indirect else self._probe.ack_deadline)
         for s in self._suspicions.values():
             t = min(t, s.deadline)
-        for r in self._relays.values():
-            t = min(t, r.deadline)
         return t
 
     def handle_timer(self, now: float) -> None:
-        self._expire_relays(now)
+        self.prober.expire_relays(now)
         self._expire_suspicions(now)
-        if self._probe is not None:
-            self._advance_probe(now)
-        if now >= self._next_probe and not self.left:
-            if self._probe is not None:  # a paused driver woke late: close it out first
-                self._finish_probe(now, acked=False)
-            self._start_probe(now)
-        elif now >= self._next_probe:
-            self._next_probe = now + self.config.probe_interval
+        self.prober.tick(now, self.left)
         if self._next_gossip is not None and now >= self._next_gossip:
             self._gossip_round(now)
         if now >= self._next_digest:
@@ -444,7 +383,7 @@ class Node:
         )
         update = me.update_for(Status.LEFT, self.id)
         self._queue_member(update, now)
-        self._probe = None
+        self.prober.probe = None
         # Do not wait for the next gossip round: the driver may stop soon.
         targets = self._random_members(
             max(self.config.gossip_nodes * 2, 4), lambda m: m.serving and m.node != self.id
@@ -644,7 +583,7 @@ class Node:
         self.table = shared.table.share()
         self.store.adopt(shared.store)
         self._scoped = {m: set(d) for m, d in shared.scoped.items()}
-        self._probe_order, self._probe_index = [], 0
+        self.prober.order, self.prober.index = [], 0
 
     def _note_doc(self, origin: str) -> None:
         member, sep, _ = origin.partition("#")
@@ -722,10 +661,10 @@ class Node:
         self.table.add(m)
         if m.node != self.id:
             # Among the members not yet probed this round: probed within it.
-            self._probe_order.append(m.node)
+            self.prober.order.append(m.node)
 
     def _remove_member(self, node: str) -> None:
-        self.coords.pop(node, None)
+        self.prober.coords.pop(node, None)
         self.table.remove(node)
 
     def _set_status(
@@ -910,173 +849,26 @@ class Node:
             self._events.append(OriginChanged(origin, entry.signed.version, live))
 
     # ------------------------------------------------------------------
-    # Probing (SWIM + Lifeguard)
+    # Probing: prober.py (the handler table routes pings, acks and nacks there)
 
-    def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        return self._seq
+    @property
+    def awareness(self) -> Awareness:
+        """Our Lifeguard local health (the prober's)."""
+        return self.prober.awareness
 
-    def _next_target(self) -> Member | None:
-        for _ in range(2):
-            order = self._probe_order
-            while self._probe_index < len(order):
-                # One step of a Fisher-Yates shuffle: a uniform pick among the
-                # members not yet probed this round.
-                i = self._probe_index
-                j = self._rng.randrange(i, len(order))
-                order[i], order[j] = order[j], order[i]
-                self._probe_index = i + 1
-                m = self.members.get(order[i])
-                if m is not None and m.serving and m.node != self.id:
-                    return m
-            # Round over: a new one over who is there now (memberlist resetNodes).
-            self._probe_order = list(self.table.ids)
-            self._probe_index = 0
-        return None
+    @property
+    def coord(self) -> Coordinate:
+        """Our Vivaldi coordinate."""
+        return self.prober.coord
 
-    def _start_probe(self, now: float) -> None:
-        cfg = self.config
-        interval = self.awareness.scale(cfg.probe_interval) if cfg.lifeguard else cfg.probe_interval
-        self._next_probe = now + interval
-        target = self._next_target()
-        if target is None:
-            return
-        timeout = self.awareness.scale(cfg.probe_timeout) if cfg.lifeguard else cfg.probe_timeout
-        seq = self._next_seq()
-        buddy = None
-        if cfg.lifeguard and target.status is Status.SUSPECT:
-            buddy = target.update_for(Status.SUSPECT, self.id)
-        members, states = self._piggyback(target.cluster)
-        self._send(
-            target.address,
-            Ping(
-                self.id,
-                seq=seq,
-                source_addr=self.address,
-                target=target.node,
-                suspicion=buddy,
-                members=members,
-                states=states,
-            ),
-        )
-        self._probe = _Probe(target.node, seq, now + timeout, now + interval, sent=now)
-
-    def _advance_probe(self, now: float) -> None:
-        p = self._probe
-        assert p is not None
-        if not p.indirect and now >= p.ack_deadline:
-            p.indirect = True
-            target = self.members.get(p.target)
-            if target is None:
-                self._probe = None
-                return
-            helpers = self._random_members(
-                self.config.indirect_checks,
-                lambda m: m.status is Status.ALIVE and m.node not in (self.id, p.target),
-            )
-            p.expected_nacks = len(helpers)
-            for h in helpers:
-                self._send(
-                    h.address,
-                    IndirectPing(
-                        self.id,
-                        seq=p.seq,
-                        source_addr=self.address,
-                        target=target.node,
-                        target_addr=target.address,
-                        nack=True,
-                    ),
-                )
-        if p.indirect and now >= p.end:
-            self._finish_probe(now, acked=False)
-
-    def _finish_probe(self, now: float, acked: bool) -> None:
-        p = self._probe
-        assert p is not None
-        self._probe = None
-        if acked:
-            if self.config.lifeguard:
-                self.awareness.apply(-1)
-            return
-        if self.config.lifeguard:
-            self.awareness.apply(failed_probe_delta(p.expected_nacks, p.nacks))
-        m = self.members.get(p.target)
-        if m is None or not m.serving:
-            return
-        self.counters["probe-failures"] += 1
-        # On a member already suspected (by someone else's word) our failed
-        # probe is an independent confirmation: counted and passed on, it
-        # shortens the suspicion (Lifeguard; memberlist's suspectNode does
-        # the same).  Without it only the few nodes that probe the member
-        # before the first suspicion reaches them could confirm it.
-        self._apply(m.update_for(Status.SUSPECT, self.id), now)
-
-    def _on_nack(self, msg: Nack, now: float) -> None:
-        if self._probe is not None and self._probe.seq == msg.seq and self._probe.indirect:
-            self._probe.nacks += 1
-
-    def _on_ping(self, msg: Ping, now: float) -> None:
-        if msg.target != self.id:
-            self.counters["misdirected"] += 1
-            return
-        if msg.suspicion is not None and msg.suspicion.node == self.id:
-            self._about_me(msg.suspicion, now)
-        addr = msg.source_addr or self._address_of(msg.source)
-        if addr is None:
-            return
-        members, states = self._piggyback(_cluster_of(msg.source))
-        coord = (*self.coord.vec, self.coord.error, self.coord.height)
-        self._send(addr, Ack(self.id, seq=msg.seq, members=members, states=states, coord=coord))
-
-    def _on_ack(self, msg: Ack, now: float) -> None:
-        p = self._probe
-        if p is not None and p.seq == msg.seq:
-            if msg.coord is not None and msg.source == p.target:
-                self._observe_rtt(p.target, msg.coord, now - p.sent)
-            self._finish_probe(now, acked=True)
-            return
-        relay = self._relays.pop(msg.seq, None)
-        if relay is not None:
-            self._send(relay.requester_addr, Ack(self.id, seq=relay.requester_seq))
-
-    def _on_indirect_ping(self, msg: IndirectPing, now: float) -> None:
-        seq = self._next_seq()
-        self._relays[seq] = _Relay(
-            msg.source_addr, msg.seq, now + nack_timeout(self.config.probe_timeout), msg.nack
-        )
-        self._send(
-            msg.target_addr,
-            Ping(self.id, seq=seq, source_addr=self.address, target=msg.target),
-        )
-
-    def _observe_rtt(self, member: str, raw: tuple[float, ...], rtt: float) -> None:
-        """A direct probe's round trip: place the peer, nudge our coordinate (Vivaldi)."""
-        dims = self._vivaldi.dimensionality
-        if len(raw) != dims + 2 or rtt <= 0:
-            self.counters["bad-coordinate"] += 1
-            return
-        try:
-            remote = Coordinate(tuple(raw[:dims]), raw[dims], raw[dims + 1])
-        except ValueError:
-            self.counters["bad-coordinate"] += 1
-            return
-        self.coords[member] = remote
-        self.coord = vivaldi_update(self.coord, remote, rtt, self._vivaldi, rng=self._rng)
+    @property
+    def coords(self) -> dict[str, Coordinate]:
+        """The last coordinate each member we probed told us."""
+        return self.prober.coords
 
     def estimated_rtt(self, member: str) -> float | None:
         """Predicted round trip to ``member`` in seconds, when we have placed it."""
-        if member == self.id:
-            return 0.0
-        remote = self.coords.get(member)
-        return None if remote is None else vivaldi_distance(self.coord, remote)
-
-    def _expire_relays(self, now: float) -> None:
-        if not self._relays:
-            return
-        for seq in [s for s, r in self._relays.items() if now >= r.deadline]:
-            r = self._relays.pop(seq)
-            if r.want_nack:
-                self._send(r.requester_addr, Nack(self.id, seq=r.requester_seq))
+        return self.prober.estimated_rtt(member)
 
     # ------------------------------------------------------------------
     # Dissemination
@@ -1462,10 +1254,10 @@ _Handler = Callable[[Node, Any, float], None]
 #: ``Node.receive`` merges for every type): one handler per type, the type
 #: checker sees each handler's argument.  A new message type adds its line here.
 _HANDLERS: dict[type[Message], _Handler] = {
-    Ping: Node._on_ping,
-    Ack: Node._on_ack,
-    Nack: Node._on_nack,
-    IndirectPing: Node._on_indirect_ping,
+    Ping: lambda node, msg, now: node.prober.on_ping(msg, now),
+    Ack: lambda node, msg, now: node.prober.on_ack(msg, now),
+    Nack: lambda node, msg, now: node.prober.on_nack(msg, now),
+    IndirectPing: lambda node, msg, now: node.prober.on_indirect_ping(msg, now),
     PushPull: Node._on_push_pull,
     PushPullReply: Node._on_push_pull_reply,
     Revocations: Node._on_revocations,

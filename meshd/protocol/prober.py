@@ -1,0 +1,282 @@
+"""SWIM probing with Lifeguard, for one core: one job of ``Node``.
+
+Whom to probe next (a lazy Fisher-Yates shuffle over the member list, a new
+round when it runs out), the probe in flight (direct, then through
+``indirect_checks`` helpers, then a suspicion), the indirect probes we run for
+others (forward their ack, or a nack at ``nack_timeout``), our local health
+(Lifeguard's awareness: failed probes without nacks stretch our own timing),
+and the Vivaldi coordinates learnt from the round trips of direct probes.
+
+It reads the member table and sends through its core (``Prober.core``), and
+hands every verdict back to it: a failed probe becomes a suspicion by
+``Node._apply``, a buddy's suspicion about us goes to ``Node._about_me``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from meshd.protocol.awareness import Awareness, failed_probe_delta
+from meshd.protocol.config import Config
+from meshd.protocol.members import Member
+from meshd.protocol.vivaldi import Coordinate, VivaldiConfig
+from meshd.protocol.vivaldi import distance as vivaldi_distance
+from meshd.protocol.vivaldi import update as vivaldi_update
+from meshd.wire import Ack, IndirectPing, Nack, Ping, Status
+
+if TYPE_CHECKING:
+    from meshd.protocol.node import Node
+
+#: Fraction of the probe timeout a helper waits before it nacks (see nack_timeout).
+NACK_TIMEOUT_FRACTION = 0.8
+
+
+def nack_timeout(probe_timeout: float) -> float:
+    """How long a helper waits for the target before sending its nack.
+
+    The prober asks helpers at ``probe_timeout`` and gives up at the end of
+    the probe interval; a nack sent at a full ``probe_timeout`` would land
+    after that and be counted missing, blaming a healthy prober.  Lifeguard
+    (footnote 5 of the paper) waits 80% of the timeout.
+    """
+    return NACK_TIMEOUT_FRACTION * probe_timeout
+
+
+@dataclass(slots=True)
+class _Probe:
+    target: str
+    seq: int
+    ack_deadline: float
+    end: float
+    sent: float = 0.0
+    indirect: bool = False
+    expected_nacks: int = 0
+    nacks: int = 0
+
+
+@dataclass(slots=True)
+class _Relay:
+    """An indirect probe we run for ``requester``: forward its ack, or a nack."""
+
+    requester_addr: str
+    requester_seq: int
+    deadline: float
+    want_nack: bool
+
+
+class Prober:
+    """The probing part of one core (see module doc)."""
+
+    def __init__(self, core: Node, config: Config, rng: random.Random) -> None:
+        self.core = core
+        self.config = config
+        self.rng = rng
+        self.awareness = Awareness(config.awareness_max_multiplier)
+        #: Vivaldi: our network coordinate, and the last one each member we
+        #: probed told us (fed by the round trips of direct probes).
+        self.vivaldi = VivaldiConfig()
+        self.coord = Coordinate.origin(self.vivaldi)
+        self.coords: dict[str, Coordinate] = {}
+        #: This probe round's order: ``[:index]`` probed, the rest drawn one at
+        #: a time (a lazy Fisher-Yates shuffle: a random order without an O(n)
+        #: shuffle up front, and a newcomer appended lands at a random place
+        #: among the members not yet probed).
+        self.order: list[str] = []
+        self.index = 0
+        self.seq = 0
+        self.probe: _Probe | None = None
+        self.relays: dict[int, _Relay] = {}
+        #: When the next probe starts (the core sets the first, jittered).
+        self.next_probe = math.inf
+
+    def deadline(self) -> float:
+        """The earliest time this part wants the core's timer."""
+        t = self.next_probe
+        p = self.probe
+        if p is not None:
+            t = min(t, p.end if p.indirect else p.ack_deadline)
+        for r in self.relays.values():
+            t = min(t, r.deadline)
+        return t
+
+    def tick(self, now: float, left: bool) -> None:
+        """The probe part of the core's timer (after relays and suspicions expired)."""
+        if self.probe is not None:
+            self.advance(now)
+        if now >= self.next_probe and not left:
+            if self.probe is not None:  # a paused driver woke late: close it out first
+                self.finish(now, acked=False)
+            self.start(now)
+        elif now >= self.next_probe:
+            self.next_probe = now + self.config.probe_interval
+
+    def _next_seq(self) -> int:
+        self.seq = (self.seq + 1) & 0xFFFFFFFF
+        return self.seq
+
+    def _next_target(self) -> Member | None:
+        for _ in range(2):
+            order = self.order
+            while self.index < len(order):
+                # One step of a Fisher-Yates shuffle: a uniform pick among the
+                # members not yet probed this round.
+                i = self.index
+                j = self.rng.randrange(i, len(order))
+                order[i], order[j] = order[j], order[i]
+                self.index = i + 1
+                m = self.core.members.get(order[i])
+                if m is not None and m.serving and m.node != self.core.id:
+                    return m
+            # Round over: a new one over who is there now (memberlist resetNodes).
+            self.order = list(self.core.table.ids)
+            self.index = 0
+        return None
+
+    def start(self, now: float) -> None:
+        cfg = self.config
+        interval = self.awareness.scale(cfg.probe_interval) if cfg.lifeguard else cfg.probe_interval
+        self.next_probe = now + interval
+        target = self._next_target()
+        if target is None:
+            return
+        timeout = self.awareness.scale(cfg.probe_timeout) if cfg.lifeguard else cfg.probe_timeout
+        seq = self._next_seq()
+        buddy = None
+        if cfg.lifeguard and target.status is Status.SUSPECT:
+            buddy = target.update_for(Status.SUSPECT, self.core.id)
+        members, states = self.core._piggyback(target.cluster)
+        self.core._send(
+            target.address,
+            Ping(
+                self.core.id,
+                seq=seq,
+                source_addr=self.core.address,
+                target=target.node,
+                suspicion=buddy,
+                members=members,
+                states=states,
+            ),
+        )
+        self.probe = _Probe(target.node, seq, now + timeout, now + interval, sent=now)
+
+    def advance(self, now: float) -> None:
+        p = self.probe
+        assert p is not None
+        if not p.indirect and now >= p.ack_deadline:
+            p.indirect = True
+            target = self.core.members.get(p.target)
+            if target is None:
+                self.probe = None
+                return
+            helpers = self.core._random_members(
+                self.config.indirect_checks,
+                lambda m: m.status is Status.ALIVE and m.node not in (self.core.id, p.target),
+            )
+            p.expected_nacks = len(helpers)
+            for h in helpers:
+                self.core._send(
+                    h.address,
+                    IndirectPing(
+                        self.core.id,
+                        seq=p.seq,
+                        source_addr=self.core.address,
+                        target=target.node,
+                        target_addr=target.address,
+                        nack=True,
+                    ),
+                )
+        if p.indirect and now >= p.end:
+            self.finish(now, acked=False)
+
+    def finish(self, now: float, acked: bool) -> None:
+        p = self.probe
+        assert p is not None
+        self.probe = None
+        if acked:
+            if self.config.lifeguard:
+                self.awareness.apply(-1)
+            return
+        if self.config.lifeguard:
+            self.awareness.apply(failed_probe_delta(p.expected_nacks, p.nacks))
+        m = self.core.members.get(p.target)
+        if m is None or not m.serving:
+            return
+        self.core.counters["probe-failures"] += 1
+        # On a member already suspected (by someone else's word) our failed
+        # probe is an independent confirmation: counted and passed on, it
+        # shortens the suspicion (Lifeguard; memberlist's suspectNode does
+        # the same).  Without it only the few nodes that probe the member
+        # before the first suspicion reaches them could confirm it.
+        self.core._apply(m.update_for(Status.SUSPECT, self.core.id), now)
+
+    def on_nack(self, msg: Nack, now: float) -> None:
+        if self.probe is not None and self.probe.seq == msg.seq and self.probe.indirect:
+            self.probe.nacks += 1
+
+    def on_ping(self, msg: Ping, now: float) -> None:
+        if msg.target != self.core.id:
+            self.core.counters["misdirected"] += 1
+            return
+        if msg.suspicion is not None and msg.suspicion.node == self.core.id:
+            self.core._about_me(msg.suspicion, now)
+        addr = msg.source_addr or self.core._address_of(msg.source)
+        if addr is None:
+            return
+        members, states = self.core._piggyback(msg.source.partition("/")[0])
+        coord = (*self.coord.vec, self.coord.error, self.coord.height)
+        self.core._send(
+            addr, Ack(self.core.id, seq=msg.seq, members=members, states=states, coord=coord)
+        )
+
+    def on_ack(self, msg: Ack, now: float) -> None:
+        p = self.probe
+        if p is not None and p.seq == msg.seq:
+            if msg.coord is not None and msg.source == p.target:
+                self.observe_rtt(p.target, msg.coord, now - p.sent)
+            self.finish(now, acked=True)
+            return
+        relay = self.relays.pop(msg.seq, None)
+        if relay is not None:
+            self.core._send(relay.requester_addr, Ack(self.core.id, seq=relay.requester_seq))
+
+    def on_indirect_ping(self, msg: IndirectPing, now: float) -> None:
+        seq = self._next_seq()
+        self.relays[seq] = _Relay(
+            msg.source_addr, msg.seq, now + nack_timeout(self.config.probe_timeout), msg.nack
+        )
+        self.core._send(
+            msg.target_addr,
+            Ping(self.core.id, seq=seq, source_addr=self.core.address, target=msg.target),
+        )
+
+    def observe_rtt(self, member: str, raw: tuple[float, ...], rtt: float) -> None:
+        """A direct probe's round trip: place the peer, nudge our coordinate (Vivaldi)."""
+        dims = self.vivaldi.dimensionality
+        if len(raw) != dims + 2 or rtt <= 0:
+            self.core.counters["bad-coordinate"] += 1
+            return
+        try:
+            remote = Coordinate(tuple(raw[:dims]), raw[dims], raw[dims + 1])
+        except ValueError:
+            self.core.counters["bad-coordinate"] += 1
+            return
+        self.coords[member] = remote
+        self.coord = vivaldi_update(self.coord, remote, rtt, self.vivaldi, rng=self.rng)
+
+    def estimated_rtt(self, member: str) -> float | None:
+        """Predicted round trip to ``member`` in seconds, when we have placed it."""
+        if member == self.core.id:
+            return 0.0
+        remote = self.coords.get(member)
+        return None if remote is None else vivaldi_distance(self.coord, remote)
+
+    def expire_relays(self, now: float) -> None:
+        if not self.relays:
+            return
+        for seq in [s for s, r in self.relays.items() if now >= r.deadline]:
+            r = self.relays.pop(seq)
+            if r.want_nack:
+                self.core._send(r.requester_addr, Nack(self.core.id, seq=r.requester_seq))
