@@ -367,7 +367,7 @@ def test_documents_of_an_expired_signer_stop_being_served() -> None:
 def test_a_peer_cannot_amplify_small_syncs_into_member_lists() -> None:
     """Join requests cost the rogue a few bytes each and us O(n): past a burst,
     it gets fingerprints only, until it slows down."""
-    from meshd.protocol.node import HEAVY_REPLY_BURST
+    from meshd.protocol.anti_entropy import HEAVY_REPLY_BURST
 
     c, rogue = build("same-cluster")
     me = c.core(0)
@@ -418,7 +418,7 @@ def test_an_unasked_sync_reply_draws_nothing() -> None:
 def test_syncs_claiming_no_revocation_list_draw_it_a_rationed_number_of_times() -> None:
     """Our revocation list is up to 256 KiB; a peer's sync saying it holds none
     costs it a few bytes: it gets the list HEAVY_REPLY_BURST times, then slowly."""
-    from meshd.protocol.node import HEAVY_REPLY_BURST
+    from meshd.protocol.anti_entropy import HEAVY_REPLY_BURST
 
     c, rogue = build("same-cluster")
     me = c.core(0)

@@ -788,7 +788,10 @@ def adopters_and_reference():
     states = tuple(e.signed for e in a.store.live())
     z.receive(
         PushPullReply(
-            a.id, digest=a.store.digest(), members=a._full_member_list()[0], states=states
+            a.id,
+            digest=a.store.digest(),
+            members=a.anti_entropy.full_member_list()[0],
+            states=states,
         ),
         1.0,
         peer=a.id,

@@ -30,7 +30,7 @@ from meshd.agent.transport import (
     make_server_context,
 )
 from meshd.metrics import Metrics
-from meshd.protocol.node import SYNC_CHUNK_BYTES
+from meshd.protocol.anti_entropy import SYNC_CHUNK_BYTES
 from meshd.wire import MAX_FRAME_BYTES, WIRE_VERSION, FrameDecoder, Gossip, Message, encode_frame
 
 TRUST = "mesh.test"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 
+from meshd.protocol.anti_entropy import push_pull_scale
 from meshd.protocol.config import Config
-from meshd.protocol.node import push_pull_scale
 from meshd.protocol.suspicion import suspicion_max, suspicion_min
 
 #: Margin over the expected epidemic round count.  Push gossip finishes in

@@ -46,13 +46,13 @@ fails verification is counted in ``counters`` and dropped.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from meshd.protocol.anti_entropy import AntiEntropy
 from meshd.protocol.awareness import Awareness
 from meshd.protocol.config import Config
 from meshd.protocol.documents import Publisher
@@ -93,30 +93,11 @@ from meshd.wire import (
     member_id,
 )
 
-#: Bytes of states per anti-entropy message: with a full member list of a
-#: 10,000-node pool (~0.6 MiB) this stays under the 1 MiB frame limit.
-SYNC_CHUNK_BYTES = 256 * 1024
-#: Seconds between join attempts while we know no other member.
-JOIN_RETRY_INTERVAL = 2.0
-#: Pools above this size sync less often (memberlist's pushPullScaleThreshold).
-PUSH_PULL_SCALE_THRESHOLD = 32
 #: Failed verifications (bad signature, bad or untrusted certificate) after
 #: which the rest of one message is dropped unread: an honest peer relays only
 #: what verified for it, so a few failures are churn (an expired signer) and
 #: many are an attack whose every signature check costs us CPU.
 MAX_BAD_PER_MESSAGE = 8
-#: Heavy sync answers (our member list, digest or states: O(n) bytes, ~0.6 KB
-#: a member with its claim) one peer may draw from us: a burst of
-#: HEAVY_REPLY_BURST, then one per HEAVY_REPLY_INTERVAL seconds.  An honest
-#: peer syncs with us about once per digest interval (2-10 s) and a joiner
-#: retries every 2 s; a peer that asks faster is amplifying its own small
-#: frames into our O(n) answers, and gets fingerprints only until it slows.
-HEAVY_REPLY_BURST = 8
-HEAVY_REPLY_INTERVAL = 1.0
-
-# What an open sync offered (``Node._open_syncs``): our full member list and
-# digest (a join), our digest, or our fingerprints alone.
-_SYNC_FULL, _SYNC_DIGEST, _SYNC_SHORT = "full", "digest", "short"
 
 
 class Signer(Protocol):
@@ -131,17 +112,6 @@ class Verifier(Protocol):
     def verify_claim(self, signed: SignedClaim) -> MemberClaim | Rejection: ...
 
     def current(self, cert: bytes) -> Rejection | None: ...
-
-
-def push_pull_scale(interval: float, n: int) -> float:
-    """Stretch a sync interval above 32 members so the pool-wide sync load stays flat.
-
-    ``interval * (ceil(log2 n - log2 32) + 1)``, as memberlist's ``pushPullScale``.
-    """
-    if n <= PUSH_PULL_SCALE_THRESHOLD:
-        return interval
-    mult = math.ceil(math.log2(n) - math.log2(PUSH_PULL_SCALE_THRESHOLD)) + 1.0
-    return interval * mult
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +166,8 @@ class Node:
         self.counters: Counter[str] = Counter()
         #: SWIM probing and Lifeguard health (prober.py).
         self.prober = Prober(self, config, rng)
+        #: Syncs, joins and reconnects (anti_entropy.py).
+        self.anti_entropy = AntiEntropy(self)
         self.store = RecordStore()
         self.left = False
 
@@ -234,8 +206,6 @@ class Node:
         self.revocation_number = 0
         self._crl = b""
         self.revocation_check: Callable[[bytes], int | None] | None = None
-        #: source -> (heavy answers left, when last counted); see _heavy_ok.
-        self._heavy: dict[str, tuple[float, float]] = {}
         self._add_member(
             Member(
                 self.id,
@@ -255,17 +225,13 @@ class Node:
         self._events: deque[Event] = deque()
 
         self._suspicions: dict[str, Suspicion] = {}
-        self._seeds: list[str] = []
-        #: address -> what our open sync offered (_SYNC_FULL/_DIGEST/_SHORT).
-        self._open_syncs: dict[str, str] = {}
 
         jitter = rng.random()
         self.prober.next_probe = now + config.probe_interval * jitter
         self._next_gossip: float | None = None
-        self._next_digest = now + config.digest_interval * (0.5 + rng.random())
-        self._next_reconnect = now + config.reconnect_interval * (0.5 + rng.random())
+        self.anti_entropy.next_digest = now + config.digest_interval * (0.5 + rng.random())
+        self.anti_entropy.next_reconnect = now + config.reconnect_interval * (0.5 + rng.random())
         self._next_reap = now + self._reap_period
-        self._next_join: float | None = None
 
         self._member_q.push(self.id, self.members[self.id].update_for(Status.ALIVE, self.id))
         if publisher:
@@ -304,13 +270,9 @@ class Node:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float:
-        t = min(self.prober.deadline(), self._next_digest, self._next_reap)
-        if self.config.reconnect_interval > 0:
-            t = min(t, self._next_reconnect)
+        t = min(self.prober.deadline(), self.anti_entropy.deadline(), self._next_reap)
         if self._next_gossip is not None:
             t = min(t, self._next_gossip)
-        if self._next_join is not None:
-            t = min(t, self._next_join)
         for s in self._suspicions.values():
             t = min(t, s.deadline)
         return t
@@ -321,14 +283,7 @@ class Node:
         self.prober.tick(now, self.left)
         if self._next_gossip is not None and now >= self._next_gossip:
             self._gossip_round(now)
-        if now >= self._next_digest:
-            self._next_digest = now + push_pull_scale(self.config.digest_interval, self.pool_size)
-            self._start_sync(now)
-        if self.config.reconnect_interval > 0 and now >= self._next_reconnect:
-            self._next_reconnect = now + self.config.reconnect_interval
-            self._reconnect(now)
-        if self._next_join is not None and now >= self._next_join:
-            self._retry_join(now)
+        self.anti_entropy.tick(now)
         if now >= self._next_reap:
             self._next_reap = now + self._reap_period
             self._reap(now)
@@ -368,10 +323,7 @@ class Node:
 
     def join(self, addresses: Iterable[str], now: float) -> None:
         """Contact seeds with a full push-pull; retried while we know no one."""
-        self._seeds = [a for a in addresses if a != self.address]
-        for addr in self._seeds:
-            self._send_sync(addr, full=True, join=True)
-        self._next_join = now + JOIN_RETRY_INTERVAL if self._seeds else None
+        self.anti_entropy.join(addresses, now)
 
     def leave(self, now: float) -> None:
         """Graceful leave: tell the pool we left, at our current incarnation."""
@@ -421,7 +373,7 @@ class Node:
         check = self.revocation_check
         if check is None or msg.crl == self._crl:
             return
-        if not self._heavy_ok(msg.source, now):
+        if not self.anti_entropy.heavy_ok(msg.source, now):
             return  # checking a list costs a signature verification: rationed per peer
         number = check(msg.crl)
         if number is None or number <= self.revocation_number:
@@ -432,7 +384,7 @@ class Node:
     def _offer_revocations(self, address: str, source: str, theirs: int, now: float) -> None:
         """Send our list to a peer whose sync showed an older one (rationed:
         a list is up to 256 KiB, a sync frame a few bytes)."""
-        if theirs < self.revocation_number and self._heavy_ok(source, now):
+        if theirs < self.revocation_number and self.anti_entropy.heavy_ok(source, now):
             self._send(address, Revocations(self.id, crl=self._crl))
 
     def set_signer(self, signer: Signer, now: float) -> None:
@@ -1001,196 +953,7 @@ class Node:
             self._publish(now, force=True)
 
     # ------------------------------------------------------------------
-    # Anti-entropy
-
-    def _full_member_list(self) -> list[tuple[MemberUpdate, ...]]:
-        """Our member list in chunks that each fit a frame (claims carry certificates).
-
-        A suspected member is listed by its signed alive claim, then the
-        accusation, so a peer that never heard of it can take both.
-        """
-        updates: list[MemberUpdate] = []
-        for m in self.members.values():
-            if m.status is Status.SUSPECT:
-                updates.append(m.update_for(Status.ALIVE, m.node))
-            updates.append(m.update_for(m.status, m.node))
-        return list(_chunks(updates)) or [()]
-
-    def _send_members(self, address: str, rest: list[tuple[MemberUpdate, ...]]) -> None:
-        """The chunks of a member list after the first, which went in the sync."""
-        for chunk in rest:
-            self._send(address, Gossip(self.id, members=chunk, sync=True))
-
-    def _digest_for(self, cluster: str | None) -> dict[str, int]:
-        """Our digest as ``cluster`` may see it (None: unknown, public docs only)."""
-        digest = self.store.digest()
-        if cluster == self.cluster:
-            return digest
-        return {o: v for o, v in digest.items() if may_reach(o, cluster if cluster else "\0")}
-
-    def _newer_for(self, remote: dict[str, int], cluster: str) -> list[SignedState]:
-        return [s for s in self.store.newer_than(remote) if may_reach(s.origin, cluster)]
-
-    def _lacks(self, remote: dict[str, int]) -> bool:
-        """Does a peer's digest list a version we do not hold (or an older one)?"""
-        version = self.store.version
-        return any((version(o) or -1) < v for o, v in remote.items())
-
-    def _send_sync(
-        self,
-        address: str,
-        full: bool,
-        join: bool = False,
-        dest_cluster: str | None = None,
-        short: bool = True,
-    ) -> None:
-        """Open a sync.  ``full``: our member list and digest (a join).
-        Otherwise, within our cluster, only our fingerprints (``short``): a
-        peer of our cluster that agrees holds exactly what we hold.  Across
-        clusters stores differ by export, so the digest always goes."""
-        if len(self._open_syncs) > 1024:  # replies that never came: forget them
-            self._open_syncs.clear()
-        records = self.store.fingerprint if dest_cluster == self.cluster else 0
-        short = short and not full and records != 0
-        self._open_syncs[address] = _SYNC_FULL if full else _SYNC_SHORT if short else _SYNC_DIGEST
-        chunks: list[tuple[MemberUpdate, ...]] = self._full_member_list() if full else [()]
-        self._send(
-            address,
-            PushPull(
-                self.id,
-                source_addr=self.address,
-                join=join,
-                digest={} if short else self._digest_for(dest_cluster),
-                members=chunks[0],
-                view=self.view,
-                records=records,
-                revocations=self.revocation_number,
-            ),
-        )
-        self._send_members(address, chunks[1:])
-
-    def _start_sync(self, now: float) -> None:
-        peers = self._random_members(1, lambda m: m.status is Status.ALIVE and m.node != self.id)
-        if peers:
-            self._send_sync(peers[0].address, full=False, dest_cluster=peers[0].cluster)
-
-    def _reconnect(self, now: float) -> None:
-        # A healed partition: both sides think the other dead and would never
-        # probe it again.  Reaching out to one dead member at a time lets the
-        # refutations flow (Serf's reconnect).  A short sync is enough: if it
-        # answers, our views differ (it is dead in ours), so member lists flow
-        # both ways; if it is really gone, the attempt cost one small message.
-        dead = sorted(n for n in self.table.gone if self.members[n].status is Status.DEAD)
-        if dead:
-            m = self.members[dead[self._rng.randrange(len(dead))]]
-            self._send_sync(m.address, full=False, dest_cluster=m.cluster)
-
-    def _retry_join(self, now: float) -> None:
-        if self.pool_size > 1 or self.left:
-            self._next_join = None
-            return
-        for addr in self._seeds:
-            self._send_sync(addr, full=True, join=True)
-        self._next_join = now + JOIN_RETRY_INTERVAL
-
-    def _on_push_pull(self, msg: PushPull, now: float) -> None:
-        addr = msg.source_addr or self._address_of(msg.source)
-        if addr is None:
-            return
-        # Views that differ mean some member claim did not reach one of us:
-        # answer with our list too, so member views converge within one sync.
-        full = bool(msg.members) or msg.join or msg.view != self.view
-        peer_cluster = _cluster_of(msg.source)
-        records = self.store.fingerprint if peer_cluster == self.cluster else 0
-        agree = bool(records) and msg.records == records
-        if (full or not agree) and not self._heavy_ok(msg.source, now):
-            # Fingerprints only: enough for an honest peer to ask again later.
-            self._send(
-                addr,
-                PushPullReply(
-                    self.id,
-                    view=self.view,
-                    records=records,
-                    revocations=self.revocation_number,
-                ),
-            )
-            return
-        if agree:
-            digest: dict[str, int] = {}  # we agree: nothing to send either way
-            chunks: list[tuple[SignedState, ...]] = []
-        elif msg.records and not msg.digest:
-            # Fingerprints only, and they differ: our digest lets the opener
-            # send what we lack and see what it lacks.
-            digest = self._digest_for(peer_cluster)
-            chunks = []
-        else:
-            digest = self._digest_for(peer_cluster)
-            chunks = list(_chunks(self._newer_for(msg.digest, peer_cluster)))
-        lists: list[tuple[MemberUpdate, ...]] = self._full_member_list() if full else [()]
-        self._send(
-            addr,
-            PushPullReply(
-                self.id,
-                digest=digest,
-                members=lists[0],
-                states=chunks[0] if chunks else (),
-                view=self.view,
-                records=records,
-                revocations=self.revocation_number,
-            ),
-        )
-        self._send_members(addr, lists[1:])
-        self._offer_revocations(addr, msg.source, msg.revocations, now)
-        for chunk in chunks[1:]:
-            self._send(addr, Gossip(self.id, states=chunk, sync=True))
-
-    def _heavy_ok(self, source: str, now: float) -> bool:
-        """May ``source`` draw one more O(n) answer from us now?  (a token bucket)"""
-        tokens, last = self._heavy.get(source, (float(HEAVY_REPLY_BURST), now))
-        tokens = min(float(HEAVY_REPLY_BURST), tokens + (now - last) / HEAVY_REPLY_INTERVAL)
-        if tokens < 1.0:
-            self.counters["rejected-state:sync-rate"] += 1
-            self._heavy[source] = (tokens, now)
-            return False
-        if len(self._heavy) >= 4096 and source not in self._heavy:
-            self._heavy.clear()  # bounded: forgetting only makes us more generous
-        self._heavy[source] = (tokens - 1.0, now)
-        return True
-
-    def _on_push_pull_reply(self, msg: PushPullReply, now: float) -> None:
-        addr = self._address_of(msg.source)
-        if addr is None:
-            return
-        offered = self._open_syncs.pop(addr, None)
-        if offered is None:
-            # We asked nothing: what it carried was merged (verified) like any
-            # gossip, but an unasked reply draws no O(n) answer from us.
-            self.counters["rejected-state:unsolicited"] += 1
-            return
-        self._offer_revocations(addr, msg.source, msg.revocations, now)
-        if offered in (_SYNC_DIGEST, _SYNC_SHORT) and msg.members and msg.view != self.view:
-            # It sent its list because views differed; ours may hold what it
-            # lacks.  Send it back as a reply, which is never answered again.
-            lists = self._full_member_list()
-            self._send(
-                addr,
-                PushPullReply(
-                    self.id,
-                    digest=self._digest_for(_cluster_of(msg.source)),
-                    members=lists[0],
-                    view=self.view,
-                ),
-            )
-            self._send_members(addr, lists[1:])
-        if msg.records and not msg.digest:
-            return  # its store matches ours
-        peer_cluster = _cluster_of(msg.source)
-        for chunk in _chunks(self._newer_for(msg.digest, peer_cluster)):
-            self._send(addr, Gossip(self.id, states=chunk, sync=True))
-        if offered == _SYNC_SHORT and self._lacks(msg.digest):
-            # We offered fingerprints only, so it could not tell what we
-            # lack: ask again with our digest.
-            self._send_sync(addr, full=False, dest_cluster=peer_cluster, short=False)
+    # Anti-entropy: anti_entropy.py (the handler table routes syncs there)
 
     # ------------------------------------------------------------------
     # Housekeeping
@@ -1258,35 +1021,12 @@ _HANDLERS: dict[type[Message], _Handler] = {
     Ack: lambda node, msg, now: node.prober.on_ack(msg, now),
     Nack: lambda node, msg, now: node.prober.on_nack(msg, now),
     IndirectPing: lambda node, msg, now: node.prober.on_indirect_ping(msg, now),
-    PushPull: Node._on_push_pull,
-    PushPullReply: Node._on_push_pull_reply,
+    PushPull: lambda node, msg, now: node.anti_entropy.on_push_pull(msg, now),
+    PushPullReply: lambda node, msg, now: node.anti_entropy.on_push_pull_reply(msg, now),
     Revocations: Node._on_revocations,
     Gossip: lambda node, msg, now: None,  # members and states only
 }
 
 
-class _Sized(Protocol):
-    @property
-    def size(self) -> int: ...
-
-
 class _Accept(Protocol):
     def __call__(self, m: Member) -> bool: ...
-
-
-def _cluster_of(mid: str) -> str:
-    return mid.partition("/")[0]
-
-
-def _chunks(items: Sequence[_Sized]) -> Iterator[tuple[Any, ...]]:
-    """``items`` in runs of at most SYNC_CHUNK_BYTES (each run at least one item)."""
-    chunk: list[Any] = []
-    used = 0
-    for s in items:
-        if chunk and used + s.size > SYNC_CHUNK_BYTES:
-            yield tuple(chunk)
-            chunk, used = [], 0
-        chunk.append(s)
-        used += s.size
-    if chunk:
-        yield tuple(chunk)
