@@ -55,13 +55,13 @@ from typing import Any, Protocol
 from meshd.protocol.anti_entropy import AntiEntropy
 from meshd.protocol.awareness import Awareness
 from meshd.protocol.config import Config
+from meshd.protocol.dissemination import Dissemination
 from meshd.protocol.documents import Publisher
 from meshd.protocol.documents import drafts as draft_documents
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
 from meshd.protocol.member_table import MemberTable
 from meshd.protocol.members import Member, Move, decide
 from meshd.protocol.prober import Prober
-from meshd.protocol.queue import BroadcastQueue, retransmit_limit
 from meshd.protocol.store import Merge, RecordStore, StoreSnapshot, wins
 from meshd.protocol.suspicion import (
     Suspicion,
@@ -219,8 +219,8 @@ class Node:
             )
         )
 
-        self._member_q: BroadcastQueue[MemberUpdate] = BroadcastQueue(lambda u: u.size)
-        self._record_q: BroadcastQueue[SignedState] = BroadcastQueue(lambda s: s.size)
+        #: The two broadcast queues and gossip rounds (dissemination.py).
+        self.gossip = Dissemination(self)
         self._out: list[tuple[str, Message]] = []
         self._events: deque[Event] = deque()
 
@@ -228,12 +228,11 @@ class Node:
 
         jitter = rng.random()
         self.prober.next_probe = now + config.probe_interval * jitter
-        self._next_gossip: float | None = None
         self.anti_entropy.next_digest = now + config.digest_interval * (0.5 + rng.random())
         self.anti_entropy.next_reconnect = now + config.reconnect_interval * (0.5 + rng.random())
         self._next_reap = now + self._reap_period
 
-        self._member_q.push(self.id, self.members[self.id].update_for(Status.ALIVE, self.id))
+        self.gossip.member_q.push(self.id, self.members[self.id].update_for(Status.ALIVE, self.id))
         if publisher:
             self._publish(now)
 
@@ -271,8 +270,7 @@ class Node:
 
     def get_timer(self) -> float:
         t = min(self.prober.deadline(), self.anti_entropy.deadline(), self._next_reap)
-        if self._next_gossip is not None:
-            t = min(t, self._next_gossip)
+        t = min(t, self.gossip.deadline())
         for s in self._suspicions.values():
             t = min(t, s.deadline)
         return t
@@ -281,8 +279,7 @@ class Node:
         self.prober.expire_relays(now)
         self._expire_suspicions(now)
         self.prober.tick(now, self.left)
-        if self._next_gossip is not None and now >= self._next_gossip:
-            self._gossip_round(now)
+        self.gossip.tick(now)
         self.anti_entropy.tick(now)
         if now >= self._next_reap:
             self._next_reap = now + self._reap_period
@@ -398,7 +395,7 @@ class Node:
         if self.left:
             return
         self._new_life(self.incarnation + 1, now)
-        self._wake_gossip(now)
+        self.gossip.wake(now)
         if self.publisher:
             self._publish(now, force=True)
 
@@ -462,9 +459,9 @@ class Node:
             signed = self._signer.sign(state)
             self.store.merge(signed, state, now)
             self._note_doc(signed.origin)
-            self._record_q.push(signed.origin, signed)
+            self.gossip.record_q.push(signed.origin, signed)
             self._events.append(OriginChanged(signed.origin, self.version, True))
-        self._wake_gossip(now)
+        self.gossip.wake(now)
         return self.version
 
     def set_bridge_info(
@@ -577,7 +574,7 @@ class Node:
             incarnation,
             claim=self._own_claim(Status.ALIVE),
         )
-        self._member_q.push(self.id, me.update_for(Status.ALIVE, self.id))
+        self.gossip.member_q.push(self.id, me.update_for(Status.ALIVE, self.id))
 
     def _refute(self, claim: MemberUpdate, now: float) -> None:
         """Outrun ``claim`` (about us, at an incarnation we signed) with a new one."""
@@ -591,7 +588,7 @@ class Node:
             # Bridges may already have told other clusters we are dead as of
             # our current version: a new version is what brings us back there.
             self._publish(now, force=True)
-        self._wake_gossip(now)
+        self.gossip.wake(now)
 
     # ------------------------------------------------------------------
     # Membership
@@ -775,8 +772,8 @@ class Node:
             self._apply(u, now, rebroadcast=(u.node == source), via=source)
 
     def _queue_member(self, u: MemberUpdate, now: float) -> None:
-        self._member_q.push(u.node, u)
-        self._wake_gossip(now)
+        self.gossip.member_q.push(u.node, u)
+        self.gossip.wake(now)
 
     def _start_suspicion(self, m: Member, by: str, now: float, via: str | None = None) -> None:
         cfg = self.config
@@ -825,45 +822,6 @@ class Node:
     # ------------------------------------------------------------------
     # Dissemination
 
-    def _piggyback(
-        self, dest_cluster: str
-    ) -> tuple[tuple[MemberUpdate, ...], tuple[SignedState, ...]]:
-        cfg = self.config
-        limit = retransmit_limit(cfg.retransmit_mult, self.pool_size)
-        members = tuple(self._member_q.take(cfg.member_budget, limit)) if self._member_q else ()
-        states: tuple[SignedState, ...] = ()
-        if self._record_q:
-            states = tuple(
-                self._record_q.take(
-                    cfg.record_budget, limit, lambda s: may_reach(s.origin, dest_cluster)
-                )
-            )
-        return members, states
-
-    def _wake_gossip(self, now: float) -> None:
-        if self._next_gossip is None:
-            self._next_gossip = now + self.config.gossip_interval
-
-    def _gossip_round(self, now: float) -> None:
-        cfg = self.config
-        if not self._member_q and not self._record_q:
-            self._next_gossip = None  # idle until something is queued
-            return
-        self._next_gossip = now + cfg.gossip_interval
-
-        def eligible(m: Member) -> bool:
-            if m.node == self.id:
-                return False
-            if m.serving:
-                return True
-            return m.status is Status.DEAD and now - m.since < cfg.gossip_to_the_dead
-
-        for m in self._random_members(cfg.gossip_nodes, eligible):
-            members, states = self._piggyback(m.cluster)
-            if not members and not states:
-                continue
-            self._send(m.address, Gossip(self.id, members=members, states=states))
-
     def _merge_states(self, states: Iterable[SignedState], now: float, rebroadcast: bool) -> None:
         for signed in states:
             if self._bad >= MAX_BAD_PER_MESSAGE:
@@ -898,8 +856,8 @@ class Node:
                     self._apply_down(result.down, now, own=result.cluster == self.cluster)
                 self._events.append(OriginChanged(signed.origin, signed.version, not dead))
                 if rebroadcast and not dead:
-                    self._record_q.push(signed.origin, signed)
-                    self._wake_gossip(now)
+                    self.gossip.record_q.push(signed.origin, signed)
+                    self.gossip.wake(now)
             elif merged is Merge.FULL:
                 self.counters["rejected-state:store-full"] += 1
 

@@ -147,7 +147,7 @@ class Prober:
         buddy = None
         if cfg.lifeguard and target.status is Status.SUSPECT:
             buddy = target.update_for(Status.SUSPECT, self.core.id)
-        members, states = self.core._piggyback(target.cluster)
+        members, states = self.core.gossip.piggyback(target.cluster)
         self.core._send(
             target.address,
             Ping(
@@ -225,7 +225,7 @@ class Prober:
         addr = msg.source_addr or self.core._address_of(msg.source)
         if addr is None:
             return
-        members, states = self.core._piggyback(msg.source.partition("/")[0])
+        members, states = self.core.gossip.piggyback(msg.source.partition("/")[0])
         coord = (*self.coord.vec, self.coord.error, self.coord.height)
         self.core._send(
             addr, Ack(self.core.id, seq=msg.seq, members=members, states=states, coord=coord)
