@@ -6,27 +6,31 @@ current time, calls :meth:`Node.handle_timer` when :meth:`Node.get_timer`
 says so, and pulls ``(address, message)`` pairs to send with
 :meth:`Node.messages_to_send` and events with :meth:`Node.next_event`.  The
 core never reads a clock, opens a socket or draws unseeded randomness, so the
-asyncio agent and the simulator run the very same code.
+asyncio agent and the simulator run the very same code.  A node's whole
+protocol (its LAN core, a bridge's WAN core and the bridge) is one
+:class:`~meshd.protocol.host.Host`, which is what the drivers pump.
 
-What it does:
+What it does, and where (``Node`` is the facade and holds membership and
+records; each other job is a part of its own, reached through an attribute):
 
-- SWIM failure detection: one probe per (health-scaled) interval, round-robin
-  over a reshuffled member list; on a missed ack, indirect probes through
-  ``indirect_checks`` helpers; then suspicion, then death.
-- Lifeguard: local health (``awareness``), dynamic suspicion timeouts
-  (``suspicion``), and the buddy system (a ping to a suspect carries the
-  suspicion so that it can refute at once).
-- Dissemination: membership claims and signed origin states ride on pings,
-  acks and gossip rounds through two retransmit-limited queues with separate
-  byte budgets.
-- Anti-entropy: a periodic sync with one random member compares two
-  fingerprints (of the member view and of the record store); only where they
-  differ do member lists or record digests flow, and then only the states the
-  other side lacks.  Agreeing peers exchange two short messages, so the load
-  per member stays flat in the size of the pool.
-- Records: this node's own origin state, re-signed on every change with a
-  version that only grows; other origins' states verified before they are
-  stored; dead or left origins kept as tombstones until reaped.
+- SWIM failure detection with Lifeguard's local health and buddy system
+  (``prober``, prober.py): one probe per (health-scaled) interval over a
+  reshuffled member list, indirect probes on a missed ack, then suspicion;
+  dynamic suspicion timeouts (suspicion.py) and death here.
+- Membership: claims applied through the transition table (members.py) on
+  the member table (``table``, member_table.py), refutations, suspicions.
+- Dissemination (``gossip``, dissemination.py): membership claims and signed
+  origin states ride on pings, acks and gossip rounds through two
+  retransmit-limited queues with separate byte budgets.
+- Anti-entropy (``anti_entropy``, anti_entropy.py): a periodic sync with one
+  random member compares two fingerprints (of the member view and of the
+  record store); only where they differ do member lists or record digests
+  flow.  Agreeing peers exchange two short messages, so the load per member
+  stays flat in the size of the pool.
+- Records: this node's own documents (drafted in documents.py), re-signed on
+  every change with a version that only grows; other origins' states
+  verified before they are stored; dead or left origins kept as tombstones
+  until reaped.  Incoming messages reach their part through ``_HANDLERS``.
 
 Trust: nothing a peer says is used before it is verified.  A member enters
 a view, and moves its incarnation, address, region or zone, only through its
