@@ -58,6 +58,7 @@ from meshd.wire import MemberClaim, OriginState, Rejection, SignedClaim, SignedS
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
+_T = TypeVar("_T")
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 PublicKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey
@@ -735,6 +736,17 @@ _ResultKey = tuple[bytes, bytes, bytes]
 _Outcome = OriginState | MemberClaim | Rejection
 
 
+def _decoded(decode: Callable[[bytes], _T], body: bytes) -> _T | Rejection:
+    """A signed body decoded, or why it is malformed (never raises: the signer
+    may have signed anything)."""
+    try:
+        return decode(body)
+    except wire.WireError as exc:
+        return Rejection("malformed", str(exc)[:120])
+    except Exception as exc:
+        return Rejection("malformed", type(exc).__name__)
+
+
 def _is_statement(state: OriginState) -> bool:
     """Does this document state something about others (a bridge's role)?"""
     return state.bridge or bool(state.down) or bool(state.unreachable) or bool(state.rtt)
@@ -897,12 +909,9 @@ class StateVerifier:
             return bad, False
         # From here on the key signed these exact bytes, so the outcome is the
         # signer's doing and safe to remember.
-        try:
-            state = OriginState.decode(body)
-        except wire.WireError as exc:
-            return Rejection("malformed", str(exc)[:120]), True
-        except Exception as exc:
-            return Rejection("malformed", type(exc).__name__), True
+        state = _decoded(OriginState.decode, body)
+        if isinstance(state, Rejection):
+            return state, True
         if state.cluster != info.cluster:
             return Rejection(
                 "cluster-mismatch", f"cert {info.cluster}, state {state.cluster}"
@@ -920,12 +929,9 @@ class StateVerifier:
         bad = cls._signed_by(info, body, signature)
         if bad is not None:
             return bad, False
-        try:
-            claim = MemberClaim.decode(body)
-        except wire.WireError as exc:
-            return Rejection("malformed", str(exc)[:120]), True
-        except Exception as exc:
-            return Rejection("malformed", type(exc).__name__), True
+        claim = _decoded(MemberClaim.decode, body)
+        if isinstance(claim, Rejection):
+            return claim, True
         if claim.node != wire.member_id(info.cluster, info.node):
             return Rejection(
                 "node-mismatch", f"cert {info.cluster}/{info.node}, claim {claim.node}"

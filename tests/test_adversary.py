@@ -433,3 +433,23 @@ def test_syncs_claiming_no_revocation_list_draw_it_a_rationed_number_of_times() 
         me.receive(msg, c.now, peer=rogue.id)
         sent += sum(1 for _, m in me.messages_to_send() if isinstance(m, Revocations))
     assert sent == HEAVY_REPLY_BURST
+
+
+def test_pushed_revocation_lists_are_checked_a_rationed_number_of_times() -> None:
+    """Checking a list costs a signature verification; a peer pushing junk lists
+    gets HEAVY_REPLY_BURST checks, then none until it slows down."""
+    from meshd.protocol.anti_entropy import HEAVY_REPLY_BURST
+
+    c, rogue = build("same-cluster")
+    me = c.core(0)
+    checked: list[bytes] = []
+
+    def check(crl: bytes) -> int | None:
+        checked.append(crl)
+        return None  # junk: never adopted
+
+    me.revocation_check = check
+    for k in range(50):
+        me.receive(Revocations(rogue.id, crl=b"junk%d" % k), c.now, peer=rogue.id)
+    assert len(checked) == HEAVY_REPLY_BURST
+    assert me.revocation_number == 0
