@@ -397,7 +397,7 @@ class Simulation(Cluster):
         active = [a for a in answers if a.active]
         if not active:
             return "none"
-        st = active[0].state
+        st = active[0]
         target = self.index_of.get(st.member)
         if target is not None and self.unreachable_from(asker, target):
             return "stale"

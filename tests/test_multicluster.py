@@ -121,7 +121,7 @@ def held(node: Node, origin: str) -> Entry:
 
 
 def instances(answers):
-    return [a.record.instance for a in answers]
+    return [a.instance for a in answers]
 
 
 def all_nodes(g, *clusters):
@@ -212,7 +212,7 @@ def test_east_answers_east_first_and_central_follows_its_failover_list():
     c1 = node(c, g, "central", 1)
     for failover in (("west", "east"), ("east", "west")):
         answers = c.resolve(c1, "orders", policy=AppPolicy(failover=failover))
-        assert [a.state.cluster for a in answers] == list(failover)
+        assert [a.cluster for a in answers] == list(failover)
         assert [a.tier for a in answers] == ["failover", "failover"]
         assert [a.active for a in answers] == [True, False]
     both = c.resolve(c1, "orders", policy=AppPolicy(failover=("west", "east"), min_healthy=2))
@@ -254,16 +254,14 @@ def test_dead_instance_node_in_east_fails_over_to_west_within_the_bound(seed):
     # signed by east, and west tombstoned it.
     def west_sees_it():
         return any(
-            a.state.member == "east/n2"
+            a.member == "east/n2"
             for i in g["west"]
             for a in c.resolve(i, "orders", include_unhealthy=True)
         )
 
     assert c.run_until_true(lambda: not west_sees_it(), across) is not None
     for i in g["west"]:
-        assert "east/n2" not in [
-            a.state.member for a in c.resolve(i, "orders", include_unhealthy=True)
-        ]
+        assert "east/n2" not in [a.member for a in c.resolve(i, "orders", include_unhealthy=True)]
         assert "east/n2" in c.core(i).store
         down = held(c.core(i), "east/n0").state.down
         assert [member for member, _ in down] == ["east/n2"]
@@ -281,8 +279,7 @@ def test_restarted_instance_node_is_served_everywhere_again():
     bound = cross_cluster_repair_bound(SIZES["east"], N_WAN, SIZES["central"], LAN, WAN)
     back = c.run_until_true(
         lambda: all(
-            c.resolve(i, "orders", policy=policy)[0].record.instance == "orders-east"
-            for i in askers
+            c.resolve(i, "orders", policy=policy)[0].instance == "orders-east" for i in askers
         ),
         bound,
     )
@@ -317,7 +314,7 @@ def _serving_dead_east_n2(c):
     return sorted(
         c.nodes[i].id
         for i in c.running()
-        if any(a.state.member == "east/n2" for a in c.resolve(i, "orders", include_unhealthy=True))
+        if any(a.member == "east/n2" for a in c.resolve(i, "orders", include_unhealthy=True))
     )
 
 
@@ -423,7 +420,7 @@ def test_killing_the_only_bridge_of_east_marks_it_unreachable_until_it_restarts(
     assert c.run_until_true(east_unreachable_outside, bound) is not None
     for i in outside:
         everything = c.resolve(i, "orders", include_unhealthy=True)
-        east = [a for a in everything if a.state.cluster == "east"]
+        east = [a for a in everything if a.cluster == "east"]
         assert len(east) == 1 and not east[0].reachable and not east[0].active
         assert "orders-east" not in instances(c.resolve(i, "orders"))
         assert instances(c.resolve(i, "orders")) == ["orders-west"]
@@ -437,7 +434,7 @@ def test_killing_the_only_bridge_of_east_marks_it_unreachable_until_it_restarts(
         is not None
     )
     answers = c.resolve(e1, "orders", include_unhealthy=True)
-    assert [(a.record.instance, a.reachable, a.active) for a in answers] == [
+    assert [(a.instance, a.reachable, a.active) for a in answers] == [
         ("orders-east", True, True),
         ("orders-west", False, False),
     ]
@@ -470,12 +467,12 @@ def test_lost_cluster_is_marked_unreachable_both_ways_and_converges_after_heal()
 
     w3 = node(c, g, "west", 3)
     billing = c.resolve(w3, "billing", include_unhealthy=True)
-    assert [(a.record.instance, a.reachable, a.active) for a in billing] == [
+    assert [(a.instance, a.reachable, a.active) for a in billing] == [
         ("billing-central", False, False)
     ]
     assert c.resolve(w3, "billing") == []
     everything = c.resolve(c2, "orders", include_unhealthy=True)
-    assert {a.state.cluster for a in everything} == {"east", "west"}
+    assert {a.cluster for a in everything} == {"east", "west"}
     assert not any(a.reachable for a in everything)
     assert c.resolve(c2, "orders") == []
 
@@ -509,7 +506,7 @@ def test_cluster_behind_a_gateway_is_answered_with_the_gateway_and_sni_name():
     w3 = node(c, g, "west", 3)
     answers = c.resolve(w3, "payments", policy=AppPolicy(min_healthy=2))
     assert len(answers) == 2
-    by_instance = {a.record.instance: a for a in answers}
+    by_instance = {a.instance: a for a in answers}
     hashed = "x--" + hashlib.blake2b(b"Pay_2", digest_size=16).hexdigest()
     assert by_instance["pay-1"].gateway == Gateway(
         "gw.central.example", 8443, "pay-1.payments.default.central.mesh.local"
@@ -519,7 +516,9 @@ def test_cluster_behind_a_gateway_is_answered_with_the_gateway_and_sni_name():
     )
     for a in answers:
         assert (a.address, a.port) == ("gw.central.example", 8443)
-        assert a.record.address == "127.0.0.1"  # the record itself is unchanged
+    # The records themselves are unchanged: only the answer dials the gateway.
+    held = [rec for _, rec in c.core(w3).store.endpoints("payments")]
+    assert {(r.address, r.port) for r in held} == {("127.0.0.1", 9000), ("127.0.0.1", 9001)}
     # Inside central: direct.  And east, which has no gateway, is direct from central.
     inside = c.resolve(node(c, g, "central", 1), "payments", policy=AppPolicy(min_healthy=2))
     assert {(a.address, a.port, a.gateway) for a in inside} == {
@@ -617,9 +616,7 @@ def test_a_relay_that_alters_an_east_document_is_rejected_and_counted():
     assert c.wan(w0).store.version("east/n2") == genuine.version
     for i in c.running():
         assert c.core(i).store.version("east/n2") == genuine.version
-        assert [a.record.port for a in c.resolve(i, "orders") if a.state.cluster == "east"] == [
-            8080
-        ]
+        assert [a.port for a in c.resolve(i, "orders") if a.cluster == "east"] == [8080]
 
 
 def test_a_document_not_exported_to_central_is_refused_there():
@@ -729,7 +726,7 @@ def test_nearest_other_cluster_and_rtt_order_come_from_measured_round_trips():
     assert 0.002 < rtt["west"] < 0.02 < rtt["east"] < 0.2
     # No failover list: "any" orders the other clusters nearest first.
     answers = c.resolve(ids["c2"], "orders")
-    assert [a.state.cluster for a in answers] == ["west", "east"]
+    assert [a.cluster for a in answers] == ["west", "east"]
     assert [a.active for a in answers] == [True, False]
     # order = "rtt" inside a tier: w1 measures w2 near and w3 far.
     core = c.core(ids["w1"])

@@ -633,39 +633,7 @@ class Agent:
             trust_domain=self.trust_domain,
             node_rtt=core.estimated_rtt,
         )
-        rows = []
-        for a in answers:
-            rec, state = a.record, a.state
-            rows.append(
-                Endpoint(
-                    app=rec.app,
-                    namespace=rec.namespace,
-                    instance=rec.instance,
-                    address=a.address,
-                    port=a.port,
-                    protocol=rec.protocol,
-                    node=state.node,
-                    cluster=state.cluster,
-                    region=state.region,
-                    zone=state.zone,
-                    health=rec.health,
-                    weight=rec.weight,
-                    meta=dict(rec.meta),
-                    tier=a.tier,
-                    gateway=(
-                        None
-                        if a.gateway is None
-                        else {
-                            "address": a.gateway.address,
-                            "port": a.gateway.port,
-                            "sni": a.gateway.sni,
-                        }
-                    ),
-                    reachable=a.reachable,
-                    active=a.active,
-                )
-            )
-        return index, rows
+        return index, answers
 
     def records(self) -> list[dict[str, Any]]:
         store = self._core.store

@@ -9,12 +9,24 @@ dataclasses with a ``to_json`` that fixes the contract's JSON shapes.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
 
 from meshd.metrics import Metrics
+from meshd.policy.resolve import Endpoint, Gateway
+
+__all__ = [
+    "AgentAPI",
+    "CheckSpec",
+    "ClusterInfo",
+    "Endpoint",
+    "Gateway",
+    "MemberInfo",
+    "Registration",
+    "StorageError",
+]
 from meshd.revocation import RevocationList
 from meshd.wire import AppRecord
 
@@ -84,57 +96,6 @@ class Registration:
             out["export"] = list(r.export)
         if self.check is not None:
             out["check"] = self.check.to_json()
-        return out
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One row of a resolve answer (contract: ``GET /v1/resolve/{app}``)."""
-
-    app: str
-    namespace: str
-    instance: str
-    address: str
-    port: int
-    protocol: str
-    node: str
-    cluster: str
-    region: str
-    zone: str
-    health: str
-    weight: int
-    meta: dict[str, str] = field(default_factory=dict)
-    tier: str = "any"
-    gateway: dict[str, Any] | None = None
-    #: False when the endpoint's cluster is cut off (only listed with ?all=1).
-    reachable: bool = True
-    #: False for a standby: listed in order, but the policy sends traffic to
-    #: the active ones while they are enough (min_healthy spill rule).
-    active: bool = True
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "instance": self.instance,
-            "address": self.address,
-            "port": self.port,
-            "protocol": self.protocol,
-            "node": self.node,
-            "cluster": self.cluster,
-            "region": self.region,
-            "zone": self.zone,
-            "health": self.health,
-            "weight": self.weight,
-            "meta": dict(self.meta),
-            "tier": self.tier,
-        }
-        if self.gateway is not None:
-            out["gateway"] = dict(self.gateway)
-        # Extensions appear only when they say something: a plain answer keeps
-        # exactly the contract's keys.
-        if not self.reachable:
-            out["reachable"] = False
-        if not self.active:
-            out["active"] = False
         return out
 
 

@@ -1,49 +1,152 @@
-"""One lookup, start to finish: records held -> candidates -> policy -> answer.
+"""One lookup, start to finish: records held -> candidates -> policy -> endpoints.
 
 Shared by the agent's API and the harness, so a test of the harness and a
 lookup on a real node rank the same records the same way.  Pure: it reads a
 record store and the bridges' statements (:class:`~meshd.protocol.reach.Reach`)
 and returns values.
+
+This is the one place a record becomes something else: :func:`candidate`
+(what the policy ranks) and :func:`endpoint` (what every answer is written
+from).  Nothing downstream copies fields between models; the Consul API and
+the DNS responder read :class:`Endpoint` and write their own wire shapes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from meshd.policy.gateway import sni_name, split_hostport
 from meshd.policy.locality import Topology
 from meshd.policy.policy import AppPolicy, Candidate, Ranked, select
 from meshd.protocol.reach import Reach
 from meshd.protocol.store import RecordStore
-from meshd.wire import AppRecord, OriginState
+from meshd.wire import AppRecord, OriginState, member_id
 
 
 @dataclass(frozen=True, slots=True)
 class Gateway:
+    """How an asker outside the endpoint's cluster reaches it: the gateway's
+    address and port, and the TLS server name that routes to the instance."""
+
     address: str
     port: int
     sni: str
 
+    def to_json(self) -> dict[str, Any]:
+        return {"address": self.address, "port": self.port, "sni": self.sni}
+
 
 @dataclass(frozen=True, slots=True)
-class Answer:
-    """One endpoint of a lookup: where it runs, why it sits where it does."""
+class Endpoint:
+    """One endpoint of a lookup: the one model every answer is written from.
 
-    state: OriginState
-    record: AppRecord
-    tier: str
-    active: bool
-    reachable: bool
+    Built here, from a verified record and its document, and nowhere else;
+    the native API writes it with :meth:`to_json` (contract:
+    ``GET /v1/resolve/{app}``), the Consul API and the DNS responder each
+    write their own shape from the same fields.  ``address``/``port`` are
+    where to dial: the gateway's when the endpoint is behind one.
+    """
+
+    app: str
+    namespace: str
+    instance: str
+    address: str
+    port: int
+    protocol: str
+    #: The node name (as the node calls itself) and its cluster; ``member``
+    #: is the two together, the member id ``cluster/node``.
+    node: str
+    cluster: str
+    region: str
+    zone: str
+    health: str
+    weight: int
+    meta: dict[str, str] = field(default_factory=dict)
+    tier: str = "any"
     gateway: Gateway | None = None
+    #: False when the endpoint's cluster is cut off (only listed with ?all=1).
+    reachable: bool = True
+    #: False for a standby: listed in order, but the policy sends traffic to
+    #: the active ones while they are enough (min_healthy spill rule).
+    active: bool = True
 
     @property
-    def address(self) -> str:
-        return self.gateway.address if self.gateway else self.record.address
+    def member(self) -> str:
+        return member_id(self.cluster, self.node)
 
-    @property
-    def port(self) -> int:
-        return self.gateway.port if self.gateway else self.record.port
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "instance": self.instance,
+            "address": self.address,
+            "port": self.port,
+            "protocol": self.protocol,
+            "node": self.node,
+            "cluster": self.cluster,
+            "region": self.region,
+            "zone": self.zone,
+            "health": self.health,
+            "weight": self.weight,
+            "meta": dict(self.meta),
+            "tier": self.tier,
+        }
+        if self.gateway is not None:
+            out["gateway"] = self.gateway.to_json()
+        # Extensions appear only when they say something: a plain answer keeps
+        # exactly the contract's keys.
+        if not self.reachable:
+            out["reachable"] = False
+        if not self.active:
+            out["active"] = False
+        return out
+
+
+def candidate(
+    state: OriginState, rec: AppRecord, asker: Topology, reach: Reach, rtt: float | None
+) -> Candidate:
+    """What the policy ranks, from a record and the document that carries it."""
+    return Candidate(
+        instance=rec.instance,
+        app=rec.app,
+        namespace=rec.namespace,
+        address=rec.address,
+        port=rec.port,
+        node=state.node,
+        cluster=state.cluster,
+        region=state.region,
+        zone=state.zone,
+        health=rec.health,
+        weight=rec.weight,
+        reachable=reach.reachable(state.cluster),
+        exported_to_asker=exported_to(rec, state.cluster, asker.cluster),
+        rtt=rtt,
+    )
+
+
+def endpoint(
+    state: OriginState, rec: AppRecord, ranked: Ranked, gateway: Gateway | None
+) -> Endpoint:
+    """The answer row for a record the policy ranked."""
+    return Endpoint(
+        app=rec.app,
+        namespace=rec.namespace,
+        instance=rec.instance,
+        address=gateway.address if gateway else rec.address,
+        port=gateway.port if gateway else rec.port,
+        protocol=rec.protocol,
+        node=state.node,
+        cluster=state.cluster,
+        region=state.region,
+        zone=state.zone,
+        health=rec.health,
+        weight=rec.weight,
+        meta=dict(rec.meta),
+        tier=ranked.tier,
+        gateway=gateway,
+        reachable=ranked.candidate.reachable,
+        active=ranked.active,
+    )
 
 
 def exported_to(record: AppRecord, origin_cluster: str, cluster: str) -> bool:
@@ -61,7 +164,7 @@ def resolve(
     include_unhealthy: bool = False,
     trust_domain: str = "mesh.local",
     node_rtt: Callable[[str], float | None] | None = None,
-) -> list[Answer]:
+) -> list[Endpoint]:
     """Endpoints of ``app`` for ``asker``, best first (see policy.select).
 
     A remote member its own bridges declared dead is tombstoned in the store
@@ -78,22 +181,7 @@ def resolve(
             rtt = node_rtt(state.member) if node_rtt is not None else None
         else:
             rtt = reach.rtt.get(state.cluster)
-        cand = Candidate(
-            instance=rec.instance,
-            app=rec.app,
-            namespace=rec.namespace,
-            address=rec.address,
-            port=rec.port,
-            node=state.node,
-            cluster=state.cluster,
-            region=state.region,
-            zone=state.zone,
-            health=rec.health,
-            weight=rec.weight,
-            reachable=reach.reachable(state.cluster),
-            exported_to_asker=exported_to(rec, state.cluster, asker.cluster),
-            rtt=rtt,
-        )
+        cand = candidate(state, rec, asker, reach, rtt)
         candidates.append(cand)
         by_key[cand.key] = (state, rec)
     ranked: list[Ranked] = select(
@@ -107,5 +195,5 @@ def resolve(
             host, port = split_hostport(state.gateway)
             sni = sni_name(rec.instance, rec.app, rec.namespace, state.cluster, trust_domain)
             gateway = Gateway(host, port, sni)
-        out.append(Answer(state, rec, r.tier, r.active, r.candidate.reachable, gateway))
+        out.append(endpoint(state, rec, r, gateway))
     return out

@@ -38,7 +38,7 @@ from typing import Protocol, cast
 from meshd.identity import CA, StateSigner, StateVerifier, create_ca, issue_node_cert
 from meshd.policy.locality import Topology
 from meshd.policy.policy import AppPolicy
-from meshd.policy.resolve import Answer, resolve
+from meshd.policy.resolve import Endpoint, resolve
 from meshd.protocol.bridge import LAN, WAN, Bridge
 from meshd.protocol.config import Config
 from meshd.protocol.events import Event
@@ -625,7 +625,7 @@ class Cluster:
         namespace: str = "default",
         policy: AppPolicy | None = None,
         include_unhealthy: bool = False,
-    ) -> list[Answer]:
+    ) -> list[Endpoint]:
         """A lookup on node ``observer``, exactly as its agent would answer it."""
         hn = self.nodes[observer]
         core = self.core(observer)

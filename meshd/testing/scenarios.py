@@ -285,13 +285,13 @@ def cross_cluster_failover(
     pending = {a for a in askers if a != victim}
 
     def uses_victim(a: int) -> bool:
-        return any(x.active and x.state.member == vid for x in c.resolve(a, app, namespace, policy))
+        return any(x.active and x.member == vid for x in c.resolve(a, app, namespace, policy))
 
     def failed_over(a: int) -> bool:
         active = [x for x in c.resolve(a, app, namespace, policy) if x.active]
-        if not active or any(x.state.member == vid for x in active):
+        if not active or any(x.member == vid for x in active):
             return False
-        first = active[0].state
+        first = active[0]
         return first.member != vid if to_cluster is None else first.cluster == to_cluster
 
     idle = sorted(c.nodes[a].id for a in pending if not uses_victim(a))
