@@ -708,9 +708,9 @@ class StateSigner:
 
     def sign_claim(self, claim: MemberClaim) -> SignedClaim:
         """Sign what this node says about itself (alive or left at an incarnation)."""
-        if claim.node != self.node_cert.member_id:
+        if claim.member != self.node_cert.member_id:
             raise IdentityError(
-                f"the certificate of {self.node_cert.member_id} cannot sign for {claim.node}"
+                f"the certificate of {self.node_cert.member_id} cannot sign for {claim.member}"
             )
         body = claim.encode()
         return SignedClaim(
@@ -932,9 +932,9 @@ class StateVerifier:
         claim = _decoded(MemberClaim.decode, body)
         if isinstance(claim, Rejection):
             return claim, True
-        if claim.node != wire.member_id(info.cluster, info.node):
+        if claim.member != wire.member_id(info.cluster, info.node):
             return Rejection(
-                "node-mismatch", f"cert {info.cluster}/{info.node}, claim {claim.node}"
+                "node-mismatch", f"cert {info.cluster}/{info.node}, claim {claim.member}"
             ), True
         return claim, True
 

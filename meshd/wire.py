@@ -517,7 +517,7 @@ class MemberClaim:
     """
 
     status: Status
-    node: str
+    member: str
     incarnation: int
     address: str
     region: str = ""
@@ -527,7 +527,7 @@ class MemberClaim:
     def __post_init__(self) -> None:
         if self.status not in (Status.ALIVE, Status.LEFT):
             raise WireError("a member claims only alive or left about itself")
-        _mid(self.node)
+        _mid(self.member)
         _check_int(self.incarnation, "incarnation", 0)
         _check_str(self.address, "address", MAX_NAME_LEN + 6)
         host, sep, port = self.address.rpartition(":")
@@ -542,7 +542,7 @@ class MemberClaim:
         return _pack(
             [
                 int(self.status),
-                self.node,
+                self.member,
                 self.incarnation,
                 self.address,
                 self.region,
@@ -600,7 +600,7 @@ class SignedClaim:
 class MemberUpdate:
     """A claim about a member: its status at an incarnation, said by ``by``.
 
-    ``node`` is the member id ``cluster/node``.  ``address`` is where it listens
+    ``member`` is the member id ``cluster/node``.  ``address`` is where it listens
     for gossip (``host:port``).  ``by`` names who suspects or declares it dead
     (independent confirmations are counted by distinct ``by``); for alive and
     left it is the member itself.
@@ -612,7 +612,7 @@ class MemberUpdate:
     """
 
     status: Status
-    node: str
+    member: str
     incarnation: int
     address: str
     region: str = ""
@@ -624,7 +624,7 @@ class MemberUpdate:
     def __post_init__(self) -> None:
         if not isinstance(self.status, Status):
             raise WireError("status must be a Status")
-        _mid(self.node)
+        _mid(self.member)
         _check_int(self.incarnation, "incarnation", 0)
         _check_str(self.address, "address", MAX_NAME_LEN + 6)
         _check_str(self.region, "region", MAX_NAME_LEN)
@@ -636,12 +636,12 @@ class MemberUpdate:
 
     @property
     def cluster(self) -> str:
-        return self.node.partition("/")[0]
+        return self.member.partition("/")[0]
 
     def to_wire(self) -> list[Any]:
         return [
             int(self.status),
-            self.node,
+            self.member,
             self.incarnation,
             self.address,
             self.region,

@@ -437,9 +437,9 @@ class Simulation(Cluster):
         Not counted as traffic (it precedes the window).
 
         In each cluster the first node takes that reply through
-        ``Node.receive``, so the core builds its tables itself; every other
+        ``Core.receive``, so the core builds its tables itself; every other
         node of the cluster that is not a bridge then adopts those tables
-        (``Node.adopt``: shared copy-on-write, the memory of one view for the
+        (``Core.adopt``: shared copy-on-write, the memory of one view for the
         whole cluster until a core changes something).  Bridges take the
         reply through ``receive`` too, so that their bridge sees the events
         and relays the documents to the WAN pool.

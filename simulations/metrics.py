@@ -286,13 +286,13 @@ class Collector:
             del self._open_spreads[e.origin]
 
     def _on_dead(self, i: int, e: MemberChanged, now: float) -> None:
-        det = self._open_detections.get(e.node)
+        det = self._open_detections.get(e.member)
         if det is not None and i in det.pending:
             det.pending.discard(i)
             det.times[i] = now - det.start
             if not det.pending:
-                del self._open_detections[e.node]
-        subject = self.index_of.get(e.node)
+                del self._open_detections[e.member]
+        subject = self.index_of.get(e.member)
         if subject is None or self.is_down(subject):
             return
         if self.separated(i, subject):
@@ -302,11 +302,11 @@ class Collector:
             self.false_deaths += 1
             if not self.degraded(subject):
                 self.false_deaths_healthy += 1
-            self.false_death_subjects.add(e.node)
+            self.false_death_subjects.add(e.member)
             self.false_death_times.append(round(now - self.origin, 6))
 
     def _on_suspect(self, i: int, e: MemberChanged) -> None:
-        subject = self.index_of.get(e.node)
+        subject = self.index_of.get(e.member)
         if subject is None or self.is_down(subject) or self.separated(i, subject):
             return
         if e.incarnation >= self.life_start(subject):

@@ -248,8 +248,8 @@ class RogueMachine(RuleBasedStateMachine):
         state = self.seen_states[pick % len(self.seen_states)]
         body = MemberClaim.decode(claim.body)
         u = MemberUpdate(
-            body.status, body.node, body.incarnation, body.address, body.region, body.zone,
-            body.node, claim,
+            body.status, body.member, body.incarnation, body.address, body.region, body.zone,
+            body.member, claim,
         )  # fmt: skip
         self.send(dst, self.carrier(kind, dst, members=(u,), states=(state,)))
 
@@ -275,7 +275,7 @@ class RogueMachine(RuleBasedStateMachine):
             c = self.c
             took = c.run_until_true(lambda: honest_ok(c), REPAIR_BOUND)
             assert took is not None, {
-                i: {m.node: m.status.label for m in c.core(i).members.values()} for i in c.running()
+                i: {m.id: m.status.label for m in c.core(i).members.values()} for i in c.running()
             }
 
 

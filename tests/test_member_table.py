@@ -18,7 +18,7 @@ def consistent(t: MemberTable) -> bool:
     ms = t.members.values()
     return (
         sorted(t.ids) == sorted(t.members)
-        and t.gone == {m.node for m in ms if m.status in (Status.DEAD, Status.LEFT)}
+        and t.gone == {m.id for m in ms if m.status in (Status.DEAD, Status.LEFT)}
         and t.serving == sum(1 for m in ms if m.serving)
         and t.view == _xor(view_term(m) for m in ms)
     )

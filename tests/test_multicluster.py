@@ -25,7 +25,7 @@ from meshd.policy.policy import AppPolicy
 from meshd.policy.resolve import Gateway
 from meshd.protocol.bounds import detection_bound
 from meshd.protocol.config import Config
-from meshd.protocol.node import Node
+from meshd.protocol.core import Core
 from meshd.protocol.store import Entry
 from meshd.protocol.suspicion import suspicion_min
 from meshd.testing import (
@@ -113,7 +113,7 @@ def node(c, g, cluster, k):
     return g[cluster][k]
 
 
-def held(node: Node, origin: str) -> Entry:
+def held(node: Core, origin: str) -> Entry:
     """The entry ``node`` holds for ``origin``; the test fails when it holds none."""
     entry = node.store.get(origin)
     assert entry is not None, f"{node.id} holds nothing from {origin}"
@@ -142,7 +142,7 @@ def test_multi_cluster_builds_regions_zones_bridges_and_one_wan_pool():
     assert c.run_until_true(lambda: converged_everywhere(c), JOIN_TIMEOUT) is not None
     c.run_for(10)
     for b in bridge_indices(c):
-        assert sorted(m.node for m in c.wan(b).members.values() if m.serving) == [
+        assert sorted(m.id for m in c.wan(b).members.values() if m.serving) == [
             "a/n0",
             "b/n0",
             "b/n1",

@@ -106,7 +106,7 @@ def test_node_paused_shorter_than_suspicion_refutes_and_is_never_declared_dead()
         lambda i, e, now: (
             suspected.append(i)
             if isinstance(e, MemberChanged)
-            and e.node == c.nodes[9].id
+            and e.member == c.nodes[9].id
             and e.status is Status.SUSPECT
             else None
         )

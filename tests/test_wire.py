@@ -217,7 +217,7 @@ short_text = st.text(max_size=24)
 member_updates = st.builds(
     MemberUpdate,
     status=st.sampled_from(Status),
-    node=member_ids,
+    member=member_ids,
     incarnation=u63,
     address=addresses,
     region=opt_names,

@@ -52,9 +52,9 @@ from meshd.policy.policy import AppPolicy, Policy, parse_policy, policy_to_dict
 from meshd.policy.resolve import resolve as policy_resolve
 from meshd.protocol.bridge import LAN, WAN, Bridge
 from meshd.protocol.config import Config
+from meshd.protocol.core import Core
 from meshd.protocol.events import MemberChanged, OriginChanged
 from meshd.protocol.host import Host
-from meshd.protocol.node import Node
 from meshd.protocol.reach import Reach, compute_reach
 from meshd.revocation import (
     RevocationError,
@@ -78,7 +78,7 @@ class _Pool:
     transport: Transport
     protocol: Config
     advertise: str
-    core: Node | None = None
+    core: Core | None = None
 
 
 #: Versions reserved per SQLite write (see module doc).  Large enough that a
@@ -145,7 +145,7 @@ class Agent:
         self._peers_changed = asyncio.Event()
         self._peer_task: asyncio.Task[None] | None = None
         self._recheck_task: asyncio.Task[None] | None = None
-        self.core: Node | None = None
+        self.core: Core | None = None
         self._reach: tuple[int, Reach] | None = None
         self._reported: Counter[str] = Counter()  # core counters already exported
         self.runner = CheckRunner(self._on_check_status)
@@ -190,8 +190,8 @@ class Agent:
             self._checks[reg.record.instance] = reg
         now = self._loop.time()
 
-        def make(pool: _Pool, incarnation: int) -> Node:
-            return Node(
+        def make(pool: _Pool, incarnation: int) -> Core:
+            return Core(
                 config=pool.protocol,
                 node=self.node_name,
                 cluster=self.cluster,
@@ -381,7 +381,7 @@ class Agent:
     # Pumping the cores
 
     @property
-    def _core(self) -> Node:
+    def _core(self) -> Core:
         assert self.core is not None, "agent not started"
         return self.core
 
@@ -424,7 +424,7 @@ class Agent:
             if isinstance(event, MemberChanged):
                 self._peers_changed.set()
                 changed = True
-                log.info("%s member %s is %s", pool_name, event.node, event.status.label)
+                log.info("%s member %s is %s", pool_name, event.member, event.status.label)
             elif isinstance(event, OriginChanged):
                 changed = True
         self._persist_counters()
@@ -510,9 +510,7 @@ class Agent:
             core = pool.core
             if core is None:
                 continue
-            peers = [
-                (m.address, m.node) for m in core.member_list() if m.node != core.id and m.serving
-            ]
+            peers = [(m.address, m.id) for m in core.member_list() if m.id != core.id and m.serving]
             if peers:
                 self._db.save_peers(peers, pool.name)
 
@@ -701,9 +699,9 @@ class Agent:
         seen = set()
         views = [p.core for p in self.pools.values() if p.core is not None]
         for m in (m for core in views for m in core.member_list()):
-            if m.node in seen:
+            if m.id in seen:
                 continue
-            seen.add(m.node)
+            seen.add(m.id)
             if cluster and m.cluster != cluster:
                 continue
             out.append(

@@ -1,6 +1,6 @@
 """Anti-entropy for one core: periodic syncs that repair what gossip lost.
 
-One job of ``Node``.  Every sync interval (stretched above 32 members, as
+One job of ``Core``.  Every sync interval (stretched above 32 members, as
 memberlist's pushPullScale) the core syncs with one random alive member.  Two
 fingerprints make agreeing peers cheap: of the member view and of the record
 store; only where they differ do member lists or record digests flow, and
@@ -11,7 +11,7 @@ reconnect).  O(n) answers are rationed per peer (a token bucket), and a reply
 to a sync we never opened draws nothing.
 
 It reads and changes its core's tables through the core (``AntiEntropy.core``):
-what a sync brings in is merged by ``Node.receive`` before the handlers here run.
+what a sync brings in is merged by ``Core.receive`` before the handlers here run.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from meshd.wire import (
 )
 
 if TYPE_CHECKING:
-    from meshd.protocol.node import Node
+    from meshd.protocol.core import Core
 
 #: Bytes of states per anti-entropy message: with a full member list of a
 #: 10,000-node pool (~0.6 MiB) this stays under the 1 MiB frame limit.
@@ -50,7 +50,7 @@ PUSH_PULL_SCALE_THRESHOLD = 32
 HEAVY_REPLY_BURST = 8
 HEAVY_REPLY_INTERVAL = 1.0
 
-# What an open sync offered (``Node._open_syncs``): our full member list and
+# What an open sync offered (``Core._open_syncs``): our full member list and
 # digest (a join), our digest, or our fingerprints alone.
 _SYNC_FULL, _SYNC_DIGEST, _SYNC_SHORT = "full", "digest", "short"
 
@@ -92,7 +92,7 @@ def _chunks(items: Sequence[_Sized]) -> Iterator[tuple[Any, ...]]:
 class AntiEntropy:
     """The sync part of one core (see module doc)."""
 
-    def __init__(self, core: Node) -> None:
+    def __init__(self, core: Core) -> None:
         self.core = core
         #: Addresses we join through (retried while we know no one).
         self.seeds: list[str] = []
@@ -143,8 +143,8 @@ class AntiEntropy:
         updates: list[MemberUpdate] = []
         for m in self.core.members.values():
             if m.status is Status.SUSPECT:
-                updates.append(m.update_for(Status.ALIVE, m.node))
-            updates.append(m.update_for(m.status, m.node))
+                updates.append(m.update_for(Status.ALIVE, m.id))
+            updates.append(m.update_for(m.status, m.id))
         return list(_chunks(updates)) or [()]
 
     def send_members(self, address: str, rest: list[tuple[MemberUpdate, ...]]) -> None:
@@ -202,7 +202,7 @@ class AntiEntropy:
 
     def start_sync(self, now: float) -> None:
         peers = self.core._random_members(
-            1, lambda m: m.status is Status.ALIVE and m.node != self.core.id
+            1, lambda m: m.status is Status.ALIVE and m.id != self.core.id
         )
         if peers:
             self.send_sync(peers[0].address, full=False, dest_cluster=peers[0].cluster)

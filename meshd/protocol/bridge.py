@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import math
 
+from meshd.protocol.core import Core
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
-from meshd.protocol.node import Node
 from meshd.wire import Status, doc_member, may_reach
 
 LAN, WAN = "lan", "wan"
 
 
 class Bridge:
-    def __init__(self, lan: Node, wan: Node) -> None:
+    def __init__(self, lan: Core, wan: Core) -> None:
         if lan.id != wan.id:
             raise ValueError("a bridge's two cores must share one identity")
         if wan.publisher:
@@ -57,7 +57,7 @@ class Bridge:
             else:
                 self._to_lan(event.origin, now)
         elif isinstance(event, MemberChanged):
-            own_member = event.node.partition("/")[0] == self.cluster
+            own_member = event.member.partition("/")[0] == self.cluster
             if pool == WAN or own_member:
                 self._restate(now)
 
@@ -87,8 +87,8 @@ class Bridge:
         for m in self.lan.members.values():
             if m.cluster != self.cluster or m.status not in (Status.DEAD, Status.LEFT):
                 continue
-            versions = [self.lan.store.version(doc) or 0 for doc in self.lan.docs_of(m.node)]
-            out.append((m.node, max(versions, default=0)))
+            versions = [self.lan.store.version(doc) or 0 for doc in self.lan.docs_of(m.id)]
+            out.append((m.id, max(versions, default=0)))
         return sorted(out)
 
     def unreachable_clusters(self) -> list[str]:
@@ -107,7 +107,7 @@ class Bridge:
         for m in self.wan.members.values():
             if m.cluster == self.cluster or not m.serving:
                 continue
-            rtt = self.wan.estimated_rtt(m.node)
+            rtt = self.wan.estimated_rtt(m.id)
             if rtt is not None and (m.cluster not in best or rtt < best[m.cluster]):
                 best[m.cluster] = rtt
         stated = dict(self.lan.rtt_statement)

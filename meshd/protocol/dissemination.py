@@ -1,6 +1,6 @@
 """Dissemination for one core: what rides on every message, and gossip rounds.
 
-One job of ``Node``.  Membership claims and signed documents wait in two
+One job of ``Core``.  Membership claims and signed documents wait in two
 retransmit-limited queues (``queue.py``) with separate byte budgets, so a
 burst of documents cannot starve the claims that keep views right; each
 entry goes out about ``retransmit_mult * log10(n + 1)`` times, fewest-sent
@@ -21,13 +21,13 @@ from meshd.protocol.queue import BroadcastQueue, retransmit_limit
 from meshd.wire import Gossip, MemberUpdate, SignedState, Status, may_reach
 
 if TYPE_CHECKING:
-    from meshd.protocol.node import Node
+    from meshd.protocol.core import Core
 
 
 class Dissemination:
     """The gossip part of one core (see module doc)."""
 
-    def __init__(self, core: Node) -> None:
+    def __init__(self, core: Core) -> None:
         self.core = core
         self.member_q: BroadcastQueue[MemberUpdate] = BroadcastQueue(lambda u: u.size)
         self.record_q: BroadcastQueue[SignedState] = BroadcastQueue(lambda s: s.size)
@@ -68,7 +68,7 @@ class Dissemination:
         self.next_gossip = now + cfg.gossip_interval
 
         def eligible(m: Member) -> bool:
-            if m.node == self.core.id:
+            if m.id == self.core.id:
                 return False
             if m.serving:
                 return True

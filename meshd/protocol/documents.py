@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from meshd.wire import AppRecord, OriginState, scope_for
 
 if TYPE_CHECKING:
-    from meshd.protocol.node import Node
+    from meshd.protocol.core import Core
 
 __all__ = ["Publisher", "draft", "drafts", "by_scope"]
 
@@ -42,7 +42,7 @@ class Publisher:
     rtt: tuple[tuple[str, int], ...] = ()
 
     @classmethod
-    def of(cls, core: Node) -> Publisher:
+    def of(cls, core: Core) -> Publisher:
         """The publisher a running core is (its public attributes only)."""
         return cls(
             node=core.node_name,

@@ -1,4 +1,4 @@
-"""Events the core hands to its driver (pull them with ``Node.next_event``)."""
+"""Events the core hands to its driver (pull them with ``Core.next_event``)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class MemberChanged(Event):
-    """Our view of ``node`` moved to ``status`` (joined, suspected, died, left, came back)."""
+    """Our view of ``member`` moved to ``status`` (joined, suspected, died, left, came back)."""
 
-    node: str
+    member: str
     status: Status
     incarnation: int
     address: str

@@ -27,8 +27,8 @@ from collections import deque
 from collections.abc import Iterator
 
 from meshd.protocol.bridge import LAN, WAN, Bridge
+from meshd.protocol.core import Core
 from meshd.protocol.events import Event
-from meshd.protocol.node import Node
 from meshd.wire import Message
 
 __all__ = ["BRIDGE_REFRESH_INTERVAL", "Host", "LAN", "WAN"]
@@ -45,13 +45,13 @@ MAX_RELAY_PASSES = 16
 class Host:
     """The cores of one node and the bridge that couples them (see module doc)."""
 
-    def __init__(self, lan: Node, now: float, wan: Node | None = None) -> None:
+    def __init__(self, lan: Core, now: float, wan: Core | None = None) -> None:
         if not lan.publisher:
             raise ValueError("the LAN core publishes this node's documents (publisher=True)")
         self.lan = lan
         self.wan = wan
         #: pool name -> core, LAN first: the order every pass visits them in.
-        self.cores: dict[str, Node] = {LAN: lan}
+        self.cores: dict[str, Core] = {LAN: lan}
         self.bridge: Bridge | None = None
         self._out: deque[tuple[str, str, Message]] = deque()
         self._events: deque[tuple[str, Event]] = deque()
@@ -67,14 +67,14 @@ class Host:
     def id(self) -> str:
         return self.lan.id
 
-    def core(self, pool: str) -> Node:
+    def core(self, pool: str) -> Core:
         return self.cores[pool]
 
     # ------------------------------------------------------------------
     # Driver interface
 
     def receive(self, pool: str, msg: Message, now: float, peer: str | None = None) -> None:
-        """A decoded message that arrived on ``pool``; ``peer`` as in :meth:`Node.receive`."""
+        """A decoded message that arrived on ``pool``; ``peer`` as in :meth:`Core.receive`."""
         core = self.cores.get(pool)
         if core is None:
             return  # a pool this node is not in (a WAN message to a non-bridge)

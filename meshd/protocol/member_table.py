@@ -25,7 +25,7 @@ from meshd.wire import SignedClaim, Status
 
 def view_term(m: Member) -> int:
     """A member's contribution to the view fingerprint (order-free, via XOR)."""
-    key = f"{m.node}|{int(m.status)}|{m.incarnation}".encode()
+    key = f"{m.id}|{int(m.status)}|{m.incarnation}".encode()
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
 
 
@@ -66,26 +66,26 @@ class MemberTable:
     def add(self, m: Member) -> None:
         """A member not in the table yet."""
         self._own()
-        self.members[m.node] = m
+        self.members[m.id] = m
         self.view ^= view_term(m)
-        self.ids.append(m.node)
+        self.ids.append(m.id)
         if m.serving:
             self.serving += 1
         elif m.status in (Status.DEAD, Status.LEFT):
-            self.gone.add(m.node)
+            self.gone.add(m.id)
 
-    def remove(self, node: str) -> Member:
+    def remove(self, member: str) -> Member:
         """Forget a member (reaped); returns it."""
         self._own()
-        m = self.members.pop(node)
+        m = self.members.pop(member)
         self.view ^= view_term(m)
         if m.serving:
             self.serving -= 1
-        self.gone.discard(node)
+        self.gone.discard(member)
         # O(n), but a member is removed only when reaped, long after its death.
-        pos = self.ids.index(node)
+        pos = self.ids.index(member)
         last = self.ids.pop()
-        if last != node:
+        if last != member:
             self.ids[pos] = last
         return m
 
@@ -114,11 +114,11 @@ class MemberTable:
             zone=m.zone if zone is None else zone,
             claim=m.claim if claim is None else claim,
         )
-        self.members[m.node] = new
+        self.members[m.id] = new
         self.view ^= view_term(m) ^ view_term(new)
         self.serving += int(new.serving) - int(m.serving)
         if status in (Status.DEAD, Status.LEFT):
-            self.gone.add(m.node)
+            self.gone.add(m.id)
         else:
-            self.gone.discard(m.node)
+            self.gone.discard(m.id)
         return new

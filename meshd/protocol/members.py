@@ -78,7 +78,8 @@ class Member:
     other's changes.
     """
 
-    node: str
+    #: The member id, ``cluster/node``.
+    id: str
     address: str
     region: str
     zone: str
@@ -91,11 +92,11 @@ class Member:
 
     @property
     def cluster(self) -> str:
-        return self.node.partition("/")[0]
+        return self.id.partition("/")[0]
 
     @property
     def name(self) -> str:
-        return self.node.partition("/")[2]
+        return self.id.partition("/")[2]
 
     @property
     def serving(self) -> bool:
@@ -107,7 +108,7 @@ class Member:
         # receiver must already hold, and stay small (they are the frequent ones).
         claim = self.claim if status in (Status.ALIVE, Status.LEFT) else None
         return MemberUpdate(
-            status, self.node, self.incarnation, self.address, self.region, self.zone, by, claim
+            status, self.id, self.incarnation, self.address, self.region, self.zone, by, claim
         )
 
 

@@ -1,4 +1,4 @@
-"""SWIM probing with Lifeguard, for one core: one job of ``Node``.
+"""SWIM probing with Lifeguard, for one core: one job of ``Core``.
 
 Whom to probe next (a lazy Fisher-Yates shuffle over the member list, a new
 round when it runs out), the probe in flight (direct, then through
@@ -9,7 +9,7 @@ and the Vivaldi coordinates learnt from the round trips of direct probes.
 
 It reads the member table and sends through its core (``Prober.core``), and
 hands every verdict back to it: a failed probe becomes a suspicion by
-``Node._apply``, a buddy's suspicion about us goes to ``Node._about_me``.
+``Core._apply``, a buddy's suspicion about us goes to ``Core._about_me``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from meshd.protocol.vivaldi import update as vivaldi_update
 from meshd.wire import Ack, IndirectPing, Nack, Ping, Status
 
 if TYPE_CHECKING:
-    from meshd.protocol.node import Node
+    from meshd.protocol.core import Core
 
 #: Fraction of the probe timeout a helper waits before it nacks (see nack_timeout).
 NACK_TIMEOUT_FRACTION = 0.8
@@ -70,7 +70,7 @@ class _Relay:
 class Prober:
     """The probing part of one core (see module doc)."""
 
-    def __init__(self, core: Node, config: Config, rng: random.Random) -> None:
+    def __init__(self, core: Core, config: Config, rng: random.Random) -> None:
         self.core = core
         self.config = config
         self.rng = rng
@@ -128,7 +128,7 @@ class Prober:
                 order[i], order[j] = order[j], order[i]
                 self.index = i + 1
                 m = self.core.members.get(order[i])
-                if m is not None and m.serving and m.node != self.core.id:
+                if m is not None and m.serving and m.id != self.core.id:
                     return m
             # Round over: a new one over who is there now (memberlist resetNodes).
             self.order = list(self.core.table.ids)
@@ -154,13 +154,13 @@ class Prober:
                 self.core.id,
                 seq=seq,
                 source_addr=self.core.address,
-                target=target.node,
+                target=target.id,
                 suspicion=buddy,
                 members=members,
                 states=states,
             ),
         )
-        self.probe = _Probe(target.node, seq, now + timeout, now + interval, sent=now)
+        self.probe = _Probe(target.id, seq, now + timeout, now + interval, sent=now)
 
     def advance(self, now: float) -> None:
         p = self.probe
@@ -173,7 +173,7 @@ class Prober:
                 return
             helpers = self.core._random_members(
                 self.config.indirect_checks,
-                lambda m: m.status is Status.ALIVE and m.node not in (self.core.id, p.target),
+                lambda m: m.status is Status.ALIVE and m.id not in (self.core.id, p.target),
             )
             p.expected_nacks = len(helpers)
             for h in helpers:
@@ -183,7 +183,7 @@ class Prober:
                         self.core.id,
                         seq=p.seq,
                         source_addr=self.core.address,
-                        target=target.node,
+                        target=target.id,
                         target_addr=target.address,
                         nack=True,
                     ),
@@ -220,7 +220,7 @@ class Prober:
         if msg.target != self.core.id:
             self.core.counters["misdirected"] += 1
             return
-        if msg.suspicion is not None and msg.suspicion.node == self.core.id:
+        if msg.suspicion is not None and msg.suspicion.member == self.core.id:
             self.core._about_me(msg.suspicion, now)
         addr = msg.source_addr or self.core._address_of(msg.source)
         if addr is None:

@@ -9,7 +9,7 @@ served only when
 
 Whether a member of C is dead is not judged here: a bridge of C states it
 ("dead as of version v") and every core that hears it tombstones those
-documents in its store (``Node._apply_down``), so they are simply not live.
+documents in its store (``Core._apply_down``), so they are simply not live.
 """
 
 from __future__ import annotations

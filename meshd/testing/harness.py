@@ -41,9 +41,9 @@ from meshd.policy.policy import AppPolicy
 from meshd.policy.resolve import Endpoint, resolve
 from meshd.protocol.bridge import LAN, WAN, Bridge
 from meshd.protocol.config import Config
+from meshd.protocol.core import Core
 from meshd.protocol.events import Event
 from meshd.protocol.host import Host
-from meshd.protocol.node import Node
 from meshd.protocol.reach import compute_reach
 from meshd.wire import (
     AppRecord,
@@ -138,11 +138,11 @@ class HarnessNode:
         return member_id(self.cluster, self.name)
 
     @property
-    def core(self) -> Node | None:
+    def core(self) -> Core | None:
         return self.host.lan if self.host is not None else None
 
     @property
-    def cores(self) -> dict[str, Node]:
+    def cores(self) -> dict[str, Core]:
         """pool -> core; empty before the node first starts."""
         return self.host.cores if self.host is not None else {}
 
@@ -277,8 +277,8 @@ class Cluster:
         apps: Iterable[AppRecord] = (),
         wan_incarnation: int = 0,
     ) -> None:
-        def make(pool: str, config: Config, address: str, inc: int) -> Node:
-            return Node(
+        def make(pool: str, config: Config, address: str, inc: int) -> Core:
+            return Core(
                 config=config,
                 node=hn.name,
                 cluster=hn.cluster,
@@ -327,12 +327,12 @@ class Cluster:
         """Called each time a node's cores are (re)built, before they run; for
         drivers built on the harness to note what a new life starts with."""
 
-    def core(self, i: int) -> Node:
+    def core(self, i: int) -> Core:
         c = self.nodes[i].core
         assert c is not None, f"node {i} has no core"
         return c
 
-    def wan(self, i: int) -> Node:
+    def wan(self, i: int) -> Core:
         return self.nodes[i].cores[WAN]
 
     # ------------------------------------------------------------------
@@ -360,7 +360,7 @@ class Cluster:
         old = hn.core
         assert old is not None
         old_wan = hn.cores.get(WAN)
-        last_peers = [m.address for m in old.member_list() if m.node != old.id and m.serving]
+        last_peers = [m.address for m in old.member_list() if m.id != old.id and m.serving]
         if seeds is not None:
             last_peers = [self.nodes[s].address for s in seeds]
         self._start(
@@ -372,7 +372,7 @@ class Cluster:
         )
         self.core(i).join(last_peers, self.now)
         if old_wan is not None:
-            wan_peers = [m.address for m in old_wan.member_list() if m.node != old.id and m.serving]
+            wan_peers = [m.address for m in old_wan.member_list() if m.id != old.id and m.serving]
             self.wan(i).join(wan_peers, self.now)
         self._settle(hn)
 

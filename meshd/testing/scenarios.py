@@ -77,7 +77,7 @@ def detection_time(c: Cluster, victim: int, timeout: float = 300.0) -> dict[int,
     vid = c.nodes[victim].id
 
     def observe(i: int, e: Event, now: float) -> None:
-        if isinstance(e, MemberChanged) and e.node == vid and e.status is Status.DEAD:
+        if isinstance(e, MemberChanged) and e.member == vid and e.status is Status.DEAD:
             dead_at.setdefault(i, now - start)
 
     c.observers.append(observe)
@@ -101,10 +101,10 @@ class DeathCounter:
 
     def __call__(self, i: int, e: Event, now: float) -> None:
         if isinstance(e, MemberChanged) and e.status is Status.DEAD:
-            idx = next(hn.index for hn in self.c.nodes if hn.id == e.node)
+            idx = next(hn.index for hn in self.c.nodes if hn.id == e.member)
             if not self.c.nodes[idx].crashed:
                 self.false_deaths += 1
-                self.subjects.add(e.node)
+                self.subjects.add(e.member)
 
 
 def converged_join(c: Cluster, timeout: float = 120.0) -> float | None:

@@ -1,6 +1,6 @@
-"""Tests for meshd.protocol.node: the sans-IO SWIM + Lifeguard core, driven by hand.
+"""Tests for meshd.protocol.core: the sans-IO SWIM + Lifeguard core, driven by hand.
 
-Most tests build two to six ``Node``s with real identities and shuttle their
+Most tests build two to six ``Core``s with real identities and shuttle their
 messages through ``Net``, a zero-latency in-memory network defined here: it
 fires timers in time order, delivers every message at once (unless ``drop``
 says otherwise) and logs everything sent.  Only the determinism test uses the
@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshd.identity import StateSigner, StateVerifier, create_ca, issue_node_cert
 from meshd.protocol.config import Config
+from meshd.protocol.core import Core
 from meshd.protocol.events import MemberChanged, OriginChanged
-from meshd.protocol.node import Node
 from meshd.protocol.prober import nack_timeout
 from meshd.protocol.store import Entry
 from meshd.protocol.suspicion import suspicion_timeout
@@ -62,9 +62,9 @@ def make_node(
     incarnation: int = 0,
     version: int = 0,
     apps=(),
-) -> Node:
+) -> Core:
     name = f"n{i}"
-    return Node(
+    return Core(
         config=config,
         node=name,
         cluster="east",
@@ -81,7 +81,7 @@ def make_node(
     )
 
 
-def claim(status: Status, about: Node, by: Node | str, incarnation: int | None = None):
+def claim(status: Status, about: Core, by: Core | str, incarnation: int | None = None):
     """A member update about ``about`` said by ``by``, at its incarnation unless given.
 
     Alive and left said by ``about`` itself carry its signed claim (ed25519
@@ -97,25 +97,25 @@ def claim(status: Status, about: Node, by: Node | str, incarnation: int | None =
     return MemberUpdate(status, about.id, inc, about.address, "r1", "z1", by_id, signed)
 
 
-def gossip(src: Node, dst: Node, now: float, *members: MemberUpdate, states=()) -> None:
+def gossip(src: Core, dst: Core, now: float, *members: MemberUpdate, states=()) -> None:
     dst.receive(Gossip(src.id, members=members, states=tuple(states)), now, peer=src.id)
 
 
-def drain_events(node: Node) -> list:
+def drain_events(node: Core) -> list:
     out = []
     while (e := node.next_event()) is not None:
         out.append(e)
     return out
 
 
-def held(node: Node, origin: str) -> Entry:
+def held(node: Core, origin: str) -> Entry:
     """The entry ``node`` holds for ``origin``; the test fails when it holds none."""
     entry = node.store.get(origin)
     assert entry is not None, f"{node.id} holds nothing from {origin}"
     return entry
 
 
-def sent(node: Node, kind: type) -> list:
+def sent(node: Core, kind: type) -> list:
     return [(addr, m) for addr, m in node.messages_to_send() if isinstance(m, kind)]
 
 
@@ -130,10 +130,10 @@ class Net:
     still logged).  ``log`` holds ``(time, src, dst_address, msg)``.
     """
 
-    def __init__(self, *nodes: Node, drop=None) -> None:
+    def __init__(self, *nodes: Core, drop=None) -> None:
         self.nodes = {n.address: n for n in nodes}
         self.drop = drop or (lambda src, dst, msg: False)
-        self.log: list[tuple[float, Node, str, object]] = []
+        self.log: list[tuple[float, Core, str, object]] = []
         self.now = 0.0
 
     def flush(self, now: float) -> None:
@@ -171,7 +171,7 @@ class Net:
         self.now = max(self.now, until)
         return self.now
 
-    def sent_by(self, node: Node, kind: type, since: float = float("-inf")) -> list:
+    def sent_by(self, node: Core, kind: type, since: float = float("-inf")) -> list:
         return [
             (t, addr, m)
             for t, src, addr, m in self.log
@@ -179,7 +179,7 @@ class Net:
         ]
 
 
-def mesh(*nodes: Node, drop=None, now: float = 0.0) -> Net:
+def mesh(*nodes: Core, drop=None, now: float = 0.0) -> Net:
     """Every node joins every other over a perfect network, then installs ``drop``."""
     net = Net(*nodes)
     net.now = now
@@ -187,7 +187,7 @@ def mesh(*nodes: Node, drop=None, now: float = 0.0) -> Net:
         n.join([m.address for m in nodes if m is not n], now)
     net.flush(now)
     for n in nodes:
-        assert {m.node for m in n.members.values()} == {m.id for m in nodes}
+        assert {m.id for m in n.members.values()} == {m.id for m in nodes}
         drain_events(n)
     if drop is not None:
         net.drop = drop
@@ -428,7 +428,7 @@ def _suspect_x(config: Config = LAN):
     return net, a, b, c, d, x
 
 
-def _status_at(net: Net, a: Node, x: Node, t: float) -> Status:
+def _status_at(net: Net, a: Core, x: Core, t: float) -> Status:
     net.run(t, active=[a])
     return a.members[x.id].status
 
@@ -734,7 +734,7 @@ def test_digest_sync_with_different_views_is_answered_with_members():
     b.receive(digest_only, 1.0, peer=a.id)
     (_, reply) = b.messages_to_send()[0]
     assert isinstance(reply, PushPullReply)
-    assert {u.node for u in reply.members} == {a.id, b.id}
+    assert {u.member for u in reply.members} == {a.id, b.id}
     assert b.view == reply.view
 
 
@@ -799,9 +799,9 @@ def adopters_and_reference():
     return a, x, y, z
 
 
-def summary(n: Node):
+def summary(n: Core):
     return (
-        {m.node: (m.status, m.incarnation, m.address) for m in n.members.values()},
+        {m.id: (m.status, m.incarnation, m.address) for m in n.members.values()},
         n.view,
         n.pool_size,
         n.store.digest(),
@@ -943,7 +943,7 @@ def test_same_seed_same_observations():
 
 def test_every_message_type_has_its_handler():
     """Adding a message type means adding its line to the dispatch table."""
-    from meshd.protocol.node import _HANDLERS
+    from meshd.protocol.core import _HANDLERS
     from meshd.wire import MESSAGE_CLASSES
 
     assert set(_HANDLERS) == set(MESSAGE_CLASSES.values())

@@ -1,16 +1,16 @@
 """The sans-IO protocol core: one member of one gossip pool.
 
 Shape (aioquic's ``QuicConnection``): the driver owns sockets and the clock.
-It hands the core each decoded message with :meth:`Node.receive` and the
-current time, calls :meth:`Node.handle_timer` when :meth:`Node.get_timer`
+It hands the core each decoded message with :meth:`Core.receive` and the
+current time, calls :meth:`Core.handle_timer` when :meth:`Core.get_timer`
 says so, and pulls ``(address, message)`` pairs to send with
-:meth:`Node.messages_to_send` and events with :meth:`Node.next_event`.  The
+:meth:`Core.messages_to_send` and events with :meth:`Core.next_event`.  The
 core never reads a clock, opens a socket or draws unseeded randomness, so the
 asyncio agent and the simulator run the very same code.  A node's whole
 protocol (its LAN core, a bridge's WAN core and the bridge) is one
 :class:`~meshd.protocol.host.Host`, which is what the drivers pump.
 
-What it does, and where (``Node`` is the facade and holds membership and
+What it does, and where (``Core`` is the facade and holds membership and
 records; each other job is a part of its own, reached through an attribute):
 
 - SWIM failure detection with Lifeguard's local health and buddy system
@@ -122,7 +122,7 @@ class Verifier(Protocol):
 class SharedView:
     """A core's member table and store, frozen to be adopted by other cores.
 
-    See :meth:`Node.snapshot` and :meth:`Node.adopt`.  The tables are the
+    See :meth:`Core.snapshot` and :meth:`Core.adopt`.  The tables are the
     snapshotting core's own; every core holding them copies before it changes
     anything (copy-on-write), so none sees another's changes.
     """
@@ -133,7 +133,7 @@ class SharedView:
     scoped: dict[str, frozenset[str]]
 
 
-class Node:
+class Core:
     """One member of a gossip pool, with its own origin state (see module doc)."""
 
     def __init__(
@@ -249,7 +249,7 @@ class Node:
         return self.table.serving
 
     def member_list(self) -> list[Member]:
-        return sorted(self.members.values(), key=lambda m: m.node)
+        return sorted(self.members.values(), key=lambda m: m.id)
 
     @property
     def apps(self) -> dict[str, AppRecord]:
@@ -339,7 +339,7 @@ class Node:
         self.prober.probe = None
         # Do not wait for the next gossip round: the driver may stop soon.
         targets = self._random_members(
-            max(self.config.gossip_nodes * 2, 4), lambda m: m.serving and m.node != self.id
+            max(self.config.gossip_nodes * 2, 4), lambda m: m.serving and m.id != self.id
         )
         for m in targets:
             self._send(m.address, Gossip(self.id, members=(update,)))
@@ -365,7 +365,7 @@ class Node:
             return
         self.revocation_number, self._crl = number, crl
         targets = self._random_members(
-            self.config.gossip_nodes, lambda m: m.serving and m.node != self.id
+            self.config.gossip_nodes, lambda m: m.serving and m.id != self.id
         )
         for m in targets:
             self._send(m.address, Revocations(self.id, crl=crl))
@@ -432,7 +432,7 @@ class Node:
         """
         for m in self.members.values():
             if m.address == address and m.status is Status.SUSPECT:
-                s = self._suspicions.get(m.node)
+                s = self._suspicions.get(m.id)
                 if s is not None and s.confirm("transport:refused"):
                     self.counters["refused-confirmation"] += 1
 
@@ -612,13 +612,13 @@ class Node:
 
     def _add_member(self, m: Member) -> None:
         self.table.add(m)
-        if m.node != self.id:
+        if m.id != self.id:
             # Among the members not yet probed this round: probed within it.
-            self.prober.order.append(m.node)
+            self.prober.order.append(m.id)
 
-    def _remove_member(self, node: str) -> None:
-        self.prober.coords.pop(node, None)
-        self.table.remove(node)
+    def _remove_member(self, member: str) -> None:
+        self.prober.coords.pop(member, None)
+        self.table.remove(member)
 
     def _set_status(
         self,
@@ -644,7 +644,7 @@ class Node:
             self._bad += 1
             self.counters[f"rejected-claim:{claim.reason}"] += 1
             return None
-        if claim.node != u.node:
+        if claim.member != u.member:
             self._bad += 1
             self.counters["rejected-claim:node-mismatch"] += 1
             return None
@@ -654,12 +654,12 @@ class Node:
             return None
         return MemberUpdate(
             claim.status,
-            claim.node,
+            claim.member,
             claim.incarnation,
             claim.address,
             claim.region,
             claim.zone,
-            claim.node,
+            claim.member,
             u.claim,
         )
 
@@ -667,10 +667,10 @@ class Node:
         self, u: MemberUpdate, now: float, rebroadcast: bool = True, via: str | None = None
     ) -> None:
         """Apply one update; ``via`` is the authenticated peer that delivered it."""
-        if u.node == self.id:
+        if u.member == self.id:
             self._about_me(u, now)
             return
-        cur = self.members.get(u.node)
+        cur = self.members.get(u.member)
         move = decide(cur, u)
         if move is Move.IGNORE:
             self.counters["stale-claims"] += 1
@@ -692,7 +692,7 @@ class Node:
                 self.counters["stale-claims"] += 1
                 return
         if move is Move.CONFIRM:
-            s = self._suspicions.get(u.node)
+            s = self._suspicions.get(u.member)
             if s is not None and self.config.lifeguard and s.confirm(u.by, via):
                 # Others count confirmations too: pass it on.
                 self._queue_member(u, now)
@@ -700,7 +700,9 @@ class Node:
 
         old_status = cur.status if cur is not None else None
         if cur is None:
-            cur = Member(u.node, u.address, u.region, u.zone, u.incarnation, u.status, now, u.claim)
+            cur = Member(
+                u.member, u.address, u.region, u.zone, u.incarnation, u.status, now, u.claim
+            )
             self._add_member(cur)
         elif u.status in (Status.ALIVE, Status.LEFT):
             cur = self._set_status(
@@ -719,17 +721,17 @@ class Node:
         if u.status is Status.SUSPECT:
             self._start_suspicion(cur, u.by, now, via)
         else:
-            self._suspicions.pop(u.node, None)
+            self._suspicions.pop(u.member, None)
         if u.status in (Status.DEAD, Status.LEFT):
-            for doc in self._doc_ids(u.node):
+            for doc in self._doc_ids(u.member):
                 if self.store.tombstone(doc, now):
                     self._origin_event(doc, live=False)
         elif old_status in (Status.DEAD, Status.LEFT):
-            for doc in self._doc_ids(u.node):
+            for doc in self._doc_ids(u.member):
                 if self.store.revive(doc):
                     self._origin_event(doc, live=True)
 
-        self._events.append(MemberChanged(u.node, u.status, u.incarnation, cur.address))
+        self._events.append(MemberChanged(u.member, u.status, u.incarnation, cur.address))
         if rebroadcast:
             self._queue_member(u, now)
 
@@ -771,12 +773,12 @@ class Node:
         for u in updates:
             if self._bad >= MAX_BAD_PER_MESSAGE:
                 break
-            if u.status is Status.DEAD and u.node != self.id:
+            if u.status is Status.DEAD and u.member != self.id:
                 u = dataclasses.replace(u, status=Status.SUSPECT)
-            self._apply(u, now, rebroadcast=(u.node == source), via=source)
+            self._apply(u, now, rebroadcast=(u.member == source), via=source)
 
     def _queue_member(self, u: MemberUpdate, now: float) -> None:
-        self.gossip.member_q.push(u.node, u)
+        self.gossip.member_q.push(u.member, u)
         self.gossip.wake(now)
 
     def _start_suspicion(self, m: Member, by: str, now: float, via: str | None = None) -> None:
@@ -784,13 +786,13 @@ class Node:
         n = self.pool_size
         lo, hi = self.suspicion_bounds()
         k = expected_confirmations(cfg.suspicion_mult, n) if cfg.lifeguard else 0
-        self._suspicions[m.node] = Suspicion(now, by, k, lo, hi, via)
+        self._suspicions[m.id] = Suspicion(now, by, k, lo, hi, via)
 
     def _expire_suspicions(self, now: float) -> None:
-        expired = [node for node, s in self._suspicions.items() if now >= s.deadline]
-        for node in expired:
-            m = self.members.get(node)
-            del self._suspicions[node]
+        expired = [member for member, s in self._suspicions.items() if now >= s.deadline]
+        for member in expired:
+            m = self.members.get(member)
+            del self._suspicions[member]
             if m is None or m.status is not Status.SUSPECT:
                 continue
             self.counters["declared-dead"] += 1
@@ -927,8 +929,8 @@ class Node:
     def _reap(self, now: float) -> None:
         timeout = self.config.tombstone_timeout
         gone = sorted(n for n in self.table.gone if now - self.members[n].since >= timeout)
-        for node in gone:
-            self._remove_member(node)
+        for member in gone:
+            self._remove_member(member)
         for member in [m for m, (_, t) in self._dead_as_of.items() if now - t >= timeout]:
             del self._dead_as_of[member]
         for doc in self.store.reap(now, timeout):
@@ -944,8 +946,8 @@ class Node:
     def _send(self, address: str, msg: Message) -> None:
         self._out.append((address, msg))
 
-    def _address_of(self, node: str) -> str | None:
-        m = self.members.get(node)
+    def _address_of(self, member: str) -> str | None:
+        m = self.members.get(member)
         return m.address if m is not None else None
 
     def _random_members(self, k: int, accept: _Accept) -> list[Member]:
@@ -963,30 +965,30 @@ class Node:
             if len(picked) >= k:
                 break
             m = self.members[ids[self._rng.randrange(len(ids))]]
-            if m.node not in picked and accept(m):
-                picked[m.node] = m
+            if m.id not in picked and accept(m):
+                picked[m.id] = m
         if len(picked) < k:
-            rest = [m for m in self.members.values() if m.node not in picked and accept(m)]
+            rest = [m for m in self.members.values() if m.id not in picked and accept(m)]
             need = min(k - len(picked), len(rest))
             for m in self._rng.sample(rest, need):
-                picked[m.node] = m
+                picked[m.id] = m
         return list(picked.values())
 
 
-_Handler = Callable[[Node, Any, float], None]
+_Handler = Callable[[Core, Any, float], None]
 
 #: What each message type does beyond the members and states it carries (which
-#: ``Node.receive`` merges for every type): one handler per type, the type
+#: ``Core.receive`` merges for every type): one handler per type, the type
 #: checker sees each handler's argument.  A new message type adds its line here.
 _HANDLERS: dict[type[Message], _Handler] = {
-    Ping: lambda node, msg, now: node.prober.on_ping(msg, now),
-    Ack: lambda node, msg, now: node.prober.on_ack(msg, now),
-    Nack: lambda node, msg, now: node.prober.on_nack(msg, now),
-    IndirectPing: lambda node, msg, now: node.prober.on_indirect_ping(msg, now),
-    PushPull: lambda node, msg, now: node.anti_entropy.on_push_pull(msg, now),
-    PushPullReply: lambda node, msg, now: node.anti_entropy.on_push_pull_reply(msg, now),
-    Revocations: Node._on_revocations,
-    Gossip: lambda node, msg, now: None,  # members and states only
+    Ping: lambda core, msg, now: core.prober.on_ping(msg, now),
+    Ack: lambda core, msg, now: core.prober.on_ack(msg, now),
+    Nack: lambda core, msg, now: core.prober.on_nack(msg, now),
+    IndirectPing: lambda core, msg, now: core.prober.on_indirect_ping(msg, now),
+    PushPull: lambda core, msg, now: core.anti_entropy.on_push_pull(msg, now),
+    PushPullReply: lambda core, msg, now: core.anti_entropy.on_push_pull_reply(msg, now),
+    Revocations: Core._on_revocations,
+    Gossip: lambda core, msg, now: None,  # members and states only
 }
 
 
