@@ -3,8 +3,10 @@
 Most tests build two to six ``Core``s with real identities and shuttle their
 messages through ``Net``, a zero-latency in-memory network defined here: it
 fires timers in time order, delivers every message at once (unless ``drop``
-says otherwise) and logs everything sent.  Only the determinism test uses the
-full ``meshd.testing.Cluster``.
+says otherwise) and logs everything sent.  ``Net`` drives bare cores, the
+unit under test, and wires no host: anything with a bridge or a lookup goes
+through ``meshd.testing.Cluster``, which pumps the same ``Host`` the agent
+pumps.  Only the determinism test uses the full ``Cluster``.
 """
 
 from __future__ import annotations

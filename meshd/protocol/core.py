@@ -60,13 +60,12 @@ from meshd.protocol.anti_entropy import AntiEntropy
 from meshd.protocol.awareness import Awareness
 from meshd.protocol.config import Config
 from meshd.protocol.dissemination import Dissemination
-from meshd.protocol.documents import Publisher
-from meshd.protocol.documents import drafts as draft_documents
-from meshd.protocol.events import Event, MemberChanged, OriginChanged
+from meshd.protocol.events import Event, MemberChanged
 from meshd.protocol.member_table import MemberTable
 from meshd.protocol.members import Member, Move, decide
 from meshd.protocol.prober import Prober
-from meshd.protocol.store import Merge, RecordStore, StoreSnapshot, wins
+from meshd.protocol.records import MAX_BAD_PER_MESSAGE, Records
+from meshd.protocol.store import RecordStore, StoreSnapshot
 from meshd.protocol.suspicion import (
     Suspicion,
     expected_confirmations,
@@ -92,16 +91,8 @@ from meshd.wire import (
     SignedClaim,
     SignedState,
     Status,
-    doc_member,
-    may_reach,
     member_id,
 )
-
-#: Failed verifications (bad signature, bad or untrusted certificate) after
-#: which the rest of one message is dropped unread: an honest peer relays only
-#: what verified for it, so a few failures are churn (an expired signer) and
-#: many are an attack whose every signature check costs us CPU.
-MAX_BAD_PER_MESSAGE = 8
 
 
 class Signer(Protocol):
@@ -173,6 +164,8 @@ class Core:
         #: Syncs, joins and reconnects (anti_entropy.py).
         self.anti_entropy = AntiEntropy(self)
         self.store = RecordStore()
+        #: Documents held and published (records.py).
+        self.records = Records(self, self.store)
         self.left = False
 
         # A restart must outrank everything said about our previous life, so
@@ -189,15 +182,6 @@ class Core:
         self.unreachable: tuple[str, ...] = ()
         #: Bridges only: (cluster, microseconds) statement, see OriginState.rtt.
         self.rtt_statement: tuple[tuple[str, int], ...] = ()
-        #: Last published content per scope (version left at 0), to re-sign
-        #: only the documents that changed.
-        self._published: dict[str, OriginState] = {}
-        #: member id -> ids of its scoped documents (``cluster/node#scope``)
-        #: held in the store; a main document's id is the member id itself.
-        self._scoped: dict[str, set[str]] = {}
-        #: member id -> (version it is dead as of, when we heard it), from
-        #: bridges' down statements; forgotten after tombstone_timeout.
-        self._dead_as_of: dict[str, tuple[int, float]] = {}
         #: Our view of the pool (member_table.py): every change goes through it.
         self.table = MemberTable()
         #: Failed verifications in the message being received (see receive).
@@ -238,7 +222,7 @@ class Core:
 
         self.gossip.member_q.push(self.id, self.members[self.id].update_for(Status.ALIVE, self.id))
         if publisher:
-            self._publish(now)
+            self.records.publish(now)
 
     # ------------------------------------------------------------------
     # Queries
@@ -306,13 +290,13 @@ class Core:
         synced = getattr(msg, "sync", False)
         if isinstance(msg, PushPull | PushPullReply) or synced:
             self._merge_remote_members(msg.source, members, now)
-            self._merge_states(states, now, rebroadcast=False)
+            self.records.merge(states, now, rebroadcast=False)
         else:
             for u in members:
                 if self._bad >= MAX_BAD_PER_MESSAGE:
                     break
                 self._apply(u, now, via=msg.source)
-            self._merge_states(states, now, rebroadcast=True)
+            self.records.merge(states, now, rebroadcast=True)
         if self._bad >= MAX_BAD_PER_MESSAGE:
             self.counters["rejected-state:flood"] += 1
 
@@ -347,17 +331,17 @@ class Core:
     def set_app(self, record: AppRecord, now: float) -> int:
         """Register or replace a local instance; returns the new origin version."""
         self._apps[record.instance] = record
-        return self._publish(now)
+        return self.records.publish(now)
 
     def remove_app(self, instance: str, now: float) -> int | None:
         """Deregister; None when unknown, else the new origin version."""
         if self._apps.pop(instance, None) is None:
             return None
-        return self._publish(now)
+        return self.records.publish(now)
 
     def set_apps(self, records: Iterable[AppRecord], now: float) -> int:
         self._apps = {r.instance: r for r in records}
-        return self._publish(now)
+        return self.records.publish(now)
 
     def set_revocations(self, number: int, crl: bytes, now: float) -> None:
         """Hold the CA revocation list ``crl`` (already verified and newer) and push it on."""
@@ -401,28 +385,7 @@ class Core:
         self._new_life(self.incarnation + 1, now)
         self.gossip.wake(now)
         if self.publisher:
-            self._publish(now, force=True)
-
-    def recheck_signers(self, now: float) -> int:
-        """Stop serving documents whose signer no longer vouches for them.
-
-        A certificate expires, or lands on the revocation list, long after
-        the documents it signed were verified; the driver calls this now and
-        then (and after a new revocation list).  The documents are tombstoned,
-        so a newer version signed with a renewed certificate still wins.
-        Returns how many were tombstoned.
-        """
-        dropped = 0
-        for entry in list(self.store.live()):
-            signed = entry.signed
-            if doc_member(signed.origin) == self.id:
-                continue  # ours: re-signed by set_signer when renewed
-            why = self._verifier.current(signed.cert)
-            if why is not None and self.store.tombstone(signed.origin, now):
-                self.counters[f"rejected-state:{why.reason}"] += 1
-                self._origin_event(signed.origin, live=False)
-                dropped += 1
-        return dropped
+            self.records.publish(now, force=True)
 
     def report_refused(self, address: str, now: float) -> None:
         """The driver got 'connection refused' from ``address``.
@@ -439,35 +402,6 @@ class Core:
     # ------------------------------------------------------------------
     # Own state
 
-    def _publish(self, now: float, force: bool = False) -> int:
-        """Re-sign, under one new version, every document whose content changed.
-
-        What the documents hold is drafted in ``documents.py`` (one per
-        audience, the main one always, emptied scopes kept).
-        """
-        if not self.publisher:
-            raise RuntimeError("this core does not publish (a bridge's WAN core)")
-        drafts = {
-            scope: d
-            for scope, d in draft_documents(
-                Publisher.of(self), self._apps.values(), self._published
-            ).items()
-            if force or self._published.get(scope) != d
-        }
-        if not drafts:
-            return self.version
-        self.version += 1
-        for scope, draft in sorted(drafts.items()):
-            self._published[scope] = draft
-            state = dataclasses.replace(draft, version=self.version)
-            signed = self._signer.sign(state)
-            self.store.merge(signed, state, now)
-            self._note_doc(signed.origin)
-            self.gossip.record_q.push(signed.origin, signed)
-            self._events.append(OriginChanged(signed.origin, self.version, True))
-        self.gossip.wake(now)
-        return self.version
-
     def set_bridge_info(
         self,
         down: Iterable[tuple[str, int]],
@@ -481,19 +415,15 @@ class Core:
         self.down = tuple(sorted(down))
         self.unreachable = tuple(sorted(unreachable))
         self.rtt_statement = tuple(sorted(rtt))
-        self._publish(now)
+        self.records.publish(now)
 
     def docs_of(self, member: str) -> set[str]:
         """Ids of the documents of ``member`` held in the store."""
-        return set(self._doc_ids(member))
+        return self.records.docs_of(member)
 
-    def _doc_ids(self, member: str) -> list[str]:
-        """Ids of ``member``'s documents held in the store, sorted."""
-        out = [member] if member in self.store else []
-        scoped = self._scoped.get(member)
-        if scoped:
-            out += sorted(scoped)
-        return out
+    def recheck_signers(self, now: float) -> int:
+        """See :meth:`Records.recheck_signers <meshd.protocol.records.Records.recheck_signers>`."""
+        return self.records.recheck_signers(now)
 
     def snapshot(self) -> SharedView:
         """This core's member table and store, for other cores to :meth:`adopt`.
@@ -505,7 +435,7 @@ class Core:
             cluster=self.cluster,
             table=self.table.share(),
             store=self.store.snapshot(),
-            scoped={m: frozenset(d) for m, d in self._scoped.items()},
+            scoped={m: frozenset(d) for m, d in self.records.scoped.items()},
         )
 
     def adopt(self, shared: SharedView) -> None:
@@ -528,26 +458,21 @@ class Core:
             me.status, self.id
         ):
             raise ValueError(f"the view does not list {self.id} as it is")
-        own = self._doc_ids(self.id)
+        own = self.records.doc_ids(self.id)
         for doc in own:
             entry = shared.store.entries.get(doc)
             if entry is None or entry.signed != self.store.get(doc).signed:  # type: ignore[union-attr]
                 raise ValueError(f"the view does not hold {doc} at its current version")
         self.table = shared.table.share()
         self.store.adopt(shared.store)
-        self._scoped = {m: set(d) for m, d in shared.scoped.items()}
+        self.records.scoped = {m: set(d) for m, d in shared.scoped.items()}
         self.prober.order, self.prober.index = [], 0
-
-    def _note_doc(self, origin: str) -> None:
-        member, sep, _ = origin.partition("#")
-        if sep:
-            self._scoped.setdefault(member, set()).add(origin)
 
     def inject(self, signed: SignedState, now: float) -> bool:
         """Take a document from the bridge's other pool (already verified there;
         verified again here, which the shared verifier's cache makes cheap)."""
         before = self.store.version(signed.origin)
-        self._merge_states((signed,), now, rebroadcast=True)
+        self.records.merge((signed,), now, rebroadcast=True)
         return self.store.version(signed.origin) != before
 
     @property
@@ -591,7 +516,7 @@ class Core:
         if claim.status is Status.DEAD and self.publisher:
             # Bridges may already have told other clusters we are dead as of
             # our current version: a new version is what brings us back there.
-            self._publish(now, force=True)
+            self.records.publish(now, force=True)
         self.gossip.wake(now)
 
     # ------------------------------------------------------------------
@@ -723,13 +648,13 @@ class Core:
         else:
             self._suspicions.pop(u.member, None)
         if u.status in (Status.DEAD, Status.LEFT):
-            for doc in self._doc_ids(u.member):
+            for doc in self.records.doc_ids(u.member):
                 if self.store.tombstone(doc, now):
-                    self._origin_event(doc, live=False)
+                    self.records.origin_event(doc, live=False)
         elif old_status in (Status.DEAD, Status.LEFT):
-            for doc in self._doc_ids(u.member):
+            for doc in self.records.doc_ids(u.member):
                 if self.store.revive(doc):
-                    self._origin_event(doc, live=True)
+                    self.records.origin_event(doc, live=True)
 
         self._events.append(MemberChanged(u.member, u.status, u.incarnation, cur.address))
         if rebroadcast:
@@ -798,11 +723,6 @@ class Core:
             self.counters["declared-dead"] += 1
             self._apply(m.update_for(Status.DEAD, self.id), now)
 
-    def _origin_event(self, origin: str, live: bool) -> None:
-        entry = self.store.get(origin)
-        if entry is not None:
-            self._events.append(OriginChanged(origin, entry.signed.version, live))
-
     # ------------------------------------------------------------------
     # Probing: prober.py (the handler table routes pings, acks and nacks there)
 
@@ -826,98 +746,8 @@ class Core:
         return self.prober.estimated_rtt(member)
 
     # ------------------------------------------------------------------
-    # Dissemination
-
-    def _merge_states(self, states: Iterable[SignedState], now: float, rebroadcast: bool) -> None:
-        for signed in states:
-            if self._bad >= MAX_BAD_PER_MESSAGE:
-                break
-            entry = self.store.get(signed.origin)
-            if entry is not None and not wins(signed, entry.signed):
-                continue  # already have it or newer: skip verification entirely
-            owner = doc_member(signed.origin)
-            if not may_reach(signed.origin, self.cluster):
-                # Export control, on the receiving side too: a peer that
-                # should not have sent it does not get it stored here.
-                self.counters["rejected-state:not-exported"] += 1
-                continue
-            result = self._verifier.verify(signed)
-            if isinstance(result, Rejection):
-                self._bad += 1
-                self.counters[f"rejected-state:{result.reason}"] += 1
-                continue
-            if owner == self.id and self.publisher:
-                # Verified first: only our own signature may move our counter.
-                self._own_state_seen(signed, now)
-                continue
-            m = self.members.get(owner)
-            dead = m is not None and m.status in (Status.DEAD, Status.LEFT)
-            as_of = self._dead_as_of.get(owner)
-            if as_of is not None and signed.version <= as_of[0]:
-                dead = True  # a bridge of its cluster said so: this life is over
-            merged = self.store.merge(signed, result, now, tombstoned=dead)
-            if merged is Merge.KEPT:
-                self._note_doc(signed.origin)
-                if result.down:
-                    self._apply_down(result.down, now, own=result.cluster == self.cluster)
-                self._events.append(OriginChanged(signed.origin, signed.version, not dead))
-                if rebroadcast and not dead:
-                    self.gossip.record_q.push(signed.origin, signed)
-                    self.gossip.wake(now)
-            elif merged is Merge.FULL:
-                self.counters["rejected-state:store-full"] += 1
-
-    def _apply_down(self, down: Iterable[tuple[str, int]], now: float, own: bool) -> None:
-        """A bridge says these members of its cluster are dead as of a version:
-        tombstone what we hold of theirs up to it (the verifier has checked the
-        statement comes from a bridge certificate of that cluster).
-
-        A version is a counter about the member, so it is taken only up to
-        the highest version we hold signed by the member itself: a bridge
-        cannot bury a life the member has not yet lived.  In the bridge's own
-        cluster (``own``) membership is the authority on who is dead, so only
-        a statement about ourselves matters there: we republish, so that
-        other clusters serve us again.
-        """
-        for member, stated in down:
-            if member == self.id:
-                # A stale or false statement that covers our current version
-                # (receivers cap it at the versions they hold of ours): outrun
-                # it with the next version, so other clusters serve us again.
-                # Never jump to a stated version: it is no version we signed
-                # (a real later document of ours moves us in _own_state_seen).
-                if stated > self.version:
-                    self.counters["rejected-state:down-beyond-signed"] += 1
-                if self.publisher and stated >= self.version:
-                    self._publish(now, force=True)
-                continue
-            if own:
-                continue
-            held = [v for d in self._doc_ids(member) if (v := self.store.version(d)) is not None]
-            if not held:
-                continue  # nothing of theirs here to bury, nor a version to bound it
-            if stated > max(held):
-                self.counters["rejected-state:down-beyond-signed"] += 1
-            version = min(stated, max(held))
-            old = self._dead_as_of.get(member)
-            if old is None or version > old[0]:
-                self._dead_as_of[member] = (version, now)
-            for doc in self._doc_ids(member):
-                entry = self.store.get(doc)
-                covered = entry is not None and entry.signed.version <= version
-                if covered and self.store.tombstone(doc, now):
-                    self._origin_event(doc, live=False)
-
-    def _own_state_seen(self, signed: SignedState, now: float) -> None:
-        # A copy of a state we signed in an earlier life that outranks ours:
-        # our version counter was lost.  Move past it and republish.
-        if signed.version >= self.version:
-            self.counters["own-version-behind"] += 1
-            self.version = signed.version
-            self._publish(now, force=True)
-
-    # ------------------------------------------------------------------
-    # Anti-entropy: anti_entropy.py (the handler table routes syncs there)
+    # Records: records.py.  Anti-entropy: anti_entropy.py (the handler table
+    # routes syncs there).
 
     # ------------------------------------------------------------------
     # Housekeeping
@@ -931,14 +761,7 @@ class Core:
         gone = sorted(n for n in self.table.gone if now - self.members[n].since >= timeout)
         for member in gone:
             self._remove_member(member)
-        for member in [m for m, (_, t) in self._dead_as_of.items() if now - t >= timeout]:
-            del self._dead_as_of[member]
-        for doc in self.store.reap(now, timeout):
-            scoped = self._scoped.get(doc_member(doc))
-            if scoped is not None:
-                scoped.discard(doc)
-                if not scoped:
-                    del self._scoped[doc_member(doc)]
+        self.records.reap(now, timeout)
 
     # ------------------------------------------------------------------
     # Helpers
