@@ -115,7 +115,7 @@ MAX_PATTERN_LENGTH: Final = 256
 #: Repetition operators (``*``, ``+``, ``?``, ``{m,n}``) in one pattern: a
 #: backtracking search costs up to the subject's length to the power of this
 #: plus one, so it stays a small, fixed degree.
-MAX_PATTERN_REPEATS: Final = 3
+MAX_PATTERN_REPEATS: Final = 2
 
 
 class FilterError(ValueError):
@@ -412,7 +412,7 @@ class _Parser:
         self.terms += 1
         if self.terms > MAX_TERMS:
             raise FilterError(f"more than {MAX_TERMS} terms", start.position)
-        if start.kind == "word":
+        if start.kind == "word" and start.text not in ("and", "or"):
             path = self.selector()
         elif start.kind in ("string", "number"):
             self.advance()
@@ -637,16 +637,19 @@ def _pattern_risk(pattern: str) -> str | None:
                 assert m is not None
                 low, comma, high = m.groups()
                 many = bool(comma and high == "") or max(int(low or 0), int(high or 0)) > 1
+                # {0} and {1} fix a count: nothing to backtrack over.
+                counted = many or bool(comma) or low not in ("0", "1")
                 i = m.end()
             else:
                 many = ch != "?"
+                counted = True
                 i += 1
             # A lazy or possessive marker belongs to this quantifier.
             if i < n and pattern[i] in "?+":
                 i += 1
             if many and last_group is not None and (last_group[0] or last_group[1]):
                 return "a nested quantifier"
-            repeats += 1
+            repeats += counted
             if repeats > MAX_PATTERN_REPEATS:
                 return f"more than {MAX_PATTERN_REPEATS} repetitions"
             frames[-1][0] = True
