@@ -71,11 +71,13 @@ its nesting (each ``(`` and ``not``), its number of match terms, a selector's
 number of parts, a value's length, and a regular expression's length and
 shape.  Python's ``re`` backtracks, so a ``matches`` pattern is compiled once
 (``re.ASCII``, as Go's ``\\d``, ``\\w``, ``\\s`` are ASCII) and refused if it
-could backtrack exponentially or with a high polynomial degree: no
-backreferences, lookarounds or conditionals, no repeated group that itself
-holds a quantifier or an alternation, and at most
-:data:`MAX_PATTERN_REPEATS` repetition operators in all.  Every violation is a
-:class:`FilterError` with the offset it concerns.
+could backtrack exponentially or with more than a quadratic cost in the
+subject's length: no backreferences, lookarounds or conditionals, no repeated
+group that itself holds a quantifier or an alternation, at most
+:data:`MAX_PATTERN_ALTERNATIVES` ways through its alternations, and one
+repetition operator (two if the pattern starts with ``^``).  The worst
+accepted pattern then costs about 16 x n^2 steps on an n-character subject.
+Every violation is a :class:`FilterError` with the offset it concerns.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ from typing import Any, Final
 __all__ = [
     "MAX_DEPTH",
     "MAX_EXPRESSION_LENGTH",
+    "MAX_PATTERN_ALTERNATIVES",
     "MAX_PATTERN_LENGTH",
     "MAX_PATTERN_REPEATS",
     "MAX_SELECTOR_PARTS",
@@ -112,10 +115,16 @@ MAX_SELECTOR_PARTS: Final = 16
 MAX_VALUE_LENGTH: Final = 512
 #: Characters of one ``matches`` pattern.
 MAX_PATTERN_LENGTH: Final = 256
-#: Repetition operators (``*``, ``+``, ``?``, ``{m,n}``) in one pattern: a
-#: backtracking search costs up to the subject's length to the power of this
-#: plus one, so it stays a small, fixed degree.
+#: The degree of the polynomial a backtracking search may cost in the
+#: subject's length: each repetition operator (``*``, ``+``, ``?``, ``{m,n}``)
+#: adds one, and so does a search not anchored by a leading ``^`` (it retries
+#: at every start).  2 means quadratic: about 0.1 s on a 4 KiB subject for the
+#: worst accepted shape (``^a*a*c``), where a third degree took 11 s on 2 KiB.
 MAX_PATTERN_REPEATS: Final = 2
+#: Ways through a pattern's alternations, multiplied over its groups
+#: (``(a|b)-(c|d|e)`` has 6): a backtracking search may try each of them, so a
+#: chain of alternations is exponential without this cap.
+MAX_PATTERN_ALTERNATIVES: Final = 16
 
 
 class FilterError(ValueError):
@@ -592,10 +601,11 @@ def _pattern_risk(pattern: str) -> str | None:
     to such a group is the nested-quantifier shape behind exponential
     backtracking (``(a+)+``, ``(a|aa)*``).
     """
-    # Each frame: [holds a quantifier, holds an alternation].
-    frames: list[list[bool]] = [[False, False]]
-    last_group: list[bool] | None = None  # the group just closed, if the last atom was one
+    # Each frame: [holds a quantifier, holds an alternation, its "|" count].
+    frames: list[list[int]] = [[0, 0, 0]]
+    last_group: list[int] | None = None  # the group just closed, if the last atom was one
     repeats = 0
+    alternatives = 1  # ways through the pattern's alternations, multiplied out
     i, n = 0, len(pattern)
     while i < n:
         ch = pattern[i]
@@ -618,17 +628,19 @@ def _pattern_risk(pattern: str) -> str | None:
             if pattern.startswith("(?#", i):
                 i = pattern.index(")", i) + 1
                 continue
-            frames.append([False, False])
+            frames.append([0, 0, 0])
             i += 1
             last_group = None
         elif ch == ")":
             closed = frames.pop()
             frames[-1][0] |= closed[0]
             frames[-1][1] |= closed[1]
+            alternatives *= closed[2] + 1
             last_group = closed
             i += 1
         elif ch == "|":
-            frames[-1][1] = True
+            frames[-1][1] = 1
+            frames[-1][2] += 1
             i += 1
             last_group = None
         elif ch in "*+?" or (ch == "{" and _REPEAT_BRACES.match(pattern, i)):
@@ -650,13 +662,20 @@ def _pattern_risk(pattern: str) -> str | None:
             if many and last_group is not None and (last_group[0] or last_group[1]):
                 return "a nested quantifier"
             repeats += counted
-            if repeats > MAX_PATTERN_REPEATS:
-                return f"more than {MAX_PATTERN_REPEATS} repetitions"
-            frames[-1][0] = True
+            frames[-1][0] = 1
             last_group = None
         else:
             i += 1
             last_group = None
+    alternatives *= frames[0][2] + 1
+    if alternatives > MAX_PATTERN_ALTERNATIVES:
+        return f"more than {MAX_PATTERN_ALTERNATIVES} alternative paths"
+    # A search not pinned by a leading "^" tries every start: one more degree.
+    anchored = pattern.startswith("^") and frames[0][2] == 0
+    allowed = MAX_PATTERN_REPEATS - (0 if anchored else 1)
+    if repeats > allowed:
+        where = "" if anchored else " without a leading ^"
+        return f"more than {allowed} repetition{'s' if allowed != 1 else ''}{where}"
     return None
 
 
