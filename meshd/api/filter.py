@@ -249,7 +249,9 @@ _HEX = "0123456789abcdefABCDEF"
 
 def _show(text: str) -> str:
     """``text`` quoted for a message, cut short so an error stays one line."""
-    return json.dumps(text if len(text) <= 40 else text[:40] + "...")
+    text = text if len(text) <= 40 else text[:40] + "..."
+    # Printable text as the client wrote it ("\q", "é"); anything else escaped.
+    return f'"{text}"' if text.isprintable() else json.dumps(text)
 
 
 def _lex(text: str) -> list[_Token]:
