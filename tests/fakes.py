@@ -30,6 +30,7 @@ from meshd.agent.interface import (
 )
 from meshd.metrics import Metrics
 from meshd.policy.policy import parse_policy, policy_to_dict
+from meshd.protocol.vivaldi import Coordinate
 from meshd.revocation import RevocationList, accept
 from meshd.wire import AppRecord
 
@@ -63,6 +64,7 @@ class FakeAgent:
         self.registrations: dict[str, Registration] = {}
         self.remote: list[Endpoint] = []
         self.calls: list[str] = []
+        self.outputs: dict[str, str] = {}
         self.waits: list[tuple[int, float]] = []  # (index, timeout) of each wait_for_index
         self.blocked = 0  # callers parked in wait_for_index right now
         self.policy: dict[str, Any] = {"failover": []}
@@ -145,7 +147,21 @@ class FakeAgent:
         self.bump()
         return True
 
-    async def set_health(self, instance: str, status: str) -> bool:
+    def check_outputs(self) -> dict[str, str]:
+        return dict(self.outputs)
+
+    async def set_maintenance(self, instance: str, enable: bool, reason: str) -> bool:
+        if instance not in self.registrations:
+            return False
+        self.calls.append(f"maintenance {instance} {enable} {reason}")
+        return await self.set_health(instance, "critical" if enable else "passing")
+
+    def coordinates(self) -> list[tuple[str, str, Coordinate]]:
+        return [(self.node_name, self.cluster, Coordinate((0.001, 0.0), 0.5, 0.0001))]
+
+    async def set_health(self, instance: str, status: str, output: str = "") -> bool:
+        if output:
+            self.outputs[instance] = output
         self.calls.append(f"health {instance} {status}")
         reg = self.registrations.get(instance)
         if reg is None:
@@ -199,6 +215,17 @@ class FakeAgent:
         healthy = [e for e in rows if usable(e)]
         standby = [replace(e, active=False) for e in rows if not usable(e)]
         return self._index, healthy + (standby if include_unhealthy else [])
+
+    def inventory(self, app: str, namespace: str) -> tuple[int, list[Endpoint]]:
+        """Every row of the app, in the order given (local first), with its health."""
+        if self.explode:
+            raise RuntimeError("boom")
+        rows = [
+            e
+            for e in self._local_endpoints() + self.remote
+            if e.app == app and e.namespace == namespace
+        ]
+        return self._index, rows
 
     def app_names(self) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {}

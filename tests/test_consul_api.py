@@ -223,8 +223,9 @@ async def test_register_ignores_unknown_fields(client: TestClient, agent: FakeAg
         ({"Name": "web", "ID": "web:1", "Port": 1}, "service ID must be"),
         ({"Name": "bad name", "Port": 1}, "service Name must be"),
         ({"Name": "web", "Port": 1, "Tags": "a,b"}, "Tags must be a list"),
-        ({"Name": "web", "Port": 1, "Meta": {"consul.tags": "x"}}, "reserved"),
-        ({"Name": "web", "Port": 1, "Meta": {"k": 1}}, "meta must be"),
+        ({"Name": "web", "Port": 1, "Meta": {"consul.tags": "x"}}, "is invalid"),
+        ({"Name": "web", "Port": 1, "Meta": {"consul-x": "x"}}, "reserved"),
+        ({"Name": "web", "Port": 1, "Meta": {"k": 1}}, "Meta must be"),
         ({"Name": "web", "Port": 1, "Meta": ["k"]}, "Meta must be"),
         ({"Name": "web", "Port": 1, "Address": "not an address"}, "Address must be"),
         ({"Name": "web"}, "Port is required"),
@@ -313,7 +314,8 @@ async def test_health_service_shape_and_headers(client: TestClient, agent: FakeA
     assert set(entry) == {"Node", "Service", "Checks"}
     node = entry["Node"]
     assert {"ID", "Node", "Address", "Datacenter", "TaggedAddresses", "Meta"} <= set(node)
-    assert (node["Node"], node["Datacenter"], node["Address"]) == ("n7", "east", "192.0.2.3")
+    # The node's own address (its member address), not the service's.
+    assert (node["Node"], node["Datacenter"], node["Address"]) == ("n7", "east", "192.0.2.7")
     assert len(node["ID"]) == 36  # a UUID, as Consul's node IDs
     service = entry["Service"]
     assert service == {
@@ -366,10 +368,11 @@ async def test_health_service_answers_only_active_endpoints_in_order(client, age
     ]
     _, entries, _ = await get(client, "/v1/health/service/orders?passing=1")
     assert [e["Service"]["ID"] for e in entries] == ["near-1", "near-2"]
-    # Without passing, Consul lists the ones nobody should call, with their status.
+    # Without passing, the inventory: every instance, standbys and the ones
+    # nobody should call too, each with its status.
     _, entries, _ = await get(client, "/v1/health/service/orders")
     got = {e["Service"]["ID"]: e["Checks"][0]["Status"] for e in entries}
-    assert list(got) == ["near-1", "near-2", "dead-1", "cut-1"]
+    assert list(got) == ["near-1", "near-2", "far-1", "dead-1", "cut-1"]
     assert got["cut-1"] == "critical"  # a cluster cut off is critical whatever its record says
     assert entries[-1]["Checks"][1]["Status"] == "critical"  # its serfHealth too
     # ?all=1 lists standbys too, still in policy order.
@@ -391,8 +394,8 @@ async def test_health_service_falls_back_to_standbys_when_filters_leave_no_activ
     assert [e["Node"]["Datacenter"] for e in entries] == ["west", "west"]
     _, entries, _ = await get(client, "/v1/health/service/orders?dc=east")
     assert [e["Service"]["ID"] for e in entries] == ["near-1"]
-    _, entries, _ = await get(client, "/v1/health/service/orders?dc=nowhere")
-    assert entries == []
+    status, text, _ = await get(client, "/v1/health/service/orders?dc=nowhere")
+    assert (status, text) == (500, "No path to datacenter")  # as Consul answers
 
 
 async def test_health_service_unknown_app_and_namespace(client: TestClient, agent: FakeAgent):
@@ -419,7 +422,7 @@ async def test_health_service_answer_follows_changes(client: TestClient, agent: 
         ("index=abc", "index must be"),
         ("index=-1", "index must be"),
         ("index=1&wait=soon", "wait must be"),
-        ('filter=Service.Tags contains "x"', "filter expressions are not supported"),
+        ("filter=Service.Tags contains", "position"),
         ("all=2", "all must be"),
     ],
 )
@@ -493,8 +496,10 @@ async def test_health_state(client: TestClient, agent: FakeAgent) -> None:
     assert [c["CheckID"] for c in checks] == ["service:o-2"]
     status, text, _ = await get(client, "/v1/health/state/sick")
     assert status == 400 and "state must be" in text
-    status, text, _ = await get(client, '/v1/health/state/any?filter=Status=="passing"')
-    assert status == 400 and "ServiceName" in text
+    _, checks, _ = await get(client, '/v1/health/state/any?filter=Status=="critical"')
+    assert [c["CheckID"] for c in checks] == ["service:o-2"]
+    status, text, _ = await get(client, "/v1/health/state/any?filter=ServiceName ==")
+    assert status == 400 and "position" in text
 
 
 def test_parse_filter() -> None:

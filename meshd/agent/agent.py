@@ -42,6 +42,7 @@ from meshd.agent.interface import (
     Registration,
     StorageError,
 )
+from meshd.agent.inventory import DEFAULT_REAP_AFTER, DeadNodes, deregister_after
 from meshd.agent.limits import Publisher, publish_problem
 from meshd.agent.statedb import StateDB
 from meshd.agent.transport import Transport
@@ -49,6 +50,7 @@ from meshd.identity import NodeCert, StateSigner, StateVerifier
 from meshd.metrics import Metrics
 from meshd.policy.locality import Topology
 from meshd.policy.policy import AppPolicy, Policy, parse_policy, policy_to_dict
+from meshd.policy.resolve import inventory as policy_inventory
 from meshd.policy.resolve import resolve as policy_resolve
 from meshd.protocol.bridge import LAN, WAN, Bridge
 from meshd.protocol.config import Config
@@ -56,6 +58,7 @@ from meshd.protocol.core import Core
 from meshd.protocol.events import MemberChanged, OriginChanged
 from meshd.protocol.host import Host
 from meshd.protocol.reach import Reach, compute_reach
+from meshd.protocol.vivaldi import Coordinate
 from meshd.revocation import (
     RevocationError,
     RevocationList,
@@ -65,9 +68,12 @@ from meshd.revocation import (
     save_revocation_list,
     verify_revocation_list,
 )
-from meshd.wire import Message
+from meshd.wire import AppRecord, Message, Status, doc_member
 
 log = logging.getLogger("meshd.agent")
+
+#: Longest check output kept (Consul truncates at 4 KiB by default).
+MAX_OUTPUT = 4096
 
 
 @dataclass
@@ -114,6 +120,7 @@ class Agent:
         wan_advertise: str = "",
         gateway: str = "",
         policy: Policy | None = None,
+        reap_after: float = DEFAULT_REAP_AFTER,
     ) -> None:
         self.node_name = node_cert.node
         self.cluster = node_cert.cluster
@@ -148,6 +155,17 @@ class Agent:
         self.core: Core | None = None
         self._reach: tuple[int, Reach] | None = None
         self._reported: Counter[str] = Counter()  # core counters already exported
+        #: Dead nodes' last documents, so the inventory lists them critical.
+        self.dead = DeadNodes(reap_after)
+        #: Local instances critical with DeregisterCriticalServiceAfter: the
+        #: timer that deregisters each (Consul's agent-side reaper).
+        self._reapers: dict[str, asyncio.TimerHandle] = {}
+        self._background: set[asyncio.Task[bool]] = set()
+        #: Consul's check Output as reported with a TTL status (the runner
+        #: keeps its own probes' output), and maintenance mode per instance.
+        self._outputs: dict[str, str] = {}
+        self._maintenance: dict[str, str] = {}
+        self._health_before: dict[str, str] = {}
         self.runner = CheckRunner(self._on_check_status)
         #: The CA's revocation list in force: refused at every handshake and
         #: every verification (the predicates below read it).
@@ -232,6 +250,8 @@ class Agent:
         self._pump()
         self._peer_task = self._loop.create_task(self._save_peers_loop())
         self._recheck_task = self._loop.create_task(self._recheck_signers_loop())
+        for record in apps:
+            self._arm_reaper(record.instance, record, record.health)
         for pool in self.pools.values():
             if pool.core is not None:
                 pool.core.revocation_check = self._revocation_from_peer
@@ -373,6 +393,9 @@ class Agent:
         if self._recheck_task is not None:
             self._recheck_task.cancel()
         await self.runner.stop_all()
+        for handle in self._reapers.values():
+            handle.cancel()
+        self._reapers.clear()
         self._save_peers()
         for pool in self.pools.values():
             await pool.transport.close()
@@ -425,8 +448,12 @@ class Agent:
                 self._peers_changed.set()
                 changed = True
                 log.info("%s member %s is %s", pool_name, event.member, event.status.label)
+                if pool_name == LAN and event.status is Status.LEFT:
+                    self.dead.left(event.member)
             elif isinstance(event, OriginChanged):
                 changed = True
+                if pool_name == LAN:
+                    self._remember(event)
         self._persist_counters()
         for pool in self.pools.values():
             core = pool.core
@@ -457,6 +484,27 @@ class Agent:
             self.update_gauges()
             self._changed.set()
             self._changed = asyncio.Event()
+
+    def _remember(self, event: OriginChanged) -> None:
+        """Keep a dead node's last document for the inventory (inventory.py)."""
+        if event.live:
+            self.dead.forget(event.origin)
+            return
+        core = self._core
+        entry = core.store.get(event.origin)
+        member = doc_member(event.origin)
+        if entry is None or member == core.id:
+            return
+        m = core.members.get(member)
+        if m is not None and m.status is Status.LEFT:
+            self.dead.left(member)
+        elif (m is not None and m.status is Status.DEAD) or (
+            m is None and member in core.records.dead_as_of
+        ):
+            # Dead by our own membership, or by its cluster's bridges.  Not a
+            # document whose signer was revoked or expired: that one is
+            # untrusted, not a dead node's, and is not listed at all.
+            self.dead.died(event.origin, entry.state, self._loop.time())
 
     def _persist_counters(self) -> None:
         """Write what the cores moved on their own: incarnations (refutes) and a
@@ -522,9 +570,9 @@ class Agent:
         return self._core.store.index
 
     @property
-    def generation(self) -> tuple[int, int]:
+    def generation(self) -> tuple[int, int, int]:
         # Reach is computed from the store, so the store index covers it.
-        return (self._core.store.index, self._policy_generation)
+        return (self._core.store.index, self._policy_generation, self.dead.generation)
 
     async def register(self, reg: Registration) -> int:
         async with self._lock:
@@ -548,6 +596,7 @@ class Agent:
             self._reserve_version(core.version + 1)
             await asyncio.to_thread(self._db.put_registration, reg, None)
             version = core.set_app(record, self._loop.time())
+            self._arm_reaper(record.instance, record, record.health)
             old = self._checks.get(record.instance)
             self._checks[record.instance] = reg
             if old is None or old.check != reg.check:
@@ -567,19 +616,63 @@ class Agent:
             core.remove_app(instance, self._loop.time())
             self._checks.pop(instance, None)
             self.runner.stop(instance)
+            reaper = self._reapers.pop(instance, None)
+            if reaper is not None:
+                reaper.cancel()
+            self._outputs.pop(instance, None)
+            self._maintenance.pop(instance, None)
+            self._health_before.pop(instance, None)
             self._pump()
             return True
 
-    async def set_health(self, instance: str, status: str) -> bool:
+    async def set_health(self, instance: str, status: str, output: str = "") -> bool:
         if instance not in self._core.apps:
             return False
         reg = self._checks.get(instance)
         if reg is not None and reg.check is not None and reg.check.kind == "ttl":
             self.runner.report_ttl(instance, status)
-        self._set_health(instance, status)
+        self._outputs[instance] = output[:MAX_OUTPUT]
+        if instance not in self._maintenance:
+            self._set_health(instance, status)
         return True
 
+    def check_outputs(self) -> dict[str, str]:
+        out = dict(self._outputs)
+        for instance in self._checks:
+            ran = self.runner.output(instance)
+            if ran and instance not in out:
+                out[instance] = ran[:MAX_OUTPUT]
+        for instance, reason in self._maintenance.items():
+            out[instance] = f"maintenance mode: {reason}" if reason else "maintenance mode"
+        return out
+
+    async def set_maintenance(self, instance: str, enable: bool, reason: str) -> bool:
+        if instance not in self._core.apps:
+            return False
+        if enable:
+            if instance not in self._maintenance:
+                self._health_before[instance] = self._core.apps[instance].health
+            self._maintenance[instance] = reason
+            self._set_health(instance, "critical")
+        elif instance in self._maintenance:
+            del self._maintenance[instance]
+            ran = self.runner.status(instance)
+            self._set_health(instance, ran or self._health_before.pop(instance, "passing"))
+        return True
+
+    def coordinates(self) -> list[tuple[str, str, Coordinate]]:
+        core = self._core
+        out = [(self.node_name, self.cluster, core.coord)]
+        for member, coord in sorted(core.coords.items()):
+            m = core.members.get(member)
+            if m is not None:
+                out.append((m.name, m.cluster, coord))
+        return out
+
     def _on_check_status(self, instance: str, status: str) -> None:
+        self._outputs.pop(instance, None)  # the runner's own output is newer
+        if instance in self._maintenance:
+            return  # maintenance holds it critical until taken out
         if self.core is not None and instance in self.core.apps:
             try:
                 self._set_health(instance, status)
@@ -596,7 +689,26 @@ class Agent:
         self._reserve_version(core.version + 1)
         core.set_app(replace(record, health=status), self._loop.time())
         log.info("instance %s is %s", instance, status)
+        self._arm_reaper(instance, record, status)
         self._pump()
+
+    def _arm_reaper(self, instance: str, record: AppRecord, status: str) -> None:
+        """DeregisterCriticalServiceAfter: deregister an instance critical that long."""
+        old = self._reapers.pop(instance, None)
+        if old is not None:
+            old.cancel()
+        limit = deregister_after(record)
+        if status != "critical" or limit is None:
+            return
+
+        def reap() -> None:
+            self._reapers.pop(instance, None)
+            log.warning("instance %s critical for %s s: deregistered", instance, limit)
+            task = self._loop.create_task(self.deregister(instance))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        self._reapers[instance] = self._loop.call_later(limit, reap)
 
     def local_registrations(self) -> list[Registration]:
         core = self._core
@@ -691,7 +803,26 @@ class Agent:
         for entry in self._core.store.live():
             for rec in entry.state.apps:
                 names.setdefault(rec.namespace, set()).add(rec.app)
+        for _, rec in self.dead.records(self._loop.time()):
+            names.setdefault(rec.namespace, set()).add(rec.app)
         return names
+
+    def inventory(self, app: str, namespace: str) -> tuple[int, list[Endpoint]]:
+        core = self._core
+        now = self._loop.time()
+        self.dead.reap(now)
+        index = core.store.index
+        rows = policy_inventory(
+            self.cluster,
+            core.store,
+            self.reach(),
+            self.policy.for_app(app, namespace),
+            app,
+            namespace,
+            self.dead.records(now),
+            trust_domain=self.trust_domain,
+        )
+        return index, rows
 
     def members(self, cluster: str | None = None) -> list[MemberInfo]:
         """LAN members, and on a bridge the other clusters' bridges (WAN view)."""

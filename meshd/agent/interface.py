@@ -16,6 +16,7 @@ from cryptography import x509
 
 from meshd.metrics import Metrics
 from meshd.policy.resolve import Endpoint, Gateway
+from meshd.protocol.vivaldi import Coordinate
 
 __all__ = [
     "AgentAPI",
@@ -173,8 +174,8 @@ class AgentAPI(Protocol):
         """False when the instance is unknown.  StorageError: nothing changed."""
         ...
 
-    async def set_health(self, instance: str, status: str) -> bool:
-        """Report a TTL check's status; False when the instance is unknown."""
+    async def set_health(self, instance: str, status: str, output: str = "") -> bool:
+        """Report a TTL check's status (and its output); False when the instance is unknown."""
         ...
 
     def local_registrations(self) -> list[Registration]: ...
@@ -185,8 +186,29 @@ class AgentAPI(Protocol):
         """(index, endpoints best first).  Raises KeyError for an unknown policy name."""
         ...
 
+    def inventory(self, app: str, namespace: str) -> tuple[int, list[Endpoint]]:
+        """(index, every instance of ``app`` this cluster may see): unhealthy,
+        unreachable and dead nodes' instances too (``alive`` False, critical),
+        in the policy's order as seen from the cluster, the same on every agent
+        of it.  What catalogs list; :meth:`resolve` is what callers dial."""
+        ...
+
     async def wait_for_index(self, index: int, timeout: float) -> int:
         """Return the current index once it exceeds ``index`` or ``timeout`` passes."""
+        ...
+
+    def check_outputs(self) -> dict[str, str]:
+        """Local instance -> the last output of its check (a probe's result or
+        error, or what the app reported with its TTL status)."""
+        ...
+
+    async def set_maintenance(self, instance: str, enable: bool, reason: str) -> bool:
+        """Put a local instance in maintenance (critical, whatever its check
+        says) or take it out; False when the instance is unknown."""
+        ...
+
+    def coordinates(self) -> list[tuple[str, str, Coordinate]]:
+        """(node, cluster, Vivaldi coordinate) of this node and every member placed."""
         ...
 
     def app_names(self) -> dict[str, set[str]]:

@@ -67,8 +67,10 @@ from meshd.agent.interface import (
     Registration,
     StorageError,
 )
+from meshd.agent.inventory import DEREGISTER_AFTER_KEY
 from meshd.api.access import BlockingQueries
 from meshd.api.durations import parse_wait
+from meshd.api.filter import Filter, FilterError, compile_filter
 from meshd.api.validation import ApiError, is_host, parse_registration
 from meshd.wire import WireError, check_name
 
@@ -99,6 +101,30 @@ META_PREFIX = "consul."
 TAGS_KEY = "consul.tags"
 CHECK_ID_KEY = "consul.check_id"
 CHECK_NAME_KEY = "consul.check_name"
+CHECK_TYPE_KEY = "consul.check_type"
+CHECK_NOTES_KEY = "consul.check_notes"
+KIND_KEY = "consul.kind"
+TAGGED_ADDRESSES_KEY = "consul.tagged_addresses"
+#: Consul's own rules for service meta (its ``structs.ValidateServiceMetadata``):
+#: keys of letters, digits, ``_`` and ``-``, none starting ``consul-``.
+MAX_META_KEY_LEN = 128
+MAX_META_VALUE_LEN = 512
+MAX_META_PAIRS_CONSUL = 64
+_META_KEY = re.compile(r"[A-Za-z0-9_-]+")
+#: Consul API families meshd does not implement: answered 501 with a sentence,
+#: never a 404 a client would read as "key not found".
+_NOT_IMPLEMENTED = {
+    "kv": "Consul's key/value store",
+    "session": "Consul sessions",
+    "query": "prepared queries",
+    "txn": "transactions",
+    "acl": "Consul ACLs (meshd uses an API token, see --api-token-file)",
+    "connect": "Consul Connect",
+    "config": "config entries",
+    "event": "user events",
+    "snapshot": "snapshots",
+    "operator": "operator endpoints",
+}
 #: Blocking queries: Consul's own default and ceiling for ``wait``.
 DEFAULT_WAIT = 300.0
 MAX_WAIT = 600.0
@@ -232,14 +258,30 @@ class _Consulish:
     tags: list[str]
     check_id: str
     check_name: str
+    check_type: str = ""
+    check_notes: str = ""
+    kind: str = ""
+    tagged: dict[str, Any] | None = None
 
 
 def _consulish(instance: str, app: str, meta: dict[str, str]) -> _Consulish:
+    tagged = None
+    raw = meta.get(TAGGED_ADDRESSES_KEY)
+    if raw:
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        tagged = value if isinstance(value, dict) else None
     return _Consulish(
         meta={k: v for k, v in meta.items() if not k.startswith(META_PREFIX)},
         tags=decode_tags(meta.get(TAGS_KEY)),
         check_id=meta.get(CHECK_ID_KEY) or f"service:{instance}",
         check_name=meta.get(CHECK_NAME_KEY) or f"Service '{app}' check",
+        check_type=meta.get(CHECK_TYPE_KEY, ""),
+        check_notes=meta.get(CHECK_NOTES_KEY, ""),
+        kind=meta.get(KIND_KEY, ""),
+        tagged=tagged,
     )
 
 
@@ -256,8 +298,20 @@ class ConsulService:
     status: str | None = None
 
 
-def _parse_check(raw: Any) -> tuple[dict[str, Any], str | None, str | None, str | None]:
-    """(native ``check`` object, initial status, CheckID, Name) of one Consul check."""
+@dataclass(frozen=True, slots=True)
+class _Check:
+    native: dict[str, Any]
+    kind: str
+    status: str | None
+    check_id: str | None
+    name: str | None
+    notes: str
+    #: DeregisterCriticalServiceAfter, whole seconds; None when not asked.
+    deregister_after: int | None
+
+
+def _parse_check(raw: Any) -> _Check:
+    """One Consul check definition, validated."""
     if not isinstance(raw, dict):
         raise _bad("each check must be a JSON object")
     c = _fold(raw)
@@ -285,7 +339,24 @@ def _parse_check(raw: Any) -> tuple[dict[str, Any], str | None, str | None, str 
         if value is not None and not isinstance(value, str):
             raise _bad(f"check {what} must be a string")
         ids.append(value)
-    return native, status, ids[0], ids[1]
+    notes = c.get("notes")
+    if _given(notes) and (not isinstance(notes, str) or len(notes) > MAX_META_VALUE_LEN):
+        raise _bad(f"check Notes must be a string of at most {MAX_META_VALUE_LEN} characters")
+    after = None
+    if _given(c.get("deregistercriticalserviceafter")):
+        raw_after = c["deregistercriticalserviceafter"]
+        try:
+            if not isinstance(raw_after, str):
+                raise ValueError
+            seconds = parse_wait(raw_after, 0.0, 10 * 365 * 86400.0)
+        except ValueError:
+            raise _bad(
+                'DeregisterCriticalServiceAfter must be a duration such as "90s" or "72h"'
+            ) from None
+        after = max(1, int(round(seconds)))
+    return _Check(
+        native, kind, status, ids[0], ids[1], notes if isinstance(notes, str) else "", after
+    )
 
 
 def parse_service(
@@ -318,9 +389,7 @@ def parse_service(
         meta = {}
     elif not isinstance(meta, dict):
         raise _bad("Meta must be an object mapping strings to strings")
-    for key in meta:
-        if key.startswith(META_PREFIX):
-            raise _bad(f"Meta key {key[:64]!r} is reserved: meshd keeps Consul fields there")
+    _check_meta(meta)
     meta = dict(meta)
 
     address = f.get("address")
@@ -352,6 +421,15 @@ def parse_service(
                 raise _bad("Weights.Passing must be an integer from 0 to 1000000")
             weight = passing
 
+    kind = f.get("kind")
+    if _given(kind):
+        if not isinstance(kind, str) or kind not in _SERVICE_KINDS:
+            raise _bad(f"Kind must be one of {', '.join(repr(k) for k in _SERVICE_KINDS)}")
+        meta[KIND_KEY] = kind
+    tagged = f.get("taggedaddresses")
+    if _given(tagged):
+        meta[TAGGED_ADDRESSES_KEY] = _dumps(_parse_tagged(tagged))
+
     checks: list[Any] = []
     if _given(f.get("check")):
         checks.append(f["check"])
@@ -364,11 +442,9 @@ def parse_service(
     native_check = None
     status = None
     if checks:
-        native_check, status, check_id, check_name_ = _parse_check(checks[0])
-        if check_id is not None and check_id != f"service:{instance}":
-            meta[CHECK_ID_KEY] = check_id
-        if check_name_ is not None and check_name_ != f"Service '{name}' check":
-            meta[CHECK_NAME_KEY] = check_name_
+        check = _parse_check(checks[0])
+        native_check, status = check.native, check.status
+        _check_meta_for(meta, check, instance, name)
     if tags:
         meta[TAGS_KEY] = _dumps(tags)
 
@@ -382,6 +458,66 @@ def parse_service(
         "check": native_check,
     }
     return ConsulService(parse_registration(instance, native), status)
+
+
+_SERVICE_KINDS = (
+    "connect-proxy",
+    "mesh-gateway",
+    "terminating-gateway",
+    "ingress-gateway",
+    "api-gateway",
+)
+
+
+def _check_meta(meta: dict[Any, Any]) -> None:
+    """Consul's rules for service meta, so what Consul refuses meshd refuses too."""
+    if len(meta) > MAX_META_PAIRS_CONSUL:
+        raise _bad(f"Meta may have at most {MAX_META_PAIRS_CONSUL} keys")
+    for key, value in meta.items():
+        if not isinstance(key, str) or not _META_KEY.fullmatch(key):
+            raise _bad(
+                f"Meta key {str(key)[:64]!r} is invalid: use letters, digits, '_' and '-' only"
+            )
+        if len(key) > MAX_META_KEY_LEN:
+            raise _bad(f"Meta key {key[:64]!r} is longer than {MAX_META_KEY_LEN} characters")
+        if key.startswith("consul-"):
+            raise _bad(f"Meta key {key[:64]!r} is reserved: the prefix consul- is Consul's")
+        if not isinstance(value, str):
+            raise _bad("Meta must be an object mapping strings to strings")
+        if len(value) > MAX_META_VALUE_LEN:
+            raise _bad(f"Meta value of {key!r} is longer than {MAX_META_VALUE_LEN} characters")
+
+
+def _parse_tagged(raw: Any) -> dict[str, dict[str, Any]]:
+    """Service TaggedAddresses: ``{"lan": {"Address": ..., "Port": ...}, ...}``."""
+    if not isinstance(raw, dict) or len(raw) > 8:
+        raise _bad("TaggedAddresses must be an object of at most 8 named addresses")
+    out: dict[str, dict[str, Any]] = {}
+    for tag, value in raw.items():
+        if not isinstance(tag, str) or not _META_KEY.fullmatch(tag) or len(tag) > 64:
+            raise _bad("TaggedAddresses names must be letters, digits, '_' and '-'")
+        v = _fold(value) if isinstance(value, dict) else None
+        address = v.get("address") if v is not None else None
+        port = v.get("port", 0) if v is not None else None
+        if not isinstance(address, str) or not (address == "" or is_host(address)):
+            raise _bad(f"TaggedAddresses.{tag}.Address must be an IP address or a host name")
+        if type(port) is not int or not 0 <= port <= 65535:
+            raise _bad(f"TaggedAddresses.{tag}.Port must be an integer from 0 to 65535")
+        out[tag] = {"Address": address, "Port": port}
+    return out
+
+
+def _check_meta_for(meta: dict[str, str], check: _Check, instance: str, name: str) -> None:
+    """What a check says that meshd's record has no field for, kept in its meta."""
+    if check.check_id is not None and check.check_id != f"service:{instance}":
+        meta[CHECK_ID_KEY] = check.check_id
+    if check.name is not None and check.name != f"Service '{name}' check":
+        meta[CHECK_NAME_KEY] = check.name
+    meta[CHECK_TYPE_KEY] = check.kind
+    if check.notes:
+        meta[CHECK_NOTES_KEY] = check.notes
+    if check.deregister_after is not None:
+        meta[DEREGISTER_AFTER_KEY] = str(check.deregister_after)
 
 
 def parse_filter(text: str) -> list[str]:
@@ -403,13 +539,25 @@ def parse_filter(text: str) -> list[str]:
 # Answers: meshd endpoints -> Consul shapes
 
 
-def _usable(e: Endpoint) -> bool:
-    return e.reachable and e.health in ("passing", "warning")
-
-
 def _status(e: Endpoint) -> str:
-    # A record from a cluster we cannot reach may still say "passing".
-    return e.health if e.reachable else "critical"
+    # A record from a cluster we cannot reach, or of a dead node, may still say "passing".
+    return e.health if e.reachable and e.alive else "critical"
+
+
+def node_meta(e: Endpoint) -> dict[str, str]:
+    """A node's metadata as Consul's ``Node.Meta`` (and ``?node-meta=``) see it."""
+    return {"meshd-cluster": e.cluster, "meshd-region": e.region, "meshd-zone": e.zone}
+
+
+def parse_node_meta(values: Iterable[str]) -> dict[str, str]:
+    """``?node-meta=key:value`` (repeatable) as Consul takes it."""
+    out = {}
+    for v in values:
+        key, sep, value = v.partition(":")
+        if not sep or not key:
+            raise _bad("node-meta must be key:value")
+        out[key] = value
+    return out
 
 
 def health_rows(
@@ -419,12 +567,14 @@ def health_rows(
     tags: tuple[str, ...] = (),
     dc: str = "",
     every: bool = False,
+    node_meta_: dict[str, str] | None = None,
 ) -> list[Endpoint]:
     """What a health query answers, in policy order (see the module docstring).
 
-    Without ``every``, healthy standbys are dropped while an active endpoint
-    remains; endpoints nobody should call (critical, unreachable) are kept
-    unless ``passing``, as Consul lists them with their status.
+    ``endpoints`` are the inventory (every instance, any health) or, for a
+    ``passing`` query, the policy's lookup.  With ``passing`` only passing
+    endpoints are kept, and of those only the active ones (the policy's
+    choice) unless ``every`` or unless a filter left no active one.
     """
     rows = []
     for e in endpoints:
@@ -434,64 +584,96 @@ def health_rows(
             have = set(decode_tags(e.meta.get(TAGS_KEY)))
             if not all(t in have for t in tags):
                 continue
-        if passing and not (e.reachable and e.health == "passing"):
+        if node_meta_ and any(node_meta(e).get(k) != v for k, v in node_meta_.items()):
+            continue
+        if passing and _status(e) != "passing":
             continue
         rows.append(e)
-    if not every:
+    if passing and not every:
         active = [e for e in rows if e.active]
         if active:
-            rows = active + [e for e in rows if not _usable(e)]
+            rows = active
     return rows
 
 
-def _node_json(e: Endpoint, index: int) -> dict[str, Any]:
-    # The node's own address is not in a record; the endpoint's is the one a
-    # client can dial (Dapr falls back to it when Service.Address is empty).
+@dataclass(frozen=True, slots=True)
+class Where:
+    """What an answer needs beyond the endpoint: the index and node addresses."""
+
+    index: int
+    #: (cluster, node) -> the node's own address, where membership knows it.
+    hosts: dict[tuple[str, str], str]
+    #: Local instance -> its check's last output (only this agent runs checks).
+    outputs: dict[str, str]
+
+    def host(self, e: Endpoint) -> str:
+        # A node in another cluster is known only by its documents: the
+        # address of its instance is the best address we have for it.
+        return self.hosts.get((e.cluster, e.node)) or e.address
+
+
+def _node_json(e: Endpoint, where: Where) -> dict[str, Any]:
+    host = where.host(e)
     return {
         "ID": node_id(e.cluster, e.node),
         "Node": e.node,
-        "Address": e.address,
+        "Address": host,
         "Datacenter": e.cluster,
-        "TaggedAddresses": {"lan": e.address, "wan": e.address},
-        "Meta": {"meshd-region": e.region, "meshd-zone": e.zone},
-        "CreateIndex": index,
-        "ModifyIndex": index,
+        "TaggedAddresses": {"lan": host, "lan_ipv4": host, "wan": host, "wan_ipv4": host},
+        "Meta": node_meta(e),
+        "CreateIndex": where.index,
+        "ModifyIndex": where.index,
     }
 
 
-def _checks_json(e: Endpoint, c: _Consulish, index: int) -> list[dict[str, Any]]:
-    reachable = e.reachable
-    serf: dict[str, Any] = {
-        "Node": e.node,
+def _serf_check(node: str, alive: bool, reachable: bool, index: int) -> dict[str, Any]:
+    if not alive:
+        status, output = "critical", "Agent not live or unreachable"
+    elif not reachable:
+        status, output = "critical", "Agent's cluster unreachable from here"
+    else:
+        status, output = "passing", "Agent alive and reachable"
+    return {
+        "Node": node,
         "CheckID": "serfHealth",
         "Name": "Serf Health Status",
-        "Status": "passing" if reachable else "critical",
+        "Status": status,
         "Notes": "",
-        "Output": "Agent alive and reachable" if reachable else "cluster unreachable",
+        "Output": output,
         "ServiceID": "",
         "ServiceName": "",
         "ServiceTags": [],
         "Type": "",
+        "Definition": {},
         "CreateIndex": index,
         "ModifyIndex": index,
     }
-    service: dict[str, Any] = {
+
+
+def _service_check(e: Endpoint, c: _Consulish, where: Where, local: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
         "Node": e.node,
         "CheckID": c.check_id,
         "Name": c.check_name,
         "Status": _status(e),
-        "Notes": "",
-        "Output": "",
+        "Notes": c.check_notes,
+        "Output": where.outputs.get(e.instance, "") if local else "",
         "ServiceID": e.instance,
         "ServiceName": e.app,
         "ServiceTags": list(c.tags),
-        "Type": "",
-        "CreateIndex": index,
-        "ModifyIndex": index,
+        "Type": c.check_type,
+        "Definition": {},
+        "CreateIndex": where.index,
+        "ModifyIndex": where.index,
     }
     if e.namespace != "default":
-        service["Namespace"] = e.namespace
-    return [service, serf]
+        out["Namespace"] = e.namespace
+    return out
+
+
+def _checks_json(e: Endpoint, c: _Consulish, where: Where, local: bool) -> list[dict[str, Any]]:
+    serf = _serf_check(e.node, e.alive, e.reachable, where.index)
+    return [_service_check(e, c, where, local), serf]
 
 
 def _service_json(
@@ -513,8 +695,10 @@ def _service_json(
         "Port": port,
         "Weights": {"Passing": weight, "Warning": 1},
         "EnableTagOverride": False,
-        "Kind": "",
+        "Kind": c.kind,
     }
+    if c.tagged is not None:
+        out["TaggedAddresses"] = c.tagged
     if index is not None:
         out["CreateIndex"] = out["ModifyIndex"] = index
     if namespace != "default":
@@ -522,34 +706,41 @@ def _service_json(
     return out
 
 
-def health_entry(e: Endpoint, index: int) -> dict[str, Any]:
+def health_entry(e: Endpoint, where: Where, local: bool = False) -> dict[str, Any]:
     """One element of ``GET /v1/health/service/{name}``."""
     c = _consulish(e.instance, e.app, e.meta)
+    index = where.index
     service = _service_json(e.instance, e.app, e.namespace, e.address, e.port, e.weight, c, index)
-    return {"Node": _node_json(e, index), "Service": service, "Checks": _checks_json(e, c, index)}
+    return {
+        "Node": _node_json(e, where),
+        "Service": service,
+        "Checks": _checks_json(e, c, where, local),
+    }
 
 
-def catalog_entry(e: Endpoint, index: int) -> dict[str, Any]:
+def catalog_entry(e: Endpoint, where: Where) -> dict[str, Any]:
     """One element of ``GET /v1/catalog/service/{name}``."""
     c = _consulish(e.instance, e.app, e.meta)
+    host = where.host(e)
     out = {
         "ID": node_id(e.cluster, e.node),
         "Node": e.node,
-        "Address": e.address,
+        "Address": host,
         "Datacenter": e.cluster,
-        "TaggedAddresses": {"lan": e.address, "wan": e.address},
-        "NodeMeta": {"meshd-region": e.region, "meshd-zone": e.zone},
-        "ServiceKind": "",
+        "TaggedAddresses": {"lan": host, "lan_ipv4": host, "wan": host, "wan_ipv4": host},
+        "NodeMeta": node_meta(e),
+        "ServiceKind": c.kind,
         "ServiceID": e.instance,
         "ServiceName": e.app,
         "ServiceTags": list(c.tags),
         "ServiceAddress": e.address,
+        "ServiceTaggedAddresses": c.tagged or {},
         "ServicePort": e.port,
         "ServiceMeta": dict(c.meta),
         "ServiceWeights": {"Passing": e.weight, "Warning": 1},
         "ServiceEnableTagOverride": False,
-        "CreateIndex": index,
-        "ModifyIndex": index,
+        "CreateIndex": where.index,
+        "ModifyIndex": where.index,
     }
     if e.namespace != "default":
         out["Namespace"] = e.namespace
@@ -643,12 +834,54 @@ class _Handlers:
         return {"X-Consul-Index": str(index + 1), **_LEADER_HEADERS}
 
     @staticmethod
-    def _no_filter(request: web.Request) -> None:
-        if request.query.get("filter"):
-            raise _bad("filter expressions are not supported by meshd; use tag, passing or dc")
+    def _filter(request: web.Request) -> Filter | None:
+        text = request.query.get("filter") or ""
+        if not text.strip():
+            return None
+        try:
+            return compile_filter(text)
+        except FilterError as exc:
+            raise _bad(str(exc)) from None
 
-    def _resolve_all(self, app: str, namespace: str) -> tuple[int, list[Endpoint]]:
-        return self.agent.resolve(app, namespace, None, True)
+    @staticmethod
+    def _apply(f: Filter | None, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if f is None:
+            return rows
+        try:
+            return f.apply(rows)  # type: ignore[return-value]
+        except FilterError as exc:  # a field no row has: Consul refuses it too
+            raise _bad(str(exc)) from None
+
+    def _clusters(self) -> list[str]:
+        agent = self.agent
+        return sorted({agent.cluster, *(c.cluster for c in agent.clusters())})
+
+    def _dc(self, request: web.Request) -> str:
+        """``?dc=``: a cluster this agent knows of, else Consul's error."""
+        dc = request.query.get("dc") or ""
+        if dc and dc not in self._clusters():
+            raise ApiError(500, "No path to datacenter")
+        return dc
+
+    def _where(self, index: int) -> Where:
+        agent = self.agent
+        hosts = {}
+        for m in agent.members():
+            host = _split_hostport(m.address)[0]
+            if host and host not in ("0.0.0.0", "::"):
+                hosts[(m.cluster, m.node)] = host
+        return Where(index + 1, hosts, agent.check_outputs())
+
+    def _is_local(self, e: Endpoint) -> bool:
+        return e.node == self.agent.node_name and e.cluster == self.agent.cluster
+
+    def _everything(self, namespace: str) -> tuple[int, list[Endpoint]]:
+        """The inventory of every app of ``namespace``: (index, endpoints)."""
+        index = self.agent.index
+        rows: list[Endpoint] = []
+        for app in sorted(self.agent.app_names().get(namespace, ())):
+            rows.extend(self.agent.inventory(app, namespace)[1])
+        return index, rows
 
     def _json(self, data: Any, index: int | None = None) -> web.Response:
         headers = None if index is None else self._query_headers(index)
@@ -691,10 +924,11 @@ class _Handlers:
             raise ApiError(404, f'unknown service ID "{service_id[:200]}" on this agent')
         return web.Response(status=200)
 
-    async def _report(self, request: web.Request, status: str) -> web.Response:
+    async def _report(self, request: web.Request, status: str, output: str = "") -> web.Response:
         check_id = request.match_info["check_id"]
         instance = self._instance_for_check(check_id)
-        if instance is None or not await self.agent.set_health(instance, status):
+        output = output or request.query.get("note", "")
+        if instance is None or not await self.agent.set_health(instance, status, output):
             raise ApiError(404, f'unknown check ID "{check_id[:200]}" on this agent')
         return web.Response(status=200)
 
@@ -709,10 +943,12 @@ class _Handlers:
 
     async def check_update(self, request: web.Request) -> web.Response:
         body = await _read_json(request, 'an object such as {"Status": "passing"}')
-        status = _fold(body).get("status") if isinstance(body, dict) else None
+        folded = _fold(body) if isinstance(body, dict) else {}
+        status = folded.get("status")
         if status not in HEALTH:
             raise _bad(f"Status must be one of {', '.join(HEALTH)}")
-        return await self._report(request, status)
+        output = folded.get("output")
+        return await self._report(request, status, output if isinstance(output, str) else "")
 
     def _local(self, request: web.Request) -> list[Registration]:
         ns = self._namespace(request) or "default"
@@ -726,8 +962,9 @@ class _Handlers:
         return out
 
     async def services(self, request: web.Request) -> web.Response:
-        self._no_filter(request)
-        return self._json({r.record.instance: self._agent_service(r) for r in self._local(request)})
+        f = self._filter(request)
+        services = [self._agent_service(r) for r in self._local(request)]
+        return self._json({s["ID"]: s for s in self._apply(f, services)})
 
     async def service(self, request: web.Request) -> web.Response:
         service_id = request.match_info["service_id"]
@@ -737,7 +974,8 @@ class _Handlers:
         raise ApiError(404, f'unknown service ID "{service_id[:200]}" on this agent')
 
     async def checks(self, request: web.Request) -> web.Response:
-        self._no_filter(request)
+        f = self._filter(request)
+        outputs = self.agent.check_outputs()
         out = {}
         for reg in self._local(request):
             if reg.check is None:
@@ -749,14 +987,15 @@ class _Handlers:
                 "CheckID": c.check_id,
                 "Name": c.check_name,
                 "Status": r.health,
-                "Notes": "",
-                "Output": "",
+                "Notes": c.check_notes,
+                "Output": outputs.get(r.instance, ""),
                 "ServiceID": r.instance,
                 "ServiceName": r.app,
                 "ServiceTags": c.tags,
                 "Type": reg.check.kind,
             }
-        return self._json(out)
+        kept = self._apply(f, list(out.values()))
+        return self._json({c["CheckID"]: c for c in kept})
 
     def _member_json(self, m: MemberInfo) -> dict[str, Any]:
         host, port = _split_hostport(m.address)
@@ -806,24 +1045,43 @@ class _Handlers:
     # -- health and catalog --------------------------------------------------------
 
     async def health_service(self, request: web.Request) -> web.Response:
-        self._no_filter(request)
         q = request.query
         app = _name(request.match_info["service"], "service name")
         namespace = self._namespace(request) or "default"
         passing = _flag(q, "passing")
         every = _flag(q, "all")
         tags = tuple(sorted(set(t for t in q.getall("tag", []) if t)))
-        dc = q.get("dc") or ""
+        dc = self._dc(request)
+        meta = parse_node_meta(q.getall("node-meta", []))
+        f = self._filter(request)
         await self._block(request)
-        key = (app, namespace, passing, tags, dc, every)
+        key = (
+            app,
+            namespace,
+            passing,
+            tags,
+            dc,
+            every,
+            tuple(sorted(meta.items())),
+            q.get("filter"),
+        )
         generation = self.agent.generation
         cached = self._answers.get(key)
         if cached is not None and cached[0] == generation:
             _, index, body = cached
         else:
-            index, endpoints = self._resolve_all(app, namespace)
-            rows = health_rows(endpoints, passing=passing, tags=tags, dc=dc, every=every)
-            body = _dumps([health_entry(e, index + 1) for e in rows]).encode()
+            # Two answers (module doc): a passing query is a lookup, answered
+            # with the policy's choice; any other lists the inventory.
+            if passing:
+                index, endpoints = self.agent.resolve(app, namespace, None, False)
+            else:
+                index, endpoints = self.agent.inventory(app, namespace)
+            rows = health_rows(
+                endpoints, passing=passing, tags=tags, dc=dc, every=every, node_meta_=meta
+            )
+            where = self._where(index)
+            entries = [health_entry(e, where, self._is_local(e)) for e in rows]
+            body = _dumps(self._apply(f, entries)).encode()
             if len(self._answers) >= MAX_CACHED_ANSWERS:
                 self._answers.clear()  # bounded; refilled by what is asked next
             self._answers[key] = (generation, index, body)
@@ -831,61 +1089,239 @@ class _Handlers:
             body=body, content_type="application/json", headers=self._query_headers(index)
         )
 
+    def _checks_of(
+        self, endpoints: Iterable[Endpoint], where: Where, *, serf: bool
+    ) -> list[dict[str, Any]]:
+        out = []
+        seen: set[tuple[str, str]] = set()
+        for e in endpoints:
+            c = _consulish(e.instance, e.app, e.meta)
+            if serf and (e.cluster, e.node) not in seen:
+                seen.add((e.cluster, e.node))
+                out.append(_serf_check(e.node, e.alive, e.reachable, where.index))
+            out.append(_service_check(e, c, where, self._is_local(e)))
+        return out
+
     async def health_state(self, request: web.Request) -> web.Response:
         state = request.match_info["state"]
         if state != "any" and state not in HEALTH:
             raise _bad("state must be any, passing, warning or critical")
         namespace = self._namespace(request) or "default"
-        text = request.query.get("filter") or ""
-        wanted = parse_filter(text) if text.strip() else None
+        dc = self._dc(request)
+        f = self._filter(request)
         await self._block(request)
-        index = self.agent.index
-        names = sorted(self.agent.app_names().get(namespace, ())) if wanted is None else wanted
-        out = []
-        for app in dict.fromkeys(names):
-            try:
-                check_name(app, "service name")
-            except WireError:
-                continue  # a name no record can have
-            _, endpoints = self._resolve_all(app, namespace)
-            for e in endpoints:
-                for check in _checks_json(e, _consulish(e.instance, e.app, e.meta), index + 1):
-                    # A filter on ServiceName leaves out node checks, as in Consul.
-                    if wanted is not None and check["ServiceName"] != app:
-                        continue
-                    if state == "any" or check["Status"] == state:
-                        out.append(check)
-        if wanted is None:
-            out = list({(c["Node"], c["CheckID"], c["ServiceID"]): c for c in out}.values())
-        return self._json(out, index)
+        index, endpoints = self._everything(namespace)
+        rows = [e for e in endpoints if not dc or e.cluster == dc]
+        checks = self._checks_of(rows, self._where(index), serf=True)
+        if state != "any":
+            checks = [c for c in checks if c["Status"] == state]
+        return self._json(self._apply(f, checks), index)
+
+    async def health_checks(self, request: web.Request) -> web.Response:
+        app = _name(request.match_info["service"], "service name")
+        namespace = self._namespace(request) or "default"
+        dc = self._dc(request)
+        meta = parse_node_meta(request.query.getall("node-meta", []))
+        f = self._filter(request)
+        await self._block(request)
+        index, endpoints = self.agent.inventory(app, namespace)
+        rows = health_rows(endpoints, dc=dc, node_meta_=meta)
+        checks = self._checks_of(rows, self._where(index), serf=False)
+        return self._json(self._apply(f, checks), index)
+
+    async def health_node(self, request: web.Request) -> web.Response:
+        node = request.match_info["node"]
+        namespace = self._namespace(request) or "default"
+        dc = self._dc(request) or self.agent.cluster
+        f = self._filter(request)
+        await self._block(request)
+        index, endpoints = self._everything(namespace)
+        where = self._where(index)
+        rows = [e for e in endpoints if e.node == node and e.cluster == dc]
+        checks = self._checks_of(rows, where, serf=False)
+        member = next(
+            (m for m in self.agent.members(dc) if m.node == node and m.cluster == dc), None
+        )
+        if member is not None or rows:
+            alive = member.status in ("alive", "suspect") if member is not None else rows[0].alive
+            reachable = rows[0].reachable if rows else True
+            checks.insert(0, _serf_check(node, alive, reachable, where.index))
+        return self._json(self._apply(f, checks), index)
 
     async def catalog_services(self, request: web.Request) -> web.Response:
-        self._no_filter(request)
         namespace = self._namespace(request) or "default"
-        dc = request.query.get("dc") or ""
+        dc = self._dc(request)
+        meta = parse_node_meta(request.query.getall("node-meta", []))
+        f = self._filter(request)
         await self._block(request)
-        index = self.agent.index
-        out: dict[str, list[str]] = {}
-        for app in sorted(self.agent.app_names().get(namespace, ())):
-            _, endpoints = self._resolve_all(app, namespace)
-            rows = [e for e in endpoints if not dc or e.cluster == dc]
-            if rows:
-                tags = {t for e in rows for t in decode_tags(e.meta.get(TAGS_KEY))}
-                out[app] = sorted(tags)
-        return self._json(out, index)
+        index, endpoints = self._everything(namespace)
+        rows = health_rows(endpoints, dc=dc, node_meta_=meta)
+        if f is not None:
+            where = self._where(index)
+            keep = {
+                id(e)
+                for e, entry in zip(rows, self._catalog(rows, where), strict=True)
+                if f.matches(entry)
+            }
+            rows = [e for e in rows if id(e) in keep]
+        out: dict[str, set[str]] = {}
+        for e in rows:
+            out.setdefault(e.app, set()).update(decode_tags(e.meta.get(TAGS_KEY)))
+        return self._json({app: sorted(tags) for app, tags in sorted(out.items())}, index)
+
+    def _catalog(self, rows: list[Endpoint], where: Where) -> list[dict[str, Any]]:
+        return [catalog_entry(e, where) for e in rows]
 
     async def catalog_service(self, request: web.Request) -> web.Response:
-        self._no_filter(request)
         q = request.query
         app = _name(request.match_info["service"], "service name")
         namespace = self._namespace(request) or "default"
         tags = tuple(t for t in q.getall("tag", []) if t)
-        dc = q.get("dc") or ""
+        dc = self._dc(request)
+        meta = parse_node_meta(q.getall("node-meta", []))
+        f = self._filter(request)
         await self._block(request)
-        index, endpoints = self._resolve_all(app, namespace)
         # The catalog is the inventory: every instance, in policy order.
-        rows = health_rows(endpoints, tags=tags, dc=dc, every=True)
-        return self._json([catalog_entry(e, index + 1) for e in rows], index)
+        index, endpoints = self.agent.inventory(app, namespace)
+        rows = health_rows(endpoints, tags=tags, dc=dc, node_meta_=meta)
+        return self._json(self._apply(f, self._catalog(rows, self._where(index))), index)
+
+    def _nodes(self, dc: str, where: Where, namespace: str) -> list[dict[str, Any]]:
+        """Nodes of cluster ``dc``: members we know of, and nodes hosting instances."""
+        agent = self.agent
+        out: dict[str, dict[str, Any]] = {}
+        for m in agent.members(dc):
+            if m.cluster != dc or m.status == "left":
+                continue
+            host = _split_hostport(m.address)[0]
+            out[m.node] = {
+                "ID": node_id(m.cluster, m.node),
+                "Node": m.node,
+                "Address": host,
+                "Datacenter": m.cluster,
+                "TaggedAddresses": {"lan": host, "lan_ipv4": host, "wan": host, "wan_ipv4": host},
+                "Meta": {
+                    "meshd-cluster": m.cluster,
+                    "meshd-region": m.region,
+                    "meshd-zone": m.zone,
+                },
+                "CreateIndex": where.index,
+                "ModifyIndex": where.index,
+            }
+        for e in self._everything(namespace)[1]:
+            if e.cluster == dc and e.node not in out:
+                out[e.node] = _node_json(e, where)
+        return [out[n] for n in sorted(out)]
+
+    async def catalog_nodes(self, request: web.Request) -> web.Response:
+        namespace = self._namespace(request) or "default"
+        dc = self._dc(request) or self.agent.cluster
+        meta = parse_node_meta(request.query.getall("node-meta", []))
+        f = self._filter(request)
+        await self._block(request)
+        index = self.agent.index
+        nodes = self._nodes(dc, self._where(index), namespace)
+        nodes = [n for n in nodes if all(n["Meta"].get(k) == v for k, v in meta.items())]
+        return self._json(self._apply(f, nodes), index)
+
+    async def catalog_node(self, request: web.Request) -> web.Response:
+        node = request.match_info["node"]
+        namespace = self._namespace(request) or "default"
+        dc = self._dc(request) or self.agent.cluster
+        f = self._filter(request)
+        await self._block(request)
+        index = self.agent.index
+        where = self._where(index)
+        found = next((n for n in self._nodes(dc, where, namespace) if n["Node"] == node), None)
+        if found is None:
+            return self._json(None, index)  # as Consul: 200 null for an unknown node
+        services = []
+        for e in self._everything(namespace)[1]:
+            if e.node == node and e.cluster == dc:
+                c = _consulish(e.instance, e.app, e.meta)
+                services.append(
+                    _service_json(
+                        e.instance, e.app, e.namespace, e.address, e.port, e.weight, c, where.index
+                    )
+                )
+        kept = self._apply(f, services)
+        return self._json({"Node": found, "Services": {s["ID"]: s for s in kept}}, index)
+
+    async def catalog_datacenters(self, request: web.Request) -> web.Response:
+        return self._json(self._clusters())
+
+    async def coordinate_nodes(self, request: web.Request) -> web.Response:
+        dc = self._dc(request) or self.agent.cluster
+        await self._block(request)
+        out = [
+            {
+                "Node": node,
+                "Segment": "",
+                "Coord": {
+                    "Vec": list(c.vec),
+                    "Error": c.error,
+                    "Adjustment": 0.0,
+                    "Height": c.height,
+                },
+            }
+            for node, cluster, c in self.agent.coordinates()
+            if cluster == dc
+        ]
+        return self._json(out, self.agent.index)
+
+    # -- checks and maintenance ------------------------------------------------------
+
+    async def check_register(self, request: web.Request) -> web.Response:
+        body = await _read_json(request, "a Consul check definition")
+        if not isinstance(body, dict):
+            raise _bad("request body must be a JSON object (a Consul check definition)")
+        f = _fold(body)
+        service_id = f.get("serviceid")
+        if not _given(service_id) or not isinstance(service_id, str):
+            raise _bad("meshd runs checks for services only: ServiceID is required")
+        reg = next(
+            (r for r in self.agent.local_registrations() if r.record.instance == service_id), None
+        )
+        if reg is None:
+            raise ApiError(404, f'unknown service ID "{service_id[:200]}" on this agent')
+        if reg.check is not None:
+            raise _bad(
+                f"service {service_id!r} already has a check; meshd runs one check per service"
+            )
+        check = _parse_check(body)
+        r = reg.record
+        meta = {k: v for k, v in r.meta}
+        _check_meta_for(meta, check, r.instance, r.app)
+        native: dict[str, Any] = {
+            "app": r.app,
+            "address": r.address,
+            "port": r.port,
+            "namespace": r.namespace,
+            "protocol": r.protocol,
+            "meta": meta,
+            "weight": r.weight,
+            "check": check.native,
+        }
+        if r.export is not None:
+            native["export"] = list(r.export)
+        try:
+            await self.agent.register(parse_registration(r.instance, native))
+        except ValueError as exc:
+            raise _bad(str(exc) or "the agent refused the check") from None
+        if check.status is not None:
+            await self.agent.set_health(r.instance, check.status)
+        return web.Response(status=200)
+
+    async def maintenance(self, request: web.Request) -> web.Response:
+        service_id = request.match_info["service_id"]
+        enable = request.query.get("enable")
+        if enable is None:
+            raise _bad("enable is required (true or false)")
+        on = _flag(request.query, "enable")
+        reason = request.query.get("reason", "")[:MAX_META_VALUE_LEN]
+        if not await self.agent.set_maintenance(service_id, on, reason):
+            raise ApiError(404, f'unknown service ID "{service_id[:200]}" on this agent')
+        return web.Response(status=200)
 
     # -- status --------------------------------------------------------------------
 
@@ -940,11 +1376,29 @@ def add_consul_routes(
         ("GET", "/v1/agent/checks", h.checks),
         ("GET", "/v1/agent/self", h.self_),
         ("GET", "/v1/agent/members", h.members),
+        ("PUT", "/v1/agent/check/register", h.check_register),
+        ("PUT", "/v1/agent/service/maintenance/{service_id}", h.maintenance),
         ("GET", "/v1/health/service/{service}", capped(h.health_service)),
         ("GET", "/v1/health/state/{state}", capped(h.health_state)),
+        ("GET", "/v1/health/checks/{service}", capped(h.health_checks)),
+        ("GET", "/v1/health/node/{node}", capped(h.health_node)),
         ("GET", "/v1/catalog/services", capped(h.catalog_services)),
         ("GET", "/v1/catalog/service/{service}", capped(h.catalog_service)),
+        ("GET", "/v1/catalog/nodes", capped(h.catalog_nodes)),
+        ("GET", "/v1/catalog/node/{node}", capped(h.catalog_node)),
+        ("GET", "/v1/catalog/datacenters", h.catalog_datacenters),
+        ("GET", "/v1/coordinate/nodes", capped(h.coordinate_nodes)),
         ("GET", "/v1/status/leader", h.leader),
         ("GET", "/v1/status/peers", h.peers),
     ]
+    for family, what in _NOT_IMPLEMENTED.items():
+        for path in (f"/v1/{family}", f"/v1/{family}/{{rest:.*}}"):
+            routes.append(("*", path, _not_implemented(what)))
     return [r.add_route(method, path, _text_errors(handler)) for method, path, handler in routes]
+
+
+def _not_implemented(what: str) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        raise ApiError(501, f"meshd does not implement {what}; it is a discovery mesh only")
+
+    return handler

@@ -13,7 +13,8 @@ the DNS responder read :class:`Endpoint` and write their own wire shapes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from meshd.policy.locality import Topology
 from meshd.policy.policy import AppPolicy, Candidate, Ranked, select
 from meshd.protocol.reach import Reach
 from meshd.protocol.store import RecordStore
-from meshd.wire import AppRecord, OriginState, member_id
+from meshd.wire import AppRecord, OriginState, may_reach, member_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,9 @@ class Endpoint:
     #: False for a standby: listed in order, but the policy sends traffic to
     #: the active ones while they are enough (min_healthy spill rule).
     active: bool = True
+    #: False when the node is dead: an inventory lists its instances
+    #: (critical) until it comes back or is reaped; lookups never do.
+    alive: bool = True
 
     @property
     def member(self) -> str:
@@ -99,6 +103,8 @@ class Endpoint:
             out["reachable"] = False
         if not self.active:
             out["active"] = False
+        if not self.alive:
+            out["alive"] = False
         return out
 
 
@@ -125,7 +131,11 @@ def candidate(
 
 
 def endpoint(
-    state: OriginState, rec: AppRecord, ranked: Ranked, gateway: Gateway | None
+    state: OriginState,
+    rec: AppRecord,
+    ranked: Ranked,
+    gateway: Gateway | None,
+    alive: bool = True,
 ) -> Endpoint:
     """The answer row for a record the policy ranked."""
     return Endpoint(
@@ -146,6 +156,7 @@ def endpoint(
         gateway=gateway,
         reachable=ranked.candidate.reachable,
         active=ranked.active,
+        alive=alive,
     )
 
 
@@ -174,26 +185,77 @@ def resolve(
     cluster (our own probes' coordinates), the bridges' estimate per cluster
     outside it.
     """
-    by_key: dict[tuple[str, str, str], tuple[OriginState, AppRecord]] = {}
+    live = store.endpoints(app, namespace)
+    return _rank(asker, live, (), reach, policy, include_unhealthy, trust_domain, node_rtt)
+
+
+def inventory(
+    cluster: str,
+    store: RecordStore,
+    reach: Reach,
+    policy: AppPolicy,
+    app: str,
+    namespace: str,
+    dead: Iterable[tuple[OriginState, AppRecord]] = (),
+    *,
+    trust_domain: str = "mesh.local",
+) -> list[Endpoint]:
+    """Every instance of ``app`` that ``cluster`` may see, each with its health.
+
+    What a catalog lists, as opposed to what a caller should dial
+    (:func:`resolve`): unhealthy and unreachable instances too, and the
+    instances of dead nodes (``dead``, remembered by the agent) as critical
+    with ``alive`` False.  Ordered by the policy as seen from the cluster as a
+    whole (no node, zone or region of the asker, no per-node round trips), so
+    every agent of a cluster with the same records answers the same list.
+    """
+    asker = Topology("", cluster)
+    live = store.endpoints(app, namespace)
+    held = {(st.member, rec.instance) for st, rec in live}
+    gone = [
+        (st, dataclasses.replace(rec, health="critical"))
+        for st, rec in dead
+        if rec.app == app
+        and rec.namespace == namespace
+        and (st.member, rec.instance) not in held
+        and may_reach(st.origin, cluster)
+    ]
+    return _rank(asker, live, gone, reach, policy, True, trust_domain, None)
+
+
+def _rank(
+    asker: Topology,
+    live: Iterable[tuple[OriginState, AppRecord]],
+    dead: Iterable[tuple[OriginState, AppRecord]],
+    reach: Reach,
+    policy: AppPolicy,
+    include_unhealthy: bool,
+    trust_domain: str,
+    node_rtt: Callable[[str], float | None] | None,
+) -> list[Endpoint]:
+    by_key: dict[tuple[str, str, str], tuple[OriginState, AppRecord, bool]] = {}
     candidates = []
-    for state, rec in store.endpoints(app, namespace):
-        if state.cluster == asker.cluster:
-            rtt = node_rtt(state.member) if node_rtt is not None else None
-        else:
-            rtt = reach.rtt.get(state.cluster)
-        cand = candidate(state, rec, asker, reach, rtt)
-        candidates.append(cand)
-        by_key[cand.key] = (state, rec)
+    for alive, pairs in ((True, live), (False, dead)):
+        for state, rec in pairs:
+            if state.cluster == asker.cluster:
+                rtt = node_rtt(state.member) if node_rtt is not None else None
+            else:
+                rtt = reach.rtt.get(state.cluster)
+            cand = candidate(state, rec, asker, reach, rtt)
+            if cand.key in by_key:
+                continue
+            candidates.append(cand)
+            by_key[cand.key] = (state, rec, alive)
     ranked: list[Ranked] = select(
         asker, candidates, policy, include_unhealthy=include_unhealthy, cluster_rtt=reach.rtt
     )
     out = []
     for r in ranked:
-        state, rec = by_key[r.candidate.key]
+        state, rec, alive = by_key[r.candidate.key]
         gateway = None
         if state.gateway and state.cluster != asker.cluster:
             host, port = split_hostport(state.gateway)
             sni = sni_name(rec.instance, rec.app, rec.namespace, state.cluster, trust_domain)
             gateway = Gateway(host, port, sni)
-        out.append(endpoint(state, rec, r, gateway))
+        out.append(endpoint(state, rec, r, gateway, alive))
     return out

@@ -1,0 +1,116 @@
+"""The inventory's memory of dead nodes: their services stay listed, critical.
+
+A node that dies has its documents tombstoned by the protocol core, so no
+lookup routes to it.  A Consul user expects more from a catalog: the dead
+node's services stay listed with the node's health check critical (Consul's
+``serfHealth``), so an alert on ``up == 0`` fires, until the node comes back,
+deregisters them, or a reap interval passes (Consul: 72 h).  The core keeps a
+tombstone only as long as the protocol needs it, so the agent remembers here,
+from the core's events, what each dead node last published.
+
+What must stay true:
+
+- Only verified documents are remembered (the core's own store entries), so
+  a peer cannot plant a service here that it could not publish.
+- A node that left gracefully is forgotten at once: leaving is deregistering
+  (Consul's ``consul leave``).  Outside our own cluster a bridge's "down"
+  statement does not say which of the two it was, so a remote node is
+  remembered either way (docs/api.md says so).
+- A new live version (the node is back, or republished) replaces the memory.
+- A record that asked for ``DeregisterCriticalServiceAfter`` is dropped once
+  its node has been dead that long; everything else after ``reap_after``.
+- Memory is bounded: at most ``MAX_REMEMBERED`` documents, the oldest
+  forgotten first.
+
+Pure bookkeeping over the caller's clock: the agent feeds it and reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from meshd.wire import AppRecord, OriginState, doc_member
+
+#: Consul's default for reaping a node that failed and never came back.
+DEFAULT_REAP_AFTER = 72 * 3600.0
+#: Documents of dead nodes remembered at most (as many as a store holds origins
+#: is far more than any catalog needs; past it the longest dead go first).
+MAX_REMEMBERED = 10_000
+#: The record meta key that carries Consul's ``DeregisterCriticalServiceAfter``
+#: (seconds, a decimal integer), written by the Consul API on registration.
+DEREGISTER_AFTER_KEY = "consul.deregister_after"
+
+
+def deregister_after(record: AppRecord) -> float | None:
+    """Seconds after which ``record`` is dropped once critical, if it asked."""
+    raw = dict(record.meta).get(DEREGISTER_AFTER_KEY)
+    if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 12:
+        return None
+    return float(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Remembered:
+    """A dead node's last document and when we learnt it was dead."""
+
+    state: OriginState
+    since: float
+
+
+class DeadNodes:
+    """Documents of dead nodes, kept for the inventory (see module doc)."""
+
+    def __init__(self, reap_after: float = DEFAULT_REAP_AFTER) -> None:
+        if not reap_after > 0:
+            raise ValueError("the reap interval must be positive")
+        self.reap_after = reap_after
+        self._docs: dict[str, Remembered] = {}
+        #: Moves whenever what the inventory lists could change.
+        self.generation = 0
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def died(self, origin: str, state: OriginState, now: float) -> None:
+        """``origin`` was tombstoned because its node is dead (or so a bridge says)."""
+        if not state.apps:
+            self.forget(origin)
+            return
+        old = self._docs.get(origin)
+        if old is not None and old.state.version >= state.version:
+            return
+        if old is None and len(self._docs) >= MAX_REMEMBERED:
+            oldest = min(self._docs, key=lambda o: self._docs[o].since)
+            del self._docs[oldest]
+        self._docs[origin] = Remembered(state, old.since if old is not None else now)
+        self.generation += 1
+
+    def forget(self, origin: str) -> None:
+        """``origin`` is live again, or gone for good."""
+        if self._docs.pop(origin, None) is not None:
+            self.generation += 1
+
+    def left(self, member: str) -> None:
+        """``member`` left gracefully: its services are deregistered."""
+        for origin in [o for o in self._docs if doc_member(o) == member]:
+            self.forget(origin)
+
+    def reap(self, now: float) -> int:
+        """Drop what has been dead past its interval; returns how many documents went."""
+        gone = [o for o, r in self._docs.items() if now - r.since >= self.reap_after]
+        for origin in gone:
+            self.forget(origin)
+        return len(gone)
+
+    def records(self, now: float) -> Iterator[tuple[OriginState, AppRecord]]:
+        """Every remembered record still listed at ``now`` (DeregisterCriticalServiceAfter
+        honoured), in no particular order."""
+        for r in self._docs.values():
+            dead_for = now - r.since
+            if dead_for >= self.reap_after:
+                continue
+            for rec in r.state.apps:
+                limit = deregister_after(rec)
+                if limit is None or dead_for < limit:
+                    yield r.state, rec
