@@ -1,9 +1,13 @@
+import asyncio
+import socket
 from typing import Any
 
 import pytest
 
 from meshd.agent.interface import Endpoint
 from meshd.api.consul import gateway_routes, health_entry, health_rows, via_gateway
+from meshd.cli import main
+from meshd.gateway import MAX_ROUTES, Gateway, GatewayConfig, Target, allocate, targets_from
 from meshd.policy.gateway import ROUTE_APP, Route, route_of, sni_label, sni_name, split_hostport
 
 
@@ -138,3 +142,174 @@ def test_the_first_route_in_policy_order_wins():
         "127.0.0.9",
         20001,
     )
+
+
+# -- meshd gateway: ports, targets, piping -------------------------------------------
+
+
+def test_allocate_is_sticky_deterministic_and_bounded():
+    a, b, c = ("default", "orders", "a"), ("default", "orders", "b"), ("default", "orders", "c")
+    first = allocate([a, b], {}, (20000, 20009))
+    assert first == allocate([b, a], {}, (20000, 20009))  # order of arrival does not matter
+    assert len(set(first.values())) == 2
+    assert all(20000 <= p <= 20009 for p in first.values())
+    # A port given stays given while its instance exists, whatever comes next.
+    second = allocate([a, b, c], first, (20000, 20009))
+    assert {k: second[k] for k in (a, b)} == first
+    # A port that failed to bind is never handed out.
+    third = allocate([a], {}, (20000, 20001), unusable=[first[a]] if first[a] <= 20001 else [])
+    assert third[a] in (20000, 20001)
+    # A full range leaves the rest out rather than sharing a port.
+    assert len(allocate([a, b, c], {}, (20000, 20001))) == 2
+
+
+def test_allocate_caps_routes():
+    keys = [("default", "orders", f"i{n}") for n in range(MAX_ROUTES + 10)]
+    assert len(allocate(keys, {}, (10000, 60000))) == MAX_ROUTES
+
+
+def test_targets_are_the_own_clusters_instances_at_their_dapr_port():
+    answer = {
+        "app": "orders",
+        "endpoints": [
+            {"app": "orders", "instance": "a", "address": "10.0.0.1", "port": 3000,
+             "cluster": "east", "meta": {"DAPR_PORT": "50002"}},
+            {"app": "orders", "instance": "b", "address": "10.0.0.2", "port": 3000,
+             "cluster": "east", "meta": {"DAPR_PORT": "99999"}},
+            {"app": "orders", "instance": "c", "address": "10.0.0.3", "port": 3000,
+             "cluster": "west", "meta": {}},
+            {"app": "orders", "instance": "d", "address": "10.0.0.4", "port": 3000,
+             "cluster": "east", "meta": {}, "gateway": {}},
+            "garbage",
+        ],
+    }  # fmt: skip
+    assert targets_from("east", "default", answer) == {
+        ("default", "orders", "a"): Target("10.0.0.1", 50002),
+        ("default", "orders", "b"): Target("10.0.0.2", 3000),  # a bad DAPR_PORT is no port
+    }
+    assert targets_from("east", "default", ["not", "an", "answer"]) == {}
+
+
+class _FakeAgentGateway(Gateway):
+    """A gateway whose local agent is a list of the calls it got."""
+
+    __slots__ = ("calls",)
+    calls: list[tuple[str, str, Any]]
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        self.calls.append((method, path, body))
+        return None
+
+
+async def _echo_server() -> tuple[asyncio.Server, int]:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def _free_ports(n: int) -> tuple[int, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        first = min(s.getsockname()[1], 65535 - n)
+    return first, first + n - 1
+
+
+async def _closed_unanswered(port: int) -> bool:
+    """The gateway accepted, sent nothing and closed (or reset) the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    except ConnectionError:
+        return True
+    finally:
+        writer.close()
+
+
+async def _roundtrip(port: int, payload: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(payload)
+    writer.write_eof()
+    got = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return got
+
+
+async def test_gateway_pipes_publishes_and_withdraws_routes():
+    backend, backend_port = await _echo_server()
+    key = ("default", "orders", "orders-1")
+    config = GatewayConfig(api="http://agent", apps=(("default", "orders"),), ports=_free_ports(8))
+    gw = _FakeAgentGateway(config, None)  # type: ignore[arg-type]
+    gw.calls = []
+    try:
+        await gw.apply({key: Target("127.0.0.1", backend_port)}, {})
+        [port] = gw.listeners
+        [(method, path, body)] = gw.calls
+        assert (method, path) == ("PUT", f"/v1/apps/gateway-{port}")
+        assert body["app"] == "meshd-gateway" and body["check"]["tcp"] == f"127.0.0.1:{port}"
+        assert route_of(body["meta"]) == Route(*key, address="127.0.0.1", port=port)
+        payload = bytes(range(256)) * 1000
+        assert await _roundtrip(port, payload) == payload
+        # Nothing changed: nothing is published again.
+        await gw.apply({key: Target("127.0.0.1", backend_port)}, {})
+        assert len(gw.calls) == 1
+        # The instance went away: its record is withdrawn and its port closed.
+        await gw.apply({}, {})
+        assert gw.calls[-1][:2] == ("DELETE", f"/v1/apps/gateway-{port}")
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+    finally:
+        await gw.close()
+        backend.close()
+
+
+async def test_gateway_caps_connections_and_survives_a_dead_backend():
+    backend, backend_port = await _echo_server()
+    key = ("default", "orders", "orders-1")
+    config = GatewayConfig(
+        api="http://agent", apps=(("default", "orders"),), ports=_free_ports(8), max_connections=1
+    )
+    gw = _FakeAgentGateway(config, None)  # type: ignore[arg-type]
+    gw.calls = []
+    try:
+        await gw.apply({key: Target("127.0.0.1", backend_port)}, {})
+        [port] = gw.listeners
+        held_r, held_w = await asyncio.open_connection("127.0.0.1", port)
+        held_w.write(b"ping")
+        assert await asyncio.wait_for(held_r.readexactly(4), 5) == b"ping"
+        # Over the cap: closed at once, nothing piped.
+        assert await _closed_unanswered(port)
+        held_w.close()
+        await asyncio.wait_for(_wait_for(lambda: gw.connections == 0), 5)
+        # A backend that is gone: the client's connection closes, the gateway serves on.
+        backend.close()
+        await backend.wait_closed()
+        assert await _closed_unanswered(port)
+        assert gw.connections == 0 and port in gw.listeners
+    finally:
+        await gw.close()
+
+
+async def _wait_for(pred: Any) -> None:
+    while not pred():
+        await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["gateway", "--app", "orders", "--ports", "9000-8000"],
+        ["gateway", "--app", "orders", "--ports", "9000"],
+        ["gateway", "--app", "bad name", "--ports", "9000-9001"],
+        ["gateway", "--app", "orders", "--ports", "9000-9001", "--listen", "0.0.0.0"],
+        ["gateway", "--ports", "9000-9001"],
+    ],
+)
+def test_gateway_command_line_errors(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error" in err
