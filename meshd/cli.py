@@ -37,6 +37,7 @@ from meshd.agent.config import (
     read_token_file,
 )
 from meshd.api.durations import parse_duration
+from meshd.api.validation import is_host
 
 DEFAULT_API_URL = "http://127.0.0.1:7700"
 API_ENV = "MESHD_API"
@@ -311,6 +312,8 @@ def _add_client_parsers(commands: Any) -> None:
     _add_token_flags(reg)
     reg.set_defaults(func=_cmd_register)
 
+    _add_gateway_parser(commands)
+
     dereg = commands.add_parser("deregister", help="remove an app instance", allow_abbrev=False)
     dereg.add_argument("instance", metavar="ID")
     dereg.add_argument("--json", action="store_true", help="print the agent's answer as JSON")
@@ -573,6 +576,74 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 def _quote(segment: str) -> str:
     return urllib.parse.quote(segment, safe="")
+
+
+def _app_ref(text: str) -> tuple[str, str]:
+    namespace, _, app = text.rpartition("/")
+    return (_name(namespace) if namespace else "default"), _name(app)
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    lo, sep, hi = text.partition("-")
+    try:
+        first, last = _port(lo), _port(hi)
+    except argparse.ArgumentTypeError:
+        sep = ""
+    if not sep or first > last:
+        raise argparse.ArgumentTypeError(
+            f"must be LO-HI, two ports with LO <= HI, not {text!r:.40}"
+        )
+    return first, last
+
+
+def _host(text: str) -> str:
+    if not is_host(text):
+        raise argparse.ArgumentTypeError(f"must be an IP address or a host name, not {text!r:.80}")
+    return text
+
+
+def _add_gateway_parser(commands: Any) -> None:
+    gw = commands.add_parser(
+        "gateway",
+        help="carry other clusters' connections to this cluster's apps (docs/dapr-gateways.md)",
+        allow_abbrev=False,
+    )
+    gw.add_argument(
+        "--app", action="append", required=True, type=_app_ref, metavar="[NS/]APP",
+        help="an app whose instances get a port (repeatable; nothing else is reachable)",
+    )  # fmt: skip
+    gw.add_argument("--ports", required=True, type=_port_range, metavar="LO-HI")
+    gw.add_argument("--listen", type=_host, default="127.0.0.1", metavar="HOST")
+    gw.add_argument("--advertise", type=_host, metavar="HOST", help="address other clusters dial")
+    gw.add_argument("--name", type=_name, default="gateway", help="(default: gateway)")
+    gw.add_argument("--check-interval", type=_duration, default="10s", metavar="DUR")
+    gw.add_argument("--max-connections", type=_positive_int, metavar="N")
+    _add_api_flag(gw)
+    _add_token_flags(gw)
+    gw.set_defaults(func=_cmd_gateway)
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from meshd import gateway
+
+    if args.listen in ("0.0.0.0", "::") and args.advertise is None:
+        raise CommandError("--listen on every address needs --advertise HOST", EXIT_USAGE)
+    config = gateway.GatewayConfig(
+        api=_api_base(args),
+        apps=tuple(dict.fromkeys(args.app)),
+        ports=args.ports,
+        listen=args.listen,
+        advertise=args.advertise or "",
+        name=args.name,
+        token=_token(args),
+        check_interval=args.check_interval,
+        max_connections=args.max_connections or gateway.DEFAULT_MAX_CONNECTIONS,
+    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return asyncio.run(gateway.run_gateway(config))
 
 
 def _cmd_register(args: argparse.Namespace) -> int:

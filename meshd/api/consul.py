@@ -38,6 +38,9 @@ Mapping, and what must stay true:
 - ``X-Consul-Index`` is the agent's index plus one: Consul clients take 0 as
   "no index", and the agent's starts at 0.  A blocking ``?index=N`` waits for
   the agent's index to pass ``N - 1``, so no change is ever missed.
+- An endpoint behind another cluster's gateway is answered with the address
+  and port of the route a ``meshd gateway`` publishes for it (``Address`` and
+  ``Meta.DAPR_PORT``, :func:`via_gateway`), since Dapr dials exactly those.
 - Errors are plain text, one sentence, as Consul answers them (the native
   API's ``{"error": ...}`` would be shown raw by Consul clients).
 - Unknown request fields and query parameters are ignored, as real clients
@@ -53,7 +56,7 @@ import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Any
 
@@ -72,6 +75,7 @@ from meshd.api.access import BlockingQueries
 from meshd.api.durations import parse_wait
 from meshd.api.filter import Filter, FilterError, compile_filter
 from meshd.api.validation import ApiError, is_host, parse_registration
+from meshd.policy.gateway import ROUTE_APP, ROUTE_NAMESPACE, route_of
 from meshd.wire import WireError, check_name
 
 __all__ = [
@@ -81,6 +85,11 @@ __all__ = [
     "parse_filter",
     "health_rows",
     "health_entry",
+    "Where",
+    "node_meta",
+    "parse_node_meta",
+    "gateway_routes",
+    "via_gateway",
     "catalog_entry",
     "decode_tags",
     "node_id",
@@ -596,6 +605,50 @@ def health_rows(
     return rows
 
 
+#: (cluster, namespace, app, instance) -> (address, port) of a gateway route.
+GatewayRoutes = dict[tuple[str, str, str, str], tuple[str, int]]
+
+
+def gateway_routes(records: Iterable[Endpoint]) -> GatewayRoutes:
+    """The routes ``meshd gateway`` publishes (meshd/policy/gateway.py), from its records.
+
+    Only a passing route record of a reachable cluster counts, and only for an
+    instance of that same cluster: the record is signed by one of its nodes.
+    The first in policy order wins, so the nearest gateway replica is used.
+    """
+    out: GatewayRoutes = {}
+    for r in records:
+        if r.app != ROUTE_APP or not r.reachable or r.health != "passing":
+            continue
+        route = route_of(r.meta)
+        if route is not None:
+            key = (r.cluster, route.namespace, route.app, route.instance)
+            out.setdefault(key, (route.address, route.port))
+    return out
+
+
+def via_gateway(e: Endpoint, routes: GatewayRoutes) -> Endpoint:
+    """An endpoint behind another cluster's gateway, as a Consul client must dial it.
+
+    Dapr dials ``Service.Address:Meta.DAPR_PORT`` (docs/dapr-gateways.md), so
+    the gateway's own address and port do not reach the instance: the route's
+    address and port do, in ``Address`` and ``DAPR_PORT`` (in ``Port`` for an
+    instance without ``DAPR_PORT``).  A Dapr instance with no route cannot be
+    reached from here at all and is answered unreachable (critical), so Dapr
+    never picks it; anything else keeps the gateway's address and port, for a
+    client that knows the SNI name.
+    """
+    if e.gateway is None or e.app == ROUTE_APP:
+        return e
+    route = routes.get((e.cluster, e.namespace, e.app, e.instance))
+    if route is None:
+        return replace(e, reachable=False) if DAPR_PORT_KEY in e.meta else e
+    address, port = route
+    if DAPR_PORT_KEY in e.meta:
+        return replace(e, address=address, meta={**e.meta, DAPR_PORT_KEY: str(port)})
+    return replace(e, address=address, port=port)
+
+
 @dataclass(frozen=True, slots=True)
 class Where:
     """What an answer needs beyond the endpoint: the index and node addresses."""
@@ -795,6 +848,8 @@ class _Handlers:
         self.agent = agent
         #: (name, namespace, passing, tags, dc, every) -> (generation, index, body)
         self._answers: dict[tuple[Any, ...], tuple[Any, int, bytes]] = {}
+        #: (generation, routes): gateway routes, read again when anything changed
+        self._routes: tuple[Any, GatewayRoutes] | None = None
 
     # -- helpers ---------------------------------------------------------------
 
@@ -880,8 +935,30 @@ class _Handlers:
         index = self.agent.index
         rows: list[Endpoint] = []
         for app in sorted(self.agent.app_names().get(namespace, ())):
-            rows.extend(self.agent.inventory(app, namespace)[1])
+            rows.extend(self._inventory(app, namespace)[1])
         return index, rows
+
+    def _dialable(self, endpoints: list[Endpoint]) -> list[Endpoint]:
+        """Endpoints behind another cluster's gateway as a Consul client dials them."""
+        if any(e.gateway is not None for e in endpoints):
+            routes = self._gateway_routes()
+            endpoints = [via_gateway(e, routes) for e in endpoints]
+        return endpoints
+
+    def _lookup(self, app: str, namespace: str) -> tuple[int, list[Endpoint]]:
+        index, endpoints = self.agent.resolve(app, namespace, None, False)
+        return index, self._dialable(endpoints)
+
+    def _inventory(self, app: str, namespace: str) -> tuple[int, list[Endpoint]]:
+        index, endpoints = self.agent.inventory(app, namespace)
+        return index, self._dialable(endpoints)
+
+    def _gateway_routes(self) -> GatewayRoutes:
+        generation = self.agent.generation
+        if self._routes is None or self._routes[0] != generation:
+            _, records = self.agent.resolve(ROUTE_APP, ROUTE_NAMESPACE, None, True)
+            self._routes = (generation, gateway_routes(records))
+        return self._routes[1]
 
     def _json(self, data: Any, index: int | None = None) -> web.Response:
         headers = None if index is None else self._query_headers(index)
@@ -1073,9 +1150,9 @@ class _Handlers:
             # Two answers (module doc): a passing query is a lookup, answered
             # with the policy's choice; any other lists the inventory.
             if passing:
-                index, endpoints = self.agent.resolve(app, namespace, None, False)
+                index, endpoints = self._lookup(app, namespace)
             else:
-                index, endpoints = self.agent.inventory(app, namespace)
+                index, endpoints = self._inventory(app, namespace)
             rows = health_rows(
                 endpoints, passing=passing, tags=tags, dc=dc, every=every, node_meta_=meta
             )
@@ -1124,7 +1201,7 @@ class _Handlers:
         meta = parse_node_meta(request.query.getall("node-meta", []))
         f = self._filter(request)
         await self._block(request)
-        index, endpoints = self.agent.inventory(app, namespace)
+        index, endpoints = self._inventory(app, namespace)
         rows = health_rows(endpoints, dc=dc, node_meta_=meta)
         checks = self._checks_of(rows, self._where(index), serf=False)
         return self._json(self._apply(f, checks), index)
@@ -1182,7 +1259,7 @@ class _Handlers:
         f = self._filter(request)
         await self._block(request)
         # The catalog is the inventory: every instance, in policy order.
-        index, endpoints = self.agent.inventory(app, namespace)
+        index, endpoints = self._inventory(app, namespace)
         rows = health_rows(endpoints, tags=tags, dc=dc, node_meta_=meta)
         return self._json(self._apply(f, self._catalog(rows, self._where(index))), index)
 
