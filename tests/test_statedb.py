@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -16,9 +18,18 @@ import pytest
 from meshd.agent.interface import CheckSpec, Registration
 from meshd.agent.statedb import (
     DB_FILE,
+    INDEX,
+    INDEX_BLOCK,
+    INDEX_FLOOR_MAX,
+    INDEX_PER_SECOND,
+    MAX_INDEX,
     SCHEMA_VERSION,
+    IndexReservation,
     StateDB,
     StateError,
+    StateWriteError,
+    index_floor,
+    index_start,
     registration_from_json,
     registration_to_json,
 )
@@ -353,3 +364,160 @@ def test_wan_peers_are_kept_apart_from_lan_peers(tmp_path):
         assert db.load_peers("wan") == [] and db.load_peers() == ["127.0.0.1:7946"]
     finally:
         db.close()
+
+
+# ---------------------------------------------------------------------------
+# The served index: never back across restarts, whatever the clock says
+
+
+@pytest.mark.parametrize(
+    ("wall", "floor"),
+    [
+        (0.0, 0),
+        (-5.0, 0),  # a clock before 1970
+        (math.nan, 0),
+        (math.inf, 0),
+        (1.9, INDEX_PER_SECOND),  # whole seconds only
+        (1_700_000_000.5, 1_700_000_000 * INDEX_PER_SECOND),
+        (1e30, INDEX_FLOOR_MAX),  # a clock far in the future cannot use up the range
+    ],
+)
+def test_index_floor_pins_the_formula(wall: float, floor: int) -> None:
+    assert index_floor(wall) == floor
+
+
+def test_index_start_is_above_the_ceiling_and_the_floor_and_in_range() -> None:
+    assert index_start(0, 0.0) == 1  # never 0: Consul clients read 0 as "no index"
+    assert index_start(-7, math.nan) == 1  # a hand-edited counter
+    assert index_start(41, 0.0) == 42
+    assert index_start(41, 100.0) == 100 * INDEX_PER_SECOND  # the clock raises it
+    assert index_start(10**15, 100.0) == 10**15 + 1  # but never lowers it
+    assert index_start(2**63 - 1, 0.0) == MAX_INDEX
+    assert index_start(MAX_INDEX - 1, 1e30) == MAX_INDEX
+
+
+class FakeClock:
+    """Wall-clock readings in the order given: forward, back, or nonsense."""
+
+    def __init__(self, *readings: float) -> None:
+        self.readings = list(readings)
+
+    def __call__(self) -> float:
+        return self.readings.pop(0)
+
+
+def test_the_index_only_grows_across_lives_whatever_the_clock(db_path: Path) -> None:
+    # Year 2023, then the clock set back a day, to 1970, not a number, far
+    # ahead, and back to 2023: every life serves above all earlier ones.
+    clock = FakeClock(1.7e9, 1.7e9 - 86400, 0.0, math.nan, 1.8e9, 1.7e9, 1.7e9 + 1)
+    rng = random.Random(11)
+    served: list[int] = []
+    for life in range(7):
+        with StateDB.open(db_path) as db:
+            index = IndexReservation(db, clock())
+            # Strictly above: the last life may have served its last index
+            # for other records than this one starts with.
+            assert index.value(0) > (served[-1] if served else 0), life
+            served.append(index.value(0))
+            changes = 0
+            for _ in range(rng.randrange(1, 5)):
+                # What the agent does after each change: reserve, then serve.
+                changes += rng.choice((0, 1, rng.randrange(INDEX_BLOCK)))
+                index.reserve(changes)
+                value = index.value(changes)
+                assert value == index.base + changes  # reserved ahead, never capped here
+                assert value <= index.ceiling <= db.get_counter(INDEX)
+                served.append(value)
+    assert served == sorted(served) and served[0] >= 1
+    # The clock's floor set the start when it was ahead; the stored ceiling
+    # won when the clock went back.
+    assert served[0] == index_start(0, 1.7e9)
+
+
+def test_the_index_start_survives_sigkill(db_path: Path) -> None:
+    # The child reserves past one block and serves up to there, then dies
+    # without closing; the next life must start above all it served.
+    child = textwrap.dedent(
+        """
+        import os, signal, sys
+        from pathlib import Path
+        from meshd.agent.statedb import INDEX_BLOCK, IndexReservation, StateDB
+
+        db = StateDB.open(Path(sys.argv[1]))
+        index = IndexReservation(db, 0.0)
+        changes = INDEX_BLOCK
+        index.reserve(changes)
+        print(index.value(changes), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-c", child, str(db_path)], env=env, capture_output=True, timeout=30
+    )
+    assert proc.returncode == -9, proc.stderr.decode()
+    last_served = int(proc.stdout)
+    assert last_served == 1 + INDEX_BLOCK
+    with StateDB.open(db_path) as db:
+        # A clock at 1970 cannot help: the stored ceiling alone does it.
+        assert IndexReservation(db, 0.0).value(0) > last_served
+
+
+def test_an_emptied_database_does_not_take_the_index_back(db_path: Path) -> None:
+    with StateDB.open(db_path) as db:
+        index = IndexReservation(db, 0.0)
+        index.reserve(3 * INDEX_BLOCK)
+        last_served = index.value(3 * INDEX_BLOCK)
+    db_path.unlink()  # the marker still says what the database held
+    with StateDB.open(db_path) as db:
+        assert IndexReservation(db, 0.0).value(0) > last_served
+
+
+class RefusingDB:
+    """A StateDB stand-in whose writes fail while ``full`` (a full disk)."""
+
+    path = Path("meshd.db")
+
+    def __init__(self) -> None:
+        self.full = False
+        self.stored = 0
+
+    def start_index(self, wall: float) -> tuple[int, int]:
+        base = index_start(self.stored, wall)
+        self.stored = base + INDEX_BLOCK
+        return base, self.stored
+
+    def set_counters(self, **values: int) -> None:
+        if self.full:
+            raise StateWriteError("the disk of state directory /x is full", full=True)
+        self.stored = max(self.stored, values[INDEX])
+
+
+def test_a_refused_reservation_holds_the_index_at_what_is_on_disk() -> None:
+    db = RefusingDB()
+    index = IndexReservation(db, 0.0)  # type: ignore[arg-type]
+    db.full = True
+    changes = INDEX_BLOCK // 2
+    with pytest.raises(StateWriteError):
+        index.reserve(changes)
+    assert index.value(changes) == index.base + changes  # still inside the block
+    # Past the block the index stays at the stored ceiling: a restart starts
+    # above it, so nothing served is ever undercut.
+    assert index.value(3 * INDEX_BLOCK) == db.stored == index.ceiling
+    db.full = False
+    index.reserve(3 * INDEX_BLOCK)
+    assert index.value(3 * INDEX_BLOCK) == index.base + 3 * INDEX_BLOCK <= db.stored
+    assert IndexReservation(db, 0.0).value(0) > index.value(3 * INDEX_BLOCK)  # type: ignore[arg-type]
+
+
+def test_an_index_at_the_top_stays_there_and_is_said(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with StateDB.open(db_path) as db:
+        db.set_counters(**{INDEX: 2**63 - 1})  # what a hand edit could leave
+    with StateDB.open(db_path) as db, caplog.at_level(logging.WARNING):
+        index = IndexReservation(db, 1.7e9)
+        index.reserve(10**6)  # no write, no error: there is nowhere to go
+        assert index.value(0) == index.value(10**6) == MAX_INDEX
+        assert db.get_counter(INDEX) == 2**63 - 1
+    assert any("at its maximum" in r.getMessage() for r in caplog.records)

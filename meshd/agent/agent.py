@@ -11,6 +11,12 @@ it, so an acknowledged registration survives a crash.  Origin versions must
 never repeat across restarts (a repeat with other content would be two truths
 at one version), so the agent reserves versions in blocks: it persists a
 ceiling before publishing past it, and a restart starts above the ceiling.
+The blocking-query index is kept the same way (``IndexReservation``): a
+restart, even after SIGKILL, serves only indexes above any served before.
+
+Stopping: ``stop_waiting`` (run.py calls it once the API stops accepting)
+answers every blocked query at once with the current index and keeps new
+ones from blocking, so shutdown never waits for a client's ``wait``.
 
 Atomic requests: a registration is checked against what the node may publish
 (``limits.py``) before anything is written, and a write the disk refuses
@@ -26,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -44,7 +51,7 @@ from meshd.agent.interface import (
 )
 from meshd.agent.inventory import DEFAULT_REAP_AFTER, DeadNodes, deregister_after
 from meshd.agent.limits import Publisher, publish_problem
-from meshd.agent.statedb import StateDB
+from meshd.agent.statedb import IndexReservation, StateDB
 from meshd.agent.transport import Transport
 from meshd.identity import NodeCert, StateSigner, StateVerifier
 from meshd.metrics import Metrics
@@ -149,6 +156,9 @@ class Agent:
         self._checks: dict[str, Registration] = {}
         self._persisted: dict[str, int] = {}
         self._version_ceiling = 0
+        self._index: IndexReservation | None = None
+        #: Set once the agent stops: blocking queries answer at once.
+        self._stopping = False
         self._peers_changed = asyncio.Event()
         self._peer_task: asyncio.Task[None] | None = None
         self._recheck_task: asyncio.Task[None] | None = None
@@ -199,6 +209,9 @@ class Agent:
         # The core moves past both counters by one; persist before it speaks.
         self._persisted_incarnation = incarnation + 1
         self._db.set_counters(incarnation=incarnation + 1, version=self._version_ceiling)
+        # Wall-clock time only raises the start; the stored ceiling keeps it
+        # above the last life's whatever the clock says (statedb.py).
+        self._index = IndexReservation(self._db, time.time())
         apps = []
         for reg in regs:
             # A checked instance is not routed to until its check passes again
@@ -378,8 +391,21 @@ class Agent:
     def bridge(self) -> Bridge | None:
         return self.host.bridge if self.host is not None else None
 
+    def stop_waiting(self) -> None:
+        """Answer every blocked query now, and let none block from here on.
+
+        Called first when the agent stops: a client's ``wait`` (up to minutes)
+        must not hold the process, its port or its state directory.  The
+        queries answer as at the end of their wait, with the current index,
+        which is what Consul does on shutdown too.
+        """
+        self._stopping = True
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     async def stop(self, leave: bool = True) -> None:
         """Graceful leave (when asked), then close everything we opened."""
+        self.stop_waiting()
         if self._timer is not None:
             self._timer.cancel()
         if self.host is not None and leave:
@@ -522,6 +548,8 @@ class Agent:
             lan = self.pools[LAN].core
             if lan is not None:
                 self._reserve_version(lan.version + VERSION_BLOCK // 2)
+                if self._index is not None:
+                    self._index.reserve(lan.store.index)
             for pool in self.pools.values():
                 core = pool.core
                 if core is not None and core.incarnation != self._persisted.get(pool.name):
@@ -567,7 +595,10 @@ class Agent:
 
     @property
     def index(self) -> int:
-        return self._core.store.index
+        # The store counts this life's changes; the reservation puts them
+        # above every earlier life's and caps them at what is on disk.
+        assert self._index is not None, "agent not started"
+        return self._index.value(self._core.store.index)
 
     @property
     def generation(self) -> tuple[int, int, int]:
@@ -731,7 +762,7 @@ class Agent:
         if policy not in (None, "", "default"):
             raise KeyError(policy)
         core = self._core
-        index = core.store.index
+        index = self.index
         answers = policy_resolve(
             self.topology,
             core.store,
@@ -784,11 +815,16 @@ class Agent:
         self._changed = asyncio.Event()
 
     async def wait_for_index(self, index: int, timeout: float) -> int:
+        # Blocks only while the client holds exactly the current index.  A
+        # higher one was never served by this agent (the index never goes
+        # back): it comes from another agent or a lost state directory, and
+        # waiting would hide every change until the wait ends; the answer's
+        # lower index tells a Consul client to start over from it.
         # A new policy reorders answers without touching the records: it ends
         # the wait too (same index; a client that wants changes only re-blocks).
         deadline = self._loop.time() + timeout
         policy = self._policy_generation
-        while self.index <= index and self._policy_generation == policy:
+        while self.index == index and self._policy_generation == policy and not self._stopping:
             remaining = deadline - self._loop.time()
             if remaining <= 0:
                 break

@@ -4,7 +4,11 @@ Order matters for "nothing half-started": state directory and certificates
 are checked first (no socket yet), then the gossip listener is bound, then
 the API listener; only when both are bound does the core start and contact
 peers.  A failure at any step closes what earlier steps opened and exits 2
-with one line on stderr.  SIGTERM (and SIGINT) leave gracefully and exit 0;
+with one line on stderr.  SIGTERM (and SIGINT) leave gracefully and exit 0
+within a few seconds, whatever clients wait for: the API stops accepting
+connections, every blocking query answers at once (the agent's
+``stop_waiting``), requests still running get :data:`API_DRAIN_TIMEOUT`,
+then the node leaves and the state directory is released;
 SIGHUP, or a change of the certificate files, rotates to a renewed
 certificate for the same node without touching membership (rotation.py).
 """
@@ -62,6 +66,11 @@ log = logging.getLogger("meshd.agent")
 #: Seconds between checks of the policy file's modification time: an edit
 #: applies within this (the issue asks for within a second).
 POLICY_POLL_INTERVAL = 0.25
+#: Seconds a request may still run once the agent stops accepting connections,
+#: before it is cut (aiohttp waits up to twice this).  Blocking queries are
+#: answered at once; what remains is a write waiting on the disk, whose
+#: client may retry.  Short: the state directory stays locked until then.
+API_DRAIN_TIMEOUT = 1.0
 
 
 class StartError(Exception):
@@ -294,7 +303,16 @@ async def _serve(cfg: AgentConfig) -> int:
         # No access log: a ?token= in a logged URL would hand the token to
         # whoever reads the log.
         app = create_app(agent, api_token=api_token)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+
+        async def release_blocked_queries(app: web.Application) -> None:
+            # on_shutdown runs after the listener closed and before aiohttp
+            # waits for the requests in progress.
+            agent.stop_waiting()
+
+        app.on_shutdown.append(release_blocked_queries)
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=API_DRAIN_TIMEOUT
+        )
         await runner.setup()
         cleanup.append(runner.cleanup)
         site = web.TCPSite(runner, cfg.api[0], cfg.api[1])
@@ -366,10 +384,14 @@ async def _serve(cfg: AgentConfig) -> int:
     await stop.wait()
     for task in watchers:
         task.cancel()
-    log.info("leaving the mesh")
-    await agent.stop(leave=True)
-    await runner.cleanup()
-    db.close()
+    try:
+        # The API first: a client's wait must not hold up the leave, nor the
+        # state directory a restarted agent needs.
+        await runner.cleanup()
+        log.info("leaving the mesh")
+        await agent.stop(leave=True)
+    finally:
+        db.close()
     if cfg.state_dir is None:  # a throwaway dev directory dies with its agent
         shutil.rmtree(state_dir, ignore_errors=True)
     return 0

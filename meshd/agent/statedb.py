@@ -36,6 +36,17 @@ Files and modes: the state directory is created 0700 and every file in it
 directory also holds dev-mode keys).  An existing directory open to others
 is left as the operator made it, with a warning; files we own are tightened.
 
+The served index: blocking queries compare the index a client holds with
+the agent's, so it must never go back, across restarts and SIGKILL too (a
+client holding a higher one would wait out its whole ``wait``).  The ``index``
+counter is a ceiling committed *before* any index up to it is served; a new
+life starts above the stored ceiling, and above a floor read from the wall
+clock (:func:`index_floor`) so that even a lost or fresh state directory
+(``--dev``) does not start low while the clock is right.  The clock only ever
+raises the start: with the ceiling stored, a clock set back changes nothing.
+:class:`IndexReservation` is the whole scheme; the agent adds its store's
+change count to the base.
+
 Loss detection: a database that lost committed data (``-wal`` deleted after a
 crash, file emptied, an old backup restored) looks like a valid, older one.
 So every write that changes a counter or the registrations also writes
@@ -55,6 +66,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import sqlite3
 import stat
@@ -90,6 +102,22 @@ INCARNATION = "incarnation"
 #: Counts registration writes, so the marker also catches a lost write that
 #: moved no other counter (versions are reserved in blocks).
 WRITES = "registration_writes"
+#: The ceiling of the served blocking-query index (see "The served index").
+INDEX = "index"
+#: Indexes reserved per write: a busy mesh changes its store a few thousand
+#: times a second at most, so this costs an fsync every few seconds at worst.
+INDEX_BLOCK = 1 << 16
+#: The clock's floor climbs this many indexes a second: above any sustained
+#: change rate, so a life that lost its state directory still starts above
+#: what the last one served, if the clock is right.
+INDEX_PER_SECOND = 1 << 16
+#: The floor stops at 2**53 (year 6325 by the formula): a clock far in the
+#: future must not push the index where JavaScript clients lose precision
+#: (their numbers are exact up to 2**53), nor use up the range for good.
+INDEX_FLOOR_MAX = 1 << 53
+#: The highest index served.  X-Consul-Index is the index plus one and must
+#: stay a signed 64-bit integer (2**63 - 1), which some clients parse it as.
+MAX_INDEX = 2**63 - 2
 
 #: Migration n (1-based) brings the schema from version n-1 to n.  Each is a
 #: list of single statements (executescript would commit mid-migration).
@@ -216,6 +244,65 @@ def registration_from_json(obj: Any) -> Registration:
         check = CheckSpec(**raw_check)
         validate_spec(check)
     return Registration(record=rec, check=check)
+
+
+# ---------------------------------------------------------------------------
+# The served index (module doc, "The served index").  Pure functions, so the
+# scheme can be checked against any clock.
+
+
+def index_floor(wall: float) -> int:
+    """The lowest index a life starting at wall-clock time ``wall`` (Unix
+    seconds) begins at: :data:`INDEX_PER_SECOND` per second, capped at
+    :data:`INDEX_FLOOR_MAX`; 0 for a clock before 1970 or not a number."""
+    if not math.isfinite(wall) or wall <= 0:
+        return 0
+    return min(int(wall) * INDEX_PER_SECOND, INDEX_FLOOR_MAX)
+
+
+def index_start(stored_ceiling: int, wall: float) -> int:
+    """The first index of a new life: above every index the last one could
+    serve (at most ``stored_ceiling``), at least the clock's floor, at least 1
+    (Consul clients read 0 as "no index"), at most :data:`MAX_INDEX`."""
+    return min(max(stored_ceiling + 1, index_floor(wall), 1), MAX_INDEX)
+
+
+class IndexReservation:
+    """The served index of one agent life: ``base + changes``, where
+    ``changes`` is the caller's own count since the start (the store's index),
+    never above a ceiling already committed to the state file.
+
+    ``value`` is what may be served; ``reserve`` moves the ceiling ahead of the
+    changes (one write per :data:`INDEX_BLOCK`).  While a write fails the
+    value stays at the ceiling: a stalled index is safe, one that a restart
+    could undercut is not.
+    """
+
+    def __init__(self, db: StateDB, wall: float) -> None:
+        self._db = db
+        self.base, self.ceiling = db.start_index(wall)
+        if self.base >= MAX_INDEX:
+            log.warning(
+                "the blocking-query index stored in %s is at its maximum (%d): blocking "
+                "queries will not see changes until the counter %r is lowered by hand",
+                db.path,
+                MAX_INDEX,
+                INDEX,
+            )
+
+    def value(self, changes: int) -> int:
+        return min(self.base + changes, self.ceiling)
+
+    def reserve(self, changes: int) -> None:
+        """Commit a new ceiling when ``changes`` came within half a block of the
+        current one.  StorageError (nothing changed) when the disk refuses."""
+        upcoming = self.base + changes + INDEX_BLOCK // 2
+        if upcoming < self.ceiling or self.ceiling >= MAX_INDEX:
+            return
+        ceiling = min(self.base + changes + INDEX_BLOCK, MAX_INDEX)
+        self._db.set_counters(**{INDEX: ceiling})
+        # Only once it is on disk: see the class doc.
+        self.ceiling = ceiling
 
 
 # ---------------------------------------------------------------------------
@@ -376,6 +463,19 @@ class StateDB:
         with self._write(marker=True) as conn:
             for name, value in values.items():
                 _bump(conn, name, value)
+
+    def start_index(self, wall: float) -> tuple[int, int]:
+        """(base, ceiling) of a new life's served index; the ceiling is
+        committed before this returns (see :class:`IndexReservation`)."""
+        with self._write(marker=True) as conn:
+            stored = _counter(conn, INDEX)
+            base = index_start(stored, wall)
+            ceiling = min(base + INDEX_BLOCK, MAX_INDEX)
+            if ceiling > stored:
+                _bump(conn, INDEX, ceiling)
+            else:  # the stored ceiling is at the top already (a hand edit)
+                ceiling = base
+        return base, ceiling
 
     # -- peers ---------------------------------------------------------------------
 
