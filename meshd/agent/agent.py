@@ -847,7 +847,7 @@ class Agent:
         core = self._core
         now = self._loop.time()
         self.dead.reap(now)
-        index = core.store.index
+        index = self.index
         rows = policy_inventory(
             self.cluster,
             core.store,

@@ -29,15 +29,22 @@ Mapping, and what must stay true:
   when not Consul's defaults ``service:<ID>`` / ``Service '<Name>' check``).
   Consul itself refuses meta keys with a dot, so no Consul client can collide
   with them; they are stripped from every ``Meta`` we answer.
-- Because Dapr picks at random among what it gets, a health query answers
-  only the endpoints the locality policy marks *active* (the nearest tier
-  that has enough healthy copies), in policy order; the rest are standbys a
-  Consul client must not spread load onto.  ``?all=1`` (a meshd extension)
-  lists every endpoint.  If a filter (``tag``, ``passing``, ``dc``) leaves no
-  active endpoint, the remaining ones are answered rather than none.
-- ``X-Consul-Index`` is the agent's index plus one: Consul clients take 0 as
-  "no index", and the agent's starts at 0.  A blocking ``?index=N`` waits for
-  the agent's index to pass ``N - 1``, so no change is ever missed.
+- Two answers.  A *lookup* (``health/service`` with ``passing``, which Dapr
+  always sends; it then picks at random) answers only the passing endpoints
+  the locality policy marks *active* (the nearest tier with enough healthy
+  copies), in policy order: the rest are standbys a Consul client must not
+  spread load onto.  ``?all=1`` (a meshd extension) adds the passing
+  standbys; if a filter leaves no active endpoint, the passing standbys are
+  answered rather than none.  Anything else (``health/service`` without
+  ``passing``, the catalog, ``health/state``, ``health/checks``) answers the
+  *inventory*: every instance the cluster may see, with its real health,
+  dead nodes' instances critical until reaped, in the policy's order as seen
+  from the cluster, so every agent of a cluster answers alike (what
+  Prometheus and dashboards need).
+- ``X-Consul-Index`` is the agent's index plus one (the index never goes
+  back, even across a restart; see docs/durability.md).  A blocking
+  ``?index=N`` waits while the agent's index is ``N - 1``, so no change is
+  ever missed and an index from elsewhere is answered at once.
 - An endpoint behind another cluster's gateway is answered with the address
   and port of the route a ``meshd gateway`` publishes for it (``Address`` and
   ``Meta.DAPR_PORT``, :func:`via_gateway`), since Dapr dials exactly those.
