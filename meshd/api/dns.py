@@ -546,7 +546,9 @@ def udp_limit(query: dns.message.Message | None) -> int:
 
 def _fits(msg: dns.message.Message, limit: int) -> bytes | None:
     try:
-        return msg.to_wire(max_size=limit)
+        # want_shuffle: dnspython shuffles the records of an RRset by default;
+        # their order is the policy's and must reach the client as it is.
+        return msg.to_wire(max_size=limit, want_shuffle=False)
     except dns.exception.TooBig:
         return None
 
