@@ -251,6 +251,11 @@ def _add_agent_parser(commands: Any) -> None:
     agent.add_argument("--tls-key", metavar="FILE")
     agent.add_argument("--profile", choices=("lan", "wan", "local"))
     agent.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    agent.add_argument(
+        "--dns", metavar="HOST:PORT", help="DNS listener, UDP and TCP (default: no DNS)"
+    )
+    agent.add_argument("--dns-ttl", metavar="SECONDS", help="TTL of DNS answers (default: 0)")
+    agent.add_argument("--dns-domain", metavar="DOMAIN", help="DNS zone (default: consul)")
     agent.set_defaults(func=_cmd_agent)
 
 

@@ -60,5 +60,29 @@ class Metrics:
             registry=r,
         )
 
+        # The DNS interface (meshd/api/dns.py).  Label values come from fixed
+        # sets (query types beyond the common ones count as "other"), so no
+        # client can grow the exposition.
+        self.dns_queries = Counter(
+            "meshd_dns_queries",
+            "DNS queries answered, by query type and response code.",
+            ["type", "rcode"],
+            registry=r,
+        )
+        self.dns_dropped = Counter(
+            "meshd_dns_dropped",
+            "DNS queries and connections dropped unanswered, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.dns_truncated = Counter(
+            "meshd_dns_truncated",
+            "UDP answers cut to the asker's size, with the TC bit set.",
+            registry=r,
+        )
+        self.dns_tcp_connections = Gauge(
+            "meshd_dns_tcp_connections", "DNS-over-TCP connections open.", registry=r
+        )
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

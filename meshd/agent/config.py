@@ -45,6 +45,10 @@ MAX_TOKEN_BYTES = 1024
 # cannot be split by a Bearer scheme or a shell.
 _TOKEN_RE = re.compile(r"[!-~]+")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Largest DNS TTL (meshd.api.dns.MAX_TTL, repeated so the config does not
+#: import the DNS library): a day-old discovery answer routes around nothing.
+MAX_DNS_TTL = 86400
+_DNS_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?")
 
 
 class ConfigError(Exception):
@@ -137,6 +141,15 @@ class AgentConfig:
     profile: str = "lan"
     #: Log threshold: debug, info, warning or error.
     log_level: str = "info"
+    #: DNS listener, UDP and TCP on the same port (docs/dns.md).  None: no DNS,
+    #: the default, because a port answering the inventory to anyone who can
+    #: reach it is for the operator to open (Consul's is 127.0.0.1:8600).
+    dns: tuple[str, int] | None = None
+    #: TTL of DNS answers, seconds.  0 as Consul's default: never cached, so a
+    #: dead instance leaves answers as fast as it leaves resolve.
+    dns_ttl: int = 0
+    #: The zone the DNS interface answers: "consul" so Consul's names work.
+    dns_domain: str = "consul"
     #: The TOML file this came from, if any (for messages and reloads).
     config_file: Path | None = None
 
@@ -148,7 +161,7 @@ class AgentConfig:
                 _check_name(getattr(self, what), what)
         for what in ("bind", "api"):
             _check_addr(getattr(self, what), what)
-        for what in ("advertise", "wan_bind", "wan_advertise"):
+        for what in ("advertise", "wan_bind", "wan_advertise", "dns"):
             if getattr(self, what) is not None:
                 _check_addr(getattr(self, what), what)
         if self.api_token is not None:
@@ -162,6 +175,9 @@ class AgentConfig:
             raise ConfigError(f"profile must be one of {', '.join(PROFILES)}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if not (isinstance(self.dns_ttl, int) and 0 <= self.dns_ttl <= MAX_DNS_TTL):
+            raise ConfigError(f"dns_ttl must be 0-{MAX_DNS_TTL} seconds")
+        _check_dns_domain(self.dns_domain, "dns_domain")
         if self.policy_file is not None and self.policy_table is not None:
             raise ConfigError("give policy_file or policy_table, not both")
         tls = (self.tls_ca, self.tls_cert, self.tls_key)
@@ -186,6 +202,29 @@ class AgentConfig:
 
     def replace(self, **changes: Any) -> AgentConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _check_dns_domain(value: object, what: str) -> str:
+    text = value.rstrip(".") if isinstance(value, str) else ""
+    if not (
+        text
+        and len(text) <= 200
+        and all(_DNS_LABEL_RE.fullmatch(label) for label in text.split("."))
+    ):
+        raise ConfigError(
+            f"{what} must be DNS labels (letters, digits, '-') separated by dots,"
+            f" such as consul or mesh.example, not {value!r:.60}"
+        )
+    return text.lower()
+
+
+def _dns_ttl(value: object, what: str) -> int:
+    """Seconds from a flag (text) or the file (an integer)."""
+    if isinstance(value, str) and value.isascii() and value.isdecimal():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DNS_TTL:
+        raise ConfigError(f"{what} must be a whole number of seconds from 0 to {MAX_DNS_TTL}")
+    return value
 
 
 def _check_name(value: object, what: str) -> str:
@@ -355,10 +394,19 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "dev": bool,
     "profile": str,
     "log_level": str,
+    "dns": str,
+    "dns_ttl": int,
+    "dns_domain": str,
     "tls": dict,
 }
 _TLS_KEYS = ("ca", "cert", "key")
-_TYPE_NAMES = {str: "a string", list: "a list of strings", bool: "true or false", dict: "a table"}
+_TYPE_NAMES = {
+    str: "a string",
+    list: "a list of strings",
+    bool: "true or false",
+    dict: "a table",
+    int: "an integer",
+}
 
 
 def _unknown_key(path: Path, key: str, known: list[str]) -> ConfigError:
@@ -387,8 +435,10 @@ def _read_file(path: Path) -> dict[str, Any]:
         expected = _FILE_KEYS.get(key)
         if expected is None:
             raise _unknown_key(path, key, list(_FILE_KEYS))
-        if not isinstance(value, expected) or (
-            isinstance(value, list) and not all(isinstance(v, str) for v in value)
+        if (
+            not isinstance(value, expected)
+            or (isinstance(value, list) and not all(isinstance(v, str) for v in value))
+            or (expected is int and isinstance(value, bool))
         ):
             names = expected if isinstance(expected, tuple) else (expected,)
             kinds = " or ".join(_TYPE_NAMES[t] for t in names)
@@ -429,6 +479,9 @@ _FLAGS = {
     "dev": "--dev",
     "profile": "--profile",
     "log_level": "--log-level",
+    "dns": "--dns",
+    "dns_ttl": "--dns-ttl",
+    "dns_domain": "--dns-domain",
     "tls_ca": "--tls-ca",
     "tls_cert": "--tls-cert",
     "tls_key": "--tls-key",
@@ -560,6 +613,14 @@ def load_config(flags: dict[str, Any]) -> AgentConfig:
     if gateway is not None and (_is_unspecified(gateway[0]) or gateway[1] == 0):
         raise ConfigError(f"{s.what('gateway')} must be an address other clusters can reach")
 
+    dns = _addr(s, "dns")
+    dns_ttl = 0 if s.get("dns_ttl") is None else _dns_ttl(s.get("dns_ttl"), s.what("dns_ttl"))
+    dns_domain = (
+        "consul"
+        if s.get("dns_domain") is None
+        else _check_dns_domain(s.get("dns_domain"), s.what("dns_domain"))
+    )
+
     state_dir = s.path("state_dir")
     if state_dir is None and not dev:
         raise ConfigError("--state-dir is required unless --dev (or set state_dir in the file)")
@@ -627,6 +688,9 @@ def load_config(flags: dict[str, Any]) -> AgentConfig:
             dev=dev,
             profile=profile,
             log_level=log_level,
+            dns=dns,
+            dns_ttl=dns_ttl,
+            dns_domain=dns_domain,
             config_file=config_file,
         )
     except TypeError as exc:  # pragma: no cover - a bug here, not a user error
@@ -655,6 +719,7 @@ __all__ = [
     "DEFAULT_API_PORT",
     "DEFAULT_GOSSIP_PORT",
     "LOG_LEVELS",
+    "MAX_DNS_TTL",
     "PROFILES",
     "MAX_TOKEN_BYTES",
     "AgentConfig",

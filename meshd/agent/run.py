@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from meshd.agent.config import AgentConfig, ConfigError, read_token_file
+from meshd.agent.config import AgentConfig, ConfigError, is_loopback, read_token_file
 from meshd.agent.rotation import CertificateRotator
 from meshd.agent.statedb import StateDB, StateError, ensure_state_dir
 from meshd.agent.transport import Transport, make_client_context, make_server_context
@@ -60,6 +60,7 @@ from meshd.protocol.config import Config
 
 if TYPE_CHECKING:
     from meshd.agent.agent import Agent
+    from meshd.api.dns import DNSServer
 
 log = logging.getLogger("meshd.agent")
 
@@ -323,6 +324,9 @@ async def _serve(cfg: AgentConfig) -> int:
                 f"cannot listen for the API on {_fmt(*cfg.api)}: {_why(exc)}"
             ) from None
         api_host, api_port = runner.addresses[0][:2]
+        dns_server, dns_bound = await _start_dns(cfg, agent, metrics)
+        if dns_server is not None:
+            cleanup.append(dns_server.close)
 
         # Last, so that a port in use or a bad certificate leaves no state behind.
         try:
@@ -374,8 +378,11 @@ async def _serve(cfg: AgentConfig) -> int:
     loop.add_signal_handler(signal.SIGHUP, reload)
     if wan_transport is not None:
         log.info("bridge: WAN gossip on %s", wan_advertise)
+    # The DNS address is appended only when DNS is on, so the contract's line
+    # stays as it was for everyone else.
+    dns_part = "" if dns_bound is None else f" dns={_fmt(*dns_bound)}"
     print(
-        f"meshd agent ready api=http://{_fmt(api_host, api_port)} gossip={advertise}",
+        f"meshd agent ready api=http://{_fmt(api_host, api_port)} gossip={advertise}{dns_part}",
         file=sys.stderr,
         flush=True,
     )
@@ -385,9 +392,11 @@ async def _serve(cfg: AgentConfig) -> int:
     for task in watchers:
         task.cancel()
     try:
-        # The API first: a client's wait must not hold up the leave, nor the
-        # state directory a restarted agent needs.
+        # The API and DNS first: a client's wait must not hold up the leave,
+        # nor the state directory a restarted agent needs.
         await runner.cleanup()
+        if dns_server is not None:
+            await dns_server.close()
         log.info("leaving the mesh")
         await agent.stop(leave=True)
     finally:
@@ -395,6 +404,31 @@ async def _serve(cfg: AgentConfig) -> int:
     if cfg.state_dir is None:  # a throwaway dev directory dies with its agent
         shutil.rmtree(state_dir, ignore_errors=True)
     return 0
+
+
+async def _start_dns(
+    cfg: AgentConfig, agent: Agent, metrics: Metrics
+) -> tuple[DNSServer | None, tuple[str, int] | None]:
+    """The DNS listener when ``--dns`` is set: bound now, or StartError."""
+    if cfg.dns is None:
+        return None, None
+    # Imported here: dnspython is only loaded by agents that answer DNS.
+    from meshd.api.dns import DNSConfig, DNSServer
+
+    server = DNSServer(agent, DNSConfig(domain=cfg.dns_domain, ttl=cfg.dns_ttl), metrics)
+    try:
+        bound = await server.start(*cfg.dns)
+    except OSError as exc:
+        raise StartError(f"cannot listen for DNS on {_fmt(*cfg.dns)}: {_why(exc)}") from None
+    if not is_loopback(cfg.dns[0]):
+        # Unauthenticated and UDP: whoever reaches it reads the inventory, and a
+        # forged source address can aim its answers at someone else.
+        log.warning(
+            "DNS answers on %s, off loopback: anyone who reaches it can list the"
+            " apps this node sees",
+            _fmt(*bound),
+        )
+    return server, bound
 
 
 #: Read buffer of one TLS connection.  CPython's asyncio gives each a
