@@ -603,6 +603,8 @@ class Agent:
     @property
     def generation(self) -> tuple[int, int, int]:
         # Reach is computed from the store, so the store index covers it.
+        # Dead nodes age out with time alone: reap before saying what changed.
+        self.dead.reap(self._loop.time())
         return (self._core.store.index, self._policy_generation, self.dead.generation)
 
     async def register(self, reg: Registration) -> int:

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from meshd import identity, wire
+from meshd.agent.inventory import DEFAULT_REAP_AFTER
+from meshd.api.durations import parse_wait
 
 #: Gossip port when none is given (Serf/Consul LAN convention).
 DEFAULT_GOSSIP_PORT = 7946
@@ -47,6 +49,8 @@ _TOKEN_RE = re.compile(r"[!-~]+")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Largest DNS TTL (meshd.api.dns.MAX_TTL, repeated so the config does not
 #: import the DNS library): a day-old discovery answer routes around nothing.
+#: Longest reap interval: ten years.
+MAX_REAP_AFTER = 10 * 365 * 86400.0
 MAX_DNS_TTL = 86400
 _DNS_LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9\-]{0,61}[A-Za-z0-9])?")
 
@@ -150,6 +154,9 @@ class AgentConfig:
     dns_ttl: int = 0
     #: The zone the DNS interface answers: "consul" so Consul's names work.
     dns_domain: str = "consul"
+    #: Seconds a dead node's instances stay listed (critical) in the
+    #: inventory before they are reaped: Consul's 72 h by default.
+    reap_after: float = DEFAULT_REAP_AFTER
     #: The TOML file this came from, if any (for messages and reloads).
     config_file: Path | None = None
 
@@ -178,6 +185,10 @@ class AgentConfig:
         if not (isinstance(self.dns_ttl, int) and 0 <= self.dns_ttl <= MAX_DNS_TTL):
             raise ConfigError(f"dns_ttl must be 0-{MAX_DNS_TTL} seconds")
         _check_dns_domain(self.dns_domain, "dns_domain")
+        if not (
+            isinstance(self.reap_after, float | int) and 1 <= self.reap_after <= MAX_REAP_AFTER
+        ):
+            raise ConfigError("reap_after must be from 1 s to 10 years")
         if self.policy_file is not None and self.policy_table is not None:
             raise ConfigError("give policy_file or policy_table, not both")
         tls = (self.tls_ca, self.tls_cert, self.tls_key)
@@ -216,6 +227,21 @@ def _check_dns_domain(value: object, what: str) -> str:
             f" such as consul or mesh.example, not {value!r:.60}"
         )
     return text.lower()
+
+
+def _reap_after(value: object, what: str) -> float:
+    """A duration from a flag or the file ("72h", "90s", or whole seconds)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"{value}s"
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        seconds = parse_wait(value, DEFAULT_REAP_AFTER, MAX_REAP_AFTER)
+    except ValueError:
+        raise ConfigError(f'{what} must be a duration such as "72h" or "90s"') from None
+    if seconds < 1:
+        raise ConfigError(f"{what} must be at least 1s")
+    return seconds
 
 
 def _dns_ttl(value: object, what: str) -> int:
@@ -397,6 +423,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "dns": str,
     "dns_ttl": int,
     "dns_domain": str,
+    "reap_after": (str, int),
     "tls": dict,
 }
 _TLS_KEYS = ("ca", "cert", "key")
@@ -482,6 +509,7 @@ _FLAGS = {
     "dns": "--dns",
     "dns_ttl": "--dns-ttl",
     "dns_domain": "--dns-domain",
+    "reap_after": "--reap-after",
     "tls_ca": "--tls-ca",
     "tls_cert": "--tls-cert",
     "tls_key": "--tls-key",
@@ -614,6 +642,11 @@ def load_config(flags: dict[str, Any]) -> AgentConfig:
         raise ConfigError(f"{s.what('gateway')} must be an address other clusters can reach")
 
     dns = _addr(s, "dns")
+    reap_after = (
+        DEFAULT_REAP_AFTER
+        if s.get("reap_after") is None
+        else _reap_after(s.get("reap_after"), s.what("reap_after"))
+    )
     dns_ttl = 0 if s.get("dns_ttl") is None else _dns_ttl(s.get("dns_ttl"), s.what("dns_ttl"))
     dns_domain = (
         "consul"
@@ -691,6 +724,7 @@ def load_config(flags: dict[str, Any]) -> AgentConfig:
             dns=dns,
             dns_ttl=dns_ttl,
             dns_domain=dns_domain,
+            reap_after=reap_after,
             config_file=config_file,
         )
     except TypeError as exc:  # pragma: no cover - a bug here, not a user error

@@ -300,6 +300,7 @@ async def _serve(cfg: AgentConfig) -> int:
             wan_advertise=wan_advertise,
             gateway=_fmt(*cfg.gateway) if cfg.gateway else "",
             policy=policy,
+            reap_after=cfg.reap_after,
         )
         # No access log: a ?token= in a logged URL would hand the token to
         # whoever reads the log.
