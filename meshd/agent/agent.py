@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -167,6 +168,8 @@ class Agent:
         self._reported: Counter[str] = Counter()  # core counters already exported
         #: Dead nodes' last documents, so the inventory lists them critical.
         self.dead = DeadNodes(reap_after)
+        self._dead_reap: asyncio.TimerHandle | None = None
+        self._dead_reap_at = math.inf
         #: Local instances critical with DeregisterCriticalServiceAfter: the
         #: timer that deregisters each (Consul's agent-side reaper).
         self._reapers: dict[str, asyncio.TimerHandle] = {}
@@ -421,6 +424,8 @@ class Agent:
         await self.runner.stop_all()
         for handle in self._reapers.values():
             handle.cancel()
+        if self._dead_reap is not None:
+            self._dead_reap.cancel()
         self._reapers.clear()
         self._save_peers()
         for pool in self.pools.values():
@@ -506,10 +511,32 @@ class Agent:
                     self._timer.cancel()
                 self._timer = self._loop.call_at(max(at, self._loop.time()), self._on_timer)
                 self._timer_at = at
+        self._arm_dead_reaper()
         if changed:
             self.update_gauges()
             self._changed.set()
             self._changed = asyncio.Event()
+
+    def _arm_dead_reaper(self) -> None:
+        """A timer at the dead-node memory's next deadline (inventory.py)."""
+        at = self.dead.next_deadline
+        if at == self._dead_reap_at:
+            return
+        if self._dead_reap is not None:
+            self._dead_reap.cancel()
+            self._dead_reap = None
+        self._dead_reap_at = at
+        if at != math.inf:
+            self._dead_reap = self._loop.call_at(at, self._reap_dead, at)
+
+    def _reap_dead(self, at: float) -> None:
+        self._dead_reap, self._dead_reap_at = None, math.inf
+        # asyncio may run a timer a clock tick early: it is due at ``at``.
+        if self.dead.reap(max(self._loop.time(), at)):
+            self._persist_counters()  # the index moved: keep its ceiling ahead
+            self._changed.set()
+            self._changed = asyncio.Event()
+        self._arm_dead_reaper()
 
     def _remember(self, event: OriginChanged) -> None:
         """Keep a dead node's last document for the inventory (inventory.py)."""
@@ -549,7 +576,7 @@ class Agent:
             if lan is not None:
                 self._reserve_version(lan.version + VERSION_BLOCK // 2)
                 if self._index is not None:
-                    self._index.reserve(lan.store.index)
+                    self._index.reserve(self._changes())
             for pool in self.pools.values():
                 core = pool.core
                 if core is not None and core.incarnation != self._persisted.get(pool.name):
@@ -598,13 +625,16 @@ class Agent:
         # The store counts this life's changes; the reservation puts them
         # above every earlier life's and caps them at what is on disk.
         assert self._index is not None, "agent not started"
-        return self._index.value(self._core.store.index)
+        return self._index.value(self._changes())
+
+    def _changes(self) -> int:
+        """This life's changes of what answers list: records held, and dead
+        nodes remembered or reaped (both only grow)."""
+        return self._core.store.index + self.dead.generation
 
     @property
     def generation(self) -> tuple[int, int, int]:
         # Reach is computed from the store, so the store index covers it.
-        # Dead nodes age out with time alone: reap before saying what changed.
-        self.dead.reap(self._loop.time())
         return (self._core.store.index, self._policy_generation, self.dead.generation)
 
     async def register(self, reg: Registration) -> int:
@@ -848,7 +878,6 @@ class Agent:
     def inventory(self, app: str, namespace: str) -> tuple[int, list[Endpoint]]:
         core = self._core
         now = self._loop.time()
-        self.dead.reap(now)
         index = self.index
         rows = policy_inventory(
             self.cluster,

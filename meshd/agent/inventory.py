@@ -27,6 +27,7 @@ Pure bookkeeping over the caller's clock: the agent feeds it and reads it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -59,15 +60,28 @@ class Remembered:
 
 
 class DeadNodes:
-    """Documents of dead nodes, kept for the inventory (see module doc)."""
+    """Documents of dead nodes, kept for the inventory (see module doc).
+
+    ``generation`` counts every change of what is listed, reaps included, so
+    the agent can fold it into its blocking-query index: a reap wakes
+    waiting queries like any other change.  Reaping is driven by
+    :attr:`next_deadline`, so nothing scans the memory on every query.
+    """
 
     def __init__(self, reap_after: float = DEFAULT_REAP_AFTER) -> None:
         if not reap_after > 0:
             raise ValueError("the reap interval must be positive")
         self.reap_after = reap_after
+        #: origin -> memory, in the order they died (``since`` never falls
+        #: along it: an update keeps its place and its time), so the oldest
+        #: is always first.
         self._docs: dict[str, Remembered] = {}
-        #: Moves whenever what the inventory lists could change.
+        #: Moves whenever what the inventory lists changes.
         self.generation = 0
+        #: When :meth:`reap` next has something to do (inf: nothing remembered).
+        self.next_deadline = math.inf
+        #: The last reap: record deadlines up to it are already accounted for.
+        self._reaped_at = -math.inf
 
     def __len__(self) -> int:
         return len(self._docs)
@@ -81,31 +95,34 @@ class DeadNodes:
         if old is not None and old.state.version >= state.version:
             return
         if old is None and len(self._docs) >= MAX_REMEMBERED:
-            oldest = min(self._docs, key=lambda o: self._docs[o].since)
-            del self._docs[oldest]
+            del self._docs[next(iter(self._docs))]  # the longest dead goes first
         self._docs[origin] = Remembered(state, old.since if old is not None else now)
-        self.generation += 1
+        self._changed()
 
     def forget(self, origin: str) -> None:
         """``origin`` is live again, or gone for good."""
         if self._docs.pop(origin, None) is not None:
-            self.generation += 1
+            self._changed()
 
     def left(self, member: str) -> None:
         """``member`` left gracefully: its services are deregistered."""
         for origin in [o for o in self._docs if doc_member(o) == member]:
             self.forget(origin)
 
-    def reap(self, now: float) -> int:
-        """Drop what has been dead past its interval; returns how many documents went."""
-        gone = [o for o, r in self._docs.items() if now - r.since >= self.reap_after]
-        for origin in gone:
-            self.forget(origin)
-        return len(gone)
+    def reap(self, now: float) -> bool:
+        """Drop what has been dead past its interval (a whole document after
+        ``reap_after``, a record after its own DeregisterCriticalServiceAfter);
+        True when anything listed changed."""
+        if now < self.next_deadline:
+            return False
+        for origin in [o for o, r in self._docs.items() if now - r.since >= self.reap_after]:
+            del self._docs[origin]
+        self._reaped_at = now
+        self._changed()
+        return True
 
     def records(self, now: float) -> Iterator[tuple[OriginState, AppRecord]]:
-        """Every remembered record still listed at ``now`` (DeregisterCriticalServiceAfter
-        honoured), in no particular order."""
+        """Every remembered record still listed at ``now``, in no particular order."""
         for r in self._docs.values():
             dead_for = now - r.since
             if dead_for >= self.reap_after:
@@ -114,3 +131,15 @@ class DeadNodes:
                 limit = deregister_after(rec)
                 if limit is None or dead_for < limit:
                     yield r.state, rec
+
+    def _changed(self) -> None:
+        self.generation += 1
+        after = self._reaped_at
+        # The next moment a document or a record leaves the listing: O(n), but
+        # only when a node dies, comes back or is reaped, never per query.
+        deadline = math.inf
+        for r in self._docs.values():
+            ends = [r.since + self.reap_after]
+            ends += [r.since + lim for rec in r.state.apps if (lim := deregister_after(rec))]
+            deadline = min(deadline, *(t for t in ends if t > after), math.inf)
+        self.next_deadline = deadline

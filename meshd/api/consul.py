@@ -562,7 +562,11 @@ def _status(e: Endpoint) -> str:
 
 def node_meta(e: Endpoint) -> dict[str, str]:
     """A node's metadata as Consul's ``Node.Meta`` (and ``?node-meta=``) see it."""
-    return {"meshd-cluster": e.cluster, "meshd-region": e.region, "meshd-zone": e.zone}
+    return _meta(e.cluster, e.region, e.zone)
+
+
+def _meta(cluster: str, region: str, zone: str) -> dict[str, str]:
+    return {"meshd-cluster": cluster, "meshd-region": region, "meshd-zone": zone}
 
 
 def parse_node_meta(values: Iterable[str]) -> dict[str, str]:
@@ -672,18 +676,24 @@ class Where:
         return self.hosts.get((e.cluster, e.node)) or e.address
 
 
-def _node_json(e: Endpoint, where: Where) -> dict[str, Any]:
-    host = where.host(e)
+def _node_object(
+    cluster: str, node: str, host: str, region: str, zone: str, index: int
+) -> dict[str, Any]:
+    """A node as Consul's ``Node`` objects show it."""
     return {
-        "ID": node_id(e.cluster, e.node),
-        "Node": e.node,
+        "ID": node_id(cluster, node),
+        "Node": node,
         "Address": host,
-        "Datacenter": e.cluster,
+        "Datacenter": cluster,
         "TaggedAddresses": {"lan": host, "lan_ipv4": host, "wan": host, "wan_ipv4": host},
-        "Meta": node_meta(e),
-        "CreateIndex": where.index,
-        "ModifyIndex": where.index,
+        "Meta": _meta(cluster, region, zone),
+        "CreateIndex": index,
+        "ModifyIndex": index,
     }
+
+
+def _node_json(e: Endpoint, where: Where) -> dict[str, Any]:
+    return _node_object(e.cluster, e.node, where.host(e), e.region, e.zone, where.index)
 
 
 def _serf_check(node: str, alive: bool, reachable: bool, index: int) -> dict[str, Any]:
@@ -1278,20 +1288,7 @@ class _Handlers:
             if m.cluster != dc or m.status == "left":
                 continue
             host = _split_hostport(m.address)[0]
-            out[m.node] = {
-                "ID": node_id(m.cluster, m.node),
-                "Node": m.node,
-                "Address": host,
-                "Datacenter": m.cluster,
-                "TaggedAddresses": {"lan": host, "lan_ipv4": host, "wan": host, "wan_ipv4": host},
-                "Meta": {
-                    "meshd-cluster": m.cluster,
-                    "meshd-region": m.region,
-                    "meshd-zone": m.zone,
-                },
-                "CreateIndex": where.index,
-                "ModifyIndex": where.index,
-            }
+            out[m.node] = _node_object(m.cluster, m.node, host, m.region, m.zone, where.index)
         for e in self._everything(namespace)[1]:
             if e.cluster == dc and e.node not in out:
                 out[e.node] = _node_json(e, where)
