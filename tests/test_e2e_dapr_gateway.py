@@ -220,6 +220,10 @@ def test_dapr_lookup_from_west_reaches_the_app_through_the_gateway(clusters):
         assert address[0] == GATEWAY_HOST and lo <= address[1] <= hi
         payload = os.urandom(200_000)
         assert _echo_through(address, payload) == payload
+        # Dapr's cached mode watches the checks of the apps it resolves.
+        watch = 'ServiceName == "orders"'
+        _, states = west.health.state("any", filter_expr=watch)
+        assert [(c["ServiceID"], c["Status"]) for c in states] == [(service_id, "passing")]
 
         # Inside east nothing changed: Dapr there dials the app directly.
         [local] = east.health.service("orders", passing=True)[1]
@@ -234,6 +238,18 @@ def test_dapr_lookup_from_west_reaches_the_app_through_the_gateway(clusters):
         )
         with pytest.raises(OSError):
             _echo_through(address, b"x")
+
+        # Dapr deregisters on close; west's blocking watch sees the app go.
+        index, _ = west.health.state("any", filter_expr=watch)
+        assert east.agent.service.deregister(service_id)
+
+        def gone() -> bool:
+            nonlocal index
+            index, states = west.health.state("any", index=index, wait="5s", filter_expr=watch)
+            return states == []
+
+        wait_until(gone, CROSS, "orders gone from west's watch")
+        assert west.health.service("orders")[1] == []
     finally:
         if gateway is not None:
             gateway.stop()
