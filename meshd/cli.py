@@ -257,6 +257,12 @@ def _add_agent_parser(commands: Any) -> None:
     agent.add_argument("--dns-ttl", metavar="SECONDS", help="TTL of DNS answers (default: 0)")
     agent.add_argument("--dns-domain", metavar="DOMAIN", help="DNS zone (default: consul)")
     agent.add_argument(
+        "--node-meta",
+        action="append",
+        metavar="KEY=VALUE",
+        help="node metadata shown to Consul clients (repeatable)",
+    )
+    agent.add_argument(
         "--reap-after",
         metavar="DURATION",
         help="how long a dead node's services stay listed critical (default: 72h)",

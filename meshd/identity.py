@@ -749,7 +749,13 @@ def _decoded(decode: Callable[[bytes], _T], body: bytes) -> _T | Rejection:
 
 def _is_statement(state: OriginState) -> bool:
     """Does this document state something about others (a bridge's role)?"""
-    return state.bridge or bool(state.down) or bool(state.unreachable) or bool(state.rtt)
+    return (
+        state.bridge
+        or bool(state.down)
+        or bool(state.unreachable)
+        or bool(state.rtt)
+        or bool(state.left)
+    )
 
 
 class StateVerifier:

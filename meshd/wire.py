@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import math
 import re
 import struct
@@ -63,6 +64,12 @@ MAX_ORIGIN_ID_LEN = 2 * MAX_NAME_LEN + 1 + 4 + MAX_EXPORT_CLUSTERS * (MAX_NAME_L
 MAX_COORD_LEN = 34
 #: Most members one bridge may list as down in its own cluster.
 MAX_DOWN_MEMBERS = 16384
+#: Operator-set node metadata: at most this many pairs (Consul's node meta
+#: has 64; a node's document carries it to every cluster, so fewer).
+MAX_NODE_META_PAIRS = 16
+#: Longest node meta key and value (Consul: 128 and 512).
+MAX_NODE_META_KEY = 128
+MAX_NODE_META_VALUE = 512
 #: Largest signature and certificate chain carried with a state.
 MAX_SIGNATURE_BYTES = 512
 MAX_CERT_BYTES = 16 * 1024
@@ -335,6 +342,14 @@ class OriginState:
     #: nearest bridge of each other cluster, from WAN coordinates; lets every
     #: node of this cluster prefer the nearest other cluster.
     rtt: tuple[tuple[str, int], ...] = ()
+    #: The node's own address (a host, no port): what catalogs show as the
+    #: node's address in other clusters, which do not see its membership.
+    host: str = ""
+    #: Operator-set node metadata (``--node-meta``), sorted unique pairs.
+    node_meta: tuple[tuple[str, str], ...] = ()
+    #: Bridges only: the members of ``down`` that left gracefully (the rest
+    #: died), so other clusters deregister them instead of listing them dead.
+    left: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_name(self.node, "node")
@@ -372,6 +387,15 @@ class OriginState:
                 raise WireError("rtt entries are (cluster, microseconds) pairs")
             check_name(item[0], "rtt cluster")
             _check_int(item[1], "rtt microseconds", 0)
+        _check_str(self.host, "host", MAX_NAME_LEN)
+        if ":" in self.host and not _is_ipv6(self.host):
+            raise WireError("host is an address or a name, without a port")
+        check_node_meta(self.node_meta)
+        if not isinstance(self.left, tuple) or len(self.left) > MAX_DOWN_MEMBERS:
+            raise WireError("left must be a short tuple of member ids")
+        for mid in self.left:
+            if split_member_id(mid)[0] != self.cluster:
+                raise WireError("left may only name members of the own cluster")
         # Empty means unknown; anything else (including None or 0) must be a name.
         if self.region != "":
             check_name(self.region, "region")
@@ -422,6 +446,12 @@ class OriginState:
             doc["gw"] = self.gateway
         if self.rtt:
             doc["rt"] = [[c, us] for c, us in self.rtt]
+        if self.host:
+            doc["h"] = self.host
+        if self.node_meta:
+            doc["nm"] = dict(self.node_meta)
+        if self.left:
+            doc["lf"] = list(self.left)
         body = _pack(doc)
         if len(body) > MAX_ORIGIN_BODY_BYTES:
             raise WireError(f"an origin state encodes to at most {MAX_ORIGIN_BODY_BYTES} bytes")
@@ -456,11 +486,53 @@ class OriginState:
                     tuple(x) if isinstance(x, list) else x
                     for x in _tuple_field(raw.get("rt", []), "rtt")
                 ),
+                host=raw.get("h", ""),
+                node_meta=_node_meta_field(raw.get("nm", {})),
+                left=_tuple_field(raw.get("lf", []), "left"),
             )
         except KeyError as exc:
             raise WireError(f"origin state lacks field {exc.args[0]!r}") from None
         except TypeError as exc:  # e.g. meta keys mixing str and bytes cannot be sorted
             raise WireError(f"origin state malformed: {exc}") from None
+
+
+_NODE_META_KEY = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_NODE_META_KEY}}}")
+
+
+def check_node_meta(meta: object) -> tuple[tuple[str, str], ...]:
+    """Node metadata as a document carries it; raises WireError past Consul's
+    rules (letters, digits, ``_``, ``-``) and our caps.  ``meshd-`` keys are
+    the agent's own (cluster, region, zone) and cannot be set."""
+    if not isinstance(meta, tuple) or len(meta) > MAX_NODE_META_PAIRS:
+        raise WireError(f"node meta must have at most {MAX_NODE_META_PAIRS} pairs")
+    for pair in meta:
+        if not isinstance(pair, tuple) or len(pair) != 2:
+            raise WireError("node meta must be string pairs")
+        k, v = pair
+        if not isinstance(k, str) or not _NODE_META_KEY.fullmatch(k):
+            raise WireError("node meta keys are letters, digits, '_' and '-'")
+        if k.startswith(("meshd-", "consul-")):
+            raise WireError(f"node meta key {k!r} is reserved")
+        _check_str(v, "node meta value", MAX_NODE_META_VALUE)
+    if list(meta) != sorted(dict(meta).items()):
+        raise WireError("node meta keys must be unique and sorted")
+    return meta
+
+
+def _node_meta_field(raw: Any) -> tuple[tuple[str, str], ...]:
+    if not isinstance(raw, dict) or len(raw) > MAX_NODE_META_PAIRS:
+        raise WireError("node meta must be a short map")
+    try:
+        return tuple(sorted(raw.items()))
+    except TypeError:
+        raise WireError("node meta keys must be strings") from None
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -619,7 +619,12 @@ def test_statements_about_others_need_the_bridge_role(ca: CA) -> None:
     lie = OriginState("n3", "east", "", "", 5, down=(("east/n1", 2**63 - 1),))
     rejected = v.verify(StateSigner(plain).sign(lie), now=NOW)
     assert isinstance(rejected, Rejection) and rejected.reason == "not-bridge"
-    for field in ({"bridge": True}, {"unreachable": ("west",)}, {"rtt": (("west", 5),)}):
+    for field in (
+        {"bridge": True},
+        {"unreachable": ("west",)},
+        {"rtt": (("west", 5),)},
+        {"left": ("east/n1",)},
+    ):
         doc = OriginState("n3", "east", "", "", 6, **field)
         out = v.verify(StateSigner(plain).sign(doc), now=NOW)
         assert isinstance(out, Rejection) and out.reason == "not-bridge"

@@ -4,6 +4,7 @@ peer bytes never raise (STYLE 4) while our own misuse does."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tracemalloc
 from typing import Any
 
@@ -246,6 +247,10 @@ origin_states = st.builds(
     zone=opt_names,
     version=u63,
     apps=st.lists(app_records, max_size=4, unique_by=lambda r: r.instance).map(tuple),
+    host=st.sampled_from(["", "10.0.0.7", "fd00::7", "node-7.example"]),
+    node_meta=st.dictionaries(
+        st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True), st.text(max_size=12), max_size=3
+    ).map(lambda d: tuple(sorted(d.items()))),
 )
 
 signed_states = st.builds(
@@ -371,6 +376,7 @@ def test_property_origin_state_round_trip_and_deterministic(state: OriginState) 
             for rec in state.apps
         ),
     )
+    rebuilt = dataclasses.replace(rebuilt, host=state.host, node_meta=state.node_meta)
     assert rebuilt == state
     assert rebuilt.encode() == body
     assert OriginState.decode(body).encode() == body
@@ -759,6 +765,35 @@ def test_app_record_accepts_limits() -> None:
     rec = app(meta=(("a", "é" * 2000),))
     state = OriginState("n1", "east", "", "", 1, (rec,))
     assert OriginState.decode(state.encode()) == state
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"host": "10.0.0.1:80"},
+        {"host": "x" * 300},
+        {"node_meta": (("a.b", "x"),)},
+        {"node_meta": (("meshd-zone", "x"),)},
+        {"node_meta": (("consul-x", "x"),)},
+        {"node_meta": (("b", "1"), ("a", "2"))},
+        {"node_meta": (("k", "v" * 513),)},
+        {"node_meta": tuple((f"k{i:02}", "v") for i in range(17))},
+        {"left": ("west/n2",)},
+    ],
+)
+def test_origin_state_refuses_bad_node_fields(fields: dict[str, object]) -> None:
+    with pytest.raises(WireError):
+        OriginState("n1", "east", "", "", 1, **fields)  # type: ignore[arg-type]
+
+
+def test_node_fields_round_trip_and_a_malformed_map_is_a_wire_error() -> None:
+    state = OriginState(
+        "n1", "east", "", "", 3, host="10.0.0.1", node_meta=(("rack", "r7"),), left=("east/n2",)
+    )
+    assert OriginState.decode(state.encode()) == state
+    body = msgpack.packb({"n": "n1", "c": "east", "r": "", "z": "", "ver": 1, "a": [], "nm": [1]})
+    with pytest.raises(WireError):
+        OriginState.decode(body)
 
 
 def test_origin_state_rejects() -> None:

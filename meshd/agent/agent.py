@@ -129,6 +129,7 @@ class Agent:
         gateway: str = "",
         policy: Policy | None = None,
         reap_after: float = DEFAULT_REAP_AFTER,
+        node_meta: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.node_name = node_cert.node
         self.cluster = node_cert.cluster
@@ -138,6 +139,10 @@ class Agent:
         self.topology = Topology(self.node_name, self.cluster, region, zone)
         self.trust_domain = node_cert.trust_domain
         self.gateway = gateway
+        #: Published in every document: the node's own address (its gossip
+        #: host) and operator metadata, for catalogs in other clusters.
+        self.node_host = advertise.rpartition(":")[0].strip("[]")
+        self.node_meta = node_meta
         self.policy = policy or Policy(AppPolicy(), {})
         self._policy_generation = 0
         self._cert = node_cert
@@ -241,6 +246,8 @@ class Agent:
                 apps=apps if pool.name == LAN else (),
                 publisher=pool.name == LAN,
                 gateway=self.gateway,
+                host=self.node_host,
+                node_meta=self.node_meta,
             )
 
         lan = self.pools[LAN]
@@ -373,7 +380,15 @@ class Agent:
     def _publishable(self, regs: list[Registration]) -> list[Registration]:
         """The stored registrations this node can publish, oldest first; each
         one it cannot gets a log line and is removed from the state file."""
-        who = Publisher(self.node_name, self.cluster, self.region, self.zone, self.gateway)
+        who = Publisher(
+            self.node_name,
+            self.cluster,
+            self.region,
+            self.zone,
+            self.gateway,
+            host=self.node_host,
+            node_meta=self.node_meta,
+        )
         if publish_problem((r.record for r in regs), who) is None:
             return regs
         kept: list[Registration] = []
@@ -549,7 +564,9 @@ class Agent:
         if entry is None or member == core.id:
             return
         m = core.members.get(member)
-        if m is not None and m.status is Status.LEFT:
+        if (m is not None and m.status is Status.LEFT) or (
+            m is None and member in core.records.left_at
+        ):
             self.dead.left(member)
         elif (m is not None and m.status is Status.DEAD) or (
             m is None and member in core.records.dead_as_of
@@ -911,9 +928,14 @@ class Agent:
                     address=m.address,
                     status=m.status.label,  # type: ignore[arg-type]
                     incarnation=m.incarnation,
+                    meta=self._node_meta_of(m.id),
                 )
             )
         return out
+
+    def _node_meta_of(self, member: str) -> dict[str, str]:
+        entry = self._core.store.get(member)
+        return dict(entry.state.node_meta) if entry is not None else {}
 
     def clusters(self) -> list[ClusterInfo]:
         reach = self.reach()

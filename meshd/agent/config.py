@@ -157,6 +157,9 @@ class AgentConfig:
     #: Seconds a dead node's instances stay listed (critical) in the
     #: inventory before they are reaped: Consul's 72 h by default.
     reap_after: float = DEFAULT_REAP_AFTER
+    #: Operator-set node metadata, published with this node's documents and
+    #: shown as Consul's node meta (``--node-meta KEY=VALUE``).
+    node_meta: tuple[tuple[str, str], ...] = ()
     #: The TOML file this came from, if any (for messages and reloads).
     config_file: Path | None = None
 
@@ -424,6 +427,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "dns_ttl": int,
     "dns_domain": str,
     "reap_after": (str, int),
+    "node_meta": (list, dict),
     "tls": dict,
 }
 _TLS_KEYS = ("ca", "cert", "key")
@@ -510,6 +514,7 @@ _FLAGS = {
     "dns_ttl": "--dns-ttl",
     "dns_domain": "--dns-domain",
     "reap_after": "--reap-after",
+    "node_meta": "--node-meta",
     "tls_ca": "--tls-ca",
     "tls_cert": "--tls-cert",
     "tls_key": "--tls-key",
@@ -564,6 +569,31 @@ def _peers(s: _Settings, key: str, default_port: int | None) -> tuple[str, ...]:
             raise ConfigError(f"{s.what(key)} {value!r:.80} has port 0, which cannot be joined")
         out.append(format_hostport(host, port))
     return tuple(out)
+
+
+def _node_meta(s: _Settings) -> tuple[tuple[str, str], ...]:
+    """``--node-meta KEY=VALUE`` (repeatable) or a ``node_meta`` table in the file."""
+    raw = s.get("node_meta")
+    if raw is None:
+        return ()
+    what = s.what("node_meta")
+    pairs: dict[str, str] = {}
+    if isinstance(raw, dict):
+        for k, v in raw.items():
+            if not isinstance(v, str):
+                raise ConfigError(f"{what}: value of {k!r:.60} must be a string")
+            pairs[k] = v
+    else:
+        for item in raw:
+            k, sep, v = str(item).partition("=")
+            if not sep:
+                raise ConfigError(f"{what} must be KEY=VALUE, not {item!r:.80}")
+            pairs[k] = v
+    meta = tuple(sorted(pairs.items()))
+    try:
+        return wire.check_node_meta(meta)
+    except wire.WireError as exc:
+        raise ConfigError(f"{what}: {exc}") from None
 
 
 def _check_readable(path: Path, what: str) -> None:
@@ -725,6 +755,7 @@ def load_config(flags: dict[str, Any]) -> AgentConfig:
             dns_ttl=dns_ttl,
             dns_domain=dns_domain,
             reap_after=reap_after,
+            node_meta=_node_meta(s),
             config_file=config_file,
         )
     except TypeError as exc:  # pragma: no cover - a bug here, not a user error

@@ -9,7 +9,7 @@ dataclasses with a ``to_json`` that fixes the contract's JSON shapes.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
@@ -109,9 +109,11 @@ class MemberInfo:
     address: str
     status: Literal["alive", "suspect", "dead", "left"]
     incarnation: int
+    #: Operator-set node metadata, from the member's own document when held.
+    meta: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "node": self.node,
             "cluster": self.cluster,
             "region": self.region,
@@ -120,6 +122,9 @@ class MemberInfo:
             "status": self.status,
             "incarnation": self.incarnation,
         }
+        if self.meta:
+            out["meta"] = dict(self.meta)
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,9 +13,8 @@ What must stay true:
 - Only verified documents are remembered (the core's own store entries), so
   a peer cannot plant a service here that it could not publish.
 - A node that left gracefully is forgotten at once: leaving is deregistering
-  (Consul's ``consul leave``).  Outside our own cluster a bridge's "down"
-  statement does not say which of the two it was, so a remote node is
-  remembered either way (docs/api.md says so).
+  (Consul's ``consul leave``).  Outside our own cluster the member's
+  bridges say so (``OriginState.left``, signed with the bridge role).
 - A new live version (the node is back, or republished) replaces the memory.
 - A record that asked for ``DeregisterCriticalServiceAfter`` is dropped once
   its node has been dead that long; everything else after ``reap_after``.

@@ -301,6 +301,7 @@ async def _serve(cfg: AgentConfig) -> int:
             gateway=_fmt(*cfg.gateway) if cfg.gateway else "",
             policy=policy,
             reap_after=cfg.reap_after,
+            node_meta=cfg.node_meta,
         )
         # No access log: a ?token= in a logged URL would hand the token to
         # whoever reads the log.

@@ -562,11 +562,12 @@ def _status(e: Endpoint) -> str:
 
 def node_meta(e: Endpoint) -> dict[str, str]:
     """A node's metadata as Consul's ``Node.Meta`` (and ``?node-meta=``) see it."""
-    return _meta(e.cluster, e.region, e.zone)
+    return _meta(e.cluster, e.region, e.zone, e.node_meta)
 
 
-def _meta(cluster: str, region: str, zone: str) -> dict[str, str]:
-    return {"meshd-cluster": cluster, "meshd-region": region, "meshd-zone": zone}
+def _meta(cluster: str, region: str, zone: str, extra: dict[str, str]) -> dict[str, str]:
+    # The operator's keys cannot shadow ours: the wire refuses meshd- keys.
+    return {**extra, "meshd-cluster": cluster, "meshd-region": region, "meshd-zone": zone}
 
 
 def parse_node_meta(values: Iterable[str]) -> dict[str, str]:
@@ -672,12 +673,18 @@ class Where:
 
     def host(self, e: Endpoint) -> str:
         # A node in another cluster is known only by its documents: the
-        # address of its instance is the best address we have for it.
-        return self.hosts.get((e.cluster, e.node)) or e.address
+        # address they state, else its instance's (an older agent's).
+        return self.hosts.get((e.cluster, e.node)) or e.host or e.address
 
 
 def _node_object(
-    cluster: str, node: str, host: str, region: str, zone: str, index: int
+    cluster: str,
+    node: str,
+    host: str,
+    region: str,
+    zone: str,
+    index: int,
+    meta: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A node as Consul's ``Node`` objects show it."""
     return {
@@ -686,14 +693,16 @@ def _node_object(
         "Address": host,
         "Datacenter": cluster,
         "TaggedAddresses": {"lan": host, "lan_ipv4": host, "wan": host, "wan_ipv4": host},
-        "Meta": _meta(cluster, region, zone),
+        "Meta": _meta(cluster, region, zone, meta or {}),
         "CreateIndex": index,
         "ModifyIndex": index,
     }
 
 
 def _node_json(e: Endpoint, where: Where) -> dict[str, Any]:
-    return _node_object(e.cluster, e.node, where.host(e), e.region, e.zone, where.index)
+    return _node_object(
+        e.cluster, e.node, where.host(e), e.region, e.zone, where.index, e.node_meta
+    )
 
 
 def _serf_check(node: str, alive: bool, reachable: bool, index: int) -> dict[str, Any]:
@@ -1288,7 +1297,9 @@ class _Handlers:
             if m.cluster != dc or m.status == "left":
                 continue
             host = _split_hostport(m.address)[0]
-            out[m.node] = _node_object(m.cluster, m.node, host, m.region, m.zone, where.index)
+            out[m.node] = _node_object(
+                m.cluster, m.node, host, m.region, m.zone, where.index, m.meta
+            )
         for e in self._everything(namespace)[1]:
             if e.cluster == dc and e.node not in out:
                 out[e.node] = _node_json(e, where)

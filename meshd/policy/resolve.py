@@ -75,6 +75,9 @@ class Endpoint:
     #: False when the node is dead: an inventory lists its instances
     #: (critical) until it comes back or is reaped; lookups never do.
     alive: bool = True
+    #: The node's own address and operator metadata, as its document says.
+    host: str = ""
+    node_meta: dict[str, str] = field(default_factory=dict)
 
     @property
     def member(self) -> str:
@@ -157,6 +160,8 @@ def endpoint(
         reachable=ranked.candidate.reachable,
         active=ranked.active,
         alive=alive,
+        host=state.host,
+        node_meta=dict(state.node_meta),
     )
 
 

@@ -91,6 +91,14 @@ class Bridge:
             out.append((m.id, max(versions, default=0)))
         return sorted(out)
 
+    def left_members(self) -> list[str]:
+        """The members of :meth:`down_members` that left gracefully."""
+        return sorted(
+            m.id
+            for m in self.lan.members.values()
+            if m.cluster == self.cluster and m.status is Status.LEFT
+        )
+
     def unreachable_clusters(self) -> list[str]:
         known: dict[str, bool] = {}
         for m in self.wan.members.values():
@@ -129,7 +137,11 @@ class Bridge:
 
     def _restate(self, now: float) -> None:
         self.lan.set_bridge_info(
-            self.down_members(), self.unreachable_clusters(), now, rtt=self.cluster_rtts()
+            self.down_members(),
+            self.unreachable_clusters(),
+            now,
+            rtt=self.cluster_rtts(),
+            left=self.left_members(),
         )
 
 

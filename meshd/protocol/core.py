@@ -145,6 +145,8 @@ class Core:
         apps: Iterable[AppRecord] = (),
         publisher: bool = True,
         gateway: str = "",
+        host: str = "",
+        node_meta: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.config = config
         self.id = member_id(cluster, node)
@@ -177,11 +179,17 @@ class Core:
         #: documents and the bridge relays them, so one counter orders them.
         self.publisher = publisher
         self.gateway = gateway
+        #: The node's own address and operator metadata, carried in every
+        #: document (catalogs in other clusters show them).
+        self.host = host
+        self.node_meta = node_meta
         self.bridge = False
         self.down: tuple[tuple[str, int], ...] = ()
         self.unreachable: tuple[str, ...] = ()
         #: Bridges only: (cluster, microseconds) statement, see OriginState.rtt.
         self.rtt_statement: tuple[tuple[str, int], ...] = ()
+        #: Bridges only: the members of ``down`` that left (OriginState.left).
+        self.left_statement: tuple[str, ...] = ()
         #: Our view of the pool (member_table.py): every change goes through it.
         self.table = MemberTable()
         #: Failed verifications in the message being received (see receive).
@@ -408,10 +416,13 @@ class Core:
         unreachable: Iterable[str],
         now: float,
         rtt: Iterable[tuple[str, int]] = (),
+        left: Iterable[str] = (),
     ) -> None:
-        """A bridge states which own-cluster members are down and which
-        clusters it cannot reach; republished only when it changes."""
+        """A bridge states which own-cluster members are down (and which of
+        them left) and which clusters it cannot reach; republished only when
+        it changes."""
         self.bridge = True
+        self.left_statement = tuple(sorted(left))
         self.down = tuple(sorted(down))
         self.unreachable = tuple(sorted(unreachable))
         self.rtt_statement = tuple(sorted(rtt))

@@ -40,6 +40,9 @@ class Publisher:
     down: tuple[tuple[str, int], ...] = ()
     unreachable: tuple[str, ...] = ()
     rtt: tuple[tuple[str, int], ...] = ()
+    host: str = ""
+    node_meta: tuple[tuple[str, str], ...] = ()
+    left: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, core: Core) -> Publisher:
@@ -54,6 +57,9 @@ class Publisher:
             down=core.down,
             unreachable=core.unreachable,
             rtt=core.rtt_statement,
+            host=core.host,
+            node_meta=core.node_meta,
+            left=core.left_statement,
         )
 
 
@@ -76,6 +82,9 @@ def draft(who: Publisher, scope: str, apps: Sequence[AppRecord], version: int = 
         unreachable=who.unreachable if main else (),
         rtt=who.rtt if main else (),
         gateway=who.gateway,
+        host=who.host,
+        node_meta=who.node_meta,
+        left=who.left if main else (),
     )
 
 

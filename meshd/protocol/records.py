@@ -48,6 +48,9 @@ class Records:
         #: member id -> (version it is dead as of, when we heard it), from
         #: bridges' down statements; forgotten after tombstone_timeout.
         self.dead_as_of: dict[str, tuple[int, float]] = {}
+        #: member id -> when a bridge of its cluster said it left gracefully
+        #: (OriginState.left); forgotten after tombstone_timeout.
+        self.left_at: dict[str, float] = {}
 
     def docs_of(self, member: str) -> set[str]:
         """Ids of the documents of ``member`` held in the store."""
@@ -57,6 +60,8 @@ class Records:
         """Forget tombstones and down statements older than ``timeout``."""
         for member in [m for m, (_, t) in self.dead_as_of.items() if now - t >= timeout]:
             del self.dead_as_of[member]
+        for member in [m for m, t in self.left_at.items() if now - t >= timeout]:
+            del self.left_at[member]
         for doc in self.store.reap(now, timeout):
             scoped = self.scoped.get(doc_member(doc))
             if scoped is not None:
@@ -142,10 +147,20 @@ class Records:
             if as_of is not None and signed.version <= as_of[0]:
                 dead = True  # a bridge of its cluster said so: this life is over
             merged = self.store.merge(signed, result, now, tombstoned=dead)
+            if merged is Merge.KEPT and not dead:
+                self.left_at.pop(owner, None)  # a new life: it did not stay gone
             if merged is Merge.KEPT:
                 self.note_doc(signed.origin)
                 if result.down:
-                    self.apply_down(result.down, now, own=result.cluster == core.cluster)
+                    own = result.cluster == core.cluster
+                    if not own:
+                        # Who of them left, known before their documents are
+                        # buried (the driver reads it on the events that follow).
+                        down = {m for m, _ in result.down}
+                        for member in result.left:
+                            if member in down:
+                                self.left_at[member] = now
+                    self.apply_down(result.down, now, own=own)
                 core._events.append(OriginChanged(signed.origin, signed.version, not dead))
                 if rebroadcast and not dead:
                     core.gossip.record_q.push(signed.origin, signed)
