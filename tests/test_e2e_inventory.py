@@ -28,7 +28,7 @@ LOCAL = Config.local()
 SLACK = 5.0
 SPREAD = repair_bound(3, LOCAL) + SLACK
 #: --reap-after for the dead-node test: long enough to see it listed, short to wait out.
-REAP_AFTER = 10
+REAP_AFTER = 20
 
 
 def client_for(agent: AgentProc) -> consul.Consul:
@@ -93,6 +93,11 @@ def test_inventory_is_the_same_everywhere_lookups_follow_the_policy_and_the_dead
         assert ids(clients[0].health.service("web")[1]) == ids(clients[1].health.service("web")[1])
         node = clients[0].health.node("nc")[1]
         assert {ch["CheckID"]: ch["Status"] for ch in node}["serfHealth"] == "critical"
+        # An agent restarted meanwhile still lists it: remembered in its state file.
+        agents[1].stop()
+        agents[1].start()
+        clients[1] = client_for(agents[1])
+        assert listed_critical(clients[1])
 
         # Then reaped (--reap-after), from the inventory.
         def reaped(c: consul.Consul) -> bool:

@@ -521,3 +521,11 @@ def test_an_index_at_the_top_stays_there_and_is_said(
         assert index.value(0) == index.value(10**6) == MAX_INDEX
         assert db.get_counter(INDEX) == 2**63 - 1
     assert any("at its maximum" in r.getMessage() for r in caplog.records)
+
+
+def test_dead_documents_are_kept_with_their_first_time_of_death(db_path: Path) -> None:
+    with StateDB.open(db_path) as db:
+        db.save_dead([("east/a", b"one", 100.0), ("east/b", b"two", 50.0)], [])
+        db.save_dead([("east/a", b"newer", 999.0)], ["east/b", "east/unknown"])
+    with StateDB.open(db_path) as db:
+        assert db.load_dead() == [("east/a", b"newer", 100.0)]

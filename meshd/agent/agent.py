@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+import msgpack
 from cryptography import x509
 
 from meshd.agent.checks import CheckRunner
@@ -76,7 +77,15 @@ from meshd.revocation import (
     save_revocation_list,
     verify_revocation_list,
 )
-from meshd.wire import AppRecord, Message, Status, doc_member
+from meshd.wire import (
+    AppRecord,
+    Message,
+    Rejection,
+    SignedState,
+    Status,
+    WireError,
+    doc_member,
+)
 
 log = logging.getLogger("meshd.agent")
 
@@ -175,6 +184,11 @@ class Agent:
         self.dead = DeadNodes(reap_after)
         self._dead_reap: asyncio.TimerHandle | None = None
         self._dead_reap_at = math.inf
+        #: What of ``dead`` is in the state file, and what to write there:
+        #: origin -> (signed state as msgpack, wall time it died).
+        self._dead_saved: set[str] = set()
+        self._dead_dirty: dict[str, tuple[bytes, float]] = {}
+        self._dead_saved_generation = -1
         #: Local instances critical with DeregisterCriticalServiceAfter: the
         #: timer that deregisters each (Consul's agent-side reaper).
         self._reapers: dict[str, asyncio.TimerHandle] = {}
@@ -270,6 +284,7 @@ class Agent:
         wan_seeds = wan_join or (self._db.load_peers(WAN) if wan is not None else [])
         if wan_core is not None and wan_seeds:
             wan_core.join(wan_seeds, now)
+        self._load_dead()
         self._pump()
         self._peer_task = self._loop.create_task(self._save_peers_loop())
         self._recheck_task = self._loop.create_task(self._recheck_signers_loop())
@@ -527,10 +542,41 @@ class Agent:
                 self._timer = self._loop.call_at(max(at, self._loop.time()), self._on_timer)
                 self._timer_at = at
         self._arm_dead_reaper()
+        self._save_dead()
         if changed:
             self.update_gauges()
             self._changed.set()
             self._changed = asyncio.Event()
+
+    def _save_dead(self) -> None:
+        """Keep the state file's dead documents in step with ``dead`` (best effort)."""
+        if self.dead.generation == self._dead_saved_generation or self._db is None:
+            return
+        self._dead_saved_generation = self.dead.generation
+        held = self.dead.origins()
+        added = [(o, b, t) for o, (b, t) in self._dead_dirty.items() if o in held]
+        removed = self._dead_saved - held
+        self._dead_dirty.clear()
+        if added or removed:
+            self._db.save_dead(added, removed)
+        self._dead_saved = held
+
+    def _load_dead(self) -> None:
+        """Dead nodes remembered before a restart, verified again (a signer may
+        have expired or been revoked since)."""
+        now, wall = self._loop.time(), time.time()
+        for origin, body, since in self._db.load_dead():
+            self._dead_saved.add(origin)
+            try:
+                signed = SignedState.from_wire(msgpack.unpackb(body, raw=False))
+            except (ValueError, WireError, msgpack.UnpackException):
+                continue
+            state = self._verifier.verify(signed)
+            if isinstance(state, Rejection) or signed.origin != origin:
+                continue
+            self.dead.died(origin, state, now - max(0.0, wall - since))
+        self.dead.reap(now)
+        self._dead_saved_generation = -1  # what did not come back is removed at once
 
     def _arm_dead_reaper(self) -> None:
         """A timer at the dead-node memory's next deadline (inventory.py)."""
@@ -549,6 +595,7 @@ class Agent:
         # asyncio may run a timer a clock tick early: it is due at ``at``.
         if self.dead.reap(max(self._loop.time(), at)):
             self._persist_counters()  # the index moved: keep its ceiling ahead
+            self._save_dead()
             self._changed.set()
             self._changed = asyncio.Event()
         self._arm_dead_reaper()
@@ -574,7 +621,12 @@ class Agent:
             # Dead by our own membership, or by its cluster's bridges.  Not a
             # document whose signer was revoked or expired: that one is
             # untrusted, not a dead node's, and is not listed at all.
-            self.dead.died(event.origin, entry.state, self._loop.time())
+            now = self._loop.time()
+            self.dead.died(event.origin, entry.state, now)
+            since = self.dead.since(event.origin)
+            if since is not None:
+                body = msgpack.packb(entry.signed.to_wire(), use_bin_type=True)
+                self._dead_dirty[event.origin] = (body, time.time() - (now - since))
 
     def _persist_counters(self) -> None:
         """Write what the cores moved on their own: incarnations (refutes) and a

@@ -85,6 +85,14 @@ class DeadNodes:
     def __len__(self) -> int:
         return len(self._docs)
 
+    def origins(self) -> set[str]:
+        return set(self._docs)
+
+    def since(self, origin: str) -> float | None:
+        """When ``origin``'s node died (the caller's clock), if remembered."""
+        r = self._docs.get(origin)
+        return None if r is None else r.since
+
     def died(self, origin: str, state: OriginState, now: float) -> None:
         """``origin`` was tombstoned because its node is dead (or so a bridge says)."""
         if not state.apps:

@@ -146,6 +146,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_seen REAL NOT NULL
         )""",
     ),
+    (
+        # Dead nodes' last documents (signed, as received), so the Consul
+        # inventory lists them critical across a restart of this agent.
+        """CREATE TABLE dead_docs (
+            origin TEXT PRIMARY KEY,
+            signed BLOB NOT NULL,
+            dead_since REAL NOT NULL
+        )""",
+    ),
 )
 _PEER_TABLES = {"lan": "peers", "wan": "wan_peers"}
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -503,6 +512,28 @@ class StateDB:
         with self._read() as conn:
             rows = conn.execute(f"SELECT address FROM {table} ORDER BY last_seen DESC, rowid")
             return [r[0] for r in rows]
+
+    # -- dead nodes' documents -------------------------------------------------------
+
+    def save_dead(self, added: Iterable[tuple[str, bytes, float]], removed: Iterable[str]) -> None:
+        """Remember ``(origin, signed state bytes, wall time of death)``, forget
+        ``removed``.  Best effort, as the peers: a full disk is noted in
+        :attr:`problem` and logged, and the inventory only loses them at a restart."""
+        with contextlib.suppress(StateWriteError), self._write() as conn:
+            conn.executemany("DELETE FROM dead_docs WHERE origin = ?", [(o,) for o in removed])
+            conn.executemany(
+                "INSERT INTO dead_docs (origin, signed, dead_since) VALUES (?, ?, ?)"
+                " ON CONFLICT(origin) DO UPDATE SET signed = excluded.signed",
+                list(added),
+            )
+
+    def load_dead(self) -> list[tuple[str, bytes, float]]:
+        """Every remembered dead document, the longest dead first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT origin, signed, dead_since FROM dead_docs ORDER BY dead_since, origin"
+            )
+            return [(str(o), bytes(b), float(t)) for o, b, t in rows]
 
     # -- loss detection --------------------------------------------------------------
 
