@@ -23,6 +23,7 @@ import pytest
 
 from meshd.policy.policy import AppPolicy
 from meshd.policy.resolve import Gateway
+from meshd.protocol import bridge as bridge_module
 from meshd.protocol.bounds import detection_bound
 from meshd.protocol.config import Config
 from meshd.protocol.core import Core
@@ -47,7 +48,7 @@ from meshd.testing import (
     reach_of,
     unreachable_bound,
 )
-from meshd.wire import AppRecord, Gossip, OriginState, SignedState, WireError
+from meshd.wire import AppRecord, Gossip, OriginState, SignedState, Status, WireError
 
 LAN = Config.lan()
 WAN = Config.wan(probe_interval=1.0, probe_timeout=0.5, suspicion_mult=4)
@@ -735,3 +736,17 @@ def test_nearest_other_cluster_and_rtt_order_come_from_measured_round_trips():
     assert to_w2 < 0.005 < to_w3
     by_rtt = AppPolicy(tiers=("region", "any"), order="rtt")
     assert instances(c.resolve(ids["w1"], "cache", policy=by_rtt)) == ["cache-near", "cache-far"]
+
+
+def test_a_down_statement_is_capped_to_the_most_recent_deaths(monkeypatch):
+    monkeypatch.setattr(bridge_module, "MAX_DOWN_STATEMENT", 1)
+    c, g = build(seed=5, apps=False)
+    b = node(c, g, "east", 0)
+    first, second = node(c, g, "east", 1), node(c, g, "east", 2)
+    c.crash(first)
+    assert c.run_until_true(lambda: c.status_of(b, first) is Status.DEAD, 120.0) is not None
+    c.crash(second)
+    assert c.run_until_true(lambda: c.status_of(b, second) is Status.DEAD, 120.0) is not None
+    c.run_for(10.0)  # past a bridge refresh
+    stated = held(c.core(b), c.nodes[b].id).state.down
+    assert [mid for mid, _ in stated] == [c.nodes[second].id]  # the most recent only

@@ -29,6 +29,11 @@ from meshd.wire import Status, doc_member, may_reach
 
 LAN, WAN = "lan", "wan"
 
+#: Most members one down statement names.  An entry is a member id and a
+#: version, about 40 bytes, and ``left`` may repeat the id: 1,500 of them stay
+#: well inside the 128 KiB a signed document may take, with room for apps.
+MAX_DOWN_STATEMENT = 1500
+
 
 class Bridge:
     def __init__(self, lan: Core, wan: Core) -> None:
@@ -82,22 +87,31 @@ class Bridge:
             self.lan.inject(entry.signed, now)
 
     def down_members(self) -> list[tuple[str, int]]:
-        """(member, highest version of its documents we hold) for the dead and left."""
+        """(member, highest version of its documents we hold) for the dead and left.
+
+        At most :data:`MAX_DOWN_STATEMENT`, the most recent kept: the
+        statement rides in the bridge's signed main document, which must stay
+        within the wire's body limit however many members a churning pool
+        has buried within a tombstone timeout.  A statement is remembered by
+        every store that took it, so dropping an old entry unburies nothing.
+        """
+        gone = [
+            m
+            for m in self.lan.members.values()
+            if m.cluster == self.cluster and m.status in (Status.DEAD, Status.LEFT)
+        ]
+        if len(gone) > MAX_DOWN_STATEMENT:
+            gone = sorted(gone, key=lambda m: (m.since, m.id))[-MAX_DOWN_STATEMENT:]
         out = []
-        for m in self.lan.members.values():
-            if m.cluster != self.cluster or m.status not in (Status.DEAD, Status.LEFT):
-                continue
+        for m in gone:
             versions = [self.lan.store.version(doc) or 0 for doc in self.lan.docs_of(m.id)]
             out.append((m.id, max(versions, default=0)))
         return sorted(out)
 
-    def left_members(self) -> list[str]:
-        """The members of :meth:`down_members` that left gracefully."""
-        return sorted(
-            m.id
-            for m in self.lan.members.values()
-            if m.cluster == self.cluster and m.status is Status.LEFT
-        )
+    def left_members(self, down: list[tuple[str, int]]) -> list[str]:
+        """The members of ``down`` that left gracefully."""
+        members = self.lan.members
+        return [mid for mid, _ in down if members[mid].status is Status.LEFT]
 
     def unreachable_clusters(self) -> list[str]:
         known: dict[str, bool] = {}
@@ -136,12 +150,13 @@ class Bridge:
         self._restate(now)
 
     def _restate(self, now: float) -> None:
+        down = self.down_members()
         self.lan.set_bridge_info(
-            self.down_members(),
+            down,
             self.unreachable_clusters(),
             now,
             rtt=self.cluster_rtts(),
-            left=self.left_members(),
+            left=self.left_members(down),
         )
 
 
