@@ -658,3 +658,13 @@ async def test_register_that_cannot_be_stored_is_507_text(
     assert text == "the disk of state directory /s is full; nothing was stored"
     assert_text_error(text)
     assert agent.registrations == {}
+
+
+async def test_a_native_registrations_check_type_shows_in_consul_answers(client: TestClient):
+    body = {"app": "jobs", "address": "192.0.2.9", "port": 9000, "check": {"ttl": "10s"}}
+    status, _ = await put(client, "/v1/apps/jobs-1", body)
+    assert status == 200
+    _, entries, _ = await get(client, "/v1/health/service/jobs")
+    checks = {c["CheckID"]: c for c in entries[0]["Checks"]}
+    assert checks["service:jobs-1"]["Type"] == "ttl"
+    assert checks["serfHealth"]["Type"] == ""

@@ -189,6 +189,7 @@ class Agent:
         self._dead_saved: set[str] = set()
         self._dead_dirty: dict[str, tuple[bytes, float]] = {}
         self._dead_saved_generation = -1
+        self._members_generation = 0
         #: Local instances critical with DeregisterCriticalServiceAfter: the
         #: timer that deregisters each (Consul's agent-side reaper).
         self._reapers: dict[str, asyncio.TimerHandle] = {}
@@ -506,6 +507,7 @@ class Agent:
         changed = False
         for pool_name, event in host.events():
             if isinstance(event, MemberChanged):
+                self._members_generation += 1
                 self._peers_changed.set()
                 changed = True
                 log.info("%s member %s is %s", pool_name, event.member, event.status.label)
@@ -702,9 +704,15 @@ class Agent:
         return self._core.store.index + self.dead.generation
 
     @property
-    def generation(self) -> tuple[int, int, int]:
-        # Reach is computed from the store, so the store index covers it.
-        return (self._core.store.index, self._policy_generation, self.dead.generation)
+    def generation(self) -> tuple[int, int, int, int]:
+        # Reach is computed from the store, so the store index covers it;
+        # membership moves node addresses and health in Consul answers.
+        return (
+            self._core.store.index,
+            self._policy_generation,
+            self.dead.generation,
+            self._members_generation,
+        )
 
     async def register(self, reg: Registration) -> int:
         async with self._lock:

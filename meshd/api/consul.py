@@ -63,7 +63,7 @@ import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any
 
@@ -670,6 +670,9 @@ class Where:
     hosts: dict[tuple[str, str], str]
     #: Local instance -> its check's last output (only this agent runs checks).
     outputs: dict[str, str]
+    #: Local instance -> its check's kind (a native registration keeps no
+    #: Consul fields in its record, but this agent knows what it runs).
+    types: dict[str, str] = field(default_factory=dict)
 
     def host(self, e: Endpoint) -> str:
         # A node in another cluster is known only by its documents: the
@@ -740,7 +743,7 @@ def _service_check(e: Endpoint, c: _Consulish, where: Where, local: bool) -> dic
         "ServiceID": e.instance,
         "ServiceName": e.app,
         "ServiceTags": list(c.tags),
-        "Type": c.check_type,
+        "Type": c.check_type or (where.types.get(e.instance, "") if local else ""),
         "Definition": {},
         "CreateIndex": where.index,
         "ModifyIndex": where.index,
@@ -876,6 +879,8 @@ class _Handlers:
         self._answers: dict[tuple[Any, ...], tuple[Any, int, bytes]] = {}
         #: (generation, routes): gateway routes, read again when anything changed
         self._routes: tuple[Any, GatewayRoutes] | None = None
+        #: (generation, (cluster, node) -> host): node addresses from membership
+        self._hosts: tuple[Any, dict[tuple[str, str], str]] | None = None
 
     # -- helpers ---------------------------------------------------------------
 
@@ -946,12 +951,21 @@ class _Handlers:
 
     def _where(self, index: int) -> Where:
         agent = self.agent
-        hosts = {}
-        for m in agent.members():
-            host = _split_hostport(m.address)[0]
-            if host and host not in ("0.0.0.0", "::"):
-                hosts[(m.cluster, m.node)] = host
-        return Where(index + 1, hosts, agent.check_outputs())
+        generation = agent.generation
+        if self._hosts is None or self._hosts[0] != generation:
+            # O(members): rebuilt only when membership or records changed.
+            hosts = {}
+            for m in agent.members():
+                host = _split_hostport(m.address)[0]
+                if host and host not in ("0.0.0.0", "::"):
+                    hosts[(m.cluster, m.node)] = host
+            self._hosts = (generation, hosts)
+        types: dict[str, str] = {
+            r.record.instance: r.check.kind
+            for r in agent.local_registrations()
+            if r.check is not None
+        }
+        return Where(index + 1, self._hosts[1], agent.check_outputs(), types)
 
     def _is_local(self, e: Endpoint) -> bool:
         return e.node == self.agent.node_name and e.cluster == self.agent.cluster
