@@ -465,3 +465,16 @@ def test_a_trickled_frame_holds_about_what_it_received() -> None:
     assert decoder.pending == 20_000
     assert held < 20_000 * 1.25, held
     assert decoder.split(frame[20_000:]) == [b"z" * 50_000]
+
+
+async def test_messages_to_more_addresses_than_the_outbound_cap_are_dropped(serve) -> None:
+    server = await serve(max_outbound=2)
+    t = server.transport
+    msg = Gossip("east/x")
+    # Nobody listens on these: the senders keep trying, holding their slots.
+    for port in (1, 2, 3):
+        t.send(f"127.0.0.1:{port}", msg)
+    assert len(t._out) == 2
+    assert server.metrics.rejected.labels("outbound-connections")._value.get() == 1
+    t.send("127.0.0.1:1", msg)  # an address already held still queues
+    assert len(t._out) == 2

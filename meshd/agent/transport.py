@@ -78,6 +78,13 @@ LOG_EVERY = 60.0
 #: table is ~80 MB, and filling it takes 256 certificates of the CA (see
 #: MAX_CONNECTIONS_PER_PEER) since unauthenticated ones stop at MAX_HANDSHAKES.
 MAX_INBOUND_CONNECTIONS = 2048
+#: Peers we hold an outbound connection (or a queue) for at once.  We dial
+#: whom the protocol sends to: gossip and probe targets, about as many as
+#: send to us (see above), plus addresses a peer names (an indirect probe's
+#: target, a ping's reply address).  Past the cap a message to a new address
+#: is dropped and counted; gossip tolerates loss, memory and file
+#: descriptors must not grow with what peers name.
+MAX_OUTBOUND_CONNECTIONS = 2048
 #: Connections still in their TLS handshake (nobody knows who they are yet).
 #: An honest handshake takes milliseconds, so even a pool's joining wave has
 #: a handful in flight; 256 bounds what an attacker without a certificate can
@@ -130,6 +137,7 @@ class Limits:
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     frame_timeout: float = FRAME_TIMEOUT
     max_inbound: int = MAX_INBOUND_CONNECTIONS
+    max_outbound: int = MAX_OUTBOUND_CONNECTIONS
     max_handshakes: int = MAX_HANDSHAKES
     max_handshakes_per_address: int = MAX_HANDSHAKES_PER_ADDRESS
     max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER
@@ -149,6 +157,7 @@ class Limits:
                 raise ValueError(f"{name} must be positive")
         for name in (
             "max_inbound",
+            "max_outbound",
             "max_handshakes",
             "max_handshakes_per_address",
             "max_connections_per_peer",
@@ -290,6 +299,9 @@ class Transport:
         kind = type(msg).__name__
         out = self._out.get(address)
         if out is None:
+            if len(self._out) >= self.limits.max_outbound:
+                self.metrics.rejected.labels("outbound-connections").inc()
+                return
             out = self._out[address] = _Outbound(address)
         if len(out.frames) >= MAX_QUEUED_FRAMES:
             out.frames.popleft()
