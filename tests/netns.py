@@ -44,6 +44,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -152,8 +153,20 @@ class Inside:
         """One HTTP request from inside the namespace: (status, JSON or text)."""
         return self.run(_http, method, url, body, token, timeout)
 
+    def connects(self, address: str, port: int, timeout: float = 1.0) -> bool:
+        """Whether a TCP connection from this namespace to address:port opens."""
+        return self.run(_connects, address, port, timeout)
+
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _connects(address: str, port: int, timeout: float) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _http(method: str, url: str, body: Any, token: str | None, timeout: float) -> tuple[int, Any]:
