@@ -228,10 +228,14 @@ class Host:
     def start(self, timeout: float = 30.0) -> Host:
         self.lines = []
         ready = threading.Event()
-        # `ip netns exec` execs the command in place: the PID we hold is the
-        # agent's own, so a signal to it reaches meshd and nothing else.
+        # `setpriv` and `ip netns exec` each exec the next command in place:
+        # the PID we hold is the agent's own, so a signal to it reaches meshd
+        # and nothing else.  The parent-death signal kills the agent if the
+        # test process dies before close() runs; otherwise the agent would
+        # keep its namespace alive forever.
+        orphan_guard = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, *meshd_cmd(), *self.args],
+            [*orphan_guard, "ip", "netns", "exec", self.ns, *meshd_cmd(), *self.args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
