@@ -67,10 +67,26 @@ TIMEOUT = 240.0
 POLL = 0.02
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port free for TCP and UDP on 127.0.0.1 (Serf binds both), never one
+    this run handed out before: released ports are picked again by the kernel,
+    and two agents on one port would fail to start."""
+    for _ in range(200):
+        with socket.socket() as t, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            t.bind(("127.0.0.1", 0))
+            port = int(t.getsockname()[1])
+            if port in _GIVEN:
+                continue
+            try:
+                u.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError("no free port found in 200 tries")
 
 
 # -- Serf's RPC protocol (msgpack over TCP): handshake, tags, members -------------
@@ -491,6 +507,10 @@ def main() -> int:
                     mesh = cls(tmp, n)
                     try:
                         r = run_one(mesh, n, args.spreads, args.idle)
+                    except (RuntimeError, TimeoutError, OSError) as exc:
+                        # One failed start must not lose the run: report it, go on.
+                        print(f"n={n} rep={rep} {cls.name}: failed: {exc}", flush=True)
+                        continue
                     finally:
                         mesh.stop()
                     results.setdefault((n, cls.name), []).append(r)
@@ -506,6 +526,8 @@ def main() -> int:
 
     rows = []
     for n in sizes:
+        if (n, "meshd") not in results or (n, "Serf") not in results:
+            continue
         m, s = results[(n, "meshd")], results[(n, "Serf")]
 
         def med(rs: list[dict[str, Any]], key: str) -> float:

@@ -21,6 +21,9 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+import consul
 
 READY = re.compile(r"meshd agent ready api=(http://\S+) gossip=(\S+)")
 
@@ -229,3 +232,9 @@ class AgentProc:
                 continue
             total += float(value)
         return total
+
+
+def client_for(agent: AgentProc) -> consul.Consul:
+    """py-consul pointed at ``agent``'s API (its Consul-compatible subset)."""
+    url = urlsplit(agent.api)
+    return consul.Consul(host=url.hostname, port=url.port)

@@ -14,14 +14,13 @@ import json
 import threading
 import time
 import urllib.request
-from urllib.parse import urlsplit
 
 import consul
 import pytest
 
 from meshd.protocol.bounds import repair_bound
 from meshd.protocol.config import Config
-from tests.agents import AgentProc, Certs, wait_until
+from tests.agents import AgentProc, Certs, client_for, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -46,11 +45,6 @@ def pair(tmp_path_factory):
     finally:
         b.stop()
         a.stop()
-
-
-def client_for(agent: AgentProc) -> consul.Consul:
-    url = urlsplit(agent.api)
-    return consul.Consul(host=url.hostname, port=url.port)
 
 
 def passing(c: consul.Consul, name: str) -> list[dict]:

@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from urllib.parse import urlsplit
 
 import consul
 import pytest
 
 from meshd.protocol.bounds import repair_bound
 from meshd.protocol.config import Config
-from tests.agents import AgentProc, Certs, wait_until
+from tests.agents import AgentProc, Certs, client_for, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -57,11 +56,6 @@ def pair(tmp_path_factory):
     finally:
         b.stop()
         a.stop()
-
-
-def client_for(agent: AgentProc) -> consul.Consul:
-    url = urlsplit(agent.api)
-    return consul.Consul(host=url.hostname, port=url.port)
 
 
 def raw(agent: AgentProc, method: str, path: str) -> tuple[int, str]:

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import consul
 import pytest
 
-from tests.agents import AgentProc, Certs, wait_until
+from tests.agents import AgentProc, Certs, client_for, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -33,11 +32,6 @@ SLACK = 5.0  # process scheduling on a loaded 2-core machine
 LONG_WAIT = "120s"
 #: What the issue asks of SIGTERM with queries parked.
 EXIT_WITHIN = 5.0
-
-
-def client_for(agent: AgentProc) -> consul.Consul:
-    url = urlsplit(agent.api)
-    return consul.Consul(host=url.hostname, port=url.port)
 
 
 def consul_index(agent: AgentProc, path: str) -> int:

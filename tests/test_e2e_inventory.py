@@ -20,7 +20,7 @@ import pytest
 
 from meshd.protocol.bounds import detection_bound, repair_bound
 from meshd.protocol.config import Config
-from tests.agents import AgentProc, Certs, wait_until
+from tests.agents import AgentProc, Certs, client_for, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -29,11 +29,6 @@ SLACK = 5.0
 SPREAD = repair_bound(3, LOCAL) + SLACK
 #: --reap-after for the dead-node test: long enough to see it listed, short to wait out.
 REAP_AFTER = 20
-
-
-def client_for(agent: AgentProc) -> consul.Consul:
-    url = urlsplit(agent.api)
-    return consul.Consul(host=url.hostname, port=url.port)
 
 
 def ids(entries: list[dict]) -> list[str]:

@@ -10,14 +10,11 @@ listed, critical, as in Consul.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
-import consul
 import pytest
 
 from meshd.protocol.bounds import detection_bound, repair_bound, spread_bound
 from meshd.protocol.config import Config
-from tests.agents import AgentProc, Certs, wait_until
+from tests.agents import AgentProc, Certs, client_for, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -29,11 +26,6 @@ CROSS = detection_bound(3, LOCAL) + 2 * spread_bound(3, LOCAL) + repair_bound(3,
 def _wan_addr(agent: AgentProc) -> str:
     line = next(ln for ln in agent.lines if "bridge: WAN gossip on" in ln)
     return line.rsplit(" ", 1)[1]
-
-
-def client_for(agent: AgentProc) -> consul.Consul:
-    url = urlsplit(agent.api)
-    return consul.Consul(host=url.hostname, port=url.port)
 
 
 def test_another_clusters_inventory_shows_node_address_meta_and_tells_left_from_dead(tmp_path):
