@@ -22,7 +22,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -72,10 +71,25 @@ class CommandError(Exception):
 
 
 def _version() -> str:
+    # Imported here: importlib.metadata and its scan of every installed
+    # distribution stay out of the agent's memory (benchmarks/RESULTS.md).
+    from importlib import metadata
+
     try:
         return metadata.version("meshd")
     except metadata.PackageNotFoundError:  # running from a tree that was never installed
         return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, with the version looked up only when it is asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(f"meshd {_version()}")  # on stdout, as argparse's own version action
+        parser.exit()
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="meshd: a gossip-based discovery mesh.",
         allow_abbrev=False,
     )
-    parser.add_argument("--version", action="version", version=f"meshd {_version()}")
+    parser.add_argument(
+        "--version", action=_VersionAction, help="show program's version number and exit"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     ca = commands.add_parser("ca", help="manage the certificate authority", allow_abbrev=False)

@@ -20,11 +20,9 @@ directory, as usual for a command line.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import re
 import socket
-import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -441,6 +439,8 @@ _TYPE_NAMES = {
 
 
 def _unknown_key(path: Path, key: str, known: list[str]) -> ConfigError:
+    import difflib  # only a bad config file needs it: kept out of the agent's memory
+
     close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     return ConfigError(f"config file {path}: unknown key {key!r}{hint}")
@@ -448,6 +448,8 @@ def _unknown_key(path: Path, key: str, known: list[str]) -> ConfigError:
 
 def _read_file(path: Path) -> dict[str, Any]:
     """The file's settings, type-checked, with ``[tls]`` flattened to ``tls_*``."""
+    import tomllib  # only agents started with --config read TOML: kept out of the others' memory
+
     try:
         with path.open("rb") as f:
             data = tomllib.load(f)

@@ -64,8 +64,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
-from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -80,10 +79,12 @@ from meshd.agent.interface import (
 from meshd.agent.inventory import DEREGISTER_AFTER_KEY
 from meshd.api.access import BlockingQueries
 from meshd.api.durations import parse_wait
-from meshd.api.filter import Filter, FilterError, compile_filter
 from meshd.api.validation import ApiError, is_host, parse_registration
 from meshd.policy.gateway import ROUTE_APP, ROUTE_NAMESPACE, route_of
 from meshd.wire import WireError, check_name
+
+if TYPE_CHECKING:
+    from meshd.api.filter import Filter
 
 __all__ = [
     "add_consul_routes",
@@ -184,6 +185,10 @@ def _bad(message: str) -> ApiError:
 
 
 def _version() -> str:
+    # Imported here, like the filter language below: an idle agent never loads
+    # either (benchmarks/RESULTS.md, the idle memory breakdown).
+    from importlib import metadata
+
     try:
         return metadata.version("meshd")
     except metadata.PackageNotFoundError:  # running from a source tree
@@ -924,6 +929,8 @@ class _Handlers:
         text = request.query.get("filter") or ""
         if not text.strip():
             return None
+        from meshd.api.filter import FilterError, compile_filter
+
         try:
             return compile_filter(text)
         except FilterError as exc:
@@ -933,6 +940,8 @@ class _Handlers:
     def _apply(f: Filter | None, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if f is None:
             return rows
+        from meshd.api.filter import FilterError
+
         try:
             return f.apply(rows)  # type: ignore[return-value]
         except FilterError as exc:  # a field no row has: Consul refuses it too

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -271,6 +270,8 @@ def load_policy_file(path: str | Path) -> Policy:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise PolicyError(f"{name}: not UTF-8 text (byte {e.start})") from None
+    import tomllib  # only a policy file needs the TOML parser: kept out of the idle agent
+
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
