@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -302,8 +303,14 @@ def _default_session() -> aiohttp.ClientSession:
     # connection could keep passing while the app no longer accepts new ones,
     # and idle sockets to every local app are a cost for nothing.  Proxy
     # variables are ignored: a probe of a local app must not go via a proxy.
+    # An explicit context, verifying against the system's CA certificates as
+    # aiohttp's default would: ``meshd agent`` imports aiohttp without them
+    # (meshd/cli.py, _without_system_ca_bundle), and only agents that run an
+    # HTTP check pay for loading them, once, here.
+    tls = ssl.create_default_context()
+    tls.set_alpn_protocols(["http/1.1"])
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(force_close=True),
+        connector=aiohttp.TCPConnector(force_close=True, ssl=tls),
         headers={"User-Agent": USER_AGENT},
         trust_env=False,
     )
