@@ -8,6 +8,10 @@ no HTML error page and no traceback ever reaches a client.
 ``GET /v1/resolve/{app}`` is the hot path: it does no I/O besides an optional
 blocking wait, builds its answer with one ``json.dumps``, and times only the
 agent's lookup, so ``meshd_lookup_seconds`` measures the index, not the network.
+An answer is encoded once per agent generation; a request whose exact path and
+query were already validated and answered in this generation (the common case:
+a sidecar asking the same question again) is served from those bytes without
+parsing its query again, so it costs little more than aiohttp's own handling.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from multidict import CIMultiDict
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from meshd.agent.interface import AgentAPI, StorageError
@@ -66,6 +71,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Encoded resolve answers kept; past it the cache starts over (bounded memory
 #: whatever names clients ask for).
 MAX_CACHED_ANSWERS = 4096
+#: Longest raw query string whose answer is remembered by its spelling.  Real
+#: clients send a few short parameters; a longer query is still answered, only
+#: through the full parse, so hostile spellings cannot make the cache's keys big.
+MAX_HOT_QUERY = 256
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -160,6 +169,28 @@ class _Handlers:
         #: An answer depends only on the key and on the agent's generation, so
         #: the hot path is a dict lookup and a write of ready bytes.
         self._answers: dict[tuple[str, str, str | None, bool], tuple[Any, int, bytes]] = {}
+        #: (raw app, raw query string) -> (encoded body, response headers), for
+        #: non-blocking resolves that passed validation and were answered in
+        #: ``_hot_generation``.  Validation depends only on those two strings and
+        #: the policy (part of the generation), so a hit needs none of it again.
+        #: Bodies are the ones ``_answers`` holds (shared, not copied).
+        self._hot: dict[tuple[str, str], tuple[bytes, CIMultiDict[str]]] = {}
+        self._hot_generation: Any = None
+        #: The full resolve with its blocking-query cap; set by create_app.
+        self.resolve_slow: Handler = self._resolve
+
+    async def resolve(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        generation = self.agent.generation
+        if generation != self._hot_generation:
+            self._hot.clear()  # every remembered answer is stale at once
+            self._hot_generation = generation
+        hot = self._hot.get((request.match_info["app"], request.query_string))
+        if hot is None:
+            return await self.resolve_slow(request)
+        self.lookup_seconds.observe(time.perf_counter() - started)
+        # A copy: aiohttp adds Content-Length, Date and Server to the dict it is given.
+        return web.Response(body=hot[0], headers=CIMultiDict(hot[1]))
 
     async def register(self, request: web.Request) -> web.Response:
         instance = request.match_info["instance"]
@@ -186,8 +217,9 @@ class _Handlers:
     async def list_apps(self, request: web.Request) -> web.Response:
         return _json([reg.to_json() for reg in self.agent.local_registrations()])
 
-    async def resolve(self, request: web.Request) -> web.Response:
-        app = _name(request.match_info["app"], "app")
+    async def _resolve(self, request: web.Request) -> web.Response:
+        raw_app = request.match_info["app"]
+        app = _name(raw_app, "app")
         query = request.query
         # An empty parameter (?namespace=) means "not given", as in Consul.
         namespace = _name(query.get("namespace") or "default", "namespace")
@@ -222,12 +254,17 @@ class _Handlers:
             if len(self._answers) >= MAX_CACHED_ANSWERS:
                 self._answers.clear()  # bounded; refilled by what is asked next
             self._answers[key] = (generation, index, body)
+        headers = CIMultiDict({"Content-Type": "application/json", "X-Meshd-Index": str(index)})
+        raw_query = request.query_string
+        if not index_text and len(raw_query) <= MAX_HOT_QUERY:
+            if generation != self._hot_generation:
+                self._hot.clear()
+                self._hot_generation = generation
+            if len(self._hot) >= MAX_CACHED_ANSWERS:
+                self._hot.clear()  # bounded; refilled by what is asked next
+            self._hot[(raw_app, raw_query)] = (body, headers)
         self.lookup_seconds.observe(time.perf_counter() - started)
-        return web.Response(
-            body=body,
-            content_type="application/json",
-            headers={"X-Meshd-Index": str(index)},
-        )
+        return web.Response(body=body, headers=CIMultiDict(headers))
 
     async def members(self, request: web.Request) -> web.Response:
         cluster = request.query.get("cluster") or None
@@ -335,7 +372,10 @@ def create_app(
     r.add_delete("/v1/apps/{instance}", h.deregister)
     r.add_put("/v1/apps/{instance}/health", h.set_health)
     r.add_get("/v1/apps", h.list_apps)
-    r.add_get("/v1/resolve/{app}", blocking.guard(h.resolve, _blocks, _error))
+    # Only what the fast path cannot answer meets the blocking-query cap: a
+    # remembered answer is never for a query carrying an index.
+    h.resolve_slow = blocking.guard(h._resolve, _blocks, _error)
+    r.add_get("/v1/resolve/{app}", h.resolve)
     r.add_get("/v1/members", h.members)
     r.add_get("/v1/clusters", h.clusters)
     r.add_get("/v1/health", h.health)
