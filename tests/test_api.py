@@ -714,10 +714,10 @@ async def test_resolve_remembered_answers_are_bounded(
         resp = await client.get("/v1/resolve/orders", params={"x": str(i)})
         assert await resp.read() == expected
         assert 1 <= len(_hot_answers(client)) <= 8
-    long_query = {"x": "y" * api_app.MAX_HOT_QUERY}
+    long_query = {"x": "y" * api_app.MAX_HOT_TARGET}
     resp = await client.get("/v1/resolve/orders", params=long_query)
     assert resp.status == 200 and await resp.read() == expected
-    assert all(len(query) <= api_app.MAX_HOT_QUERY for _, query in _hot_answers(client))
+    assert all(len(target) <= api_app.MAX_HOT_TARGET for target in _hot_answers(client))
 
 
 async def test_resolve_remembered_answers_are_measured_and_counted(

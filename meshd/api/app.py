@@ -71,10 +71,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Encoded resolve answers kept; past it the cache starts over (bounded memory
 #: whatever names clients ask for).
 MAX_CACHED_ANSWERS = 4096
-#: Longest raw query string whose answer is remembered by its spelling.  Real
-#: clients send a few short parameters; a longer query is still answered, only
-#: through the full parse, so hostile spellings cannot make the cache's keys big.
-MAX_HOT_QUERY = 256
+#: Longest raw request target (path and query) whose answer is remembered by
+#: its spelling.  Real clients send an app name and a few short parameters; a
+#: longer target is still answered, only through the full parse, so hostile
+#: spellings cannot make the cache's keys big.
+MAX_HOT_TARGET = 320
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -128,9 +129,11 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Re
 
 
 def _errors_and_counts(metrics: Metrics) -> Middleware:
-    # Children of the counter, cached: labels() takes a lock and builds a key on
-    # every call.  Bounded by routes x statuses, both small fixed sets.
-    counters: dict[tuple[str, int], Any] = {}
+    # Children of the counter, cached by route object: labels() takes a lock and
+    # builds a key on every call.  Bounded by routes x statuses, both small fixed
+    # sets; the routes aiohttp makes up for a request that matched none are new
+    # objects every time, so those are looked up by label instead.
+    counters: dict[tuple[Any, int], Any] = {}
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -145,14 +148,14 @@ def _errors_and_counts(metrics: Metrics) -> Middleware:
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path[:200])
             response = _error(500, "internal error in the agent; its log has the details")
-        resource = request.match_info.route.resource
-        route = UNMATCHED if resource is None else resource.canonical
-        key = (route, response.status)
-        counter = counters.get(key)
+        route = request.match_info.route
+        counter = counters.get((route, response.status))
         if counter is None:
-            counter = counters[key] = metrics.http_requests.labels(
-                route=route, status=str(response.status)
-            )
+            resource = route.resource
+            name = UNMATCHED if resource is None else resource.canonical
+            counter = metrics.http_requests.labels(route=name, status=str(response.status))
+            if resource is not None:
+                counters[(route, response.status)] = counter
         counter.inc()
         return response
 
@@ -169,12 +172,12 @@ class _Handlers:
         #: An answer depends only on the key and on the agent's generation, so
         #: the hot path is a dict lookup and a write of ready bytes.
         self._answers: dict[tuple[str, str, str | None, bool], tuple[Any, int, bytes]] = {}
-        #: (raw app, raw query string) -> (encoded body, response headers), for
-        #: non-blocking resolves that passed validation and were answered in
-        #: ``_hot_generation``.  Validation depends only on those two strings and
-        #: the policy (part of the generation), so a hit needs none of it again.
-        #: Bodies are the ones ``_answers`` holds (shared, not copied).
-        self._hot: dict[tuple[str, str], tuple[bytes, CIMultiDict[str]]] = {}
+        #: Raw request target (path and query as sent) -> (encoded body, response
+        #: headers), for non-blocking resolves that passed validation and were
+        #: answered in ``_hot_generation``.  Routing and validation depend only on
+        #: that string and on the policy (part of the generation), so a hit needs
+        #: none of them again.  Bodies are the ones ``_answers`` holds (shared).
+        self._hot: dict[str, tuple[bytes, CIMultiDict[str]]] = {}
         self._hot_generation: Any = None
         #: The full resolve with its blocking-query cap; set by create_app.
         self.resolve_slow: Handler = self._resolve
@@ -185,7 +188,7 @@ class _Handlers:
         if generation != self._hot_generation:
             self._hot.clear()  # every remembered answer is stale at once
             self._hot_generation = generation
-        hot = self._hot.get((request.match_info["app"], request.query_string))
+        hot = self._hot.get(request.raw_path)
         if hot is None:
             return await self.resolve_slow(request)
         self.lookup_seconds.observe(time.perf_counter() - started)
@@ -218,8 +221,7 @@ class _Handlers:
         return _json([reg.to_json() for reg in self.agent.local_registrations()])
 
     async def _resolve(self, request: web.Request) -> web.Response:
-        raw_app = request.match_info["app"]
-        app = _name(raw_app, "app")
+        app = _name(request.match_info["app"], "app")
         query = request.query
         # An empty parameter (?namespace=) means "not given", as in Consul.
         namespace = _name(query.get("namespace") or "default", "namespace")
@@ -255,14 +257,14 @@ class _Handlers:
                 self._answers.clear()  # bounded; refilled by what is asked next
             self._answers[key] = (generation, index, body)
         headers = CIMultiDict({"Content-Type": "application/json", "X-Meshd-Index": str(index)})
-        raw_query = request.query_string
-        if not index_text and len(raw_query) <= MAX_HOT_QUERY:
+        target = request.raw_path
+        if not index_text and len(target) <= MAX_HOT_TARGET:
             if generation != self._hot_generation:
                 self._hot.clear()
                 self._hot_generation = generation
             if len(self._hot) >= MAX_CACHED_ANSWERS:
                 self._hot.clear()  # bounded; refilled by what is asked next
-            self._hot[(raw_app, raw_query)] = (body, headers)
+            self._hot[target] = (body, headers)
         self.lookup_seconds.observe(time.perf_counter() - started)
         return web.Response(body=body, headers=CIMultiDict(headers))
 
