@@ -619,6 +619,118 @@ async def test_wait_is_clamped_and_defaulted(client: TestClient, agent: FakeAgen
 
 
 # ---------------------------------------------------------------------------
+# Resolve answers remembered by the exact request (the hot path)
+
+
+def _counting_resolves(agent: FakeAgent) -> list[tuple[Any, ...]]:
+    """Make ``agent.resolve`` log each call; the list it returns fills as calls come."""
+    calls: list[tuple[Any, ...]] = []
+    real = agent.resolve
+
+    def counting(*args: Any) -> Any:
+        calls.append(args)
+        return real(*args)
+
+    agent.resolve = counting  # type: ignore[method-assign,assignment]
+    return calls
+
+
+def _hot_answers(client: TestClient) -> dict[Any, Any]:
+    """The resolve handler's remembered answers (the route's bound method's owner)."""
+    assert isinstance(client.server, TestServer)
+    for route in client.server.app.router.routes():
+        resource = route.resource
+        if route.method == "GET" and resource and resource.canonical == "/v1/resolve/{app}":
+            hot: dict[Any, Any] = getattr(route.handler, "__self__")._hot  # noqa: B009
+            return hot
+    raise AssertionError("no resolve route")
+
+
+async def test_resolve_repeated_is_the_same_answer_computed_once(
+    client: TestClient, agent: FakeAgent
+) -> None:
+    await put_app(client, "a1", VALID)
+    calls = _counting_resolves(agent)
+    first = await client.get("/v1/resolve/orders", params={"all": "1"})
+    body = await first.read()
+    assert first.status == 200 and json.loads(body)["endpoints"][0]["instance"] == "a1"
+    for _ in range(3):
+        again = await client.get("/v1/resolve/orders", params={"all": "1"})
+        assert again.status == 200 and await again.read() == body
+        assert again.content_type == "application/json"
+        assert again.headers["X-Meshd-Index"] == first.headers["X-Meshd-Index"]
+    assert calls == [("orders", "default", None, True)]
+
+
+async def test_resolve_remembered_answer_follows_every_change(
+    client: TestClient, agent: FakeAgent
+) -> None:
+    await put_app(client, "a1", VALID)
+    resp = await client.get("/v1/resolve/orders")
+    assert [e["instance"] for e in (await resp.json())["endpoints"]] == ["a1"]
+    await put_app(client, "a2", VALID)
+    resp = await client.get("/v1/resolve/orders")
+    body = await resp.json()
+    assert sorted(e["instance"] for e in body["endpoints"]) == ["a1", "a2"]
+    assert body["index"] == agent.index and resp.headers["X-Meshd-Index"] == str(agent.index)
+
+
+async def test_resolve_remembered_answer_never_skips_a_blocking_wait(
+    client: TestClient, agent: FakeAgent
+) -> None:
+    index = agent.index
+    await client.get("/v1/resolve/orders")  # the same app answered once without an index
+    for _ in range(2):
+        resp = await asyncio.wait_for(
+            client.get("/v1/resolve/orders", params={"index": str(index), "wait": "100ms"}),
+            timeout=30,
+        )
+        assert resp.status == 200
+    assert agent.waits == [(index, 0.1), (index, 0.1)]
+
+
+async def test_resolve_bad_request_is_refused_every_time(
+    client: TestClient, agent: FakeAgent
+) -> None:
+    calls = _counting_resolves(agent)
+    for _ in range(3):
+        resp = await client.get("/v1/resolve/orders", params={"all": "maybe"})
+        assert resp.status == 400 and "all" in assert_one_sentence_error(await resp.json())
+        resp = await client.get("/v1/resolve/-orders")
+        assert resp.status == 400 and "app" in assert_one_sentence_error(await resp.json())
+    assert calls == [] and _hot_answers(client) == {}
+
+
+async def test_resolve_remembered_answers_are_bounded(
+    client: TestClient, agent: FakeAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import meshd.api.app as api_app
+
+    monkeypatch.setattr(api_app, "MAX_CACHED_ANSWERS", 8)
+    await put_app(client, "a1", VALID)
+    expected = await (await client.get("/v1/resolve/orders")).read()
+    # Parameters the API ignores make distinct spellings of one question.
+    for i in range(30):
+        resp = await client.get("/v1/resolve/orders", params={"x": str(i)})
+        assert await resp.read() == expected
+        assert 1 <= len(_hot_answers(client)) <= 8
+    long_query = {"x": "y" * api_app.MAX_HOT_TARGET}
+    resp = await client.get("/v1/resolve/orders", params=long_query)
+    assert resp.status == 200 and await resp.read() == expected
+    assert all(len(target) <= api_app.MAX_HOT_TARGET for target in _hot_answers(client))
+
+
+async def test_resolve_remembered_answers_are_measured_and_counted(
+    client: TestClient, agent: FakeAgent
+) -> None:
+    for _ in range(3):
+        assert (await client.get("/v1/resolve/orders")).status == 200
+    text = await (await client.get("/metrics")).text()
+    assert 'meshd_http_requests_total{route="/v1/resolve/{app}",status="200"} 3.0' in text
+    assert "meshd_lookup_seconds_count 3.0" in text
+
+
+# ---------------------------------------------------------------------------
 # Members, clusters, health, metrics
 
 

@@ -8,6 +8,10 @@ no HTML error page and no traceback ever reaches a client.
 ``GET /v1/resolve/{app}`` is the hot path: it does no I/O besides an optional
 blocking wait, builds its answer with one ``json.dumps``, and times only the
 agent's lookup, so ``meshd_lookup_seconds`` measures the index, not the network.
+An answer is encoded once per agent generation; a request whose exact path and
+query were already validated and answered in this generation (the common case:
+a sidecar asking the same question again) is served from those bytes without
+parsing its query again, so it costs little more than aiohttp's own handling.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from multidict import CIMultiDict
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from meshd.agent.interface import AgentAPI, StorageError
@@ -66,6 +71,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Encoded resolve answers kept; past it the cache starts over (bounded memory
 #: whatever names clients ask for).
 MAX_CACHED_ANSWERS = 4096
+#: Longest raw request target (path and query) whose answer is remembered by
+#: its spelling.  Real clients send an app name and a few short parameters; a
+#: longer target is still answered, only through the full parse, so hostile
+#: spellings cannot make the cache's keys big.
+MAX_HOT_TARGET = 320
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -119,9 +129,11 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Re
 
 
 def _errors_and_counts(metrics: Metrics) -> Middleware:
-    # Children of the counter, cached: labels() takes a lock and builds a key on
-    # every call.  Bounded by routes x statuses, both small fixed sets.
-    counters: dict[tuple[str, int], Any] = {}
+    # Children of the counter, cached by route object: labels() takes a lock and
+    # builds a key on every call.  Bounded by routes x statuses, both small fixed
+    # sets; the routes aiohttp makes up for a request that matched none are new
+    # objects every time, so those are looked up by label instead.
+    counters: dict[tuple[Any, int], Any] = {}
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -136,14 +148,14 @@ def _errors_and_counts(metrics: Metrics) -> Middleware:
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path[:200])
             response = _error(500, "internal error in the agent; its log has the details")
-        resource = request.match_info.route.resource
-        route = UNMATCHED if resource is None else resource.canonical
-        key = (route, response.status)
-        counter = counters.get(key)
+        route = request.match_info.route
+        counter = counters.get((route, response.status))
         if counter is None:
-            counter = counters[key] = metrics.http_requests.labels(
-                route=route, status=str(response.status)
-            )
+            resource = route.resource
+            name = UNMATCHED if resource is None else resource.canonical
+            counter = metrics.http_requests.labels(route=name, status=str(response.status))
+            if resource is not None:
+                counters[(route, response.status)] = counter
         counter.inc()
         return response
 
@@ -160,6 +172,28 @@ class _Handlers:
         #: An answer depends only on the key and on the agent's generation, so
         #: the hot path is a dict lookup and a write of ready bytes.
         self._answers: dict[tuple[str, str, str | None, bool], tuple[Any, int, bytes]] = {}
+        #: Raw request target (path and query as sent) -> (encoded body, response
+        #: headers), for non-blocking resolves that passed validation and were
+        #: answered in ``_hot_generation``.  Routing and validation depend only on
+        #: that string and on the policy (part of the generation), so a hit needs
+        #: none of them again.  Bodies are the ones ``_answers`` holds (shared).
+        self._hot: dict[str, tuple[bytes, CIMultiDict[str]]] = {}
+        self._hot_generation: Any = None
+        #: The full resolve with its blocking-query cap; set by create_app.
+        self.resolve_slow: Handler = self._resolve
+
+    async def resolve(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        generation = self.agent.generation
+        if generation != self._hot_generation:
+            self._hot.clear()  # every remembered answer is stale at once
+            self._hot_generation = generation
+        hot = self._hot.get(request.raw_path)
+        if hot is None:
+            return await self.resolve_slow(request)
+        self.lookup_seconds.observe(time.perf_counter() - started)
+        # A copy: aiohttp adds Content-Length, Date and Server to the dict it is given.
+        return web.Response(body=hot[0], headers=CIMultiDict(hot[1]))
 
     async def register(self, request: web.Request) -> web.Response:
         instance = request.match_info["instance"]
@@ -186,7 +220,7 @@ class _Handlers:
     async def list_apps(self, request: web.Request) -> web.Response:
         return _json([reg.to_json() for reg in self.agent.local_registrations()])
 
-    async def resolve(self, request: web.Request) -> web.Response:
+    async def _resolve(self, request: web.Request) -> web.Response:
         app = _name(request.match_info["app"], "app")
         query = request.query
         # An empty parameter (?namespace=) means "not given", as in Consul.
@@ -222,12 +256,17 @@ class _Handlers:
             if len(self._answers) >= MAX_CACHED_ANSWERS:
                 self._answers.clear()  # bounded; refilled by what is asked next
             self._answers[key] = (generation, index, body)
+        headers = CIMultiDict({"Content-Type": "application/json", "X-Meshd-Index": str(index)})
+        target = request.raw_path
+        if not index_text and len(target) <= MAX_HOT_TARGET:
+            if generation != self._hot_generation:
+                self._hot.clear()
+                self._hot_generation = generation
+            if len(self._hot) >= MAX_CACHED_ANSWERS:
+                self._hot.clear()  # bounded; refilled by what is asked next
+            self._hot[target] = (body, headers)
         self.lookup_seconds.observe(time.perf_counter() - started)
-        return web.Response(
-            body=body,
-            content_type="application/json",
-            headers={"X-Meshd-Index": str(index)},
-        )
+        return web.Response(body=body, headers=CIMultiDict(headers))
 
     async def members(self, request: web.Request) -> web.Response:
         cluster = request.query.get("cluster") or None
@@ -335,7 +374,10 @@ def create_app(
     r.add_delete("/v1/apps/{instance}", h.deregister)
     r.add_put("/v1/apps/{instance}/health", h.set_health)
     r.add_get("/v1/apps", h.list_apps)
-    r.add_get("/v1/resolve/{app}", blocking.guard(h.resolve, _blocks, _error))
+    # Only what the fast path cannot answer meets the blocking-query cap: a
+    # remembered answer is never for a query carrying an index.
+    h.resolve_slow = blocking.guard(h._resolve, _blocks, _error)
+    r.add_get("/v1/resolve/{app}", h.resolve)
     r.add_get("/v1/members", h.members)
     r.add_get("/v1/clusters", h.clusters)
     r.add_get("/v1/health", h.health)
