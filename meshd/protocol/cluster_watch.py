@@ -121,6 +121,8 @@ class ClusterWatch:
         self._pending: dict[int, tuple[_Round, str]] = {}
         #: Acks that matched nothing or came from the wrong member.
         self.ignored = 0
+        #: Rounds that timed out unanswered (loss, or a lost cluster).
+        self.missed = 0
 
     def deadline(self) -> float:
         t = self.next_round
@@ -200,6 +202,7 @@ class ClusterWatch:
             w = self._clusters.get(rnd.cluster)
             if w is None or rnd.answered:
                 continue
+            self.missed += 1
             w.misses += 1
             if w.misses >= self.config.misses and not w.unreachable:
                 w.unreachable = True
