@@ -24,6 +24,7 @@ from meshd.protocol.bounds import (
     watch_verdict_time,
 )
 from meshd.protocol.cluster_watch import (
+    LATE_ACK_WINDOW,
     MAX_TARGETS,
     MAX_WATCHED_CLUSTERS,
     SEQ_BASE,
@@ -124,7 +125,7 @@ def test_one_answered_round_resets_the_count():
 def test_an_ack_from_another_member_or_with_an_unknown_seq_is_not_evidence():
     w = ClusterWatch("a/n0", "a-0:1", now=0.0)
     tg = targets("b", "c")
-    t, sent, _ = run_rounds(w, 0.0, W.misses + 3, tg)
+    t, sent, _ = run_rounds(w, 0.0, int(LATE_ACK_WINDOW / W.interval) + 6, tg)
     assert w.unreachable() == {"b", "c"}
     out, _ = w.tick(t, tg)
     to_b = next(p for _, p in out if p.target == "b/n0")
@@ -135,10 +136,34 @@ def test_an_ack_from_another_member_or_with_an_unknown_seq_is_not_evidence():
     assert w.on_ack("b/n0", 7, t) is False
     assert w.unreachable() == {"b", "c"}
     assert w.ignored == 2  # the probe's seq (7) is not ours to count
-    # A ping of an expired round no longer counts either.
+    # A ping of a round that timed out more than LATE_ACK_WINDOW ago is forgotten.
     old = sent[0][1]
     assert w.on_ack(old.target, old.seq, t) is False
     assert w.unreachable() == {"b", "c"}
+
+
+def test_a_late_ack_proves_life_so_a_slow_link_makes_no_verdict():
+    w = ClusterWatch("a/n0", "a-0:1", now=0.0)
+    tg = targets("b", per=1)
+    rtt = 1.5 * W.timeout  # every ack comes after its round timed out
+    due: list[tuple[float, Ping]] = []
+    t = 0.0
+    while t < 60.0:
+        t = min([w.deadline(), *(d for d, _ in due)])
+        for d, p in [x for x in due if x[0] <= t]:
+            due.remove((d, p))
+            assert w.on_ack(p.target, p.seq, d) is False
+        out, changed = w.tick(t, tg)
+        assert not changed
+        due += [(t + rtt, p) for _, p in out]
+    assert w.missed > W.misses  # every round counted as missed...
+    assert w.unreachable() == set()  # ...yet the late acks kept b reachable
+    # After a verdict, a late ack undoes it as an answered one would.
+    t2, sent, _ = run_rounds(w, t, W.misses + 2, tg)
+    assert w.unreachable() == {"b"}
+    last = sent[-5][1]  # timed out, well inside the late window
+    assert w.on_ack("b/n0", last.seq, t2) is True
+    assert w.unreachable() == set()
 
 
 def test_a_paused_driver_wakes_without_a_verdict():

@@ -14,7 +14,10 @@ life:
 - A round is *answered* when an ``Ack`` for one of its pings comes back from
   the very bridge that ping went to, within ``timeout``.
 - C is unreachable once ``misses`` rounds in a row went unanswered, and
-  reachable again at the first answered ping.
+  reachable again at the first answered ping.  An ack that comes after its
+  round's timeout (up to :data:`LATE_ACK_WINDOW`) still proves C alive: it
+  resets the count too, so a link slower than ``timeout`` makes no verdict
+  rather than a false one.
 
 Why that cannot be forged: only acks of our own pings count, matched by
 their sequence number *and* by the acker being the member we pinged (the
@@ -54,6 +57,10 @@ MAX_TARGETS = 3
 #: The prober counts up from 0 one probe a second, so it never reaches this
 #: half and an ack of ours is never taken for an ack of its probe.
 SEQ_BASE = 1 << 31
+#: Seconds an ack is still taken after its round timed out (it no longer
+#: makes the round answered, but proves the cluster alive).  Bounds what is
+#: remembered: rounds of this many seconds, at most clusters x targets each.
+LATE_ACK_WINDOW = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +126,11 @@ class ClusterWatch:
         #: seq -> (round, member pinged).  At most clusters x targets x rounds
         #: in flight entries: the rounds expire at their deadline.
         self._pending: dict[int, tuple[_Round, str]] = {}
+        #: Pings of timed-out rounds, still taken as a sign of life:
+        #: seq -> (cluster, member pinged), forgotten LATE_ACK_WINDOW after
+        #: their round timed out (oldest first in ``_late_order``).
+        self._late: dict[int, tuple[str, str]] = {}
+        self._late_order: deque[tuple[float, list[int]]] = deque()
         #: Acks that matched nothing or came from the wrong member.
         self.ignored = 0
         #: Rounds that timed out unanswered (loss, or a lost cluster).
@@ -172,17 +184,23 @@ class ClusterWatch:
         """An ack arrived from ``source`` (authenticated by the transport).
         True when it made a cluster reachable again."""
         hit = self._pending.get(seq)
-        if hit is None or hit[1] != source:
-            # Not ours (a probe's ack) or from someone we did not ping: a
-            # peer cannot speak for another bridge, so it is not evidence.
-            if seq >= SEQ_BASE:
-                self.ignored += 1
-            return False
-        rnd, _ = hit
-        for s in rnd.seqs:
-            self._pending.pop(s, None)
-        rnd.answered = True
-        w = self._clusters.get(rnd.cluster)
+        if hit is not None and hit[1] == source:
+            rnd = hit[0]
+            for s in rnd.seqs:
+                self._pending.pop(s, None)
+            rnd.answered = True
+            cluster = rnd.cluster
+        else:
+            late = self._late.get(seq)
+            if late is None or late[1] != source or hit is not None:
+                # Not ours (a probe's ack) or from someone we did not ping: a
+                # peer cannot speak for another bridge, so it is not evidence.
+                if seq >= SEQ_BASE:
+                    self.ignored += 1
+                return False
+            del self._late[seq]
+            cluster = late[0]
+        w = self._clusters.get(cluster)
         if w is None:
             return False
         w.misses = 0
@@ -194,11 +212,21 @@ class ClusterWatch:
 
     def _expire(self, now: float) -> bool:
         changed = False
+        late = self._late_order
+        while late and late[0][0] <= now:
+            for s in late.popleft()[1]:
+                self._late.pop(s, None)
         rounds = self._rounds
         while rounds and rounds[0].deadline <= now:
             rnd = rounds.popleft()
+            kept = []
             for s in rnd.seqs:
-                self._pending.pop(s, None)
+                hit = self._pending.pop(s, None)
+                if hit is not None and not rnd.answered:
+                    self._late[s] = (rnd.cluster, hit[1])
+                    kept.append(s)
+            if kept:
+                late.append((rnd.deadline + LATE_ACK_WINDOW, kept))
             w = self._clusters.get(rnd.cluster)
             if w is None or rnd.answered:
                 continue
