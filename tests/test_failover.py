@@ -361,3 +361,56 @@ def test_a_lying_peer_cannot_move_a_third_clusters_verdict():
     # Only d's own bridge answering our own ping counts.
     inject_wan(c, a0, Ack(member, seq=seq), src=d0)
     assert "d" not in watcher.watch.unreachable()
+
+
+# ---------------------------------------------------------------------------
+# The simulator: failover times and the false-unreachable count
+
+
+def _sim(doc: dict) -> dict:
+    from simulations.engine import Simulation
+    from simulations.scenario import parse_scenario
+
+    return Simulation(parse_scenario(doc)).run()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["crash", "cut"])
+def test_simulated_lost_cluster_fails_over_within_the_watch_bound(mode: str) -> None:
+    r = _sim(
+        {
+            "duration_s": 40.0,
+            "topology": {"nodes": 30, "clusters": 3, "bridges": 2},
+            "warmup": {"mode": "preset"},
+            "apps": [{"name": "pay", "clusters": ["c2", "c1"], "failover": ["c2", "c1"]}],
+            "faults": [{"at_s": 10.0, "kind": "lose_cluster", "cluster": "c2", "mode": mode}],
+        }
+    )
+    fo = r["failover"]["pay"]
+    assert fo["failed_over"] == fo["askers"] == 10
+    assert fo["failover_s"]["max"] <= watch_unreachable_bound(10, Config.lan())
+    assert fo["failover_bound_s"] == pytest.approx(watch_unreachable_bound(10, Config.lan()))
+    # c2 is really lost (crashed, or cut from both others): no false verdict.
+    assert r["false_unreachable"] == 0
+
+
+@pytest.mark.slow
+def test_the_simulator_counts_false_unreachables(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A hair-trigger watch (two lost rounds of 0.1 s timeout) under 30% loss
+    # must be caught marking live clusters unreachable.
+    from meshd.protocol import cluster_watch
+
+    hair = WatchConfig(interval=0.5, timeout=0.1, misses=2)
+    monkeypatch.setattr(cluster_watch, "WatchConfig", lambda: hair)
+    doc = {
+        "duration_s": 30.0,
+        "topology": {"nodes": 30, "clusters": 3, "bridges": 1},
+        "network": {"loss": 0.3},
+        "warmup": {"mode": "preset"},
+    }
+    r = _sim(doc)
+    assert r["false_unreachable"] > 0
+    assert set(r["false_unreachable_clusters"]) <= {"c0", "c1", "c2"}
+    assert len(r["series"]["false_unreachable_times"]) == min(r["false_unreachable"], 1000)
+    monkeypatch.undo()
+    assert _sim(doc)["false_unreachable"] == 0  # the real watch, same loss
