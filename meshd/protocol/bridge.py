@@ -134,15 +134,14 @@ class Bridge:
 
     def watch_targets(self) -> dict[str, list[tuple[str, str]]]:
         """Per other cluster, ``(member, address)`` of the bridges to ping:
-        those alive or suspected in our WAN view first, never one that left."""
-        found: dict[str, list[tuple[bool, str, str]]] = {}
+        those alive or suspected in our WAN view.  A cluster with none is
+        unreachable by membership already, and pinging the dead would only
+        cost connection attempts."""
+        found: dict[str, list[tuple[str, str]]] = {}
         for m in self.wan.members.values():
-            if m.cluster == self.cluster or m.status is Status.LEFT or not m.address:
-                continue
-            found.setdefault(m.cluster, []).append((not m.serving, m.id, m.address))
-        return {
-            c: [(mid, addr) for _, mid, addr in sorted(ms)[:MAX_TARGETS]] for c, ms in found.items()
-        }
+            if m.cluster != self.cluster and m.serving and m.address:
+                found.setdefault(m.cluster, []).append((m.id, m.address))
+        return {c: sorted(ms)[:MAX_TARGETS] for c, ms in found.items()}
 
     def tick_watch(self, now: float) -> list[tuple[str, Ping]]:
         """The watch's timer: returns its pings (address, message) for the

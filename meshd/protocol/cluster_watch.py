@@ -8,9 +8,9 @@ life:
 
 - Every ``interval`` seconds a round: for each other cluster C the bridge
   knows bridges of (at most :data:`MAX_WATCHED_CLUSTERS`), one plain ``Ping``
-  from its WAN core to each of up to :data:`MAX_TARGETS` bridges of C (those
-  the membership view holds alive or suspect first, then the rest; never one
-  that left).
+  from its WAN core to each of up to :data:`MAX_TARGETS` bridges of C that
+  its membership view holds alive or suspect (a cluster with none is
+  unreachable by membership already).
 - A round is *answered* when an ``Ack`` for one of its pings comes back from
   the very bridge that ping went to, within ``timeout``.
 - C is unreachable once ``misses`` rounds in a row went unanswered, and
