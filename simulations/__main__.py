@@ -60,6 +60,15 @@ def print_summary(r: dict[str, Any]) -> None:
         f"({r['false_suspicions']} suspect verdicts about running nodes)"
     )
     print(f"  per node: {r['msgs_per_node_s']:.2f} msgs/s, {r['bytes_per_node_s']:.0f} B/s sent")
+    if len(r["clusters"]) > 1:
+        print(
+            f"  false unreachable: {r['false_unreachable']} verdicts"
+            + (
+                f" about {', '.join(r['false_unreachable_clusters'])}"
+                if r["false_unreachable"]
+                else ""
+            )
+        )
     for app, f in r["failover"].items():
         print(
             f"  failover {app} ({f['primary']} -> {f['secondary']}, {f['askers']} askers): "

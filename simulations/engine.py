@@ -53,6 +53,7 @@ from meshd.identity import (
 from meshd.policy.policy import AppPolicy
 from meshd.protocol.bridge import WAN
 from meshd.protocol.member_table import view_term
+from meshd.protocol.reach import compute_reach
 from meshd.testing import Cluster, HarnessNode
 from meshd.wire import (
     AppRecord,
@@ -369,6 +370,42 @@ class Simulation(Cluster):
             or self.net.blocked(asker, target)
         )
 
+    def cluster_lost(self, frm: str, to: str) -> bool:
+        """Is cluster ``to`` really lost from ``frm``: no running bridge of
+        ``frm`` and running bridge of ``to`` that can exchange messages?"""
+        ours = [h.index for h in self.nodes if h.is_bridge and h.cluster == frm]
+        theirs = [h.index for h in self.nodes if h.is_bridge and h.cluster == to]
+        return not any(
+            a not in self.down
+            and b not in self.down
+            and not self.net.blocked(a, b)
+            and not self.net.blocked(b, a)
+            for a in ours
+            for b in theirs
+        )
+
+    def _reach_truth(self, i: int) -> tuple[frozenset[str], frozenset[str]]:
+        """(clusters node ``i`` holds unreachable, those of them not lost from it).
+
+        The verdict is ``reach.compute_reach`` over the node's store; it only
+        moves with the main documents of the node's own bridges, so those are
+        read first and the whole store only when some cluster is held
+        unreachable (rare: a full pass costs a sort of every document)."""
+        cluster = self.nodes[i].cluster
+        store = self.core(i).store
+        views = []
+        for b in self._bridges_of.get(cluster, ()):
+            entry = store.get(b)
+            if entry is not None and entry.tombstone_since is None and entry.state.bridge:
+                views.append(entry.state.unreachable)
+        common = set(self._others[cluster])
+        for v in views:
+            common.intersection_update(v)
+        if views and not common:
+            return frozenset(), frozenset()  # what compute_reach would say
+        held = compute_reach(cluster, store.live()).unreachable
+        return held, frozenset(c for c in held if not self.cluster_lost(cluster, c))
+
     # -- measurements -------------------------------------------------------
 
     def publish(self, i: int, app: str) -> None:
@@ -518,6 +555,17 @@ class Simulation(Cluster):
         self.phase = "measure"
         self.t0 = self.now
         self.collector.origin = self.t0
+        if len(self.groups) > 1:
+            self.collector.bridge_clusters = {h.id: h.cluster for h in self.nodes if h.is_bridge}
+            self.collector.cluster_of = lambda i: self.nodes[i].cluster
+            self.collector.reach = self._reach_truth
+            self._bridges_of: dict[str, list[str]] = {}
+            for h in self.nodes:
+                if h.is_bridge:
+                    self._bridges_of.setdefault(h.cluster, []).append(h.id)
+            self._others = {c: set(self.groups) - {c} for c in self.groups}
+            for i in self.running_in():
+                self.collector.check_unreachable(i, self.now)
         self.observers.append(self.collector)
         self.net.enabled = True
         self.sent0 = self._sent_totals()

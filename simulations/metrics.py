@@ -16,6 +16,12 @@ time they record is exact (the virtual time of the event), not sampled.
 - Failover: for an app with a failover order, per asker (a node of a cluster
   where the app does not run) which copy its lookup puts first after every
   event that can change it; the timeline is the share of askers on each.
+- False unreachables: each time a node starts holding a cluster unreachable
+  (what its lookups read, ``reach.compute_reach``) that is not lost from it:
+  some running bridge of the node's cluster and some running bridge of that
+  cluster can still exchange messages.  Checked on every change of a
+  bridge's document of the node's own cluster (the only thing that moves the
+  verdict), so exact.
 """
 
 from __future__ import annotations
@@ -215,6 +221,17 @@ class Collector:
         self.watches: list[FailoverWatch] = []
         self._relevant: set[str] = set()
         self.origin = 0.0  # start of the measured window
+        #: Set by the engine for runs with bridges: member id -> cluster of
+        #: every bridge, and ``reach(i)``: (clusters node i holds unreachable,
+        #: those of them that are not lost from it).
+        self.bridge_clusters: dict[str, str] = {}
+        self.cluster_of: Callable[[int], str] | None = None
+        self.reach: Callable[[int], tuple[frozenset[str], frozenset[str]]] | None = None
+        self._held: dict[int, frozenset[str]] = {}
+        #: Verdicts "cluster C unreachable" taken while C was not lost.
+        self.false_unreachable = 0
+        self.false_unreachable_clusters: set[str] = set()
+        self.false_unreachable_times: list[float] = []
 
     # -- registration ---------------------------------------------------
 
@@ -271,6 +288,11 @@ class Collector:
                 for w in self.watches:
                     if i in w.state:
                         self.check_failover(w, i, now)
+            if self.reach is not None:
+                cluster = self.bridge_clusters.get(doc_member(e.origin))
+                owner = self.cluster_of
+                if cluster is not None and owner is not None and cluster == owner(i):
+                    self.check_unreachable(i, now)
         elif type(e) is MemberChanged:
             if e.status is Status.DEAD:
                 self._on_dead(i, e, now)
@@ -311,6 +333,20 @@ class Collector:
             return
         if e.incarnation >= self.life_start(subject):
             self.false_suspicions += 1
+
+    def check_unreachable(self, i: int, now: float) -> None:
+        """Count the clusters node ``i`` newly holds unreachable while they are not lost."""
+        assert self.reach is not None
+        if self.is_down(i):
+            return
+        held, wrong = self.reach(i)
+        new = held - self._held.get(i, frozenset())
+        self._held[i] = held
+        for c in sorted(new & wrong):
+            self.false_unreachable += 1
+            self.false_unreachable_clusters.add(c)
+            if len(self.false_unreachable_times) < 1000:
+                self.false_unreachable_times.append(round(now - self.origin, 6))
 
     def check_failover(self, w: FailoverWatch, asker: int, now: float) -> None:
         if self.is_down(asker):

@@ -114,7 +114,8 @@ def build_results(sim: Simulation, wall_s: float, wall_build_s: float) -> dict[s
             "lost_at_s": loss_at,
             "failover_s": summary(fo),
             # Every asker's cluster holds the lost one unreachable within this
-            # (meshd.protocol.bounds.unreachable_bound): WAN detection, then LAN spread.
+            # (meshd.protocol.bounds.unreachable_bound): the bridges' cluster
+            # watch (or WAN detection, if slower), then LAN spread.
             "failover_bound_s": _r(unreachable_bound(n_bridges, biggest, sc.lan, sc.wan), 4),
             "failed_over": len(fo),
             "stale_s": summary(stale_seconds(w, since, end)),
@@ -190,6 +191,9 @@ def build_results(sim: Simulation, wall_s: float, wall_build_s: float) -> dict[s
             "lost_partition": sim.net.lost_partition,
         },
         "failover": failover,
+        # Times a node began to hold a cluster unreachable that was not lost.
+        "false_unreachable": col.false_unreachable,
+        "false_unreachable_clusters": sorted(col.false_unreachable_clusters),
         "partitions": partitions,
         "faults": fault_counts,
         "fault_log": sim.fault_log[:500],
@@ -207,6 +211,7 @@ def build_results(sim: Simulation, wall_s: float, wall_build_s: float) -> dict[s
             "analytic": [[_r(t), _r(x)] for t, x in analytic],
             "detection": sorted(_r(t) for t in det_times),
             "false_death_times": col.false_death_times[:1000],
+            "false_unreachable_times": col.false_unreachable_times,
             "failover": series_failover,
         },
         "wall_s": round(wall_s, 3),

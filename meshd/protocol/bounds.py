@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from meshd.protocol.anti_entropy import push_pull_scale
+from meshd.protocol.cluster_watch import WatchConfig
 from meshd.protocol.config import Config
 from meshd.protocol.suspicion import suspicion_max, suspicion_min
 
@@ -126,28 +127,112 @@ def cross_cluster_bound(
     )
 
 
-def unreachable_bound(n_bridges: int, n_asker: int, config: Config, wan_config: Config) -> float:
+def unreachable_bound(
+    n_bridges: int,
+    n_asker: int,
+    config: Config,
+    wan_config: Config,
+    watch: WatchConfig | None = None,
+) -> float:
     """Seconds within which every node of cluster B marks a lost cluster A unreachable.
 
     A is lost when none of its bridges answers in the WAN pool (crashed, or
-    cut off).  ``detection_bound(n_bridges, wan_config)``: every bridge of B
-    holds every bridge of A dead; on each such ``MemberChanged`` of its WAN
-    core a bridge restates its main document with A in ``unreachable``; then
-    ``spread_bound(n_asker, config)`` in B's LAN pool.  A node of B holds A
-    unreachable once every live bridge of B says so, and the last of them says
-    so within the detection bound.  Symmetrically, nodes of a cut-off A mark
-    every other cluster unreachable within the same bound (A's bridges hold
-    every other bridge dead).  If A's only bridge crashed, A's own nodes mark
-    the others unreachable once they hold that bridge dead: within
-    ``detection_bound(n_A, config)``.
+    cut off).  Two ways lead there, and the faster one bounds it:
+
+    - The cluster watch (:func:`watch_unreachable_bound`): every bridge of B
+      holds A unreachable after ``misses`` unanswered rounds of its own pings.
+    - Membership: ``detection_bound(n_bridges, wan_config)``: every bridge of B
+      holds every bridge of A dead; on each such ``MemberChanged`` of its WAN
+      core a bridge restates its main document with A in ``unreachable``;
+      then ``spread_bound(n_asker, config)`` in B's LAN pool.
+
+    A node of B holds A unreachable once every live bridge of B says so, and
+    the last of them says so within the bound.  Symmetrically, the nodes of a
+    cut-off A mark every other cluster unreachable (see
+    :func:`cut_off_side_bound`).  If A's only bridge crashed, A's own nodes
+    mark the others unreachable once they hold that bridge dead: within
+    ``detection_bound(n_A, config)`` (the watch runs on bridges only).
     """
-    return detection_bound(n_bridges, wan_config) + spread_bound(n_asker, config)
+    membership = detection_bound(n_bridges, wan_config) + spread_bound(n_asker, config)
+    return min(membership, watch_unreachable_bound(n_asker, config, watch))
 
 
-def cut_off_side_bound(n_bridges: int, n_lan: int, config: Config, wan_config: Config) -> float:
+def watch_verdict_time(watch: WatchConfig | None = None) -> float:
+    """Seconds from the loss of cluster A until a bridge's watch holds it unreachable.
+
+    Every round sent after the loss goes unanswered; one sent just before it
+    may still be answered (its ack was on the way), which resets the count.
+    The first round after the loss starts within one ``interval``, the
+    ``misses``-th one ``(misses - 1) * interval`` later, and it counts as
+    missed at its ``timeout``: at most ``misses * interval + timeout``
+    (6 + 1 = 7 s by default; 6.75 s on average over the phase).  Acks are
+    assumed to take less than ``timeout`` (else a live cluster's rounds
+    would count as missed too: see :func:`watch_false_positive_rate`).
+    """
+    w = watch or WatchConfig()
+    return w.misses * w.interval + w.timeout
+
+
+def watch_unreachable_bound(
+    n_asker: int, config: Config, watch: WatchConfig | None = None
+) -> float:
+    """Seconds within which every node of cluster B holds a lost cluster A
+    unreachable through the watch: :func:`watch_verdict_time` at each bridge
+    of B (they ping independently, each within it), then the bridge's
+    re-signed main document spreads in B's LAN pool (``spread_bound``)."""
+    return watch_verdict_time(watch) + spread_bound(n_asker, config)
+
+
+def watch_round_loss(loss: float, targets: int) -> float:
+    """Chance that one watch round goes unanswered while A is alive.
+
+    Each of the ``targets`` live bridges pinged loses the ping or its ack
+    with ``q = 1 - (1 - loss)^2`` (independent loss each way), independently
+    of the others: the round is lost with ``q ** targets``.  At 10% loss:
+    0.19 with one target, 0.036 with two.
+    """
+    if not 0 <= loss <= 1:
+        raise ValueError("loss must be in [0, 1]")
+    if targets < 1:
+        raise ValueError("a round pings at least one target")
+    q = 1 - (1 - loss) ** 2
+    return float(q**targets)
+
+
+def watch_false_positive_rate(
+    loss: float, targets: int, watch: WatchConfig | None = None, seconds: float = 86400.0
+) -> float:
+    """Expected false unreachable verdicts of one bridge about one live cluster
+    in ``seconds`` (a day by default), under independent loss ``loss`` each way.
+
+    A verdict needs ``misses`` rounds in a row lost, each with ``r =
+    watch_round_loss(loss, targets)``.  A run can start at any of the
+    ``seconds / interval`` rounds, so by the union bound the expected count
+    is at most ``seconds / interval * r ** misses``.  With the defaults at
+    10% loss: 2 targets 8e-13 a day, 1 target (a cluster down to one live
+    bridge) 3.8e-4 a day, about once in 7 years.  A node of B is misled only
+    when *every* bridge of B is at once (``reach.compute_reach``), which
+    with two bridges multiplies in another such factor.  Assumes acks come
+    within ``timeout``; a round trip beyond it is a lost round.
+    """
+    w = watch or WatchConfig()
+    r = watch_round_loss(loss, targets)
+    return seconds / w.interval * r**w.misses
+
+
+def cut_off_side_bound(
+    n_bridges: int,
+    n_lan: int,
+    config: Config,
+    wan_config: Config,
+    watch: WatchConfig | None = None,
+) -> float:
     """Seconds within which the nodes of a cut-off cluster mark every other cluster unreachable.
 
-    Not :func:`unreachable_bound`: ``detection_bound`` assumes most of the pool
+    The watch sees the cut from inside as from outside: no other cluster
+    answers its pings, so :func:`watch_unreachable_bound` of the cut-off
+    cluster's LAN pool.  Membership alone is slower (below), and the faster
+    one bounds it.  Not :func:`unreachable_bound`: ``detection_bound`` assumes most of the pool
     is alive and probes the lost member, so one of them does within about two
     probe intervals.  A cut-off bridge is on the minority side: it (and the
     other bridges of its cluster, cut off with it) must probe every outside
@@ -167,7 +252,8 @@ def cut_off_side_bound(n_bridges: int, n_lan: int, config: Config, wan_config: C
     lo = suspicion_min(cfg.suspicion_mult, n_bridges, cfg.probe_interval)
     hi = suspicion_max(lo, cfg.suspicion_max_timeout_mult) if cfg.lifeguard else lo
     cycles = 2 * max(n_bridges - 1, 1) * cfg.probe_interval * stretch
-    return cycles + hi + spread_bound(n_bridges, cfg) + spread_bound(n_lan, config)
+    membership = cycles + hi + spread_bound(n_bridges, cfg) + spread_bound(n_lan, config)
+    return min(membership, watch_unreachable_bound(n_lan, config, watch))
 
 
 def cross_cluster_repair_bound(

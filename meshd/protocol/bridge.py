@@ -12,20 +12,25 @@ bridge injects documents into the other core and restates what it knows.
   document exported only to ``west`` never reaches a node of ``central``,
   bridges included.
 - Liveness: the bridge lists the members of its own cluster that its LAN view
-  holds dead or left (``OriginState.down``) and the clusters that have no
-  live bridge in its WAN view (``OriginState.unreachable``), in its own signed
-  main document.  Other clusters believe a statement about cluster C only
-  from a certificate of C (the verifier checks the signer's cluster), so a
-  relay cannot kill another cluster's nodes.
+  holds dead or left (``OriginState.down``) and the clusters it cannot reach
+  (``OriginState.unreachable``), in its own signed main document.  A cluster
+  is unreachable when its WAN view holds none of its bridges alive, or,
+  much sooner, when none of them has answered the bridge's own watch pings
+  for a few seconds (``ClusterWatch``, cluster_watch.py): a routing verdict,
+  taken back at the first answer, that leaves membership alone.  Other
+  clusters believe a statement about cluster C only from a certificate of C
+  (the verifier checks the signer's cluster), so a relay cannot kill another
+  cluster's nodes.
 """
 
 from __future__ import annotations
 
 import math
 
+from meshd.protocol.cluster_watch import MAX_TARGETS, ClusterWatch, WatchConfig
 from meshd.protocol.core import Core
 from meshd.protocol.events import Event, MemberChanged, OriginChanged
-from meshd.wire import Status, doc_member, may_reach
+from meshd.wire import Ping, Status, doc_member, may_reach
 
 LAN, WAN = "lan", "wan"
 
@@ -36,7 +41,9 @@ MAX_DOWN_STATEMENT = 1500
 
 
 class Bridge:
-    def __init__(self, lan: Core, wan: Core) -> None:
+    def __init__(
+        self, lan: Core, wan: Core, now: float = 0.0, watch: WatchConfig | None = None
+    ) -> None:
         if lan.id != wan.id:
             raise ValueError("a bridge's two cores must share one identity")
         if wan.publisher:
@@ -44,6 +51,8 @@ class Bridge:
         self.lan = lan
         self.wan = wan
         self.cluster = lan.cluster
+        #: Our own pings to the other clusters' bridges (cluster_watch.py).
+        self.watch = ClusterWatch(wan.id, wan.address, now, watch)
 
     def start(self, now: float) -> None:
         """Relay what each core already holds and state our view once."""
@@ -114,10 +123,38 @@ class Bridge:
         return [mid for mid, _ in down if members[mid].status is Status.LEFT]
 
     def unreachable_clusters(self) -> list[str]:
+        """Clusters with no live bridge in our WAN view, and those our watch
+        has heard nothing from lately (see module doc)."""
         known: dict[str, bool] = {}
         for m in self.wan.members.values():
             known[m.cluster] = known.get(m.cluster, False) or m.serving
-        return sorted(c for c, up in known.items() if not up and c != self.cluster)
+        out = {c for c, up in known.items() if not up and c != self.cluster}
+        out |= {c for c in self.watch.unreachable() if c in known}
+        return sorted(out)
+
+    def watch_targets(self) -> dict[str, list[tuple[str, str]]]:
+        """Per other cluster, ``(member, address)`` of the bridges to ping:
+        those alive or suspected in our WAN view.  A cluster with none is
+        unreachable by membership already, and pinging the dead would only
+        cost connection attempts."""
+        found: dict[str, list[tuple[str, str]]] = {}
+        for m in self.wan.members.values():
+            if m.cluster != self.cluster and m.serving and m.address:
+                found.setdefault(m.cluster, []).append((m.id, m.address))
+        return {c: sorted(ms)[:MAX_TARGETS] for c, ms in found.items()}
+
+    def tick_watch(self, now: float) -> list[tuple[str, Ping]]:
+        """The watch's timer: returns its pings (address, message) for the
+        WAN pool; a changed verdict restates our main document at once."""
+        targets = {} if self.wan.left else self.watch_targets()
+        pings, changed = self.watch.tick(now, targets)
+        if changed:
+            self._restate(now)
+        return pings
+
+    def on_wan_ack(self, source: str, seq: int, now: float) -> None:
+        if self.watch.on_ack(source, seq, now):
+            self._restate(now)
 
     def cluster_rtts(self) -> list[tuple[str, int]]:
         """(cluster, microseconds) to the nearest live bridge of each other cluster.

@@ -14,7 +14,10 @@ simulator drive the very same node, each with a short pump:
   messages and events, so the host goes round until both cores are quiet
   (bounded: each pass only relays new versions);
 - a bridge restates its round-trip estimates every BRIDGE_REFRESH_INTERVAL
-  (they drift without any membership event), on the host's own timer.
+  (they drift without any membership event), on the host's own timer;
+- a bridge's cluster watch (cluster_watch.py) pings the other clusters'
+  bridges on the host's timer, and sees the acks of the WAN pool before the
+  WAN core does (the core ignores them: their sequence numbers are not its).
 
 What a pass produced keeps the order the cores produced it in, so a driver
 sees the same sequence whichever driver it is.
@@ -29,7 +32,7 @@ from collections.abc import Iterator
 from meshd.protocol.bridge import LAN, WAN, Bridge
 from meshd.protocol.core import Core
 from meshd.protocol.events import Event
-from meshd.wire import Message
+from meshd.wire import Ack, Message
 
 __all__ = ["BRIDGE_REFRESH_INTERVAL", "Host", "LAN", "WAN"]
 
@@ -58,7 +61,7 @@ class Host:
         self._next_refresh = math.inf
         if wan is not None:
             self.cores[WAN] = wan
-            self.bridge = Bridge(lan, wan)
+            self.bridge = Bridge(lan, wan, now)
             self.bridge.start(now)
             self._next_refresh = now + BRIDGE_REFRESH_INTERVAL
         self._settle(now)
@@ -78,6 +81,16 @@ class Host:
         core = self.cores.get(pool)
         if core is None:
             return  # a pool this node is not in (a WAN message to a non-bridge)
+        bridge = self.bridge
+        if (
+            bridge is not None
+            and pool == WAN
+            and isinstance(msg, Ack)
+            and (peer is None or msg.source == peer)
+        ):
+            # Only the transport's word for who acked (the core drops the
+            # message too when it claims another source).
+            bridge.on_wan_ack(msg.source, msg.seq, now)
         core.receive(msg, now, peer=peer)
         self._settle(now)
 
@@ -91,6 +104,8 @@ class Host:
     def get_timer(self) -> float:
         """When the host next wants :meth:`handle_timer` (the earliest of its cores)."""
         t = self._next_refresh
+        if self.bridge is not None:
+            t = min(t, self.bridge.watch.deadline())
         for core in self.cores.values():
             c = core.get_timer()
             if c < t:
@@ -102,9 +117,14 @@ class Host:
         for core in self.cores.values():
             if core.get_timer() <= now:
                 core.handle_timer(now)
-        if self.bridge is not None and now >= self._next_refresh:
-            self._next_refresh = now + BRIDGE_REFRESH_INTERVAL
-            self.bridge.refresh(now)
+        bridge = self.bridge
+        if bridge is not None:
+            if now >= bridge.watch.deadline():
+                for address, ping in bridge.tick_watch(now):
+                    self._out.append((WAN, address, ping))
+            if now >= self._next_refresh:
+                self._next_refresh = now + BRIDGE_REFRESH_INTERVAL
+                bridge.refresh(now)
         self._settle(now)
 
     def messages_to_send(self) -> list[tuple[str, str, Message]]:
