@@ -9,6 +9,11 @@ unlikely to be.  The curve is logarithmic (memberlist ``suspicion.go``)::
 
 with ``c`` confirmations so far and ``k`` the number expected.  Without
 Lifeguard the timer is a fixed ``min``.
+
+One more input caps the timer from above: our own transport's observation
+that nobody listens at the member's address any more (a refused connect, see
+``Core.report_refused``); ``Suspicion.bound`` takes it, and the cap comes from
+``bounds.refused_suspicion_timeout``.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ class Suspicion:
     e.g. a refused connection) is not limited so.
     """
 
-    __slots__ = ("start", "k", "min_t", "max_t", "_accusers", "_relays", "deadline")
+    __slots__ = ("start", "k", "min_t", "max_t", "_accusers", "_relays", "ceiling", "deadline")
 
     def __init__(
         self,
@@ -70,6 +75,9 @@ class Suspicion:
         self.max_t = max_t
         self._accusers = {first_by}
         self._relays = {via} if via is not None else set()
+        #: The latest verdict our own evidence allows (see ``bound``); confirmations
+        #: only ever bring the deadline earlier than it.
+        self.ceiling = math.inf
         self.deadline = start + suspicion_timeout(0, k, min_t, max_t)
 
     @property
@@ -85,7 +93,20 @@ class Suspicion:
                 return False
             self._relays.add(via)
         self._accusers.add(by)
-        self.deadline = self.start + suspicion_timeout(
-            self.confirmations, self.k, self.min_t, self.max_t
+        self.deadline = min(
+            self.ceiling,
+            self.start + suspicion_timeout(self.confirmations, self.k, self.min_t, self.max_t),
         )
+        return True
+
+    def bound(self, deadline: float) -> bool:
+        """Our own observation (a refused connect): the verdict comes by ``deadline``.
+
+        Only the driver's own evidence calls this, never a peer's word: a peer
+        with a valid certificate could otherwise shorten anyone's suspicion.
+        True when it moved the deadline earlier.
+        """
+        if deadline >= self.deadline:
+            return False
+        self.ceiling = self.deadline = deadline
         return True
