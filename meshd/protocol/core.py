@@ -424,7 +424,7 @@ class Core:
             if m.status is Status.ALIVE:
                 self._apply(m.update_for(Status.SUSPECT, self.id), now)
             s = self._suspicions.get(m.id)
-            if s is not None and s.bound(now + refused_suspicion_timeout(self.config)):
+            if s is not None and s.refused(now, refused_suspicion_timeout(self.config)):
                 self.counters["refused-suspicion"] += 1
 
     def report_closed(self, member_or_address: str, now: float) -> None:
@@ -772,9 +772,21 @@ class Core:
         expired = [member for member, s in self._suspicions.items() if now >= s.deadline]
         for member in expired:
             m = self.members.get(member)
-            del self._suspicions[member]
+            s = self._suspicions[member]
             if m is None or m.status is not Status.SUSPECT:
+                del self._suspicions[member]
                 continue
+            # A refusal must be fresh for a verdict from our own evidence: a
+            # grace of one probe timeout, the time a live member takes to answer.
+            verdict = s.expire(now, self.config.probe_timeout)
+            if verdict == "recheck":
+                self.counters["refused-recheck"] += 1
+                self.prober.probe_now(m, now, force=True)
+                continue
+            if verdict == "wait":
+                self.counters["refused-lifted"] += 1
+                continue
+            del self._suspicions[member]
             self.counters["declared-dead"] += 1
             self._apply(m.update_for(Status.DEAD, self.id), now)
             # Our own verdict: out at once, not at the next round (bounded:

@@ -170,26 +170,18 @@ class Prober:
         )
         self.probe = _Probe(target.id, seq, now + timeout, now + interval, sent=now)
 
-    def probe_now(self, target: Member, now: float) -> bool:
+    def probe_now(self, target: Member, now: float, force: bool = False) -> bool:
         """One direct ping to ``target`` now, out of turn; False when rate-limited.
 
         Asked for when a connection with the member ended without a goodbye
         (``Core.report_closed``).  Nothing waits for its ack and a missing
         ack raises nothing: its only job is to make the transport connect
         again, so that a crashed member's refusal is seen at once.  One per
-        member per probe interval, ``MAX_OUT_OF_TURN`` in all.
+        member per probe interval, ``MAX_OUT_OF_TURN`` in all; ``force`` (the
+        last check of a suspicion, at most one per suspicion) skips the limits.
         """
-        interval = self.config.probe_interval
-        last = self.out_of_turn.get(target.id)
-        if last is not None and now - last < interval:
+        if not force and not self._out_of_turn_ok(target.id, now):
             return False
-        if len(self.out_of_turn) >= MAX_OUT_OF_TURN:
-            for member in [m for m, t in self.out_of_turn.items() if now - t >= interval]:
-                del self.out_of_turn[member]
-            if len(self.out_of_turn) >= MAX_OUT_OF_TURN:
-                self.core.counters["out-of-turn-dropped"] += 1
-                return False
-        self.out_of_turn[target.id] = now
         buddy = None
         if self.config.lifeguard and target.status is Status.SUSPECT:
             buddy = target.update_for(Status.SUSPECT, self.core.id)
@@ -204,6 +196,21 @@ class Prober:
             ),
         )
         self.core.counters["out-of-turn-probes"] += 1
+        return True
+
+    def _out_of_turn_ok(self, member: str, now: float) -> bool:
+        """Take one out-of-turn probe of ``member`` from the limits, if they allow it."""
+        interval = self.config.probe_interval
+        last = self.out_of_turn.get(member)
+        if last is not None and now - last < interval:
+            return False
+        if len(self.out_of_turn) >= MAX_OUT_OF_TURN:
+            for m in [m for m, t in self.out_of_turn.items() if now - t >= interval]:
+                del self.out_of_turn[m]
+            if len(self.out_of_turn) >= MAX_OUT_OF_TURN:
+                self.core.counters["out-of-turn-dropped"] += 1
+                return False
+        self.out_of_turn[member] = now
         return True
 
     def advance(self, now: float) -> None:
