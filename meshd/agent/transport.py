@@ -208,6 +208,9 @@ class _Outbound:
     serial: int = -1
     #: Loop time of our last write on it: the peer's idle timer counts from it.
     last_write: float = 0.0
+    #: The connection we closed ourselves last (idle, revoked, failed): its
+    #: end is not the peer's doing, so it is not reported.
+    dropped: asyncio.StreamWriter | None = None
 
 
 class Transport:
@@ -350,13 +353,13 @@ class Transport:
                     await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
                 except (OSError, TimeoutError, ConnectionError) as exc:
                     self._reject(out.address, "write-failed", str(exc))
-                    writer.close()
+                    _drop(out, writer)
                     writer = None
                     if not self.closing:
                         self.on_closed(out.address)
         finally:
             if writer is not None:
-                writer.close()
+                _drop(out, writer)
             if self._out.get(out.address) is out and not out.frames:
                 del self._out[out.address]
 
@@ -426,7 +429,7 @@ class Transport:
         with contextlib.suppress(OSError, ConnectionError, ssl.SSLError):
             while await reader.read(4096):
                 pass
-        if self.closing or writer.is_closing() or out.writer is not writer:
+        if self.closing or out.writer is not writer or out.dropped is writer:
             return
         writer.close()
         idle = asyncio.get_running_loop().time() - out.last_write
@@ -445,7 +448,7 @@ class Transport:
         closed = 0
         for out in self._out.values():
             if out.writer is not None and not out.writer.is_closing() and revoked(out.serial):
-                out.writer.close()
+                _drop(out, out.writer)
                 closed += 1
         for conn in list(self._inbound):
             if conn.serial >= 0 and revoked(conn.serial):
@@ -482,6 +485,12 @@ class Transport:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+
+def _drop(out: _Outbound, writer: asyncio.StreamWriter) -> None:
+    """Close one of our connections ourselves (not to be reported as the peer's end)."""
+    out.dropped = writer
+    writer.close()
 
 
 def _ended(reader: asyncio.StreamReader | None) -> bool:
