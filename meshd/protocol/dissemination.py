@@ -8,8 +8,9 @@ first.  They ride on probes, acks and syncs (``piggyback``) and, while
 anything waits, on a gossip round to ``gossip_nodes`` random members every
 ``gossip_interval`` (and to the recently dead, so they hear their death and
 refute); when both queues are empty the gossip timer stops.  News of our
-own (our dead verdict, our new document) is hurried out at once (``hurry``).  Documents go
-only where their export lets them (``may_reach``).
+own (our dead verdict, our refutation, our new document) is hurried out at
+once (``hurry``).  Documents go only where their export lets them
+(``may_reach``).
 """
 
 from __future__ import annotations
@@ -72,9 +73,11 @@ class Dissemination:
     def hurry(self, now: float) -> None:
         """Gossip what is queued now rather than at the next round.
 
-        For news of our own only: a peer's news keeps the round's pace, so no
-        peer can make us send faster.  At most one round per ``HURRY_GAP``
-        of the interval, however often this is called.
+        For news of our own only (a verdict we reached, a refutation, a
+        publication): a peer's news that we pass on keeps the round's pace.
+        At most one round per ``HURRY_GAP`` of the interval, however often
+        this is called, so whatever makes us hurry (a peer's accusations we
+        refute included) costs at most 1 / HURRY_GAP rounds per interval.
         """
         at = max(now, self.last_round + HURRY_GAP * self.core.config.gossip_interval)
         if self.next_gossip is None or at < self.next_gossip:
