@@ -571,8 +571,7 @@ class Core:
             # Bridges may already have told other clusters we are dead as of
             # our current version: a new version is what brings us back there.
             self.records.publish(now, force=True)
-        # Our own word, and a suspicion's clock is running: out at once.
-        self.gossip.hurry(now)
+        self.gossip.wake(now)
 
     # ------------------------------------------------------------------
     # Membership
@@ -788,10 +787,10 @@ class Core:
                 continue
             del self._suspicions[member]
             self.counters["declared-dead"] += 1
+            # The verdict keeps the round's pace (no hurry): hurried verdicts
+            # and refutations went with more false deaths under loss
+            # (simulations/RESULTS.md, crash detection from TCP facts).
             self._apply(m.update_for(Status.DEAD, self.id), now)
-            # Our own verdict: out at once, not at the next round (bounded:
-            # Dissemination.hurry allows one extra round per HURRY_GAP).
-            self.gossip.hurry(now)
 
     # ------------------------------------------------------------------
     # Probing: prober.py (the handler table routes pings, acks and nacks there)

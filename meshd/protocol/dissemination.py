@@ -8,9 +8,8 @@ first.  They ride on probes, acks and syncs (``piggyback``) and, while
 anything waits, on a gossip round to ``gossip_nodes`` random members every
 ``gossip_interval`` (and to the recently dead, so they hear their death and
 refute); when both queues are empty the gossip timer stops.  News of our
-own (our dead verdict, our refutation, our new document) is hurried out at
-once (``hurry``).  Documents go only where their export lets them
-(``may_reach``).
+own (a document a local client changed) is hurried out at once (``hurry``).
+Documents go only where their export lets them (``may_reach``).
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ if TYPE_CHECKING:
     from meshd.protocol.core import Core
 
 #: Fraction of ``gossip_interval`` that must pass between two gossip rounds
-#: when news is hurried (``Dissemination.hurry``): news of our own (a verdict
-#: we reached, a document we published) goes out at once, yet a burst of it
+#: when news is hurried (``Dissemination.hurry``): news of our own (a document
+#: we published) goes out at once, yet a burst of it
 #: makes at most 1 / HURRY_GAP rounds per interval, ``gossip_nodes`` messages each.
 HURRY_GAP = 0.25
 
@@ -73,11 +72,10 @@ class Dissemination:
     def hurry(self, now: float) -> None:
         """Gossip what is queued now rather than at the next round.
 
-        For news of our own only (a verdict we reached, a refutation, a
-        publication): a peer's news that we pass on keeps the round's pace.
-        At most one round per ``HURRY_GAP`` of the interval, however often
-        this is called, so whatever makes us hurry (a peer's accusations we
-        refute included) costs at most 1 / HURRY_GAP rounds per interval.
+        For news of our own only (a publication a local client asked for): a
+        peer's news that we pass on keeps the round's pace.  At most one
+        round per ``HURRY_GAP`` of the interval, however often this is
+        called, so it costs at most 1 / HURRY_GAP rounds per interval.
         """
         at = max(now, self.last_round + HURRY_GAP * self.core.config.gossip_interval)
         if self.next_gossip is None or at < self.next_gossip:
