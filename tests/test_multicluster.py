@@ -24,11 +24,10 @@ import pytest
 from meshd.policy.policy import AppPolicy
 from meshd.policy.resolve import Gateway
 from meshd.protocol import bridge as bridge_module
-from meshd.protocol.bounds import detection_bound
+from meshd.protocol.bounds import detection_bound, refused_suspicion_timeout
 from meshd.protocol.config import Config
 from meshd.protocol.core import Core
 from meshd.protocol.store import Entry
-from meshd.protocol.suspicion import suspicion_min
 from meshd.testing import (
     Cluster,
     all_reachable,
@@ -240,7 +239,8 @@ def test_dead_instance_node_in_east_fails_over_to_west_within_the_bound(seed):
     assert took is not None, "some asker still used the dead east copy after 300 s"
     inside = detection_bound(SIZES["east"], LAN)
     across = cross_cluster_bound(SIZES["east"], N_WAN, SIZES["central"], LAN, WAN)
-    floor = suspicion_min(LAN.suspicion_mult, SIZES["east"], LAN.probe_interval)
+    # A crash is refused to its peers' connects: held dead no sooner than that allows.
+    floor = refused_suspicion_timeout(LAN)
     for i, t in took.items():
         assert floor <= t, f"{c.nodes[i].id} failed over before anyone could hold it dead"
         assert t <= (inside if i in east_askers else across), (c.nodes[i].id, t)

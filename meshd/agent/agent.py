@@ -207,6 +207,7 @@ class Agent:
         for pool in self.pools.values():
             pool.transport.on_message = self._receiver(pool)
             pool.transport.on_refused = self._refusal(pool)
+            pool.transport.on_closed = self._closure(pool)
             pool.transport.revoked = self._is_revoked
 
     # ------------------------------------------------------------------
@@ -487,6 +488,15 @@ class Agent:
             self._pump()
 
         return on_refused
+
+    def _closure(self, pool: _Pool) -> Callable[[str], None]:
+        def on_closed(member_or_address: str) -> None:
+            if self.host is None:
+                return
+            self.host.report_closed(pool.name, member_or_address, self._loop.time())
+            self._pump()
+
+        return on_closed
 
     def _on_timer(self) -> None:
         self._timer = None

@@ -208,7 +208,13 @@ class _Outbound:
     task: asyncio.Task[None] | None = None
     #: The open connection and its peer's certificate serial (drop_revoked).
     writer: asyncio.StreamWriter | None = None
+    reader: asyncio.StreamReader | None = None
     serial: int = -1
+    #: Loop time of our last write on it: the peer's idle timer counts from it.
+    last_write: float = 0.0
+    #: The connection we closed ourselves last (idle, revoked, failed): its
+    #: end is not the peer's doing, so it is not reported.
+    dropped: asyncio.StreamWriter | None = None
 
 
 class Transport:
@@ -225,6 +231,7 @@ class Transport:
         on_message: Callable[[str, Message], None],
         on_refused: Callable[[str], None],
         limits: Limits | None = None,
+        on_closed: Callable[[str], None] | None = None,
     ) -> None:
         self.server_ctx = server_ctx
         self.client_ctx = client_ctx
@@ -233,7 +240,11 @@ class Transport:
         self.metrics = metrics
         self.on_message = on_message
         self.on_refused = on_refused
+        #: A connection with a peer ended without our asking (see _ended):
+        #: called with the member id of an inbound one, the address of ours.
+        self.on_closed: Callable[[str], None] = on_closed or (lambda who: None)
         self.limits = limits or Limits()
+        self._watchers: set[asyncio.Task[None]] = set()
         #: Whether a certificate serial is on the CA's revocation list (set by
         #: the agent); checked after every handshake, both directions.
         self.revoked: Callable[[int], bool] | None = None
@@ -326,7 +337,12 @@ class Transport:
                     except TimeoutError:
                         return
                     continue
-                if writer is None or writer.is_closing():
+                if writer is None or writer.is_closing() or _ended(out.reader):
+                    # A connection the peer ended is not written into: the
+                    # frames would vanish, and a new connect tells us whether
+                    # anyone still listens there.
+                    if writer is not None:
+                        writer.close()
                     writer = await self._connect(out)
                     if writer is None:
                         return
@@ -336,15 +352,18 @@ class Transport:
                     writer.write(frame)
                     self.metrics.messages_sent.labels(kind).inc()
                     self.metrics.bytes_sent.labels(kind).inc(len(frame))
+                out.last_write = asyncio.get_running_loop().time()
                 try:
                     await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
                 except (OSError, TimeoutError, ConnectionError) as exc:
                     self._reject(out.address, "write-failed", str(exc))
-                    writer.close()
+                    _drop(out, writer)
                     writer = None
+                    if not self.closing:
+                        self.on_closed(out.address)
         finally:
             if writer is not None:
-                writer.close()
+                _drop(out, writer)
             if self._out.get(out.address) is out and not out.frames:
                 del self._out[out.address]
 
@@ -360,7 +379,7 @@ class Transport:
             self._reject(out.address[:80], "bad-address", str(exc)[:80])
             return None
         try:
-            _, writer = await asyncio.wait_for(
+            reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(
                     host,
                     port,
@@ -391,7 +410,35 @@ class Transport:
             writer.close()
             return None
         out.writer, out.serial = writer, x509.load_der_x509_certificate(der).serial_number
+        out.reader, out.last_write = reader, asyncio.get_running_loop().time()
+        watcher = asyncio.get_running_loop().create_task(self._watch(out, reader, writer))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
         return writer
+
+    async def _watch(
+        self, out: _Outbound, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """Wait for the end of one of our connections, and report it if the peer ended it.
+
+        The peer never writes on a connection we opened (each direction has
+        its own), so the only thing a read returns is its end: EOF when the
+        peer's process closed it or died (its kernel closes its sockets), an
+        error when it was reset.  Anything else a broken peer sends is read
+        and dropped, a bounded chunk at a time.  Not reported: our own close
+        (idle, revoked, shutting down), and a close by the peer that came an
+        idle timeout or more after our last write (its idle timer, not its
+        death; ours and its are the same constant).
+        """
+        with contextlib.suppress(OSError, ConnectionError, ssl.SSLError):
+            while await reader.read(4096):
+                pass
+        if self.closing or out.writer is not writer or out.dropped is writer:
+            return
+        writer.close()
+        idle = asyncio.get_running_loop().time() - out.last_write
+        if idle < self.limits.idle_timeout / 2:
+            self.on_closed(out.address)
 
     def drop_revoked(self) -> int:
         """Close open connections, both ways, whose peer certificate is now revoked.
@@ -405,7 +452,7 @@ class Transport:
         closed = 0
         for out in self._out.values():
             if out.writer is not None and not out.writer.is_closing() and revoked(out.serial):
-                out.writer.close()
+                _drop(out, out.writer)
                 closed += 1
         for conn in list(self._inbound):
             if conn.serial >= 0 and revoked(conn.serial):
@@ -433,6 +480,7 @@ class Transport:
         for conn in list(self._inbound):
             conn.abort()
         tasks = [o.task for o in self._out.values() if o.task is not None]
+        tasks += self._watchers
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -441,6 +489,17 @@ class Transport:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+
+def _drop(out: _Outbound, writer: asyncio.StreamWriter) -> None:
+    """Close one of our connections ourselves (not to be reported as the peer's end)."""
+    out.dropped = writer
+    writer.close()
+
+
+def _ended(reader: asyncio.StreamReader | None) -> bool:
+    """Whether the peer ended the connection this reader belongs to (EOF or error)."""
+    return reader is not None and (reader.at_eof() or reader.exception() is not None)
 
 
 class _Inbound(asyncio.Protocol):
@@ -471,6 +530,8 @@ class _Inbound(asyncio.Protocol):
         self.in_handshake = False
         self.counted = False
         self.closed = False
+        #: The peer's end of the connection was reported (_ended_by_peer).
+        self.reported = False
         #: Bytes of unfinished frames (or pre-handshake data) counted in the owner.
         self.held = 0
         #: Loop time of the last complete frame (or of the handshake).
@@ -617,10 +678,27 @@ class _Inbound(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.decoder.pending and self.peer is not None:
             self.owner._reject(self.peer, "truncated", f"{self.decoder.pending} bytes")
+        self._ended_by_peer()
         return None  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self._ended_by_peer()  # a reset, or an error on the socket
         self._release()
+
+    def _ended_by_peer(self) -> None:
+        """The authenticated peer ended this connection: tell the owner, once.
+
+        Not when we closed it (``closed`` is already set), not when the peer
+        merely closed an idle connection (nothing for half an idle timeout:
+        its sender's idle timer, not its death).
+        """
+        if self.closed or self.reported or self.peer is None or self.owner.closing:
+            return
+        self.reported = True
+        now = asyncio.get_running_loop().time()
+        if now - self.last_frame < self.owner.limits.idle_timeout / 2:
+            self.owner.on_closed(self.peer)
 
     # -- deadlines -----------------------------------------------------------
 

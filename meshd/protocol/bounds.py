@@ -66,6 +66,47 @@ def detection_bound(n: int, cfg: Config) -> float:
     return 2 * cfg.probe_interval + hi + spread_bound(n, cfg)
 
 
+#: Probe intervals a suspicion runs when it rests on our own refused connect.
+REFUSED_SUSPICION_INTERVALS = 2.0
+
+
+def refused_suspicion_timeout(cfg: Config) -> float:
+    """Seconds from our own refused connect to a member's address to our dead verdict.
+
+    A refused connect is the remote kernel saying no process listens on that
+    port: a crashed process, never a paused, slow or lossy one (those accept
+    into the listen backlog or stay silent) and never our own trouble (a sick
+    node loses packets; it cannot make up a reset).  So it needs no
+    confirmations and no Lifeguard ceiling.  What it must still allow is a
+    process that restarts on the same address: it is refused only while it
+    is down, and once it listens again it announces a new incarnation, which
+    overrides the suspicion.  ``REFUSED_SUSPICION_INTERVALS`` probe intervals
+    (2 s on the LAN and local profiles) leave that much for the restart: the
+    agent binds its listener about 0.6 s of CPU after start, and its alive
+    claim reaches its seeds in the first round trip after that.  A restart
+    slower than this is declared dead and still comes back, since an alive
+    claim at a higher incarnation overrides dead (members.py).
+    """
+    return REFUSED_SUSPICION_INTERVALS * cfg.probe_interval
+
+
+def crash_bound(n: int, cfg: Config) -> float:
+    """Seconds within which every node holds a crashed member dead, when some
+    node held a connection with it (any pool with traffic: connections stay
+    open for the transport's idle timeout, a minute).
+
+    The kernel closes the crashed process's sockets: its peers see the end
+    of their connections at once and probe it out of turn; the connect is
+    refused within a round trip, so each such peer suspects it for
+    :func:`refused_suspicion_timeout` and then declares it dead itself.  The
+    verdict is gossiped at once and reaches the rest within
+    :func:`spread_bound`.  A pool where nobody held a connection falls back
+    to the first ordinary probe (two probe intervals) before the same timeout,
+    still well inside :func:`detection_bound`.
+    """
+    return refused_suspicion_timeout(cfg) + spread_bound(n, cfg)
+
+
 # ----------------------------------------------------------------------
 # Several clusters: bounds over the LAN pools and the WAN pool of bridges.
 

@@ -58,6 +58,7 @@ from typing import Any, Protocol
 
 from meshd.protocol.anti_entropy import AntiEntropy
 from meshd.protocol.awareness import Awareness
+from meshd.protocol.bounds import refused_suspicion_timeout
 from meshd.protocol.config import Config
 from meshd.protocol.dissemination import Dissemination
 from meshd.protocol.events import Event, MemberChanged
@@ -339,17 +340,23 @@ class Core:
     def set_app(self, record: AppRecord, now: float) -> int:
         """Register or replace a local instance; returns the new origin version."""
         self._apps[record.instance] = record
-        return self.records.publish(now)
+        return self._publish_now(now)
 
     def remove_app(self, instance: str, now: float) -> int | None:
         """Deregister; None when unknown, else the new origin version."""
         if self._apps.pop(instance, None) is None:
             return None
-        return self.records.publish(now)
+        return self._publish_now(now)
 
     def set_apps(self, records: Iterable[AppRecord], now: float) -> int:
         self._apps = {r.instance: r for r in records}
-        return self.records.publish(now)
+        return self._publish_now(now)
+
+    def _publish_now(self, now: float) -> int:
+        """Publish a change a local client asked for, and gossip it at once (hurried)."""
+        version = self.records.publish(now)
+        self.gossip.hurry(now)
+        return version
 
     def set_revocations(self, number: int, crl: bytes, now: float) -> None:
         """Hold the CA revocation list ``crl`` (already verified and newer) and push it on."""
@@ -396,16 +403,52 @@ class Core:
             self.records.publish(now, force=True)
 
     def report_refused(self, address: str, now: float) -> None:
-        """The driver got 'connection refused' from ``address``.
+        """The driver's own connect to ``address`` was refused.
 
-        No process listens there: strong evidence, but one kind of evidence,
-        so it only counts as one more independent confirmation of a suspicion.
+        No process listens there: the member holding that address crashed
+        (or is between two lives).  Our own observation, so it may do what no
+        peer's word can: start a suspicion of an alive member, and bring ours
+        (started here or by anyone's word) down to
+        ``bounds.refused_suspicion_timeout``.  The member refutes it like any
+        other, by announcing a new incarnation once it listens again.
+        Nothing in it comes from a peer (a peer that tells us to connect
+        somewhere only learns what the kernel says about that address).
         """
-        for m in self.members.values():
-            if m.address == address and m.status is Status.SUSPECT:
-                s = self._suspicions.get(m.id)
-                if s is not None and s.confirm("transport:refused"):
-                    self.counters["refused-confirmation"] += 1
+        hit = [
+            m
+            for m in self.members.values()
+            if m.address == address and m.serving and m.id != self.id
+        ]
+        for m in hit:
+            self.counters["refused"] += 1
+            if m.status is Status.ALIVE:
+                self._apply(m.update_for(Status.SUSPECT, self.id), now)
+            s = self._suspicions.get(m.id)
+            if s is not None and s.refused(now, refused_suspicion_timeout(self.config)):
+                self.counters["refused-suspicion"] += 1
+
+    def report_closed(self, member_or_address: str, now: float) -> None:
+        """A connection with a serving member ended without a goodbye (EOF,
+        reset, a failed write), as the driver saw it.
+
+        A peer that crashed closes every connection at once; so does a peer
+        that merely restarted, and a closed connection proves nothing about
+        the peer's health.  So it never makes a suspicion: it only asks for a
+        direct probe of the member now rather than in its turn (at most one
+        per member per probe interval, ``Prober.probe_now``).  If the member
+        is gone, that probe's connect is refused, which is evidence
+        (:meth:`report_refused`); if it answers, nothing happened.
+        """
+        m = self.members.get(member_or_address)
+        if m is None:
+            m = next(
+                (x for x in self.members.values() if x.address == member_or_address and x.serving),
+                None,
+            )
+        if m is None or m.id == self.id or not m.serving or self.left:
+            return
+        self.counters["closed"] += 1
+        self.prober.probe_now(m, now)
 
     # ------------------------------------------------------------------
     # Own state
@@ -728,10 +771,25 @@ class Core:
         expired = [member for member, s in self._suspicions.items() if now >= s.deadline]
         for member in expired:
             m = self.members.get(member)
-            del self._suspicions[member]
+            s = self._suspicions[member]
             if m is None or m.status is not Status.SUSPECT:
+                del self._suspicions[member]
                 continue
+            # A refusal must be fresh for a verdict from our own evidence: a
+            # grace of one probe timeout, the time a live member takes to answer.
+            verdict = s.expire(now, self.config.probe_timeout)
+            if verdict == "recheck":
+                self.counters["refused-recheck"] += 1
+                self.prober.probe_now(m, now, force=True)
+                continue
+            if verdict == "wait":
+                self.counters["refused-lifted"] += 1
+                continue
+            del self._suspicions[member]
             self.counters["declared-dead"] += 1
+            # The verdict keeps the round's pace (no hurry): hurried verdicts
+            # and refutations went with more false deaths under loss
+            # (simulations/RESULTS.md, crash detection from TCP facts).
             self._apply(m.update_for(Status.DEAD, self.id), now)
 
     # ------------------------------------------------------------------

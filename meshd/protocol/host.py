@@ -95,10 +95,19 @@ class Host:
         self._settle(now)
 
     def report_refused(self, pool: str, address: str, now: float) -> None:
-        """The driver got 'connection refused' from ``address`` on ``pool``."""
+        """The driver's own connect to ``address`` on ``pool`` was refused
+        (:meth:`Core.report_refused`)."""
         core = self.cores.get(pool)
         if core is not None:
             core.report_refused(address, now)
+            self._settle(now)
+
+    def report_closed(self, pool: str, member_or_address: str, now: float) -> None:
+        """A connection on ``pool`` with a member (its id, or the address we
+        dialled) ended without a goodbye (:meth:`Core.report_closed`)."""
+        core = self.cores.get(pool)
+        if core is not None:
+            core.report_closed(member_or_address, now)
             self._settle(now)
 
     def get_timer(self) -> float:

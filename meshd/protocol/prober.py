@@ -32,6 +32,12 @@ if TYPE_CHECKING:
 
 #: Fraction of the probe timeout a helper waits before it nacks (see nack_timeout).
 NACK_TIMEOUT_FRACTION = 0.8
+#: Members with an out-of-turn probe (``Prober.probe_now``) in the last probe
+#: interval.  Each entry is one ping we sent; past the cap further requests
+#: wait for ordinary probing, so a storm of closed connections (a peer's
+#: restart, a flapping link, a peer that opens and drops connections on
+#: purpose) costs at most this many pings per probe interval.
+MAX_OUT_OF_TURN = 64
 
 
 def nack_timeout(probe_timeout: float) -> float:
@@ -91,6 +97,8 @@ class Prober:
         self.relays: dict[int, _Relay] = {}
         #: When the next probe starts (the core sets the first, jittered).
         self.next_probe = math.inf
+        #: member id -> when we last probed it out of turn (see probe_now).
+        self.out_of_turn: dict[str, float] = {}
 
     def deadline(self) -> float:
         """The earliest time this part wants the core's timer."""
@@ -161,6 +169,49 @@ class Prober:
             ),
         )
         self.probe = _Probe(target.id, seq, now + timeout, now + interval, sent=now)
+
+    def probe_now(self, target: Member, now: float, force: bool = False) -> bool:
+        """One direct ping to ``target`` now, out of turn; False when rate-limited.
+
+        Asked for when a connection with the member ended without a goodbye
+        (``Core.report_closed``).  Nothing waits for its ack and a missing
+        ack raises nothing: its only job is to make the transport connect
+        again, so that a crashed member's refusal is seen at once.  One per
+        member per probe interval, ``MAX_OUT_OF_TURN`` in all; ``force`` (the
+        last check of a suspicion, at most one per suspicion) skips the limits.
+        """
+        if not force and not self._out_of_turn_ok(target.id, now):
+            return False
+        buddy = None
+        if self.config.lifeguard and target.status is Status.SUSPECT:
+            buddy = target.update_for(Status.SUSPECT, self.core.id)
+        self.core._send(
+            target.address,
+            Ping(
+                self.core.id,
+                seq=self._next_seq(),
+                source_addr=self.core.address,
+                target=target.id,
+                suspicion=buddy,
+            ),
+        )
+        self.core.counters["out-of-turn-probes"] += 1
+        return True
+
+    def _out_of_turn_ok(self, member: str, now: float) -> bool:
+        """Take one out-of-turn probe of ``member`` from the limits, if they allow it."""
+        interval = self.config.probe_interval
+        last = self.out_of_turn.get(member)
+        if last is not None and now - last < interval:
+            return False
+        if len(self.out_of_turn) >= MAX_OUT_OF_TURN:
+            for m in [m for m, t in self.out_of_turn.items() if now - t >= interval]:
+                del self.out_of_turn[m]
+            if len(self.out_of_turn) >= MAX_OUT_OF_TURN:
+                self.core.counters["out-of-turn-dropped"] += 1
+                return False
+        self.out_of_turn[member] = now
+        return True
 
     def advance(self, now: float) -> None:
         p = self.probe

@@ -9,11 +9,20 @@ unlikely to be.  The curve is logarithmic (memberlist ``suspicion.go``)::
 
 with ``c`` confirmations so far and ``k`` the number expected.  Without
 Lifeguard the timer is a fixed ``min``.
+
+One more input caps the timer from above: our own transport's observation
+that nobody listens at the member's address any more (a refused connect, see
+``Core.report_refused``).  ``Suspicion.refused`` takes it and asks for a
+verdict ``bounds.refused_suspicion_timeout`` later; at that deadline
+``Suspicion.expire`` wants the refusal fresh (or one more check), so a process
+that restarted on the same address in the meantime falls back to the
+ordinary timeout and refutes.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 
 def suspicion_min(suspicion_mult: int, n: int, probe_interval: float) -> float:
@@ -53,7 +62,18 @@ class Suspicion:
     e.g. a refused connection) is not limited so.
     """
 
-    __slots__ = ("start", "k", "min_t", "max_t", "_accusers", "_relays", "deadline")
+    __slots__ = (
+        "start",
+        "k",
+        "min_t",
+        "max_t",
+        "_accusers",
+        "_relays",
+        "ceiling",
+        "refused_at",
+        "recheck_until",
+        "deadline",
+    )
 
     def __init__(
         self,
@@ -70,11 +90,22 @@ class Suspicion:
         self.max_t = max_t
         self._accusers = {first_by}
         self._relays = {via} if via is not None else set()
+        #: The verdict our own evidence asks for (see ``refused``); the
+        #: deadline is never later than it.  Infinite while we have none.
+        self.ceiling = math.inf
+        #: When our own connect to the member was last refused.
+        self.refused_at = -math.inf
+        #: While the last check before a verdict from our own evidence runs:
+        #: when it ends (see ``expire``).
+        self.recheck_until: float | None = None
         self.deadline = start + suspicion_timeout(0, k, min_t, max_t)
 
     @property
     def confirmations(self) -> int:
         return len(self._accusers) - 1
+
+    def _formula(self) -> float:
+        return self.start + suspicion_timeout(self.confirmations, self.k, self.min_t, self.max_t)
 
     def confirm(self, by: str, via: str | None = None) -> bool:
         """Count ``by`` once; True when it was new and moved the deadline."""
@@ -85,7 +116,46 @@ class Suspicion:
                 return False
             self._relays.add(via)
         self._accusers.add(by)
-        self.deadline = self.start + suspicion_timeout(
-            self.confirmations, self.k, self.min_t, self.max_t
-        )
+        self.deadline = min(self.deadline, self._formula())
         return True
+
+    def refused(self, now: float, timeout: float) -> bool:
+        """Our own connect to the member was refused at ``now``.
+
+        The first refusal asks for a verdict ``timeout`` later (the ceiling);
+        a refusal during the last check (``expire``) asks for it now.  Only
+        the driver's own observation calls this, never a peer's word: a peer
+        with a valid certificate could otherwise shorten anyone's suspicion.
+        True when it brought the deadline earlier.
+        """
+        self.refused_at = now
+        before = self.deadline
+        if self.recheck_until is not None:
+            self.deadline = min(self.deadline, now)
+        elif self.ceiling == math.inf:
+            self.ceiling = now + timeout
+            self.deadline = min(self.deadline, self.ceiling)
+        return self.deadline < before
+
+    def expire(self, now: float, grace: float) -> Literal["dead", "recheck", "wait"]:
+        """What to do at ``now`` >= ``deadline``.
+
+        ``dead`` when the ordinary (Lifeguard) timeout ran out, or when our
+        own connect was refused within the last ``grace`` seconds.  A verdict
+        from our own evidence needs it fresh: a process that restarted on
+        the same address listens again, and must get the ordinary time to
+        refute.  So when the last refusal is older, ``recheck``: the caller
+        probes once more and the deadline moves ``grace`` on (a refusal then
+        makes it ``dead`` at once).  If that passes without a refusal the
+        ceiling is lifted (``wait``: an ordinary suspicion from then on).
+        """
+        formula = self._formula()
+        if now >= formula or now - self.refused_at <= grace:
+            return "dead"
+        if self.recheck_until is None:
+            self.recheck_until = self.deadline = now + grace
+            return "recheck"
+        self.recheck_until = None
+        self.ceiling = math.inf
+        self.deadline = formula
+        return "wait"

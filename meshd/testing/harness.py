@@ -7,10 +7,17 @@ minutes of protocol time in seconds of wall time, so tests can assert on what
 each node observes without sleeping.
 
 The network models per-message latency (uniform between two bounds, or any
-callable), independent loss, one-way and two-way partitions, crashed nodes
-(messages to them vanish), and paused nodes (a stopped process: its timers do
-not fire and messages to it wait in a queue until it resumes, as they would in
-a TCP receive buffer).
+callable), independent loss, one-way and two-way partitions, crashed nodes,
+and paused nodes (a stopped process: its timers do not fire and messages to
+it wait in a queue until it resumes, as they would in a TCP receive buffer).
+
+A crashed node is what the kernel makes of a dead process, as far as the
+transport sees it: a message sent to its address comes back *refused* after
+one hop (``Host.report_refused``: no listener), and each of the last
+``RECENT_PEERS`` nodes it exchanged messages with (those that still hold a
+connection with it) sees that connection *closed* after one hop
+(``Host.report_closed``).  A paused, slow, lossy or cut-off node gives
+neither, as a stopped process or a lossy link does not.
 
 By default every message is encoded to wire bytes and decoded again on
 delivery, so the harness exercises the real codec and counts real sizes.
@@ -29,7 +36,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -91,7 +98,13 @@ class FakeNetwork:
         return self.latency(src, dst, self.rng)
 
 
-_DELIVER, _TIMER = 0, 1
+_DELIVER, _TIMER, _REFUSED, _CLOSED = 0, 1, 2, 3
+#: How many of its latest peers (sent to or received from) each node is taken
+#: to hold open connections with, for the closed notices of a crash.  Real
+#: connections live a minute (the transport's idle timeout), so this is few;
+#: one notice suffices for fast detection, and a fixed ring keeps the model
+#: free of per-pair state in a 10,000-node simulation.
+RECENT_PEERS = 16
 #: A delivery event's payload: (pool, sending node, message or frame, wire bytes).
 _Delivery = tuple[str, int, object, int]
 
@@ -131,6 +144,9 @@ class HarnessNode:
     timer_at: float | None = None
     sent_msgs: Counter[str] = field(default_factory=Counter)
     sent_bytes: Counter[str] = field(default_factory=Counter)
+    #: (node, pool) of its latest RECENT_PEERS messages either way: who holds
+    #: a connection with it when it crashes.
+    recent: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=RECENT_PEERS))
 
     @cached_property
     def id(self) -> str:
@@ -353,6 +369,13 @@ class Cluster:
         hn.inbox.clear()
         hn.timer_gen += 1
         hn.timer_at = None
+        # The kernel closes the dead process's connections: each peer that
+        # holds one sees it end, one hop later (unless the link drops it).
+        for j, pool in sorted(set(hn.recent)):
+            delay = self.network.transit(i, j, self.now)
+            if delay is not None and j != i:
+                self._push(self.now + delay, _CLOSED, j, (pool, hn.id))
+        hn.recent.clear()
 
     def restart(self, i: int, seeds: Iterable[int] | None = None) -> None:
         """Start new cores with the same identity and persisted counters and apps."""
@@ -504,6 +527,15 @@ class Cluster:
         if delay is None:
             self.dropped += 1
             return
+        if self.nodes[dst[0]].crashed:
+            # Nobody listens there: the connect is refused, a round trip later.
+            self.dropped += 1
+            self._tie += 1
+            heapq.heappush(
+                self._heap, (now + 2 * delay, self._tie, _REFUSED, hn.index, (pool, addr))
+            )
+            return
+        hn.recent.append(dst)
         self._tie += 1
         heapq.heappush(
             self._heap,
@@ -518,6 +550,7 @@ class Cluster:
             return
         self.received_msgs[dst] += 1
         self.received_bytes[dst] += size
+        hn.recent.append((src, pool))
         if isinstance(payload, bytes):
             decoded = decode_message(payload[4:])
             if isinstance(decoded, Rejection):
@@ -552,6 +585,9 @@ class Cluster:
                 deliver(index, pool, src, data, size)
                 continue
             hn = nodes[index]
+            if kind != _TIMER:
+                self._transport_fact(hn, kind, cast(tuple[str, str], payload))
+                continue
             host = hn.host
             if payload != hn.timer_gen or hn.crashed or hn.paused or host is None:
                 continue
@@ -559,6 +595,21 @@ class Cluster:
             host.handle_timer(self.now)
             flush(hn)
         return n
+
+    def _transport_fact(self, hn: HarnessNode, kind: int, payload: tuple[str, str]) -> None:
+        """A refused connect or a closed connection reaches ``hn``'s driver.
+
+        A paused driver misses it (its own probes will do), a crashed one is gone.
+        """
+        host = hn.host
+        if hn.crashed or hn.paused or host is None:
+            return
+        pool, about = payload
+        if kind == _REFUSED:
+            host.report_refused(pool, about, self.now)
+        else:
+            host.report_closed(pool, about, self.now)
+        self._flush(hn)
 
     def step(self) -> bool:
         """Process one event; False when nothing is scheduled.

@@ -1,0 +1,125 @@
+"""What the gossip transport tells the agent about a peer's connections ending.
+
+Two in-process ``Transport`` objects over real TLS on 127.0.0.1.  A peer that
+goes away (its transport aborts every connection and stops listening, as a
+killed process's kernel does) is reported closed, by member id for the
+connection it opened and by address for ours, and our next connect to it is
+refused.  A connection closed because it sat idle is not reported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from meshd import identity
+from meshd.agent.transport import Limits, Transport, make_client_context, make_server_context
+from meshd.metrics import Metrics
+from meshd.wire import Gossip
+
+TRUST = "mesh.test"
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str, str]]:
+    root = tmp_path_factory.mktemp("pki")
+    ca = identity.create_ca(TRUST)
+    ca_pem, _ = identity.write_ca(ca, root / "ca")
+    files = {}
+    for node in ("a", "b"):
+        cert, key = identity.write_node_cert(
+            identity.issue_node_cert(ca, node=node, cluster="east", ips=["127.0.0.1"]),
+            root / node,
+        )
+        files[node] = (str(ca_pem), str(cert), str(key))
+    return files
+
+
+@dataclass
+class Peer:
+    transport: Transport
+    address: str
+    closed: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+async def peers(
+    pki: dict[str, tuple[str, str, str]],
+) -> AsyncIterator[Callable[..., asyncio.Future[Peer]]]:
+    made: list[Transport] = []
+
+    async def start(node: str, **limits: object) -> Peer:
+        ca, cert, key = pki[node]
+        closed: list[str] = []
+        refused: list[str] = []
+        t = Transport(
+            server_ctx=make_server_context(ca, cert, key),
+            client_ctx=make_client_context(ca, cert, key),
+            ca_certs=[identity.load_ca(Path(ca).parent).cert],
+            trust_domain=TRUST,
+            metrics=Metrics(),
+            on_message=lambda peer, msg: None,
+            on_refused=refused.append,
+            on_closed=closed.append,
+            limits=Limits(**limits),  # type: ignore[arg-type]
+        )
+        host, port = await t.listen("127.0.0.1", 0)
+        made.append(t)
+        return Peer(t, f"{host}:{port}", closed, refused)
+
+    yield start  # type: ignore[misc]
+    for t in made:
+        await t.close()
+
+
+async def until(pred: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+async def talking(a: Peer, b: Peer) -> None:
+    """A connection each way between ``a`` and ``b``, each with a frame on it."""
+    a.transport.send(b.address, Gossip("east/a"))
+    b.transport.send(a.address, Gossip("east/b"))
+
+    def established(x: Peer, y: Peer) -> bool:
+        out = x.transport._out.get(y.address)
+        mine = f"east/{'a' if x is a else 'b'}"
+        return out is not None and out.writer is not None and mine in y.transport._by_peer
+
+    await until(lambda: established(a, b) and established(b, a), "a connection each way")
+
+
+async def test_a_peer_that_goes_away_is_reported_closed_both_ways_then_refused(peers) -> None:
+    a, b = await peers("a"), await peers("b")
+    await talking(a, b)
+    assert a.closed == []
+    await b.transport.close()  # every connection aborted, the listener gone
+    await until(lambda: set(a.closed) == {"east/b", b.address}, "both connections reported")
+    # The next message is not written into the dead connection: a new connect,
+    # refused, so the agent hears of it at once.
+    a.transport.send(b.address, Gossip("east/a"))
+    await until(lambda: a.refused == [b.address], "the connect refused")
+
+
+async def test_a_connection_closed_for_idleness_is_not_reported(peers) -> None:
+    a, b = await peers("a", idle_timeout=0.3), await peers("b", idle_timeout=0.3)
+    await talking(a, b)
+    # Both idle timers close both connections (each side's, whichever first).
+    await until(
+        lambda: a.transport.inbound_count() == 0 and b.transport.inbound_count() == 0,
+        "the idle connections closed",
+    )
+    await asyncio.sleep(0)  # let the watchers of our own connections see their end
+    await until(lambda: not a.transport._watchers and not b.transport._watchers, "watchers done")
+    assert a.closed == [] and b.closed == []
+    assert a.refused == [] and b.refused == []
