@@ -56,7 +56,8 @@ def run_rounds(
     w: ClusterWatch, start: float, rounds: int, tg: dict[str, list[tuple[str, str]]]
 ) -> tuple[float, list[tuple[str, Ping]], bool]:
     """Tick the watch at each of its deadlines for ``rounds`` rounds, answering nothing."""
-    now, sent, changed = start, [], False
+    sent: list[tuple[str, Ping]] = []
+    now, changed = start, False
     end = start + rounds * W.interval
     while True:
         now = w.deadline()
