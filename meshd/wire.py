@@ -783,6 +783,8 @@ def _digest(x: Any) -> dict[str, int]:
 
 def _tuple_of(kind: type, what: str) -> Any:
     def check(x: Any) -> Any:
+        if type(x) is tuple and not x:
+            return x  # most messages carry nothing here: no loop to set up
         # A tuple, not a list: decoding yields tuples, and a list would make the
         # frozen message mutable and unequal to its own round trip.
         if not isinstance(x, tuple) or len(x) > MAX_LIST_LEN:
@@ -820,6 +822,8 @@ def _bool(x: Any) -> bool:
 
 
 def _seq(x: Any) -> int:
+    if type(x) is int and 0 <= x <= 0xFFFFFFFF:
+        return x  # every probe and ack checks one: the common case without a call
     return _check_int(x, "seq", 0, 2**32 - 1)
 
 
@@ -841,6 +845,8 @@ def _mid(x: Any) -> str:
 
 
 def _addr(x: Any) -> str:
+    if type(x) is str and len(x) <= MAX_NAME_LEN + 6 and x.isascii():
+        return x  # what _check_str accepts first, without the call
     return _check_str(x, "address", MAX_NAME_LEN + 6)
 
 

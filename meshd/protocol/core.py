@@ -313,7 +313,8 @@ class Core:
                 if self._bad >= MAX_BAD_PER_MESSAGE:
                     break
                 self._apply(u, now, via=msg.source)
-            self.records.merge(states, now, rebroadcast=True)
+            if states:  # most probes and acks carry none
+                self.records.merge(states, now, rebroadcast=True)
         if self._bad >= MAX_BAD_PER_MESSAGE:
             self.counters["rejected-state:flood"] += 1
 

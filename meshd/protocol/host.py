@@ -90,6 +90,8 @@ class Host:
 
     def get_timer(self) -> float:
         """When the host next wants :meth:`handle_timer` (the earliest of its cores)."""
+        if self.bridge is None:
+            return self.lan.get_timer()  # one core, no refresh (_next_refresh is inf)
         t = self._next_refresh
         for core in self.cores.values():
             c = core.get_timer()
