@@ -554,3 +554,31 @@ def test_plots_are_written(tmp_path):
     assert {p.name for p in made} >= {"convergence.png", "detection_cdf.png", "bandwidth.png"}
     assert all(p.stat().st_size > 1000 for p in made)
     assert not math.isnan(r["convergence_s"]["p50"])
+
+
+# ----------------------------------------------------------------------
+# benchmarks/bench_sim.py (old commit against the working tree)
+
+
+def _bench_sim():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sim.py"
+    spec = importlib.util.spec_from_file_location("bench_sim", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_sim_compares_only_what_a_seed_fixes():
+    bench = _bench_sim()
+    r = {"events": 5, "wall_s": 1.0, "bench_cpu_s": 2.0, "convergence_s": {"p50": 0.5}}
+    assert bench.deterministic(r) == {"events": 5, "convergence_s": {"p50": 0.5}}
+
+
+def test_bench_sim_refuses_a_base_that_is_not_a_commit(capsys):
+    bench = _bench_sim()
+    assert bench.main(["--base", "no-such-commit-anywhere"]) == 2
+    assert "is not a commit" in capsys.readouterr().err
+    assert bench.main(["--base", "HEAD", "--rounds", "0"]) == 2
