@@ -262,10 +262,22 @@ class Network:
 
     def transit(self, src: int, dst: int, now: float) -> float | None:
         """``lost`` then ``latency`` (the simulator's per-message path): None if
-        the message is lost, else the seconds it takes."""
-        if self.lost(src, dst, now):
+        the message is lost, else the seconds it takes.
+
+        Every message passes here, so the common case (no partition, no loss
+        model) is spelled out without the calls; the draws, and their order,
+        are exactly those of ``lost`` then ``latency``.
+        """
+        lossy = self.partitions or (self.enabled and (self.burst is not None or self.loss))
+        if lossy and self.lost(src, dst, now):
             return None
-        return self.latency(src, dst)
+        cluster_of = self.cluster_of
+        sc, dc = cluster_of[src], cluster_of[dst]
+        dist = self.lan if sc == dc else self._pairs.get((sc, dc), self.wan)
+        d = dist.draw(self.rng)
+        if self.slow:
+            d += self.slow.get(src, 0.0) + self.slow.get(dst, 0.0)
+        return d
 
     def lost(self, src: int, dst: int, now: float) -> bool:
         """Is this message lost?  Partitions first, then burst, then independent loss."""

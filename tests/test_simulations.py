@@ -3,6 +3,7 @@ wire sizes, metrics, determinism, and one 200-node scenario end to end."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -222,6 +223,51 @@ def test_partitions_two_way_one_way_clusters_and_heal():
     assert net.lost_partition == 5
 
 
+@pytest.mark.parametrize(
+    "setup",
+    ["clean", "disabled", "loss", "burst-node", "burst-link", "partition", "slow", "pairs"],
+)
+def test_transit_is_lost_then_latency_draw_for_draw(setup):
+    """``transit`` spells out ``lost`` then ``latency`` for speed: it must make the
+    same draws in the same order, or every run of a seed would change."""
+
+    def make() -> Network:
+        kw: dict = {"lan": LogNormal(0.0005, 0.5, 0.0001, 0.05), "wan": Uniform(0.02, 0.06)}
+        if setup == "loss":
+            kw["loss"] = 0.3
+        if setup.startswith("burst"):
+            kw["burst"] = BurstLoss(1.0, 0.5, 0.1, 0.9, scope=setup.split("-")[1])
+        if setup == "pairs":
+            kw["wan_pairs"] = {("a", "c"): Fixed(0.2)}
+        net = _net(**kw)
+        net.enabled = setup != "disabled"
+        if setup == "partition":
+            net.partition_clusters(["a"], ["b"], one_way=True)
+        if setup == "slow":
+            net.slow[1] = 0.25
+        return net
+
+    fast, slow = make(), make()
+    pairs = [(s, d) for s in range(5) for d in range(5) if s != d]
+    got, want = [], []
+    for k in range(3000):
+        src, dst = pairs[k % len(pairs)]
+        now = k * 0.01
+        got.append(fast.transit(src, dst, now))
+        want.append(None if slow.lost(src, dst, now) else slow.latency(src, dst))
+    assert got == want
+    assert fast.rng.getstate() == slow.rng.getstate()
+    assert (fast.lost_independent, fast.lost_burst, fast.lost_partition) == (
+        slow.lost_independent,
+        slow.lost_burst,
+        slow.lost_partition,
+    )
+    if setup in ("loss", "burst-node", "burst-link", "partition"):
+        assert None in got
+    else:
+        assert None not in got
+
+
 # ----------------------------------------------------------------------
 # Exact wire sizes
 
@@ -353,6 +399,39 @@ def test_same_scenario_and_seed_give_the_same_results():
     assert deterministic_part(c) != deterministic_part(a)
 
 
+#: Runs of three small scenarios: events and a digest of every figure a seed
+#: fixes.  Pinned at f5dc0aa before the simulator was made faster, and re-pinned
+#: once after crash detection from TCP facts and the cluster watch changed the
+#: protocol (the same values with and without the speed-ups, checked).
+#: A speed-up must leave them as they are.  A change that alters the protocol on
+#: purpose changes them: then, and only then, put the new values here (the
+#: failure message prints them).
+_PINNED = {
+    "small": (16324, "cf388fc571a2311f"),
+    "convergence-150": (35483, "ec853829a9533afc"),
+    "lost_cluster-100": (63852, "386e69cafa430760"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(_PINNED))
+def test_a_seed_gives_the_pinned_events_and_figures(name):
+    if name == "small":
+        sc = parse_scenario(_SMALL)
+    elif name == "convergence-150":
+        sc = load_scenario(
+            SCENARIOS / "convergence.toml", {"topology.nodes": 150, "duration_s": 40.0}
+        )
+    else:
+        sc = load_scenario(
+            SCENARIOS / "lost_cluster.toml", {"topology.nodes": 100, "duration_s": 60.0}
+        )
+    r = Simulation(sc).run()
+    blob = json.dumps(deterministic_part(r), sort_keys=True).encode()
+    got = (r["events"], hashlib.sha256(blob).hexdigest()[:16])
+    assert got == _PINNED[name], f"{name}: {got}"
+
+
 def test_preset_warm_up_shares_one_view_until_a_core_changes_it():
     """Memory at 10,000 nodes rests on this: after the preset every core of a
     cluster holds the same member table, and a change copies it for that core
@@ -477,3 +556,31 @@ def test_plots_are_written(tmp_path):
     assert {p.name for p in made} >= {"convergence.png", "detection_cdf.png", "bandwidth.png"}
     assert all(p.stat().st_size > 1000 for p in made)
     assert not math.isnan(r["convergence_s"]["p50"])
+
+
+# ----------------------------------------------------------------------
+# benchmarks/bench_sim.py (old commit against the working tree)
+
+
+def _bench_sim():
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_sim.py"
+    spec = importlib.util.spec_from_file_location("bench_sim", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_sim_compares_only_what_a_seed_fixes():
+    bench = _bench_sim()
+    r = {"events": 5, "wall_s": 1.0, "bench_cpu_s": 2.0, "convergence_s": {"p50": 0.5}}
+    assert bench.deterministic(r) == {"events": 5, "convergence_s": {"p50": 0.5}}
+
+
+def test_bench_sim_refuses_a_base_that_is_not_a_commit(capsys):
+    bench = _bench_sim()
+    assert bench.main(["--base", "no-such-commit-anywhere"]) == 2
+    assert "is not a commit" in capsys.readouterr().err
+    assert bench.main(["--base", "HEAD", "--rounds", "0"]) == 2

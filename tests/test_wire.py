@@ -907,3 +907,41 @@ def test_a_member_claim_names_a_real_host_and_port(address: str) -> None:
     with pytest.raises(WireError):
         MemberClaim(Status.ALIVE, "east/n1", 1, address)
     assert MemberClaim(Status.ALIVE, "east/n1", 1, "[::1]:7946").address == "[::1]:7946"
+
+
+def test_a_big_digest_is_checked_in_bulk_with_the_same_verdicts():
+    """``_plain_digest`` only lets through what the per-entry checks accept."""
+    from meshd.wire import MAX_ORIGIN_ID_LEN, _plain_digest
+
+    def per_entry(d: dict) -> bool:
+        try:
+            for k, v in d.items():
+                wire._check_str(k, "o", MAX_ORIGIN_ID_LEN)
+                wire._check_int(v, "v", 0)
+        except wire.WireError:
+            return False
+        return True
+
+    good = {f"c{i % 3}/n{i}": i for i in range(2000)}
+    cases = [
+        {},
+        good,
+        {**good, "x": True},
+        {**good, "x": -1},
+        {**good, "x": 2**63},
+        {**good, "x": 1.0},
+        {**good, 7: 1},
+        {**good, "é": 1},
+        {**good, "a" * (MAX_ORIGIN_ID_LEN + 1): 1},
+        {**good, "a" * MAX_ORIGIN_ID_LEN: 2**63 - 1},
+    ]
+    for d in cases:
+        if _plain_digest(d):
+            assert per_entry(d)
+        verdict = True
+        try:
+            wire._digest(d)
+        except wire.WireError:
+            verdict = False
+        assert verdict == per_entry(d)
+    assert _plain_digest(good) and not _plain_digest({**good, "é": 1})

@@ -109,10 +109,11 @@ class AntiEntropy:
     def deadline(self) -> float:
         """The earliest time this part wants the core's timer."""
         t = self.next_digest
-        if self.core.config.reconnect_interval > 0:
-            t = min(t, self.next_reconnect)
-        if self.next_join is not None:
-            t = min(t, self.next_join)
+        if self.next_reconnect < t and self.core.config.reconnect_interval > 0:
+            t = self.next_reconnect
+        j = self.next_join
+        if j is not None and j < t:
+            t = j
         return t
 
     def tick(self, now: float) -> None:

@@ -266,10 +266,19 @@ class Core:
         return self._events.popleft() if self._events else None
 
     def get_timer(self) -> float:
-        t = min(self.prober.deadline(), self.anti_entropy.deadline(), self._next_reap)
-        t = min(t, self.gossip.deadline())
+        # Asked after every message and timer: comparisons, not min() calls.
+        t = self.prober.deadline()
+        u = self.anti_entropy.deadline()
+        if u < t:
+            t = u
+        if self._next_reap < t:
+            t = self._next_reap
+        g = self.gossip.next_gossip
+        if g is not None and g < t:
+            t = g
         for s in self._suspicions.values():
-            t = min(t, s.deadline)
+            if s.deadline < t:
+                t = s.deadline
         return t
 
     def handle_timer(self, now: float) -> None:
@@ -297,7 +306,7 @@ class Core:
         members = getattr(msg, "members", ())
         states = getattr(msg, "states", ())
         synced = getattr(msg, "sync", False)
-        if isinstance(msg, PushPull | PushPullReply) or synced:
+        if synced or isinstance(msg, (PushPull, PushPullReply)):
             self._merge_remote_members(msg.source, members, now)
             self.records.merge(states, now, rebroadcast=False)
         else:
@@ -305,7 +314,8 @@ class Core:
                 if self._bad >= MAX_BAD_PER_MESSAGE:
                     break
                 self._apply(u, now, via=msg.source)
-            self.records.merge(states, now, rebroadcast=True)
+            if states:  # most probes and acks carry none
+                self.records.merge(states, now, rebroadcast=True)
         if self._bad >= MAX_BAD_PER_MESSAGE:
             self.counters["rejected-state:flood"] += 1
 

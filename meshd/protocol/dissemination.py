@@ -53,15 +53,16 @@ class Dissemination:
     def piggyback(
         self, dest_cluster: str
     ) -> tuple[tuple[MemberUpdate, ...], tuple[SignedState, ...]]:
+        member_q, record_q = self.member_q, self.record_q
+        if not member_q and not record_q:
+            return (), ()  # the usual case on every probe and ack: nothing waits
         cfg = self.core.config
         limit = retransmit_limit(cfg.retransmit_mult, self.core.pool_size)
-        members = tuple(self.member_q.take(cfg.member_budget, limit)) if self.member_q else ()
+        members = tuple(member_q.take(cfg.member_budget, limit)) if member_q else ()
         states: tuple[SignedState, ...] = ()
-        if self.record_q:
+        if record_q:
             states = tuple(
-                self.record_q.take(
-                    cfg.record_budget, limit, lambda s: may_reach(s.origin, dest_cluster)
-                )
+                record_q.take(cfg.record_budget, limit, lambda s: may_reach(s.origin, dest_cluster))
             )
         return members, states
 

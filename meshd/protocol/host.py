@@ -56,7 +56,7 @@ class Host:
         #: pool name -> core, LAN first: the order every pass visits them in.
         self.cores: dict[str, Core] = {LAN: lan}
         self.bridge: Bridge | None = None
-        self._out: deque[tuple[str, str, Message]] = deque()
+        self._out: list[tuple[str, str, Message]] = []
         self._events: deque[tuple[str, Event]] = deque()
         self._next_refresh = math.inf
         if wan is not None:
@@ -112,6 +112,8 @@ class Host:
 
     def get_timer(self) -> float:
         """When the host next wants :meth:`handle_timer` (the earliest of its cores)."""
+        if self.bridge is None:
+            return self.lan.get_timer()  # one core, no refresh (_next_refresh is inf)
         t = self._next_refresh
         if self.bridge is not None:
             t = min(t, self.bridge.watch.deadline())
@@ -138,8 +140,7 @@ class Host:
 
     def messages_to_send(self) -> list[tuple[str, str, Message]]:
         """``(pool, address, message)`` in the order the cores made them."""
-        out = list(self._out)
-        self._out.clear()
+        out, self._out = self._out, []
         return out
 
     def next_event(self) -> tuple[str, Event] | None:
@@ -173,6 +174,18 @@ class Host:
         bridge = self.bridge
         out = self._out
         events = self._events
+        if bridge is None:
+            # No bridge, nothing relayed: one pass collects everything (a
+            # second would find both queues empty).  Most nodes of a big
+            # simulation take this path after every message and timer.
+            lan = self.lan
+            for addr, msg in lan.messages_to_send():
+                out.append((LAN, addr, msg))
+            event = lan.next_event()
+            while event is not None:
+                events.append((LAN, event))
+                event = lan.next_event()
+            return
         for _ in range(MAX_RELAY_PASSES):
             busy = False
             for pool, core in self.cores.items():

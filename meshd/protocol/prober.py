@@ -105,9 +105,13 @@ class Prober:
         t = self.next_probe
         p = self.probe
         if p is not None:
-            t = min(t, p.end if p.indirect else p.ack_deadline)
-        for r in self.relays.values():
-            t = min(t, r.deadline)
+            d = p.end if p.indirect else p.ack_deadline
+            if d < t:
+                t = d
+        if self.relays:
+            for r in self.relays.values():
+                if r.deadline < t:
+                    t = r.deadline
         return t
 
     def tick(self, now: float, left: bool) -> None:

@@ -117,11 +117,17 @@ def update(
     """``local`` moved by one round-trip sample ``rtt`` (seconds) to the node at ``remote``."""
     if not (math.isfinite(rtt) and rtt >= 0):
         raise ValueError("rtt must be a finite non-negative number of seconds")
-    n = len(local.vec)
-    if n != cfg.dimensionality or len(remote.vec) != n:
+    lvec, rvec = local.vec, remote.vec
+    n = len(lvec)
+    if n != cfg.dimensionality or len(rvec) != n:
         raise ValueError("coordinates must have the configured dimensionality")
     rtt = max(rtt, ZERO_THRESHOLD)
-    dist = distance(local, remote)
+    # Every probe's ack lands here, so the arithmetic is spelled out once:
+    # ``mag`` is what ``distance`` computes (math.dist is math.hypot of the
+    # differences, to the bit), and the lengths were checked just above.
+    diff = [a - b for a, b in zip(lvec, rvec, strict=False)]
+    mag = math.hypot(*diff)
+    dist = mag + local.height + remote.height
 
     # Sample weight and error estimate.
     total_error = max(local.error + remote.error, ZERO_THRESHOLD)
@@ -133,21 +139,19 @@ def update(
     # Move along the unit height vector from remote to local:
     # u = [x_l - x_r, h_l + h_r] / (||x_l - x_r|| + h_l + h_r).
     force = cfg.cc * w * (rtt - dist)
-    diff = [a - b for a, b in zip(local.vec, remote.vec, strict=True)]
-    mag = math.hypot(*diff)
     heights = local.height + remote.height
     if mag > ZERO_THRESHOLD:
         norm = mag + heights
-        vec = tuple(x + force * d / norm for x, d in zip(local.vec, diff, strict=True))
+        vec = tuple([x + force * d / norm for x, d in zip(lvec, diff, strict=False)])
         height = local.height + force * heights / norm
     elif force > 0:
         # Coincident and predicted too close: the paper's "random direction".
         # The pure-height unit vector would only inflate both heights.
         u = _random_unit(rng if rng is not None else random.Random(cfg.seed), n)
-        vec = tuple(x + force * d for x, d in zip(local.vec, u, strict=True))
+        vec = tuple(x + force * d for x, d in zip(lvec, u, strict=True))
         height = local.height
     else:
         # Coincident and predicted too far: only the heights can shrink.
-        vec = local.vec
+        vec = lvec
         height = local.height + force
     return Coordinate(vec, error, max(height, cfg.height_min))

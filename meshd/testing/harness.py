@@ -467,9 +467,10 @@ class Cluster:
         heapq.heappush(self._heap, (t, self._tie, kind, index, payload))
 
     # The hot path: every event goes through _run, most through _flush, every
-    # message through _transmit and _deliver.  They keep what they use in
-    # locals and call nothing they need not (a big simulation runs millions
-    # of events); what they do is what step's docstring says, in that order.
+    # message through _transmit and the delivery in _run.  They keep what they
+    # use in locals and call nothing they need not (a big simulation runs
+    # millions of events); what they do is what step's docstring says, in
+    # that order.
 
     def _settle(self, hn: HarnessNode) -> None:
         """After a direct call into one of ``hn``'s cores: collect, then flush."""
@@ -542,53 +543,49 @@ class Cluster:
             (now + delay, self._tie, _DELIVER, dst[0], (dst[1], hn.index, payload, size)),
         )
 
-    def _deliver(self, dst: int, pool: str, src: int, payload: object, size: int) -> None:
-        hn = self.nodes[dst]
-        host = hn.host
-        if hn.crashed or host is None or pool not in host.cores:
-            self.dropped += 1
-            return
-        self.received_msgs[dst] += 1
-        self.received_bytes[dst] += size
-        hn.recent.append((src, pool))
-        if isinstance(payload, bytes):
-            decoded = decode_message(payload[4:])
-            if isinstance(decoded, Rejection):
-                self.rejected[decoded.reason] += 1
-                return
-            msg = decoded
-        else:
-            msg = payload  # type: ignore[assignment]
-        if hn.paused:
-            hn.inbox.append((pool, src, msg))
-            return
-        self.delivered += 1
-        host.receive(pool, msg, self.now, peer=self.nodes[src].id)
-        self._flush(hn)
-
     def _run(self, until: float, limit: int = -1) -> int:
         """Process the events due by ``until``, at most ``limit`` of them (-1: no
         limit); how many it processed.  One event is as :meth:`step` says."""
         heap = self._heap
         nodes = self.nodes
-        deliver = self._deliver
         flush = self._flush
         pop = heapq.heappop
+        received_msgs = self.received_msgs
+        received_bytes = self.received_bytes
         n = 0
         while heap and heap[0][0] <= until and n != limit:
             t, _, kind, index, payload = pop(heap)
             n += 1
             if t > self.now:
                 self.now = t
+            hn = nodes[index]
+            host = hn.host
             if kind == _DELIVER:
                 pool, src, data, size = cast(_Delivery, payload)
-                deliver(index, pool, src, data, size)
+                if hn.crashed or host is None or pool not in host.cores:
+                    self.dropped += 1
+                    continue
+                received_msgs[index] += 1
+                received_bytes[index] += size
+                hn.recent.append((src, pool))
+                if isinstance(data, bytes):
+                    decoded = decode_message(data[4:])
+                    if isinstance(decoded, Rejection):
+                        self.rejected[decoded.reason] += 1
+                        continue
+                    msg: Message = decoded
+                else:
+                    msg = cast(Message, data)
+                if hn.paused:
+                    hn.inbox.append((pool, src, msg))
+                    continue
+                self.delivered += 1
+                host.receive(pool, msg, self.now, peer=nodes[src].id)
+                flush(hn)
                 continue
-            hn = nodes[index]
             if kind != _TIMER:
                 self._transport_fact(hn, kind, cast(tuple[str, str], payload))
                 continue
-            host = hn.host
             if payload != hn.timer_gen or hn.crashed or hn.paused or host is None:
                 continue
             hn.timer_at = None  # consumed: the flush below sets the next one
@@ -615,11 +612,13 @@ class Cluster:
         """Process one event; False when nothing is scheduled.
 
         The next event in time order (ties in the order they were scheduled)
-        moves the clock to its time.  A delivery goes to :meth:`_deliver`.  A
-        node's timer is live only if it is the last one :meth:`_flush` set
-        (``timer_gen``) and the node runs: then its host handles its timers
-        (every core whose deadline has come, a due bridge refresh), and the
-        node is flushed.
+        moves the clock to its time.  A delivery to a node that runs (not
+        crashed, in the pool) is counted as received, decoded when it was
+        encoded, queued when the node is paused, else handed to its host and
+        the node flushed.  A node's timer is live only if it is the last one
+        :meth:`_flush` set (``timer_gen``) and the node runs: then its host
+        handles its timers (every core whose deadline has come, a due bridge
+        refresh), and the node is flushed.
         """
         return self._run(math.inf, 1) == 1
 
