@@ -923,7 +923,7 @@ def test_a_big_digest_is_checked_in_bulk_with_the_same_verdicts():
         return True
 
     good = {f"c{i % 3}/n{i}": i for i in range(2000)}
-    cases = [
+    cases: list[dict[Any, Any]] = [
         {},
         good,
         {**good, "x": True},
