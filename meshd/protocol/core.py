@@ -276,6 +276,9 @@ class Core:
         g = self.gossip.next_gossip
         if g is not None and g < t:
             t = g
+        g = self.gossip.next_hurry
+        if g is not None and g < t:
+            t = g
         for s in self._suspicions.values():
             if s.deadline < t:
                 t = s.deadline
@@ -785,8 +788,9 @@ class Core:
             if m is None or m.status is not Status.SUSPECT:
                 del self._suspicions[member]
                 continue
-            # A refusal must be fresh for a verdict from our own evidence: a
-            # grace of one probe timeout, the time a live member takes to answer.
+            # A verdict from our own evidence needs a refusal of a check made
+            # now: a grace of one probe timeout, the time a live member takes
+            # to answer it (a process that just restarted does).
             verdict = s.expire(now, self.config.probe_timeout)
             if verdict == "recheck":
                 self.counters["refused-recheck"] += 1

@@ -7,14 +7,17 @@ entry goes out about ``retransmit_mult * log10(n + 1)`` times, fewest-sent
 first.  They ride on probes, acks and syncs (``piggyback``) and, while
 anything waits, on a gossip round to ``gossip_nodes`` random members every
 ``gossip_interval`` (and to the recently dead, so they hear their death and
-refute); when both queues are empty the gossip timer stops.  News of our
-own (a document a local client changed) is hurried out at once (``hurry``).
+refute); when both queues are empty the gossip timer stops.  A new
+document (ours, or one we just took from a peer) is hurried out at once
+(``hurry``) in a round of its own, documents only: each hop of its epidemic
+then costs a message's latency rather than half a gossip interval.
 Documents go only where their export lets them (``may_reach``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from meshd.protocol.members import Member
@@ -25,8 +28,8 @@ if TYPE_CHECKING:
     from meshd.protocol.core import Core
 
 #: Fraction of ``gossip_interval`` that must pass between two gossip rounds
-#: when news is hurried (``Dissemination.hurry``): news of our own (a document
-#: we published) goes out at once, yet a burst of it
+#: when news is hurried (``Dissemination.hurry``): a new document goes out
+#: at once, yet a burst of them
 #: makes at most 1 / HURRY_GAP rounds per interval, ``gossip_nodes`` messages each.
 HURRY_GAP = 0.25
 
@@ -40,13 +43,20 @@ class Dissemination:
         self.record_q: BroadcastQueue[SignedState] = BroadcastQueue(lambda s: s.size)
         #: The next gossip round; None while both queues are empty.
         self.next_gossip: float | None = None
-        #: When the last round ran (hurry keeps rounds HURRY_GAP apart).
-        self.last_round = -math.inf
+        #: The next hurried round (new documents only); None when none is due.
+        self.next_hurry: float | None = None
+        #: When the last hurried round ran (hurry keeps them HURRY_GAP apart).
+        self.last_hurry = -math.inf
 
     def deadline(self) -> float:
-        return math.inf if self.next_gossip is None else self.next_gossip
+        t = math.inf if self.next_gossip is None else self.next_gossip
+        if self.next_hurry is not None and self.next_hurry < t:
+            t = self.next_hurry
+        return t
 
     def tick(self, now: float) -> None:
+        if self.next_hurry is not None and now >= self.next_hurry:
+            self.hurried_round(now)
         if self.next_gossip is not None and now >= self.next_gossip:
             self.gossip_round(now)
 
@@ -71,16 +81,36 @@ class Dissemination:
             self.next_gossip = now + self.core.config.gossip_interval
 
     def hurry(self, now: float) -> None:
-        """Gossip what is queued now rather than at the next round.
+        """Send queued documents now rather than at the next round.
 
-        For news of our own only (a publication a local client asked for): a
-        peer's news that we pass on keeps the round's pace.  At most one
-        round per ``HURRY_GAP`` of the interval, however often this is
-        called, so it costs at most 1 / HURRY_GAP rounds per interval.
+        For new documents (ours, or one a peer just gave us): a hurried
+        round carries documents only and leaves the rounds' schedule alone,
+        so membership claims, verdicts and refutations keep the tick's pace
+        and their retransmissions are not spent in a burst (hurrying them
+        went with more false deaths under loss, docs/detection.md).  At most
+        one hurried round per ``HURRY_GAP`` of the interval, however often
+        this is called: a peer flooding us with documents gets at most
+        1 / HURRY_GAP extra rounds per interval out of us.
         """
-        at = max(now, self.last_round + HURRY_GAP * self.core.config.gossip_interval)
-        if self.next_gossip is None or at < self.next_gossip:
-            self.next_gossip = at
+        if self.next_hurry is None:
+            self.next_hurry = max(
+                now, self.last_hurry + HURRY_GAP * self.core.config.gossip_interval
+            )
+        self.wake(now)
+
+    def hurried_round(self, now: float) -> None:
+        self.next_hurry = None
+        if not self.record_q:
+            return
+        self.last_hurry = now
+        cfg = self.core.config
+        limit = retransmit_limit(cfg.retransmit_mult, self.core.pool_size)
+        for m in self.core._random_members(
+            cfg.gossip_nodes, lambda m: m.serving and m.id != self.core.id
+        ):
+            states = tuple(self.record_q.take(cfg.record_budget, limit, _exported_to(m.cluster)))
+            if states:
+                self.core._send(m.address, Gossip(self.core.id, states=states))
 
     def gossip_round(self, now: float) -> None:
         cfg = self.core.config
@@ -88,7 +118,6 @@ class Dissemination:
             self.next_gossip = None  # idle until something is queued
             return
         self.next_gossip = now + cfg.gossip_interval
-        self.last_round = now
 
         def eligible(m: Member) -> bool:
             if m.id == self.core.id:
@@ -102,3 +131,8 @@ class Dissemination:
             if not members and not states:
                 continue
             self.core._send(m.address, Gossip(self.core.id, members=members, states=states))
+
+
+def _exported_to(cluster: str) -> Callable[[SignedState], bool]:
+    """The filter of documents a member of ``cluster`` may be sent."""
+    return lambda s: may_reach(s.origin, cluster)

@@ -163,8 +163,14 @@ class Records:
                     self.apply_down(result.down, now, own=own)
                 core._events.append(OriginChanged(signed.origin, signed.version, not dead))
                 if rebroadcast and not dead:
+                    # A new document is passed on at once, not at the next
+                    # round: each hop of its epidemic then costs a message's
+                    # latency instead of half a gossip interval on average.
+                    # ``hurry`` keeps rounds HURRY_GAP apart, so a peer that
+                    # floods us with documents gets at most 1 / HURRY_GAP
+                    # rounds per interval out of us.
                     core.gossip.record_q.push(signed.origin, signed)
-                    core.gossip.wake(now)
+                    core.gossip.hurry(now)
             elif merged is Merge.FULL:
                 core.counters["rejected-state:store-full"] += 1
 

@@ -72,6 +72,7 @@ class Suspicion:
         "ceiling",
         "refused_at",
         "recheck_until",
+        "recheck_from",
         "deadline",
     )
 
@@ -98,6 +99,7 @@ class Suspicion:
         #: While the last check before a verdict from our own evidence runs:
         #: when it ends (see ``expire``).
         self.recheck_until: float | None = None
+        self.recheck_from = math.inf
         self.deadline = start + suspicion_timeout(0, k, min_t, max_t)
 
     @property
@@ -140,22 +142,27 @@ class Suspicion:
     def expire(self, now: float, grace: float) -> Literal["dead", "recheck", "wait"]:
         """What to do at ``now`` >= ``deadline``.
 
-        ``dead`` when the ordinary (Lifeguard) timeout ran out, or when our
-        own connect was refused within the last ``grace`` seconds.  A verdict
-        from our own evidence needs it fresh: a process that restarted on
-        the same address listens again, and must get the ordinary time to
-        refute.  So when the last refusal is older, ``recheck``: the caller
-        probes once more and the deadline moves ``grace`` on (a refusal then
-        makes it ``dead`` at once).  If that passes without a refusal the
-        ceiling is lifted (``wait``: an ordinary suspicion from then on).
+        ``dead`` when the ordinary (Lifeguard) timeout ran out.  A verdict
+        from our own evidence needs a refusal of a connect made *now*: a
+        process that restarted on the same address listens again, even if it
+        came back a moment ago, and must get the ordinary time to refute.  So
+        the ceiling always ends in ``recheck``: the caller probes once more
+        and the deadline moves ``grace`` on; a refusal in that window makes
+        it ``dead`` at once (``refused`` brings the deadline to now).  If the
+        window passes without one the ceiling is lifted (``wait``: an
+        ordinary suspicion from then on).
         """
         formula = self._formula()
-        if now >= formula or now - self.refused_at <= grace:
+        if now >= formula:
             return "dead"
         if self.recheck_until is None:
+            self.recheck_from = now
             self.recheck_until = self.deadline = now + grace
             return "recheck"
+        if self.refused_at >= self.recheck_from:
+            return "dead"
         self.recheck_until = None
+        self.recheck_from = math.inf
         self.ceiling = math.inf
         self.deadline = formula
         return "wait"
