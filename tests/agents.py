@@ -234,6 +234,33 @@ class AgentProc:
         return total
 
 
+def start_in_cluster(
+    root: Path,
+    certs: Certs,
+    name: str,
+    cluster: str,
+    *,
+    bridge: bool = False,
+    join: list[str] | None = None,
+    wan_join: list[str] | None = None,
+    extra: list[str] | tuple[str, ...] = (),
+) -> AgentProc:
+    """Start one agent of ``cluster`` (region named after it, zone ``<cluster>-a``).
+
+    A bridge gets a WAN listener (and with it the bridge role in its
+    certificate) and joins the WAN pool through ``wan_join``.
+    """
+    args = list(extra)
+    if bridge:
+        args += ["--wan-bind", "127.0.0.1:0"]
+        for w in wan_join or []:
+            args += ["--wan-join", w]
+    return AgentProc(
+        root, certs, name, cluster=cluster, region=cluster, zone=f"{cluster}-a",
+        join=join, extra=args,
+    ).start()  # fmt: skip
+
+
 def client_for(agent: AgentProc) -> consul.Consul:
     """py-consul pointed at ``agent``'s API (its Consul-compatible subset)."""
     url = urlsplit(agent.api)

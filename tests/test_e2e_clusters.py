@@ -14,7 +14,7 @@ import pytest
 
 from meshd.protocol.bounds import detection_bound, repair_bound, spread_bound
 from meshd.protocol.config import Config
-from tests.agents import AgentProc, Certs, wait_until
+from tests.agents import AgentProc, Certs, start_in_cluster, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -40,15 +40,9 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
     agents: dict[str, AgentProc] = {}
 
     def start(name, cluster, bridge=False, join=None, wan_join=None, extra=()):
-        args = list(extra)
-        if bridge:
-            args += ["--wan-bind", "127.0.0.1:0"]
-            for w in wan_join or []:
-                args += ["--wan-join", w]
-        a = AgentProc(
-            root, certs, name, cluster=cluster, region=cluster, zone=f"{cluster}-a",
-            join=join, extra=args,
-        ).start()  # fmt: skip
+        a = start_in_cluster(
+            root, certs, name, cluster, bridge=bridge, join=join, wan_join=wan_join, extra=extra
+        )
         agents[name] = a
         return a
 

@@ -20,7 +20,7 @@ from meshd.protocol.bounds import spread_bound, watch_unreachable_bound
 from meshd.protocol.cluster_watch import WatchConfig
 from meshd.protocol.config import Config
 from meshd.protocol.suspicion import suspicion_min
-from tests.agents import AgentProc, Certs, wait_until
+from tests.agents import AgentProc, Certs, start_in_cluster, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -48,15 +48,10 @@ def mesh(tmp_path_factory: pytest.TempPathFactory):
     agents: dict[str, AgentProc] = {}
 
     def start(name: str, cluster: str, join=None, wan_join=None, bridge=False, extra=()):
-        args = ["--profile", "lan", *extra]
-        if bridge:
-            args += ["--wan-bind", "127.0.0.1:0"]
-            for w in wan_join or []:
-                args += ["--wan-join", w]
-        a = AgentProc(
-            root, certs, name, cluster=cluster, region=cluster, zone=f"{cluster}-a",
-            join=join, extra=args,
-        ).start()  # fmt: skip
+        a = start_in_cluster(
+            root, certs, name, cluster, bridge=bridge, join=join, wan_join=wan_join,
+            extra=["--profile", "lan", *extra],
+        )  # fmt: skip
         agents[name] = a
         return a
 
