@@ -767,3 +767,65 @@ def test_newer_than_lacks_and_digest_equal_full_scans(
         assert store.digest() == scanned_digest(store)
         assert store.newer_than(remote) == scanned_newer(store, remote)
         assert ae.lacks(remote) is scanned_lacks(store, remote)
+
+
+def observed(store: RecordStore) -> tuple[object, ...]:
+    """Everything a store answers, for comparing two stores."""
+    origins = [*ORIGINS, "c/x"]
+    return (
+        len(store),
+        [o for o in origins if o in store],
+        [store.get(o) for o in origins],
+        [store.version(o) for o in origins],
+        store.digest(),
+        store.signed_states(),
+        list(store.live()),
+        store.newer_than({}),
+        store.endpoints("web"),
+        store.fingerprint,
+    )
+
+
+overlay_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "tomb", "revive", "reap"]),
+        st.sampled_from(ORIGINS),
+        st.integers(0, 4),
+    ),
+    max_size=14,
+)
+
+
+@PROPS
+@given(overlay_steps, overlay_steps)
+def test_an_adopter_answers_as_a_store_that_owns_everything(
+    before: list[tuple[str, str, int]], after: list[tuple[str, str, int]]
+) -> None:
+    def apply(store: RecordStore, steps: list[tuple[str, str, int]], t0: float) -> None:
+        for k, (what, origin, version) in enumerate(steps):
+            now = t0 + k
+            if what == "add":
+                node = origin.partition("/")[2]
+                add(store, node, version, rec("web", f"{node}-{version}"), now=now)
+            elif what == "tomb":
+                store.tombstone(origin, now)
+            elif what == "revive":
+                store.revive(origin)
+            else:
+                store.reap(now, timeout=3.0)
+
+    source, owner = RecordStore(), RecordStore()
+    apply(source, before, 0.0)
+    apply(owner, before, 0.0)
+    snap = source.snapshot()
+    seen = observed(source)
+    adopter = RecordStore()
+    adopter.adopt(snap)
+    assert observed(adopter) == observed(owner) == seen
+    apply(adopter, after, 100.0)
+    apply(owner, after, 100.0)
+    assert observed(adopter) == observed(owner)
+    assert observed(source) == seen  # an adopter's changes never reach the base
+    again = RecordStore()
+    again.adopt(adopter.snapshot())  # a snapshot of an overlay: everything held
+    assert observed(again) == observed(owner)
