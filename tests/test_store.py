@@ -690,3 +690,142 @@ def test_adopted_snapshot_is_shared_until_either_side_changes() -> None:
     add(source, "c", 1)
     assert "c/c" not in y and "c/c" not in x
     assert x.fingerprint == fingerprint_of(x)
+
+
+# ---------------------------------------------------------------------------
+# The kept digest and the set-difference scans: same answers as a full scan.
+
+
+def scanned_digest(store: RecordStore) -> dict[str, int]:
+    return {s.origin: s.version for s in store.signed_states()}
+
+
+def scanned_newer(store: RecordStore, remote: dict[str, int]) -> list[SignedState]:
+    """``newer_than`` as a loop over every entry (its definition)."""
+    return [
+        s
+        for s in store.signed_states()
+        if store.get(s.origin).tombstone_since is None  # type: ignore[union-attr]
+        and remote.get(s.origin, -1) < s.version
+    ]
+
+
+def scanned_lacks(store: RecordStore, remote: dict[str, int]) -> bool:
+    return any((store.version(o) or -1) < v for o, v in remote.items())
+
+
+def test_the_kept_digest_follows_every_change_and_an_old_one_never_changes() -> None:
+    store = RecordStore()
+    add(store, "a", 1)
+    first = store.digest()
+    assert store.digest() is first  # kept while nothing changes
+    add(store, "b", 1)
+    assert first == {"c/a": 1} and store.digest() == {"c/a": 1, "c/b": 1}
+    add(store, "a", 2)
+    assert store.digest() == scanned_digest(store) == {"c/a": 2, "c/b": 1}
+    assert add(store, "a", 2) is Merge.STALE
+    assert store.digest() == {"c/a": 2, "c/b": 1}
+    store.tombstone("c/a", 0.0)
+    assert store.digest() == {"c/a": 2, "c/b": 1}  # tombstones are listed
+    assert store.reap(10.0, timeout=1.0) == ["c/a"]
+    assert store.digest() == {"c/b": 1}
+    other = RecordStore()
+    add(other, "z", 7)
+    held = store.digest()
+    store.adopt(other.snapshot())
+    assert store.digest() == {"c/z": 7} and held == {"c/b": 1}
+    add(other, "y", 1)  # the snapshot's source changes: the adopter does not
+    assert store.digest() == {"c/z": 7}
+
+
+remote_digests = st.dictionaries(st.sampled_from(ORIGINS + ["c/x"]), st.integers(0, 6), max_size=6)
+
+
+@PROPS
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(ORIGINS), st.integers(0, 5), st.sampled_from(["add", "tomb"])),
+        max_size=12,
+    ),
+    remote_digests,
+)
+def test_newer_than_lacks_and_digest_equal_full_scans(
+    steps: list[tuple[str, int, str]], remote: dict[str, int]
+) -> None:
+    from types import SimpleNamespace
+
+    from meshd.protocol.anti_entropy import AntiEntropy
+
+    store = RecordStore()
+    ae = AntiEntropy(SimpleNamespace(store=store))  # type: ignore[arg-type]
+    for origin, version, what in steps:
+        store.digest()  # a kept digest must not survive the change below
+        if what == "add":
+            add(store, origin.partition("/")[2], version)
+        else:
+            store.tombstone(origin, 0.0)
+        assert store.digest() == scanned_digest(store)
+        assert store.newer_than(remote) == scanned_newer(store, remote)
+        assert ae.lacks(remote) is scanned_lacks(store, remote)
+
+
+def observed(store: RecordStore) -> tuple[object, ...]:
+    """Everything a store answers, for comparing two stores."""
+    origins = [*ORIGINS, "c/x"]
+    return (
+        len(store),
+        [o for o in origins if o in store],
+        [store.get(o) for o in origins],
+        [store.version(o) for o in origins],
+        store.digest(),
+        store.signed_states(),
+        list(store.live()),
+        store.newer_than({}),
+        store.endpoints("web"),
+        store.fingerprint,
+    )
+
+
+overlay_steps = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "tomb", "revive", "reap"]),
+        st.sampled_from(ORIGINS),
+        st.integers(0, 4),
+    ),
+    max_size=14,
+)
+
+
+@PROPS
+@given(overlay_steps, overlay_steps)
+def test_an_adopter_answers_as_a_store_that_owns_everything(
+    before: list[tuple[str, str, int]], after: list[tuple[str, str, int]]
+) -> None:
+    def apply(store: RecordStore, steps: list[tuple[str, str, int]], t0: float) -> None:
+        for k, (what, origin, version) in enumerate(steps):
+            now = t0 + k
+            if what == "add":
+                node = origin.partition("/")[2]
+                add(store, node, version, rec("web", f"{node}-{version}"), now=now)
+            elif what == "tomb":
+                store.tombstone(origin, now)
+            elif what == "revive":
+                store.revive(origin)
+            else:
+                store.reap(now, timeout=3.0)
+
+    source, owner = RecordStore(), RecordStore()
+    apply(source, before, 0.0)
+    apply(owner, before, 0.0)
+    snap = source.snapshot()
+    seen = observed(source)
+    adopter = RecordStore()
+    adopter.adopt(snap)
+    assert observed(adopter) == observed(owner) == seen
+    apply(adopter, after, 100.0)
+    apply(owner, after, 100.0)
+    assert observed(adopter) == observed(owner)
+    assert observed(source) == seen  # an adopter's changes never reach the base
+    again = RecordStore()
+    again.adopt(adopter.snapshot())  # a snapshot of an overlay: everything held
+    assert observed(again) == observed(owner)

@@ -166,7 +166,14 @@ class AntiEntropy:
     def lacks(self, remote: dict[str, int]) -> bool:
         """Does a peer's digest list a version we do not hold (or an older one)?"""
         version = self.core.store.version
-        return any((version(o) or -1) < v for o, v in remote.items())
+        if 0 in remote.values():
+            # A version 0 we hold counts as lacking it (``or -1``), which the
+            # difference below would miss: take the loop, as before.
+            return any((version(o) or -1) < v for o, v in remote.items())
+        # Only pairs we do not hold as listed can be newer: found in C.
+        return any(
+            (version(o) or -1) < v for o, v in remote.items() - self.core.store.digest().items()
+        )
 
     def send_sync(
         self,

@@ -121,6 +121,9 @@ class StoreSnapshot:
     """A store's tables, frozen for sharing: see :meth:`RecordStore.snapshot`."""
 
     entries: dict[str, Entry]
+    #: ``{origin: version}`` of ``entries``: every adopter's digest starts as
+    #: a copy of it instead of a walk over the entries.
+    digest: dict[str, int]
     tombstones: set[str]
     apps: _AppIndex
     fingerprint: int
@@ -145,32 +148,78 @@ class RecordStore:
         self.rejected: collections.Counter[str] = collections.Counter()
         #: XOR of :func:`record_term` over every held entry.
         self.fingerprint = 0
+        # What is held is ``_base`` (a snapshot's entries, shared with other
+        # stores and never changed) overlaid with ``_entries`` (this store's
+        # own, which win) less ``_dropped`` (origins of ``_base`` reaped here).
+        # A store that adopted a mesh-wide snapshot then owns only what
+        # changed since: the first new record costs one entry, not a copy of
+        # the whole mesh per store (what a simulator of 10,000 cores needs;
+        # an agent never adopts, so its ``_base`` stays empty).
+        self._base: dict[str, Entry] = {}
+        self._base_digest: dict[str, int] = {}
         self._entries: dict[str, Entry] = {}
+        self._dropped: set[str] = set()
+        self._count = 0
         # Tombstoned origins, so reap scans only them, not every entry.
         self._tombstones: set[str] = set()
         self._apps: _AppIndex = {}
-        # True while the tables above are a snapshot other stores also hold:
-        # the first change copies them (copy-on-write).
+        # True while the tombstones and the app index are a snapshot's, which
+        # other stores also hold: the first change copies them (copy-on-write).
         self._shared = False
+        # ``digest()`` as last built, or None: dropped by every change to what
+        # is held (never updated in place), so a digest handed out earlier
+        # stays what it was and a changed store can never return a stale one.
+        self._digest: dict[str, int] | None = None
 
     # -- reading ------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._count
 
     def __contains__(self, origin: object) -> bool:
-        return origin in self._entries
+        return isinstance(origin, str) and self.get(origin) is not None
 
     def get(self, origin: str) -> Entry | None:
-        return self._entries.get(origin)
+        entry = self._entries.get(origin)
+        if entry is None and self._base and origin not in self._dropped:
+            entry = self._base.get(origin)
+        return entry
 
     def version(self, origin: str) -> int | None:
-        entry = self._entries.get(origin)
+        entry = self.get(origin)
         return None if entry is None else entry.signed.version
 
+    def _held(self) -> dict[str, Entry]:
+        """Every held entry by origin (the overlay resolved: a new dict when
+        there is a base, else this store's own table, not to be changed)."""
+        if not self._base:
+            return self._entries
+        held = dict(self._base)
+        for origin in self._dropped:
+            del held[origin]
+        held.update(self._entries)
+        return held
+
     def digest(self) -> dict[str, int]:
-        """``{origin: version}`` of everything held, tombstones included."""
-        return {origin: e.signed.version for origin, e in self._entries.items()}
+        """``{origin: version}`` of everything held, tombstones included.
+
+        Built once per state of the store and shared by every caller until
+        the next change (a sync after a publication sends it, checks a
+        peer's against it, and answers syncs, each O(n) if rebuilt): callers
+        must not change it.
+        """
+        d = self._digest
+        if d is None:
+            if self._base:
+                d = dict(self._base_digest)  # a copy in C, then what is ours
+                for origin in self._dropped:
+                    del d[origin]
+                for origin, e in self._entries.items():
+                    d[origin] = e.signed.version
+            else:
+                d = {origin: e.signed.version for origin, e in self._entries.items()}
+            self._digest = d
+        return d
 
     def newer_than(self, remote: Mapping[str, int]) -> list[SignedState]:
         """Live states the remote lacks or holds at a lower version, sorted by origin.
@@ -179,24 +228,33 @@ class RecordStore:
         origin never produces) is not repaired here; piggybacked gossip still
         carries the winning copy.
         """
-        out = [
-            e.signed
-            for origin, e in self._entries.items()
-            if e.tombstone_since is None and remote.get(origin, -1) < e.signed.version
-        ]
+        # Only pairs the remote does not list as we hold them can be newer:
+        # the set difference finds them in C, where a Python loop over every
+        # entry made this O(n) interpreted steps per sync.
+        held = self.get
+        get = remote.get
+        out: list[SignedState] = []
+        for origin, version in self.digest().items() - remote.items():
+            if get(origin, -1) < version:
+                entry = held(origin)
+                assert entry is not None, "the digest lists what is held"
+                if entry.tombstone_since is None:
+                    out.append(entry.signed)
         out.sort(key=lambda s: s.origin)
         return out
 
     def live(self) -> Iterator[Entry]:
         """Served entries, sorted by origin."""
-        for origin in sorted(self._entries):
-            entry = self._entries[origin]
+        held = self._held()
+        for origin in sorted(held):
+            entry = held[origin]
             if entry.tombstone_since is None:
                 yield entry
 
     def signed_states(self) -> list[SignedState]:
         """Every held state, tombstones included, sorted by origin."""
-        return [self._entries[o].signed for o in sorted(self._entries)]
+        held = self._held()
+        return [held[o].signed for o in sorted(held)]
 
     def endpoints(
         self, app: str, namespace: str = "default"
@@ -211,7 +269,9 @@ class RecordStore:
             return []
         out: list[tuple[OriginState, AppRecord]] = []
         for origin in sorted(by_origin):
-            state = self._entries[origin].state
+            entry = self.get(origin)
+            assert entry is not None, "the app index lists live held origins"
+            state = entry.state
             out.extend((state, rec) for rec in by_origin[origin])
         return out
 
@@ -220,26 +280,33 @@ class RecordStore:
     def snapshot(self) -> StoreSnapshot:
         """The tables as they are, to :meth:`adopt` into other stores.
 
-        Nothing is copied: this store and every adopter share the tables
-        until one of them changes, which copies them first.  What a simulator
-        needs to give thousands of cores the same converged store in the
-        memory of one.
+        The entries become the shared base of this store and of every
+        adopter, each of which then owns only what it changes; the tombstones
+        and the app index are shared until one of them changes, which copies
+        them first.  What a simulator needs to give thousands of cores the
+        same converged store in the memory of one.
         """
+        held = self._held()
+        digest = self.digest()
+        self._base, self._base_digest = held, digest
+        self._entries, self._dropped = {}, set()
         self._shared = True
-        return StoreSnapshot(self._entries, self._tombstones, self._apps, self.fingerprint)
+        return StoreSnapshot(held, digest, self._tombstones, self._apps, self.fingerprint)
 
     def adopt(self, snap: StoreSnapshot) -> None:
         """Hold exactly what ``snap`` holds (shared until the first change)."""
-        self._entries = snap.entries
+        self._base, self._base_digest = snap.entries, snap.digest
+        self._entries, self._dropped = {}, set()
+        self._count = len(snap.entries)
         self._tombstones = snap.tombstones
         self._apps = snap.apps
         self.fingerprint = snap.fingerprint
         self._shared = True
+        self._digest = None
         self.index += 1
 
     def _own(self) -> None:
         if self._shared:
-            self._entries = dict(self._entries)
             self._tombstones = set(self._tombstones)
             self._apps = {
                 app: {ns: dict(by_origin) for ns, by_origin in namespaces.items()}
@@ -267,17 +334,20 @@ class RecordStore:
                 f"signed {signed.origin}@{signed.version}"
             )
         origin = signed.origin
-        old = self._entries.get(origin)
+        old = self.get(origin)
         if not wins(signed, None if old is None else old.signed):
             return Merge.STALE
-        if old is None and len(self._entries) >= self.max_origins:
+        if old is None and self._count >= self.max_origins:
             self.rejected["store-full"] += 1
             return Merge.FULL
         self._own()
+        self._digest = None
         if old is not None:
             self.fingerprint ^= record_term(origin, old.signed.version)
             if old.tombstone_since is None:
                 self._unindex(origin, old.state)
+        else:
+            self._count += 1
         self.fingerprint ^= record_term(origin, signed.version)
         self._entries[origin] = Entry(signed, state, now if tombstoned else None)
         if tombstoned:
@@ -290,10 +360,11 @@ class RecordStore:
 
     def tombstone(self, origin: str, now: float) -> bool:
         """Stop serving ``origin`` (its member is dead or left); True if it was live."""
-        entry = self._entries.get(origin)
+        entry = self.get(origin)
         if entry is None or entry.tombstone_since is not None:
             return False
         self._own()
+        self._digest = None
         self._entries[origin] = replace(entry, tombstone_since=now)
         self._tombstones.add(origin)
         self._unindex(origin, entry.state)
@@ -302,10 +373,11 @@ class RecordStore:
 
     def revive(self, origin: str) -> bool:
         """Serve ``origin`` again (its member came back alive); True if it was a tombstone."""
-        entry = self._entries.get(origin)
+        entry = self.get(origin)
         if entry is None or entry.tombstone_since is None:
             return False
         self._own()
+        self._digest = None
         self._entries[origin] = replace(entry, tombstone_since=None)
         self._tombstones.discard(origin)
         self._index(origin, entry.state)
@@ -319,18 +391,27 @@ class RecordStore:
         )
         if dropped:
             self._own()
+            self._digest = None
         for origin in dropped:
             # Tombstones are not in the app index, so only the entry goes.
-            self.fingerprint ^= record_term(origin, self._entries[origin].signed.version)
-            del self._entries[origin]
+            self.fingerprint ^= record_term(origin, self._tombstone_entry(origin).signed.version)
+            self._entries.pop(origin, None)
+            if origin in self._base:
+                self._dropped.add(origin)
+            self._count -= 1
             self._tombstones.discard(origin)
             self.index += 1
         return dropped
 
     # -- the app index ------------------------------------------------------
 
+    def _tombstone_entry(self, origin: str) -> Entry:
+        entry = self.get(origin)
+        assert entry is not None, "every origin in _tombstones is held"
+        return entry
+
     def _tombstone_time(self, origin: str) -> float:
-        since = self._entries[origin].tombstone_since
+        since = self._tombstone_entry(origin).tombstone_since
         assert since is not None, "every origin in _tombstones is a tombstone"
         return since
 
