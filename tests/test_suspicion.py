@@ -68,3 +68,15 @@ def test_one_delivering_peer_counts_once_whatever_accusers_it_names():
     assert s.confirm("east/d", via="east/d")
     assert s.confirm("transport:refused")
     assert s.confirmations == 3
+
+
+def test_a_suspicion_without_a_named_accuser_takes_the_first_one_as_its_origin():
+    # Learnt from a member list (no accuser named): the first accuser heard
+    # afterwards started it, it does not confirm it; the second one does.
+    s = Suspicion(0.0, None, k=2, min_t=8.0, max_t=48.0, via="east/b")
+    assert s.confirmations == 0 and s.deadline == 48.0
+    s.confirm("east/c", via="east/c")
+    assert s.confirmations == 0 and s.deadline == 48.0
+    assert s.confirm("east/d", via="east/d")
+    assert s.confirmations == 1
+    assert s.deadline == suspicion_timeout(1, 2, 8.0, 48.0)

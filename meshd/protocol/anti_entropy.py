@@ -139,7 +139,11 @@ class AntiEntropy:
         """Our member list in chunks that each fit a frame (claims carry certificates).
 
         A suspected member is listed by its signed alive claim, then the
-        accusation, so a peer that never heard of it can take both.
+        accusation, so a peer that never heard of it can take both.  The
+        accusation names the member itself as its author: we do not keep who
+        accused it, and a list is no independent observation, so receivers
+        read that as "no accuser named" and count no confirmation from it
+        (``Core._apply``).
         """
         updates: list[MemberUpdate] = []
         for m in self.core.members.values():

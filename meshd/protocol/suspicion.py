@@ -60,6 +60,11 @@ class Suspicion:
     one before: a peer holding a valid certificate that invents accusers gets
     one confirmation, not ``k``.  The driver's own evidence (``via`` None,
     e.g. a refused connection) is not limited so.
+
+    A suspicion learnt from a full member list has no named accuser
+    (``first_by`` None): a list says what its sender holds, not who saw the
+    member fail, so it confirms nothing, and the first named accuser heard
+    afterwards is the suspicion's origin, not a confirmation of it.
     """
 
     __slots__ = (
@@ -79,7 +84,7 @@ class Suspicion:
     def __init__(
         self,
         start: float,
-        first_by: str,
+        first_by: str | None,
         k: int,
         min_t: float,
         max_t: float,
@@ -89,8 +94,8 @@ class Suspicion:
         self.k = k
         self.min_t = min_t
         self.max_t = max_t
-        self._accusers = {first_by}
-        self._relays = {via} if via is not None else set()
+        self._accusers = {first_by} if first_by is not None else set()
+        self._relays = {via} if via is not None and first_by is not None else set()
         #: The verdict our own evidence asks for (see ``refused``); the
         #: deadline is never later than it.  Infinite while we have none.
         self.ceiling = math.inf
@@ -104,7 +109,7 @@ class Suspicion:
 
     @property
     def confirmations(self) -> int:
-        return len(self._accusers) - 1
+        return max(len(self._accusers) - 1, 0)
 
     def _formula(self) -> float:
         return self.start + suspicion_timeout(self.confirmations, self.k, self.min_t, self.max_t)
