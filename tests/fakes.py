@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
@@ -272,3 +273,20 @@ class FakeAgent:
 if TYPE_CHECKING:
     # The type checker holds the fake to the interface it stands in for.
     _conforms: AgentAPI = FakeAgent()
+
+
+def write_node_pki(root: Path, trust: str, nodes: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+    """A CA under ``root`` and a certificate of cluster east for each node, on 127.0.0.1:
+    node -> (ca, cert, key) file names, as the transport's contexts take them."""
+    from meshd import identity
+
+    ca = identity.create_ca(trust)
+    ca_pem, _ = identity.write_ca(ca, root / "ca")
+    files = {}
+    for node in nodes:
+        cert, key = identity.write_node_cert(
+            identity.issue_node_cert(ca, node=node, cluster="east", ips=["127.0.0.1"]),
+            root / node,
+        )
+        files[node] = (str(ca_pem), str(cert), str(key))
+    return files

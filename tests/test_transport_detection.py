@@ -20,23 +20,14 @@ from meshd import identity
 from meshd.agent.transport import Limits, Transport, make_client_context, make_server_context
 from meshd.metrics import Metrics
 from meshd.wire import Gossip
+from tests.fakes import write_node_pki
 
 TRUST = "mesh.test"
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str, str]]:
-    root = tmp_path_factory.mktemp("pki")
-    ca = identity.create_ca(TRUST)
-    ca_pem, _ = identity.write_ca(ca, root / "ca")
-    files = {}
-    for node in ("a", "b"):
-        cert, key = identity.write_node_cert(
-            identity.issue_node_cert(ca, node=node, cluster="east", ips=["127.0.0.1"]),
-            root / node,
-        )
-        files[node] = (str(ca_pem), str(cert), str(key))
-    return files
+    return write_node_pki(tmp_path_factory.mktemp("pki"), TRUST, ("a", "b"))
 
 
 @dataclass

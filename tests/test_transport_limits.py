@@ -32,6 +32,7 @@ from meshd.agent.transport import (
 from meshd.metrics import Metrics
 from meshd.protocol.anti_entropy import SYNC_CHUNK_BYTES
 from meshd.wire import MAX_FRAME_BYTES, WIRE_VERSION, FrameDecoder, Gossip, Message, encode_frame
+from tests.fakes import write_node_pki
 
 TRUST = "mesh.test"
 NODES = ("server", "a", "b", "c")
@@ -40,17 +41,7 @@ NODES = ("server", "a", "b", "c")
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str, str]]:
     """(ca, cert, key) file names for east/server, east/a, east/b and east/c."""
-    root = tmp_path_factory.mktemp("pki")
-    ca = identity.create_ca(TRUST)
-    ca_pem, _ = identity.write_ca(ca, root / "ca")
-    files = {}
-    for node in NODES:
-        cert, key = identity.write_node_cert(
-            identity.issue_node_cert(ca, node=node, cluster="east", ips=["127.0.0.1"]),
-            root / node,
-        )
-        files[node] = (str(ca_pem), str(cert), str(key))
-    return files
+    return write_node_pki(tmp_path_factory.mktemp("pki"), TRUST, NODES)
 
 
 @dataclass
