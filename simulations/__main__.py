@@ -56,8 +56,13 @@ def print_summary(r: dict[str, Any]) -> None:
         )
     print(
         f"  false deaths: {r['false_deaths']} verdicts about {r['false_death_subjects']} nodes, "
-        f"{r['false_deaths_healthy']} about nodes neither paused nor slow "
-        f"({r['false_suspicions']} suspect verdicts about running nodes)"
+        f"{r['false_deaths_healthy']} about nodes neither paused nor slow"
+        + (
+            f" ({r['false_deaths_lagging']} more about nodes slow until less than their delay ago)"
+            if r.get("false_deaths_lagging")
+            else ""
+        )
+        + f"; {r['false_suspicions']} suspect verdicts about running nodes"
     )
     print(f"  per node: {r['msgs_per_node_s']:.2f} msgs/s, {r['bytes_per_node_s']:.0f} B/s sent")
     if len(r["clusters"]) > 1:

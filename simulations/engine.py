@@ -234,6 +234,7 @@ class Simulation(Cluster):
             self._classify,
             lambda a, b: self.net.blocked(a, b) or self.net.blocked(b, a),
             lambda i: self.nodes[i].paused or i in self.net.slow,
+            lambda i: i not in self.net.slow and self.net.lags(i, self.now),
         )
         with few_collections():
             self._build()

@@ -190,7 +190,10 @@ class FaultSchedule:
             sim.at(sim.now + f.duration_s, partial(self._unslow, i))
 
     def _unslow(self, i: int) -> None:
-        self.sim.net.slow.pop(i, None)
+        net = self.sim.net
+        delay = net.slow.pop(i, None)
+        if delay is not None:
+            net.lagging[i] = self.sim.now + delay
 
     def _resume(self, i: int) -> None:
         sim = self.sim

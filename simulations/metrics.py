@@ -196,6 +196,7 @@ class Collector:
         classify: Callable[[int, FailoverWatch], str],
         separated: Callable[[int, int], bool] = lambda a, b: False,
         degraded: Callable[[int], bool] = lambda i: False,
+        lagging: Callable[[int], bool] = lambda i: False,
     ) -> None:
         self.index_of = index_of
         self.is_down = is_down
@@ -203,8 +204,13 @@ class Collector:
         self.classify = classify
         self.separated = separated
         self.degraded = degraded
-        #: False deaths whose subject was neither paused nor slow at the time.
+        self.lagging = lagging
+        #: False deaths whose subject was neither paused nor slow at the time,
+        #: nor lagging (``Network.lags``: back to normal speed less than its
+        #: delay ago, so what was sent to it while slow is still on its way).
         self.false_deaths_healthy = 0
+        #: False deaths about a lagging node (counted apart, not as healthy).
+        self.false_deaths_lagging = 0
         #: Dead verdicts across an active partition: right from where the
         #: observer stands, so not counted as false deaths.
         self.partition_deaths = 0
@@ -322,7 +328,9 @@ class Collector:
             return
         if e.incarnation >= self.life_start(subject):
             self.false_deaths += 1
-            if not self.degraded(subject):
+            if self.lagging(subject):
+                self.false_deaths_lagging += 1
+            elif not self.degraded(subject):
                 self.false_deaths_healthy += 1
             self.false_death_subjects.add(e.member)
             self.false_death_times.append(round(now - self.origin, 6))

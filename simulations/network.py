@@ -203,9 +203,23 @@ class Network:
         #: node -> extra seconds on everything it sends and receives (a slow,
         #: overloaded node: its messages sit in queues; its timers still fire).
         self.slow: dict[int, float] = {}
+        #: node -> virtual time until which a node that is no longer slow
+        #: still lags: what was sent to it or by it while it was slow is on
+        #: its way for up to the delay it had (see ``lags``).
+        self.lagging: dict[int, float] = {}
         self.lost_independent = 0
         self.lost_burst = 0
         self.lost_partition = 0
+
+    def lags(self, i: int, now: float) -> bool:
+        """Node ``i`` is slow, or was until less than its delay ago.
+
+        A node back to normal speed at ``t`` still hears, until ``t + delay``,
+        the messages sent to it before ``t`` (a suspicion, say), and its
+        answers to them leave only then: to its peers it is as slow as it was
+        for one more delay.
+        """
+        return i in self.slow or self.lagging.get(i, -1.0) > now
 
     # -- topology -------------------------------------------------------
 

@@ -174,6 +174,7 @@ def build_results(sim: Simulation, wall_s: float, wall_build_s: float) -> dict[s
         "false_deaths": col.false_deaths,
         "false_death_subjects": len(col.false_death_subjects),
         "false_deaths_healthy": col.false_deaths_healthy,
+        "false_deaths_lagging": col.false_deaths_lagging,
         "partition_deaths": col.partition_deaths,
         "false_suspicions": col.false_suspicions,
         "msgs_per_node_s": _r(per_node_rate(total_msgs, n, measure_s), 4),
