@@ -31,14 +31,12 @@ import stat
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from meshd.agent.agent import Agent
 from meshd.agent.interface import CheckSpec, Registration
 from meshd.agent.limits import Publisher, publish_problem
 from meshd.agent.statedb import (
@@ -48,11 +46,6 @@ from meshd.agent.statedb import (
     StateWriteError,
     ensure_state_dir,
 )
-from meshd.agent.transport import Transport, make_client_context, make_server_context
-from meshd.api.app import create_app
-from meshd.identity import StateVerifier, create_ca, issue_node_cert, write_ca, write_node_cert
-from meshd.metrics import Metrics
-from meshd.protocol.config import Config
 from meshd.wire import (
     MAX_APPS_PER_ORIGIN,
     MAX_META_BYTES,
@@ -62,6 +55,7 @@ from meshd.wire import (
     scope_for,
 )
 from tests.agents import AgentProc, wait_until
+from tests.local_agent import TLS, Local, start_local, stop_local, write_tls
 
 # ---------------------------------------------------------------------------
 # Helpers
@@ -478,80 +472,9 @@ def test_a_loose_existing_directory_is_warned_about_and_left_alone(
 # all be published
 
 
-@dataclass
-class Local:
-    agent: Agent
-    db: StateDB
-    client: TestClient
-
-    async def put(self, path: str, body: Any) -> tuple[int, Any]:
-        resp = await self.client.put(path, json=body)
-        ctype = resp.content_type
-        return resp.status, await (resp.json() if ctype == "application/json" else resp.text())
-
-    async def get(self, path: str) -> tuple[int, Any]:
-        resp = await self.client.get(path)
-        if resp.content_type == "application/json":
-            return resp.status, await resp.json()
-        return resp.status, await resp.text()
-
-    async def apps(self) -> list[dict[str, Any]]:
-        status, body = await self.get("/v1/apps")
-        assert status == 200
-        return body
-
-    def metric(self, text: str, line_start: str) -> float:
-        for line in text.splitlines():
-            if line.startswith(line_start):
-                return float(line.rpartition(" ")[2])
-        return 0.0
-
-
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, Path, Path]:
-    out = tmp_path_factory.mktemp("tls")
-    ca = create_ca("mesh.local")
-    ca_pem, _ = write_ca(ca, out)
-    nc = issue_node_cert(ca, "n1", "east", ips=["127.0.0.1"])
-    cert, key = write_node_cert(nc, out)
-    return nc, ca_pem, cert, key
-
-
-async def start_local(tls: tuple[Any, Path, Path, Path], state_dir: Path) -> Local:
-    nc, ca_pem, cert, key = tls
-    metrics = Metrics()
-    transport = Transport(
-        server_ctx=make_server_context(str(ca_pem), str(cert), str(key)),
-        client_ctx=make_client_context(str(ca_pem), str(cert), str(key)),
-        ca_certs=[nc.ca_cert],
-        trust_domain=nc.trust_domain,
-        metrics=metrics,
-        on_message=lambda peer, msg: None,
-        on_refused=lambda addr: None,
-    )
-    host, port = await transport.listen("127.0.0.1", 0)
-    agent = Agent(
-        node_cert=nc,
-        verifier=StateVerifier(nc.ca_cert, nc.trust_domain),
-        transport=transport,
-        metrics=metrics,
-        protocol=Config.local(),
-        region="r1",
-        zone="z1",
-        advertise=f"{host}:{port}",
-    )
-    db = StateDB.open(state_dir / DB_FILE)
-    agent.attach_statedb(db)
-    agent.start([])
-    client = TestClient(TestServer(create_app(agent)))
-    await client.start_server()
-    return Local(agent, db, client)
-
-
-async def stop_local(local: Local) -> None:
-    await local.client.close()
-    await local.agent.stop(leave=False)
-    local.db.close()
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TLS:
+    return write_tls(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

@@ -116,6 +116,11 @@ LEAVE_FLUSH_TIMEOUT = 2.0
 SIGNER_RECHECK_INTERVAL = 60.0
 #: Seconds between retries of the counter writes a pump makes, after one failed.
 STORAGE_RETRY_INTERVAL = 1.0
+#: Seconds an answer ranked by measured round trips (``order = "rtt"``) is
+#: served before it is ranked again.  Answers are cached per ``generation``;
+#: the Vivaldi estimates behind such a ranking move with every ack, which no
+#: other part of the generation sees.
+RTT_RERANK_INTERVAL = 5.0
 
 
 class Agent:
@@ -154,6 +159,9 @@ class Agent:
         self.node_meta = node_meta
         self.policy = policy or Policy(AppPolicy(), {})
         self._policy_generation = 0
+        self._ranks_by_rtt = _ranks_by_rtt(self.policy)
+        #: Monotonic seconds; replaceable in tests (see ``generation``).
+        self.clock: Callable[[], float] = time.monotonic
         self._cert = node_cert
         self._verifier = verifier
         self._transport = transport
@@ -714,14 +722,16 @@ class Agent:
         return self._core.store.index + self.dead.generation
 
     @property
-    def generation(self) -> tuple[int, int, int, int]:
+    def generation(self) -> tuple[int, int, int, int, int]:
         # Reach is computed from the store, so the store index covers it;
-        # membership moves node addresses and health in Consul answers.
+        # membership moves node addresses and health in Consul answers; a
+        # policy that ranks by round trips moves every RTT_RERANK_INTERVAL.
         return (
             self._core.store.index,
             self._policy_generation,
             self.dead.generation,
             self._members_generation,
+            int(self.clock() // RTT_RERANK_INTERVAL) if self._ranks_by_rtt else 0,
         )
 
     async def register(self, reg: Registration) -> int:
@@ -929,6 +939,7 @@ class Agent:
     def set_policy(self, policy: Policy) -> None:
         """Apply a new policy at once (PUT /v1/policy, file edit, SIGHUP)."""
         self.policy = policy
+        self._ranks_by_rtt = _ranks_by_rtt(policy)
         self._policy_generation += 1
         self._changed.set()  # blocked lookups re-answer under the new order
         self._changed = asyncio.Event()
@@ -1041,3 +1052,8 @@ class Agent:
                 tombstoned += len(entry.state.apps)
         self.metrics.records.labels("served").set(served)
         self.metrics.records.labels("tombstoned").set(tombstoned)
+
+
+def _ranks_by_rtt(policy: Policy) -> bool:
+    """Whether some app's answers are ordered by measured round trips."""
+    return any(p.order == "rtt" for p in (policy.default, *policy.apps.values()))
