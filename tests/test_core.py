@@ -12,12 +12,14 @@ pumps.  Only the determinism test uses the full ``Cluster``.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from functools import cache
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from meshd.identity import StateSigner, StateVerifier, create_ca, issue_node_cert
+from meshd.protocol.awareness import Awareness
 from meshd.protocol.config import Config
 from meshd.protocol.core import Core
 from meshd.protocol.events import MemberChanged, OriginChanged
@@ -418,10 +420,18 @@ def test_helper_asked_for_no_nack_stays_silent():
 # Suspicion and death
 
 
+def _healthy_a(a: Core) -> None:
+    """Keep A's own local health out of the timings: only A runs its timers
+    here, so the helpers of its indirect probes never nack, and the missing
+    nacks would make A hold its verdicts as a sick node does (tested apart)."""
+    a.prober.awareness = Awareness(1)
+
+
 def _suspect_x(config: Config = LAN):
     """A, B, C, D and X know each other; X is unreachable; B suspects X at t=10."""
     nodes = [make_node(i, config=config) for i in range(1, 6)]
     a, b, c, d, x = nodes
+    _healthy_a(a)
     net = mesh(*nodes, drop=lambda src, dst, msg: x.address in (dst, src.address))
     net.now = 10.0
     gossip(b, a, 10.0, claim(Status.SUSPECT, x, b))
@@ -439,6 +449,7 @@ def _a_suspects_x():
     """As _suspect_x, but A's own failed probe starts the suspicion; its start time."""
     nodes = [make_node(i) for i in range(1, 6)]
     a, b, c, d, x = nodes
+    _healthy_a(a)
     net = mesh(*nodes, drop=lambda src, dst, msg: x.address in (dst, src.address))
     net.run(10.0, active=[a], stop=lambda: a.members[x.id].status is Status.SUSPECT)
     assert a.members[x.id].status is Status.SUSPECT
@@ -463,6 +474,33 @@ def test_suspicion_without_confirmations_runs_the_full_lifeguard_timeout():
     assert a.store.version(x.id) == v
     assert held(a, x.id).tombstone_since == 40.0
     assert a.store.endpoints("orders") == []
+
+
+def test_a_sick_node_holds_its_verdict_until_its_health_returns():
+    # Lifeguard's local health: a node whose own probes fail may be the slow
+    # one, hearing the refutation late; it holds its own verdict.
+    net, a, b, c, d, x, start = _a_suspects_x()
+    lo, hi = a.suspicion_bounds()
+    a.prober.awareness = sick = Awareness(a.config.awareness_max_multiplier)
+    sick.score = sick_score = a.config.awareness_max_multiplier - 1
+    assert _status_at(net, a, x, start + hi) is Status.SUSPECT
+    assert a.counters["verdict-held"] >= 1 and a.counters["declared-dead"] == 0
+    # Held at most (score + 1) times the timeout...
+    assert _status_at(net, a, x, start + (sick_score + 1) * hi) is Status.DEAD
+    # ...and no longer than one probe interval once it is healthy again.
+    net, a, b, c, d, x, start = _a_suspects_x()
+    a.prober.awareness = sick = Awareness(a.config.awareness_max_multiplier)
+    sick.score = sick_score
+    assert _status_at(net, a, x, start + hi + 0.5) is Status.SUSPECT
+    _healthy_a(a)
+    assert _status_at(net, a, x, start + hi + 0.5 + a.config.probe_interval) is Status.DEAD
+
+
+def test_without_lifeguard_a_sick_node_does_not_hold_its_verdict():
+    net, a, b, c, d, x = _suspect_x(config=replace(LAN, lifeguard=False))
+    lo, _ = a.suspicion_bounds()
+    a.prober.awareness.score = 5
+    assert _status_at(net, a, x, 10.0 + lo) is Status.DEAD
 
 
 def test_distinct_confirmations_shrink_the_timer_and_repeats_do_not():

@@ -80,3 +80,42 @@ def test_a_suspicion_without_a_named_accuser_takes_the_first_one_as_its_origin()
     assert s.confirm("east/d", via="east/d")
     assert s.confirmations == 1
     assert s.deadline == suspicion_timeout(1, 2, 8.0, 48.0)
+
+
+def test_a_sick_node_holds_its_verdict_health_times_the_timeout():
+    # start 0, no confirmation: the Lifeguard timeout is max = 24 s.
+    s = Suspicion(0.0, "b", k=2, min_t=4.0, max_t=24.0)
+    assert s.expire(24.0, grace=0.5) == "dead"
+    s = Suspicion(0.0, "b", k=2, min_t=4.0, max_t=24.0)
+    # Health 3 (score 2): held until 72 s, looked at again every step.
+    assert s.expire(24.0, grace=0.5, health=3, step=1.0) == "hold"
+    assert s.deadline == 25.0
+    assert s.expire(71.0, grace=0.5, health=3, step=1.0) == "hold"
+    assert s.deadline == 72.0
+    assert s.expire(72.0, grace=0.5, health=3, step=1.0) == "dead"
+    # Health back to normal during the hold: dead at the next look.
+    s = Suspicion(0.0, "b", k=2, min_t=4.0, max_t=24.0)
+    assert s.expire(24.0, grace=0.5, health=8, step=1.0) == "hold"
+    assert s.expire(25.0, grace=0.5, health=1, step=1.0) == "dead"
+    # Confirmations shrink what is held: 4 s (two confirmations) times 3.
+    s = Suspicion(0.0, "b", k=2, min_t=4.0, max_t=24.0)
+    s.confirm("c")
+    s.confirm("d")
+    assert s.expire(4.0, grace=0.5, health=3, step=1.0) == "hold"
+    assert s.expire(12.0, grace=0.5, health=3, step=1.0) == "dead"
+
+
+def test_a_refused_check_is_a_verdict_whatever_our_health():
+    s = Suspicion(0.0, "b", k=2, min_t=4.0, max_t=24.0)
+    assert s.refused(1.0, timeout=2.0)
+    assert s.deadline == 3.0
+    assert s.expire(3.0, grace=0.5, health=8, step=1.0) == "recheck"
+    assert s.refused(3.2, timeout=2.0)  # the check was refused: the kernel's word
+    assert s.expire(3.2, grace=0.5, health=8, step=1.0) == "dead"
+    # Unrefused, the cap is lifted and the held Lifeguard timeout runs.
+    s = Suspicion(0.0, "b", k=2, min_t=4.0, max_t=24.0)
+    s.refused(1.0, timeout=2.0)
+    assert s.expire(3.0, grace=0.5, health=8, step=1.0) == "recheck"
+    assert s.expire(3.5, grace=0.5, health=8, step=1.0) == "wait"
+    assert s.deadline == 24.0
+    assert s.expire(24.0, grace=0.5, health=8, step=1.0) == "hold"

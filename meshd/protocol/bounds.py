@@ -59,7 +59,9 @@ def detection_bound(n: int, cfg: Config) -> float:
     cycle at random offsets, so one of them does within about two probe
     intervals.  The suspicion then runs at most ``suspicion_max`` (Lifeguard
     starts there and only shrinks), and the death notice spreads like any
-    broadcast.
+    broadcast.  A node whose own probes fail holds its own verdict up to
+    ``awareness_max_multiplier`` times longer (``Suspicion.expire``), but the
+    healthy members' verdict reaches it within this bound all the same.
     """
     lo = suspicion_min(cfg.suspicion_mult, n, cfg.probe_interval)
     hi = suspicion_max(lo, cfg.suspicion_max_timeout_mult) if cfg.lifeguard else lo
@@ -284,7 +286,9 @@ def cut_off_side_bound(
 
     - two round-robin cycles of ``n_bridges - 1`` probes at the stretched
       interval (a member probed just before the cut waits for the next cycle);
-    - the suspicion ceiling (no confirmation comes from outside);
+    - the suspicion ceiling (no confirmation comes from outside), held as
+      long again per point of the same local-health score
+      (``Suspicion.expire``: a sick node holds its own verdicts);
     - the death notices spread in the WAN pool (among the cut-off bridges)
       and the bridge's restated main document in its LAN pool.
     """
@@ -293,7 +297,7 @@ def cut_off_side_bound(
     lo = suspicion_min(cfg.suspicion_mult, n_bridges, cfg.probe_interval)
     hi = suspicion_max(lo, cfg.suspicion_max_timeout_mult) if cfg.lifeguard else lo
     cycles = 2 * max(n_bridges - 1, 1) * cfg.probe_interval * stretch
-    membership = cycles + hi + spread_bound(n_bridges, cfg) + spread_bound(n_lan, config)
+    membership = cycles + hi * stretch + spread_bound(n_bridges, cfg) + spread_bound(n_lan, config)
     return min(membership, watch_unreachable_bound(n_lan, config, watch))
 
 

@@ -800,7 +800,18 @@ class Core:
             # A verdict from our own evidence needs a refusal of a check made
             # now: a grace of one probe timeout, the time a live member takes
             # to answer it (a process that just restarted does).
-            verdict = s.expire(now, self.config.probe_timeout)
+            cfg = self.config
+            if cfg.lifeguard:
+                # A sick node (its probes failing) holds its verdict; it
+                # looks again each probe interval as its health moves.
+                verdict = s.expire(
+                    now, cfg.probe_timeout, self.awareness.score + 1, cfg.probe_interval
+                )
+            else:
+                verdict = s.expire(now, cfg.probe_timeout)
+            if verdict == "hold":
+                self.counters["verdict-held"] += 1
+                continue
             if verdict == "recheck":
                 self.counters["refused-recheck"] += 1
                 self.prober.probe_now(m, now, force=True)

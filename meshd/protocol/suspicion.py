@@ -10,6 +10,11 @@ unlikely to be.  The curve is logarithmic (memberlist ``suspicion.go``)::
 with ``c`` confirmations so far and ``k`` the number expected.  Without
 Lifeguard the timer is a fixed ``min``.
 
+Our own local health (Lifeguard's awareness score) stretches the timer at
+its end: a node whose own probes are failing holds its verdict up to
+``score + 1`` times the timeout, since it may be the slow one and hear the
+member's refutation late (``Suspicion.expire``).
+
 One more input caps the timer from above: our own transport's observation
 that nobody listens at the member's address any more (a refused connect, see
 ``Core.report_refused``).  ``Suspicion.refused`` takes it and asks for a
@@ -144,28 +149,41 @@ class Suspicion:
             self.deadline = min(self.deadline, self.ceiling)
         return self.deadline < before
 
-    def expire(self, now: float, grace: float) -> Literal["dead", "recheck", "wait"]:
+    def expire(
+        self, now: float, grace: float, health: int = 1, step: float = math.inf
+    ) -> Literal["dead", "recheck", "wait", "hold"]:
         """What to do at ``now`` >= ``deadline``.
 
-        ``dead`` when the ordinary (Lifeguard) timeout ran out.  A verdict
-        from our own evidence needs a refusal of a connect made *now*: a
-        process that restarted on the same address listens again, even if it
-        came back a moment ago, and must get the ordinary time to refute.  So
-        the ceiling always ends in ``recheck``: the caller probes once more
-        and the deadline moves ``grace`` on; a refusal in that window makes
-        it ``dead`` at once (``refused`` brings the deadline to now).  If the
-        window passes without one the ceiling is lifted (``wait``: an
+        ``dead`` when the ordinary (Lifeguard) timeout ran out, stretched by
+        ``health``, our own local-health multiplier (``Awareness.score + 1``):
+        a node whose probes are failing may be the slow one, hearing the
+        member's refutation late, and holds its verdict (``hold``) until
+        ``start + timeout * health``, looking again every ``step`` seconds
+        as its health changes.
+
+        A verdict from our own evidence needs a refusal of a connect made
+        *now*: a process that restarted on the same address listens again,
+        even if it came back a moment ago, and must get the ordinary time to
+        refute.  So the ceiling always ends in ``recheck``: the caller probes
+        once more and the deadline moves ``grace`` on; a refusal in that
+        window makes it ``dead`` at once (``refused`` brings the deadline to
+        now), whatever our health (a kernel's refusal is not our sickness).
+        If the window passes without one the ceiling is lifted (``wait``: an
         ordinary suspicion from then on).
         """
+        if self.recheck_until is not None and self.refused_at >= self.recheck_from:
+            return "dead"
         formula = self._formula()
         if now >= formula:
-            return "dead"
+            held = self.start + (formula - self.start) * health
+            if now >= held:
+                return "dead"
+            self.deadline = min(held, now + step)
+            return "hold"
         if self.recheck_until is None:
             self.recheck_from = now
             self.recheck_until = self.deadline = now + grace
             return "recheck"
-        if self.refused_at >= self.recheck_from:
-            return "dead"
         self.recheck_until = None
         self.recheck_from = math.inf
         self.ceiling = math.inf
