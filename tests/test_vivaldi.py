@@ -153,3 +153,67 @@ def test_converges_on_a_synthetic_plane():
     assert statistics.median(errors) < 0.20
     # the nodes' own error estimates have come down from the initial 1.5
     assert statistics.median(c.error for c in coords) < 0.3
+
+
+def _plain_update(local, remote, rtt, cfg, rng):
+    """The equations of the module doc, written the plain way (as update was
+    before its arithmetic was spelled out for speed): the reference."""
+    rtt = max(rtt, 1e-6)
+    dist = distance(local, remote)
+    w = local.error / max(local.error + remote.error, 1e-6)
+    error = cfg.ce * w * (abs(dist - rtt) / rtt) + local.error * (1.0 - cfg.ce * w)
+    error = min(max(error, 1e-6), cfg.error_max)
+    force = cfg.cc * w * (rtt - dist)
+    diff = [a - b for a, b in zip(local.vec, remote.vec, strict=True)]
+    mag = math.hypot(*diff)
+    heights = local.height + remote.height
+    if mag > 1e-6:
+        norm = mag + heights
+        vec = tuple(x + force * d / norm for x, d in zip(local.vec, diff, strict=True))
+        height = local.height + force * heights / norm
+    elif force > 0:
+        while True:
+            u = [rng.gauss(0.0, 1.0) for _ in local.vec]
+            un = math.hypot(*u)
+            if un > 1e-6:
+                break
+        vec = tuple(x + force * (d / un) for x, d in zip(local.vec, u, strict=True))
+        height = local.height
+    else:
+        vec, height = local.vec, local.height + force
+    return Coordinate(vec, error, max(height, cfg.height_min))
+
+
+_component = st.one_of(
+    st.floats(-0.05, 0.05), st.sampled_from([0.0, 1e-7, -1e-7, 1e-6, 1e300, -1e300])
+)
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True)
+@given(
+    st.sampled_from([DEFAULT_CONFIG, VivaldiConfig(dimensionality=2, error_max=1e-7), ONE_D]),
+    st.data(),
+    st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 1e-8, 1e-6])),
+    st.integers(0, 2**32),
+)
+def test_update_equals_the_plain_equations_to_the_bit(cfg, data, rtt, seed):
+    """Same result, to the last bit, as the plain equations, coincident points,
+    zero round trips, clamps and overflow (both raise) included: a simulation
+    run must give the same figures whichever way the arithmetic is written."""
+    d = cfg.dimensionality
+    vecs = st.tuples(*[_component] * d)
+    lv = data.draw(vecs)
+    rv = lv if data.draw(st.booleans()) else data.draw(vecs)
+    errors = st.one_of(st.floats(1e-9, 2.0), st.sampled_from([1e-7, 1.5]))
+    heights = st.one_of(st.floats(0.0, 0.01), st.sampled_from([0.0, 1e-5]))
+    local = Coordinate(lv, data.draw(errors), data.draw(heights))
+    remote = Coordinate(rv, data.draw(errors), data.draw(heights))
+
+    def outcome(fn):
+        try:
+            c = fn(local, remote, rtt, cfg, random.Random(seed))
+        except ValueError:
+            return "raised"
+        return repr((c.vec, c.error, c.height))
+
+    assert outcome(lambda *a: update(*a[:4], rng=a[4])) == outcome(_plain_update)

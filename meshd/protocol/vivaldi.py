@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from operator import sub as _sub
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,37 +122,49 @@ def update(
     n = len(lvec)
     if n != cfg.dimensionality or len(rvec) != n:
         raise ValueError("coordinates must have the configured dimensionality")
-    rtt = max(rtt, ZERO_THRESHOLD)
-    # Every probe's ack lands here, so the arithmetic is spelled out once:
-    # ``mag`` is what ``distance`` computes (math.dist is math.hypot of the
-    # differences, to the bit), and the lengths were checked just above.
-    diff = [a - b for a, b in zip(lvec, rvec, strict=False)]
+    if rtt < ZERO_THRESHOLD:
+        rtt = ZERO_THRESHOLD
+    # Every probe's ack lands here, so the arithmetic is spelled out once, in
+    # C-level passes where it can be (map over operator functions), with the
+    # very operations of the equations in the module doc, in the same order:
+    # the result is the same to the bit.  ``mag`` is what ``distance``
+    # computes (math.dist is math.hypot of the differences, to the bit), and
+    # the lengths were checked just above.
+    diff = list(map(_sub, lvec, rvec))
     mag = math.hypot(*diff)
-    dist = mag + local.height + remote.height
+    l_error, l_height = local.error, local.height
+    heights = l_height + remote.height
+    dist = mag + l_height + remote.height
 
     # Sample weight and error estimate.
-    total_error = max(local.error + remote.error, ZERO_THRESHOLD)
-    w = local.error / total_error
-    sample_error = abs(dist - rtt) / rtt
-    error = cfg.ce * w * sample_error + local.error * (1.0 - cfg.ce * w)
-    error = min(max(error, ZERO_THRESHOLD), cfg.error_max)
+    total_error = l_error + remote.error
+    if total_error < ZERO_THRESHOLD:
+        total_error = ZERO_THRESHOLD
+    w = l_error / total_error
+    ce_w = cfg.ce * w
+    error = ce_w * (abs(dist - rtt) / rtt) + l_error * (1.0 - ce_w)
+    if error < ZERO_THRESHOLD:
+        error = ZERO_THRESHOLD
+    if error > cfg.error_max:
+        error = cfg.error_max
 
     # Move along the unit height vector from remote to local:
     # u = [x_l - x_r, h_l + h_r] / (||x_l - x_r|| + h_l + h_r).
     force = cfg.cc * w * (rtt - dist)
-    heights = local.height + remote.height
     if mag > ZERO_THRESHOLD:
         norm = mag + heights
         vec = tuple([x + force * d / norm for x, d in zip(lvec, diff, strict=False)])
-        height = local.height + force * heights / norm
+        height = l_height + force * heights / norm
     elif force > 0:
         # Coincident and predicted too close: the paper's "random direction".
         # The pure-height unit vector would only inflate both heights.
         u = _random_unit(rng if rng is not None else random.Random(cfg.seed), n)
         vec = tuple(x + force * d for x, d in zip(lvec, u, strict=True))
-        height = local.height
+        height = l_height
     else:
         # Coincident and predicted too far: only the heights can shrink.
         vec = lvec
-        height = local.height + force
-    return Coordinate(vec, error, max(height, cfg.height_min))
+        height = l_height + force
+    if height < cfg.height_min:
+        height = cfg.height_min
+    return Coordinate(vec, error, height)
