@@ -1070,6 +1070,61 @@ _FIELD_CACHE = {t: _fields(c) for t, c in MESSAGE_CLASSES.items()}
 #: Per message type, (field, validator) pairs: every message is checked when built.
 _CHECKS = {t: tuple((n, _CODECS[n][3]) for n in names) for t, names in _FIELD_CACHE.items()}
 
+#: validator -> a test of the field's value ``x`` that holds only where the
+#: validator accepts ``x`` without raising and without a side effect (the
+#: common case: a short ASCII address, a seq in range, a known member id, an
+#: empty tuple).  Where it does not hold, the validator itself runs, so a
+#: message is accepted or refused exactly as by the plain loop of
+#: ``Message.__post_init__`` (tests/test_wire.py compares the two).
+_FAST_ACCEPT: dict[Any, str] = {
+    _mid: "type(x) is str and x in _CHECKED_MIDS",
+    _seq: "type(x) is int and 0 <= x <= 0xFFFFFFFF",
+    _addr: f"type(x) is str and len(x) <= {MAX_NAME_LEN + 6} and x.isascii()",
+    _opt_mid: 'x == "" or (type(x) is str and x in _CHECKED_MIDS)',
+    _bool: "x is True or x is False",
+    _opt_update: "x is None",
+    _coord: "x is None",
+    _view: f"type(x) is int and 0 <= x <= {2**64 - 1}",
+    _records: f"type(x) is int and 0 <= x <= {2**64 - 1}",
+    _revocations: f"type(x) is int and 0 <= x <= {2**63 - 1}",
+    _CODECS["members"][3]: "type(x) is tuple and not x",
+    _CODECS["states"][3]: "type(x) is tuple and not x",
+}
+
+
+def _post_init_of(cls: type[Message]) -> Any:
+    """``cls.__post_init__``: the checks of ``_CHECKS`` for its type, spelled out.
+
+    Every message we build runs its checks (a few per probe and ack), so
+    each type gets one function, generated at import as wiresize.py does for
+    sizes: per field, the validator's common case tested inline, the
+    validator called otherwise.  Same checks, same order, same errors.
+    """
+    ns: dict[str, Any] = {"_CHECKED_MIDS": _CHECKED_MIDS}
+    lines = ["def __post_init__(self):"]
+    for k, (name, check) in enumerate((("source", _mid), *_CHECKS[cls.TYPE])):
+        ns[f"_check{k}"] = check
+        lines.append(f"    x = self.{name}")
+        fast = _FAST_ACCEPT.get(check)
+        if fast is None:
+            lines.append(f"    _check{k}(x)")
+        else:
+            lines.append(f"    if not ({fast}):")
+            lines.append(f"        _check{k}(x)")
+    exec(compile("\n".join(lines) + "\n", f"<wire checks {cls.__name__}>", "exec"), ns)
+    return ns["__post_init__"]
+
+
+def _message_checks(msg: Message) -> None:
+    """The plain loop the generated checks must equal (kept for the tests)."""
+    Message.__post_init__(msg)
+
+
+for _cls in MESSAGE_CLASSES.values():
+    # The dataclass __init__ looks __post_init__ up on the class when it runs.
+    _cls.__post_init__ = _post_init_of(_cls)  # type: ignore[method-assign]
+del _cls
+
 
 # ---------------------------------------------------------------------------
 # Encoding and decoding.
