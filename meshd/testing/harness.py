@@ -40,7 +40,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol, cast
+from typing import Any, Protocol
 
 from meshd.identity import CA, StateSigner, StateVerifier, create_ca, issue_node_cert
 from meshd.policy.locality import Topology
@@ -99,6 +99,7 @@ class FakeNetwork:
 
 
 _DELIVER, _TIMER, _REFUSED, _CLOSED = 0, 1, 2, 3
+_heappush = heapq.heappush
 #: How many of its latest peers (sent to or received from) each node is taken
 #: to hold open connections with, for the closed notices of a crash.  Real
 #: connections live a minute (the transport's idle timeout), so this is few;
@@ -206,7 +207,9 @@ class Cluster:
         self.verifier = StateVerifier(self.ca.cert, self.ca.trust_domain)
         self.nodes: list[HarnessNode] = []
         self._by_addr: dict[str, tuple[int, str]] = {}
-        self._heap: list[tuple[float, int, int, int, object]] = []
+        #: (time, tie, kind, node, payload); the payload's type follows the
+        #: kind (a _Delivery, a timer generation, a (pool, address) pair).
+        self._heap: list[tuple[float, int, int, int, Any]] = []
         self._tie = 0
         self.blocked: set[tuple[int, int]] = set()
         #: The fake network's settings stay live: ``c.loss = 0.1`` takes effect
@@ -502,10 +505,10 @@ class Cluster:
                 t = now
             if t == hn.timer_at:
                 return  # the live timer event already fires then
-            hn.timer_gen += 1
+            gen = hn.timer_gen = hn.timer_gen + 1
             hn.timer_at = t
-            self._tie += 1
-            heapq.heappush(self._heap, (t, self._tie, _TIMER, hn.index, hn.timer_gen))
+            tie = self._tie = self._tie + 1
+            _heappush(self._heap, (t, tie, _TIMER, hn.index, gen))
 
     def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message) -> None:
         kind = type(msg).__name__
@@ -515,7 +518,8 @@ class Cluster:
             size = len(frame)
             payload = frame
         else:
-            size = self.sizer(msg) if self.sizer is not None else 0
+            sizer = self.sizer
+            size = sizer(msg) if sizer is not None else 0
         hn.sent_msgs[kind] += 1
         if size:
             hn.sent_bytes[kind] += size
@@ -524,24 +528,19 @@ class Cluster:
             self.dropped += 1
             return
         now = self.now
-        delay = self.network.transit(hn.index, dst[0], now)
+        j = dst[0]
+        delay = self.network.transit(hn.index, j, now)
         if delay is None:
             self.dropped += 1
             return
-        if self.nodes[dst[0]].crashed:
+        tie = self._tie = self._tie + 1
+        if self.nodes[j].crashed:
             # Nobody listens there: the connect is refused, a round trip later.
             self.dropped += 1
-            self._tie += 1
-            heapq.heappush(
-                self._heap, (now + 2 * delay, self._tie, _REFUSED, hn.index, (pool, addr))
-            )
+            _heappush(self._heap, (now + 2 * delay, tie, _REFUSED, hn.index, (pool, addr)))
             return
         hn.recent.append(dst)
-        self._tie += 1
-        heapq.heappush(
-            self._heap,
-            (now + delay, self._tie, _DELIVER, dst[0], (dst[1], hn.index, payload, size)),
-        )
+        _heappush(self._heap, (now + delay, tie, _DELIVER, j, (dst[1], hn.index, payload, size)))
 
     def _run(self, until: float, limit: int = -1) -> int:
         """Process the events due by ``until``, at most ``limit`` of them (-1: no
@@ -552,16 +551,19 @@ class Cluster:
         pop = heapq.heappop
         received_msgs = self.received_msgs
         received_bytes = self.received_bytes
+        # Only this loop moves the clock while it runs (nothing it calls does).
+        now = self.now
         n = 0
         while heap and heap[0][0] <= until and n != limit:
             t, _, kind, index, payload = pop(heap)
             n += 1
-            if t > self.now:
-                self.now = t
+            if t > now:
+                self.now = now = t
             hn = nodes[index]
             host = hn.host
             if kind == _DELIVER:
-                pool, src, data, size = cast(_Delivery, payload)
+                # The payload of a delivery is a _Delivery (cast() would cost a call).
+                pool, src, data, size = payload
                 if hn.crashed or host is None or pool not in host.cores:
                     self.dropped += 1
                     continue
@@ -575,21 +577,21 @@ class Cluster:
                         continue
                     msg: Message = decoded
                 else:
-                    msg = cast(Message, data)
+                    msg = data
                 if hn.paused:
                     hn.inbox.append((pool, src, msg))
                     continue
                 self.delivered += 1
-                host.receive(pool, msg, self.now, peer=nodes[src].id)
+                host.receive(pool, msg, now, peer=nodes[src].id)
                 flush(hn)
                 continue
             if kind != _TIMER:
-                self._transport_fact(hn, kind, cast(tuple[str, str], payload))
+                self._transport_fact(hn, kind, payload)
                 continue
             if payload != hn.timer_gen or hn.crashed or hn.paused or host is None:
                 continue
             hn.timer_at = None  # consumed: the flush below sets the next one
-            host.handle_timer(self.now)
+            host.handle_timer(now)
             flush(hn)
         return n
 
