@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from operator import sub as _sub
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,14 +123,12 @@ def update(
         raise ValueError("coordinates must have the configured dimensionality")
     if rtt < ZERO_THRESHOLD:
         rtt = ZERO_THRESHOLD
-    # Every probe's ack lands here, so the arithmetic is spelled out once, in
-    # C-level passes where it can be (map over operator functions), with the
-    # very operations of the equations in the module doc, in the same order:
-    # the result is the same to the bit.  ``mag`` is what ``distance``
-    # computes (math.dist is math.hypot of the differences, to the bit), and
-    # the lengths were checked just above.
-    diff = list(map(_sub, lvec, rvec))
-    mag = math.hypot(*diff)
+    # Every probe's ack lands here, so the arithmetic is spelled out once,
+    # with the very operations of the equations in the module doc, in the
+    # same order: the result is the same to the bit (test_vivaldi.py).
+    # ``mag`` is what ``distance`` computes (math.dist is math.hypot of the
+    # differences, to the bit), and the lengths were checked just above.
+    mag = math.dist(lvec, rvec)
     l_error, l_height = local.error, local.height
     heights = l_height + remote.height
     dist = mag + l_height + remote.height
@@ -153,7 +150,8 @@ def update(
     force = cfg.cc * w * (rtt - dist)
     if mag > ZERO_THRESHOLD:
         norm = mag + heights
-        vec = tuple([x + force * d / norm for x, d in zip(lvec, diff, strict=False)])
+        # x - r is the component of the difference ``mag`` measured.
+        vec = tuple([x + force * (x - r) / norm for x, r in zip(lvec, rvec, strict=False)])
         height = l_height + force * heights / norm
     elif force > 0:
         # Coincident and predicted too close: the paper's "random direction".
