@@ -14,6 +14,7 @@ from meshd.protocol.vivaldi import (
     DEFAULT_CONFIG,
     Coordinate,
     VivaldiConfig,
+    coordinate,
     distance,
     update,
 )
@@ -217,3 +218,26 @@ def test_update_equals_the_plain_equations_to_the_bit(cfg, data, rtt, seed):
         return repr((c.vec, c.error, c.height))
 
     assert outcome(lambda *a: update(*a[:4], rng=a[4])) == outcome(_plain_update)
+
+
+_any_component = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 2), st.just(True)
+)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(st.tuples(*[_any_component] * 3), _any_component, _any_component)
+def test_coordinate_builds_what_the_dataclass_builds(vec, error, height):
+    """The fast constructor update and the prober use: same checks, same value."""
+
+    def outcome(build):
+        try:
+            c = build(vec, error, height)
+        except ValueError as exc:
+            return f"raised {exc}"
+        assert type(c) is Coordinate
+        return repr((c.vec, c.error, c.height))
+
+    assert outcome(coordinate) == outcome(Coordinate)
+    if not outcome(Coordinate).startswith("raised"):
+        assert coordinate(vec, error, height) == Coordinate(vec, error, height)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from meshd.protocol.awareness import Awareness, failed_probe_delta
 from meshd.protocol.config import Config
 from meshd.protocol.members import Member
-from meshd.protocol.vivaldi import Coordinate, VivaldiConfig
+from meshd.protocol.vivaldi import Coordinate, VivaldiConfig, coordinate
 from meshd.protocol.vivaldi import distance as vivaldi_distance
 from meshd.protocol.vivaldi import update as vivaldi_update
 from meshd.wire import Ack, IndirectPing, Nack, Ping, Status
@@ -314,7 +314,7 @@ class Prober:
             self.core.counters["bad-coordinate"] += 1
             return
         try:
-            remote = Coordinate(tuple(raw[:dims]), raw[dims], raw[dims + 1])
+            remote = coordinate(tuple(raw[:dims]), raw[dims], raw[dims + 1])
         except ValueError:
             self.core.counters["bad-coordinate"] += 1
             return

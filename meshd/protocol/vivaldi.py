@@ -77,17 +77,40 @@ class Coordinate:
     height: float
 
     def __post_init__(self) -> None:
-        if not all(map(math.isfinite, self.vec)):
-            raise ValueError("coordinate components must be finite")
-        if not (math.isfinite(self.error) and self.error > 0):
-            raise ValueError("coordinate error must be finite and positive")
-        if not (math.isfinite(self.height) and self.height >= 0):
-            raise ValueError("coordinate height must be finite and non-negative")
+        _check(self.vec, self.error, self.height)
 
     @classmethod
     def origin(cls, cfg: VivaldiConfig = DEFAULT_CONFIG) -> Coordinate:
         """Where a new node starts: the origin, maximal error, minimal height."""
         return cls((0.0,) * cfg.dimensionality, cfg.error_max, cfg.height_min)
+
+
+def _check(vec: tuple[float, ...], error: float, height: float) -> None:
+    if not all(map(math.isfinite, vec)):
+        raise ValueError("coordinate components must be finite")
+    if not (math.isfinite(error) and error > 0):
+        raise ValueError("coordinate error must be finite and positive")
+    if not (math.isfinite(height) and height >= 0):
+        raise ValueError("coordinate height must be finite and non-negative")
+
+
+_new_object = object.__new__
+# The slots' own setters: what the frozen dataclass __init__ reaches through
+# object.__setattr__, without the generic lookup.
+_set_vec = Coordinate.__dict__["vec"].__set__
+_set_error = Coordinate.__dict__["error"].__set__
+_set_height = Coordinate.__dict__["height"].__set__
+
+
+def coordinate(vec: tuple[float, ...], error: float, height: float) -> Coordinate:
+    """``Coordinate(vec, error, height)``: the same checks and the same value,
+    built without the dataclass ``__init__`` (every probe's ack builds two)."""
+    _check(vec, error, height)
+    c = _new_object(Coordinate)
+    _set_vec(c, vec)
+    _set_error(c, error)
+    _set_height(c, height)
+    return c
 
 
 def distance(a: Coordinate, b: Coordinate) -> float:
@@ -165,4 +188,4 @@ def update(
         height = l_height + force
     if height < cfg.height_min:
         height = cfg.height_min
-    return Coordinate(vec, error, height)
+    return coordinate(vec, error, height)
