@@ -39,7 +39,6 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Protocol
 
 from meshd.identity import CA, StateSigner, StateVerifier, create_ca, issue_node_cert
@@ -117,7 +116,7 @@ def uniform_latency(lo: float, hi: float) -> Latency:
     return draw
 
 
-@dataclass
+@dataclass(slots=True)
 class HarnessNode:
     """One slot of the harness: the identity outlives the cores across restarts.
 
@@ -149,10 +148,12 @@ class HarnessNode:
     #: a connection with it when it crashes.
     recent: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=RECENT_PEERS))
 
-    @cached_property
-    def id(self) -> str:
-        # Cached: every delivery names its sender; a node's name never changes.
-        return member_id(self.cluster, self.name)
+    #: The member id (set once: every delivery names its sender; a node's
+    #: name and cluster never change).
+    id: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self.id = member_id(self.cluster, self.name)
 
     @property
     def core(self) -> Core | None:
