@@ -1083,7 +1083,10 @@ _FAST_ACCEPT: dict[Any, str] = {
     _opt_mid: 'x == "" or (type(x) is str and x in _CHECKED_MIDS)',
     _bool: "x is True or x is False",
     _opt_update: "x is None",
-    _coord: "x is None",
+    # Floats only, and a finite sum: then none is infinite or NaN (either
+    # would make the sum so).  A sum that overflows takes the full check.
+    _coord: f"x is None or (type(x) is tuple and 3 <= len(x) <= {MAX_COORD_LEN}"
+    " and set(map(type, x)) <= _FLOATS and _isfinite(sum(x)))",
     _view: f"type(x) is int and 0 <= x <= {2**64 - 1}",
     _records: f"type(x) is int and 0 <= x <= {2**64 - 1}",
     _revocations: f"type(x) is int and 0 <= x <= {2**63 - 1}",
@@ -1100,7 +1103,11 @@ def _post_init_of(cls: type[Message]) -> Any:
     sizes: per field, the validator's common case tested inline, the
     validator called otherwise.  Same checks, same order, same errors.
     """
-    ns: dict[str, Any] = {"_CHECKED_MIDS": _CHECKED_MIDS}
+    ns: dict[str, Any] = {
+        "_CHECKED_MIDS": _CHECKED_MIDS,
+        "_FLOATS": frozenset({float}),
+        "_isfinite": math.isfinite,
+    }
     lines = ["def __post_init__(self):"]
     for k, (name, check) in enumerate((("source", _mid), *_CHECKS[cls.TYPE])):
         ns[f"_check{k}"] = check

@@ -992,6 +992,9 @@ _HOSTILE_VALUES: list[Any] = [
     (0.1, math.inf, 0.3),
     (1, 2, 3),
     (0.0,) * 35,
+    (1e308, 1e308, 1e308),
+    (0.1, math.nan, 0.3),
+    (0.1, 0.2, 0.3, 1),
     [0.1, 0.2, 0.3],
 ]
 _HOSTILE_VALUES += [update(), (update(),), (signed(),), (update(), "x"), Status.SUSPECT]
