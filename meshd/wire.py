@@ -1127,9 +1127,42 @@ def _message_checks(msg: Message) -> None:
     Message.__post_init__(msg)
 
 
+def _init_of(cls: type[Message]) -> Any:
+    """``cls.__init__`` as the dataclass writes it (same parameters, defaults
+    and default factories, then ``__post_init__``), setting each field
+    through its slot's own setter instead of ``object.__setattr__`` with the
+    field's name: a third less time to build a probe or an ack."""
+    ns: dict[str, Any] = {"_MISSING": dataclasses.MISSING}
+    params, body = [], []
+    for k, f in enumerate(dataclasses.fields(cls)):
+        slot = next(c.__dict__[f.name] for c in cls.__mro__ if f.name in c.__dict__)
+        ns[f"_set{k}"] = slot.__set__
+        if f.default is not dataclasses.MISSING:
+            ns[f"_default{k}"] = f.default
+            params.append(f"{f.name}=_default{k}")
+        elif f.default_factory is not dataclasses.MISSING:
+            ns[f"_factory{k}"] = f.default_factory
+            params.append(f"{f.name}=_MISSING")
+            body.append(f"    if {f.name} is _MISSING:")
+            body.append(f"        {f.name} = _factory{k}()")
+        else:
+            params.append(f.name)
+        body.append(f"    _set{k}(self, {f.name})")
+    body.append("    self.__post_init__()")
+    src = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body) + "\n"
+    exec(compile(src, f"<wire init {cls.__name__}>", "exec"), ns)
+    init = ns["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    return init
+
+
+#: The dataclass's own ``__init__`` of each type (the tests compare against them).
+_DATACLASS_INITS = {cls: cls.__init__ for cls in MESSAGE_CLASSES.values()}
+
 for _cls in MESSAGE_CLASSES.values():
     # The dataclass __init__ looks __post_init__ up on the class when it runs.
     _cls.__post_init__ = _post_init_of(_cls)  # type: ignore[method-assign]
+    _cls.__init__ = _init_of(_cls)  # type: ignore[method-assign]
 del _cls
 
 
