@@ -281,7 +281,8 @@ class Prober:
         if addr is None:
             return
         members, states = self.core.gossip.piggyback(msg.source.partition("/")[0])
-        coord = (*self.coord.vec, self.coord.error, self.coord.height)
+        c = self.coord
+        coord = c.vec + (c.error, c.height)  # one concatenation: every ack carries it
         self.core._send(
             addr, Ack(self.core.id, seq=msg.seq, members=members, states=states, coord=coord)
         )
