@@ -492,11 +492,16 @@ class Cluster:
             transmit(hn, pool, addr, msg)
         observers = self.observers
         if observers:
+            # next_event, not the events() generator: most flushes find none,
+            # and a generator is made even then.
             index = hn.index
-            for pool, event in host.events():
+            item = host.next_event()
+            while item is not None:
+                pool, event = item
                 if pool == LAN:
                     for obs in observers:
                         obs(index, event, self.now)
+                item = host.next_event()
         else:
             host.drop_events()
         if not hn.paused:
