@@ -208,9 +208,17 @@ class Cluster:
         self.verifier = StateVerifier(self.ca.cert, self.ca.trust_domain)
         self.nodes: list[HarnessNode] = []
         self._by_addr: dict[str, tuple[int, str]] = {}
-        #: (time, tie, kind, node, payload); the payload's type follows the
-        #: kind (a _Delivery, a timer generation, a (pool, address) pair).
+        #: Events as (time, tie, kind, node, payload); the payload's type
+        #: follows the kind (a _Delivery, a timer generation, a (pool,
+        #: address) pair).  Two heaps, one order: messages and transport
+        #: facts (a few in flight, due within milliseconds) in ``_heap``,
+        #: node timers (one or two per node, due within seconds) in
+        #: ``_timers``; the loop takes the earlier top, by (time, tie), and
+        #: ties are unique, so the order is that of one heap, while a message
+        #: costs a push and a pop on a heap of a few entries instead of one
+        #: of the size of the mesh.
         self._heap: list[tuple[float, int, int, int, Any]] = []
+        self._timers: list[tuple[float, int, int, int, Any]] = []
         self._tie = 0
         self.blocked: set[tuple[int, int]] = set()
         #: The fake network's settings stay live: ``c.loss = 0.1`` takes effect
@@ -514,7 +522,7 @@ class Cluster:
             gen = hn.timer_gen = hn.timer_gen + 1
             hn.timer_at = t
             tie = self._tie = self._tie + 1
-            _heappush(self._heap, (t, tie, _TIMER, hn.index, gen))
+            _heappush(self._timers, (t, tie, _TIMER, hn.index, gen))
 
     def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message) -> None:
         kind = type(msg).__name__
@@ -552,6 +560,7 @@ class Cluster:
         """Process the events due by ``until``, at most ``limit`` of them (-1: no
         limit); how many it processed.  One event is as :meth:`step` says."""
         heap = self._heap
+        timers = self._timers
         nodes = self.nodes
         transmit = self._transmit
         observers = self.observers
@@ -561,8 +570,17 @@ class Cluster:
         # Only this loop moves the clock while it runs (nothing it calls does).
         now = self.now
         n = 0
-        while heap and heap[0][0] <= until and n != limit:
-            t, _, kind, index, payload = pop(heap)
+        while n != limit:
+            # The earlier of the two tops; (time, tie) never compares equal.
+            if heap:
+                q = timers if timers and timers[0] < heap[0] else heap
+            elif timers:
+                q = timers
+            else:
+                break
+            if q[0][0] > until:
+                break
+            t, _, kind, index, payload = pop(q)
             n += 1
             if t > now:
                 self.now = now = t
@@ -618,7 +636,7 @@ class Cluster:
                 gen = hn.timer_gen = hn.timer_gen + 1
                 hn.timer_at = t
                 tie = self._tie = self._tie + 1
-                _heappush(heap, (t, tie, _TIMER, index, gen))
+                _heappush(timers, (t, tie, _TIMER, index, gen))
         return n
 
     def _transport_fact(self, hn: HarnessNode, kind: int, payload: tuple[str, str]) -> None:
