@@ -241,3 +241,28 @@ def test_coordinate_builds_what_the_dataclass_builds(vec, error, height):
     assert outcome(coordinate) == outcome(Coordinate)
     if not outcome(Coordinate).startswith("raised"):
         assert coordinate(vec, error, height) == Coordinate(vec, error, height)
+
+
+def test_a_peer_coordinate_that_overflows_the_update_is_counted_not_raised():
+    """Finite components pass the wire's checks, yet 1e300 overflows the
+    distance: an ack carrying them must not raise out of Core.receive."""
+    from meshd.testing import Cluster
+    from meshd.wire import Ack
+
+    c = Cluster(3, encode=False)
+    core = c.core(0)
+    for _ in range(10_000):  # event by event: a probe is in flight for a millisecond
+        if core.prober.probe is not None or not c.step():
+            break
+    probe = core.prober.probe
+    assert probe is not None
+    target = next(i for i, hn in enumerate(c.nodes) if hn.id == probe.target)
+    # A round trip under the fake network's fastest (1 ms): the true ack is
+    # still on its way when ours arrives.
+    c.run_until(c.now + 0.0004)
+    assert core.prober.probe is probe
+    before = core.coord
+    c.inject(0, Ack(probe.target, seq=probe.seq, coord=(1e300,) * 8 + (1.0, 0.0)), src=target)
+    assert core.counters["bad-coordinate"] == 1
+    assert core.coord == before and probe.target not in core.coords
+    assert core.prober.probe is None  # the ack still answered the probe

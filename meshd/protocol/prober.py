@@ -319,8 +319,15 @@ class Prober:
         except ValueError:
             self.core.counters["bad-coordinate"] += 1
             return
+        try:
+            coord = vivaldi_update(self.coord, remote, rtt, self.vivaldi, rng=self.rng)
+        except ValueError:
+            # Finite but huge components (1e300) overflow the arithmetic:
+            # the peer's input, counted, never raised into the driver.
+            self.core.counters["bad-coordinate"] += 1
+            return
         self.coords[member] = remote
-        self.coord = vivaldi_update(self.coord, remote, rtt, self.vivaldi, rng=self.rng)
+        self.coord = coord
 
     def estimated_rtt(self, member: str) -> float | None:
         """Predicted round trip to ``member`` in seconds, when we have placed it."""
