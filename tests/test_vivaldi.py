@@ -14,6 +14,7 @@ from meshd.protocol.vivaldi import (
     DEFAULT_CONFIG,
     Coordinate,
     VivaldiConfig,
+    coordinate,
     distance,
     update,
 )
@@ -153,3 +154,115 @@ def test_converges_on_a_synthetic_plane():
     assert statistics.median(errors) < 0.20
     # the nodes' own error estimates have come down from the initial 1.5
     assert statistics.median(c.error for c in coords) < 0.3
+
+
+def _plain_update(local, remote, rtt, cfg, rng):
+    """The equations of the module doc, written the plain way (as update was
+    before its arithmetic was spelled out for speed): the reference."""
+    rtt = max(rtt, 1e-6)
+    dist = distance(local, remote)
+    w = local.error / max(local.error + remote.error, 1e-6)
+    error = cfg.ce * w * (abs(dist - rtt) / rtt) + local.error * (1.0 - cfg.ce * w)
+    error = min(max(error, 1e-6), cfg.error_max)
+    force = cfg.cc * w * (rtt - dist)
+    diff = [a - b for a, b in zip(local.vec, remote.vec, strict=True)]
+    mag = math.hypot(*diff)
+    heights = local.height + remote.height
+    if mag > 1e-6:
+        norm = mag + heights
+        vec = tuple(x + force * d / norm for x, d in zip(local.vec, diff, strict=True))
+        height = local.height + force * heights / norm
+    elif force > 0:
+        while True:
+            u = [rng.gauss(0.0, 1.0) for _ in local.vec]
+            un = math.hypot(*u)
+            if un > 1e-6:
+                break
+        vec = tuple(x + force * (d / un) for x, d in zip(local.vec, u, strict=True))
+        height = local.height
+    else:
+        vec, height = local.vec, local.height + force
+    return Coordinate(vec, error, max(height, cfg.height_min))
+
+
+_component = st.one_of(
+    st.floats(-0.05, 0.05), st.sampled_from([0.0, 1e-7, -1e-7, 1e-6, 1e300, -1e300])
+)
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True)
+@given(
+    st.sampled_from([DEFAULT_CONFIG, VivaldiConfig(dimensionality=2, error_max=1e-7), ONE_D]),
+    st.data(),
+    st.one_of(st.floats(0.0, 1.0), st.sampled_from([0.0, 1e-8, 1e-6])),
+    st.integers(0, 2**32),
+)
+def test_update_equals_the_plain_equations_to_the_bit(cfg, data, rtt, seed):
+    """Same result, to the last bit, as the plain equations, coincident points,
+    zero round trips, clamps and overflow (both raise) included: a simulation
+    run must give the same figures whichever way the arithmetic is written."""
+    d = cfg.dimensionality
+    vecs = st.tuples(*[_component] * d)
+    lv = data.draw(vecs)
+    rv = lv if data.draw(st.booleans()) else data.draw(vecs)
+    errors = st.one_of(st.floats(1e-9, 2.0), st.sampled_from([1e-7, 1.5]))
+    heights = st.one_of(st.floats(0.0, 0.01), st.sampled_from([0.0, 1e-5]))
+    local = Coordinate(lv, data.draw(errors), data.draw(heights))
+    remote = Coordinate(rv, data.draw(errors), data.draw(heights))
+
+    def outcome(fn):
+        try:
+            c = fn(local, remote, rtt, cfg, random.Random(seed))
+        except ValueError:
+            return "raised"
+        return repr((c.vec, c.error, c.height))
+
+    assert outcome(lambda *a: update(*a[:4], rng=a[4])) == outcome(_plain_update)
+
+
+_any_component = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.integers(-2, 2), st.just(True)
+)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True)
+@given(st.tuples(*[_any_component] * 3), _any_component, _any_component)
+def test_coordinate_builds_what_the_dataclass_builds(vec, error, height):
+    """The fast constructor update and the prober use: same checks, same value."""
+
+    def outcome(build):
+        try:
+            c = build(vec, error, height)
+        except ValueError as exc:
+            return f"raised {exc}"
+        assert type(c) is Coordinate
+        return repr((c.vec, c.error, c.height))
+
+    assert outcome(coordinate) == outcome(Coordinate)
+    if not outcome(Coordinate).startswith("raised"):
+        assert coordinate(vec, error, height) == Coordinate(vec, error, height)
+
+
+def test_a_peer_coordinate_that_overflows_the_update_is_counted_not_raised():
+    """Finite components pass the wire's checks, yet 1e300 overflows the
+    distance: an ack carrying them must not raise out of Core.receive."""
+    from meshd.testing import Cluster
+    from meshd.wire import Ack
+
+    c = Cluster(3, encode=False)
+    core = c.core(0)
+    for _ in range(10_000):  # event by event: a probe is in flight for a millisecond
+        if core.prober.probe is not None or not c.step():
+            break
+    probe = core.prober.probe
+    assert probe is not None
+    target = next(i for i, hn in enumerate(c.nodes) if hn.id == probe.target)
+    # A round trip under the fake network's fastest (1 ms): the true ack is
+    # still on its way when ours arrives.
+    c.run_until(c.now + 0.0004)
+    assert core.prober.probe is probe
+    before = core.coord
+    c.inject(0, Ack(probe.target, seq=probe.seq, coord=(1e300,) * 8 + (1.0, 0.0)), src=target)
+    assert core.counters["bad-coordinate"] == 1
+    assert core.coord == before and probe.target not in core.coords
+    assert core.prober.probe is None  # the ack still answered the probe

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import tracemalloc
 from typing import Any
 
@@ -945,3 +946,128 @@ def test_a_big_digest_is_checked_in_bulk_with_the_same_verdicts():
             verdict = False
         assert verdict == per_entry(d)
     assert _plain_digest(good) and not _plain_digest({**good, "é": 1})
+
+
+# ---------------------------------------------------------------------------
+# The generated checks of each message type equal the plain loop.
+
+_HOSTILE_VALUES: list[Any] = [
+    "",
+    "east/n1",
+    "east/n9999",
+    "east",
+    "east/",
+    "/n1",
+    "east/n1\n",
+    "a" * (MAX_NAME_LEN + 6),
+    "a" * (MAX_NAME_LEN + 7),
+    "é/n1",
+    "127.0.0.1:7946",
+    "\ud800",
+    0,
+    1,
+    -1,
+    2**32 - 1,
+    2**32,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    2**64,
+    True,
+    False,
+    None,
+    1.0,
+    math.nan,
+    b"",
+    b"x" * 10,
+    (),
+    [],
+    {},
+    {"east/n1": 3},
+    {"east/n1": -1},
+    {"east/n1": True},
+    {3: 3},
+    (0.1, 0.2, 0.3),
+    (0.1, 0.2),
+    (0.1, math.inf, 0.3),
+    (1, 2, 3),
+    (0.0,) * 35,
+    (1e308, 1e308, 1e308),
+    (0.1, math.nan, 0.3),
+    (0.1, 0.2, 0.3, 1),
+    [0.1, 0.2, 0.3],
+]
+_HOSTILE_VALUES += [update(), (update(),), (signed(),), (update(), "x"), Status.SUSPECT]
+_HOSTILE = st.one_of(st.sampled_from(_HOSTILE_VALUES), st.text(max_size=12), st.integers())
+
+
+def _check_outcome(check: Any, msg: Message) -> str:
+    try:
+        check(msg)
+    except Exception as exc:  # noqa: BLE001 - the type and text are compared
+        return f"{type(exc).__name__}: {exc}"
+    return "accepted"
+
+
+def _field_names(cls: type[Message]) -> list[str]:
+    return ["source", *(f.name for f in dataclasses.fields(cls) if f.name != "source")]
+
+
+@pytest.mark.parametrize("cls", sorted(wire.MESSAGE_CLASSES.values(), key=lambda c: c.TYPE))
+def test_generated_message_checks_equal_the_plain_loop(cls):
+    """Each type's generated ``__post_init__`` accepts and refuses exactly what
+    the plain loop over ``_CHECKS`` does, with the same error: every field set
+    to every hostile value (the fast paths only skip a call)."""
+    assert cls.__post_init__ is not Message.__post_init__
+    for name in _field_names(cls):
+        for value in _HOSTILE_VALUES:
+            msg = cls("east/n1")
+            object.__setattr__(msg, name, value)
+            got = _check_outcome(cls.__post_init__, msg)
+            assert got == _check_outcome(wire._message_checks, msg), (name, value)
+
+
+@FUZZ
+@given(st.sampled_from(sorted(wire.MESSAGE_CLASSES.values(), key=lambda c: c.TYPE)), st.data())
+def test_generated_message_checks_equal_the_plain_loop_on_mixed_fields(cls, data):
+    """As above, with several fields hostile at once (the first fault named)."""
+    msg = cls("east/n1")
+    for name in data.draw(st.lists(st.sampled_from(_field_names(cls)), min_size=1, max_size=3)):
+        object.__setattr__(msg, name, data.draw(_HOSTILE))
+    got = _check_outcome(cls.__post_init__, msg)
+    assert got == _check_outcome(wire._message_checks, msg)
+
+
+@FUZZ
+@given(
+    st.sampled_from(sorted(wire.MESSAGE_CLASSES.values(), key=lambda c: c.TYPE)),
+    st.data(),
+)
+def test_generated_message_init_equals_the_dataclass_init(cls, data):
+    """Same parameters, defaults (a fresh digest map each time), checks and
+    errors as the dataclass's own ``__init__``, for any arguments."""
+    names = _field_names(cls)
+    n_pos = data.draw(st.integers(0, len(names) + 1))
+    args = [data.draw(_HOSTILE) for _ in range(n_pos)]
+    kwargs = {
+        name: data.draw(_HOSTILE)
+        for name in data.draw(st.lists(st.sampled_from([*names, "bogus"]), max_size=3))
+    }
+    if data.draw(st.booleans()):
+        args[:1] = ["east/n1"]  # mostly well formed: reach the later checks
+
+    def outcome(init: Any) -> Any:
+        msg = object.__new__(cls)
+        try:
+            init(msg, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the type and text are compared
+            return f"{type(exc).__name__}: {exc}"
+        return [getattr(msg, name) for name in names]
+
+    got, want = outcome(cls.__init__), outcome(wire._DATACLASS_INITS[cls])
+    assert repr(got) == repr(want)
+    assert cls.__init__ is not wire._DATACLASS_INITS[cls]
+
+
+def test_a_default_digest_is_a_new_map_each_time():
+    assert PushPull("east/n1").digest is not PushPull("east/n1").digest

@@ -279,9 +279,10 @@ class Core:
         g = self.gossip.next_hurry
         if g is not None and g < t:
             t = g
-        for s in self._suspicions.values():
-            if s.deadline < t:
-                t = s.deadline
+        if self._suspicions:  # mostly none: no view and iterator to make
+            for s in self._suspicions.values():
+                if s.deadline < t:
+                    t = s.deadline
         return t
 
     def handle_timer(self, now: float) -> None:

@@ -64,7 +64,7 @@ class Dissemination:
         self, dest_cluster: str
     ) -> tuple[tuple[MemberUpdate, ...], tuple[SignedState, ...]]:
         member_q, record_q = self.member_q, self.record_q
-        if not member_q and not record_q:
+        if not member_q.items and not record_q.items:
             return (), ()  # the usual case on every probe and ack: nothing waits
         cfg = self.core.config
         limit = retransmit_limit(cfg.retransmit_mult, self.core.pool_size)

@@ -125,6 +125,13 @@ class Host:
 
     def handle_timer(self, now: float) -> None:
         """Run every core whose deadline has come, and a due bridge refresh."""
+        if self.bridge is None:
+            # One core, no refresh: most nodes of a big simulation, every timer.
+            lan = self.lan
+            if lan.get_timer() <= now:
+                lan.handle_timer(now)
+            self._settle(now)
+            return
         for core in self.cores.values():
             if core.get_timer() <= now:
                 core.handle_timer(now)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from meshd.protocol.awareness import Awareness, failed_probe_delta
 from meshd.protocol.config import Config
 from meshd.protocol.members import Member
-from meshd.protocol.vivaldi import Coordinate, VivaldiConfig
+from meshd.protocol.vivaldi import Coordinate, VivaldiConfig, coordinate
 from meshd.protocol.vivaldi import distance as vivaldi_distance
 from meshd.protocol.vivaldi import update as vivaldi_update
 from meshd.wire import Ack, IndirectPing, Nack, Ping, Status
@@ -281,7 +281,8 @@ class Prober:
         if addr is None:
             return
         members, states = self.core.gossip.piggyback(msg.source.partition("/")[0])
-        coord = (*self.coord.vec, self.coord.error, self.coord.height)
+        c = self.coord
+        coord = c.vec + (c.error, c.height)  # one concatenation: every ack carries it
         self.core._send(
             addr, Ack(self.core.id, seq=msg.seq, members=members, states=states, coord=coord)
         )
@@ -314,12 +315,19 @@ class Prober:
             self.core.counters["bad-coordinate"] += 1
             return
         try:
-            remote = Coordinate(tuple(raw[:dims]), raw[dims], raw[dims + 1])
+            remote = coordinate(tuple(raw[:dims]), raw[dims], raw[dims + 1])
         except ValueError:
             self.core.counters["bad-coordinate"] += 1
             return
+        try:
+            coord = vivaldi_update(self.coord, remote, rtt, self.vivaldi, rng=self.rng)
+        except ValueError:
+            # Finite but huge components (1e300) overflow the arithmetic:
+            # the peer's input, counted, never raised into the driver.
+            self.core.counters["bad-coordinate"] += 1
+            return
         self.coords[member] = remote
-        self.coord = vivaldi_update(self.coord, remote, rtt, self.vivaldi, rng=self.rng)
+        self.coord = coord
 
     def estimated_rtt(self, member: str) -> float | None:
         """Predicted round trip to ``member`` in seconds, when we have placed it."""

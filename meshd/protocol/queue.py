@@ -43,28 +43,31 @@ class BroadcastQueue(Generic[T]):
 
     def __init__(self, size_of: Callable[[T], int]) -> None:
         self._size_of = size_of
-        self._items: dict[str, _Item[T]] = {}
+        #: key -> its queued item.  Read only outside this class (change it
+        #: through push, discard and take); the dissemination reads it to tell
+        #: an empty queue without a call on every probe and ack.
+        self.items: dict[str, _Item[T]] = {}
         self._order: SortedList = SortedList(key=_Item.order)
         self._seq = 0
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.items)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._items
+        return key in self.items
 
     def push(self, key: str, value: T) -> None:
         """Queue ``value``, replacing whatever was queued about ``key``."""
-        old = self._items.pop(key, None)
+        old = self.items.pop(key, None)
         if old is not None:
             self._order.remove(old)
         self._seq += 1
         item = _Item(key, value, self._size_of(value), self._seq)
-        self._items[key] = item
+        self.items[key] = item
         self._order.add(item)
 
     def discard(self, key: str) -> None:
-        old = self._items.pop(key, None)
+        old = self.items.pop(key, None)
         if old is not None:
             self._order.remove(old)
 
@@ -91,7 +94,7 @@ class BroadcastQueue(Generic[T]):
             self._order.remove(item)
             item.transmits += 1
             if item.transmits >= limit:
-                del self._items[item.key]
+                del self.items[item.key]
             else:
                 self._order.add(item)
         return [item.value for item in picked]

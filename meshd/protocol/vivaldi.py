@@ -77,17 +77,40 @@ class Coordinate:
     height: float
 
     def __post_init__(self) -> None:
-        if not all(map(math.isfinite, self.vec)):
-            raise ValueError("coordinate components must be finite")
-        if not (math.isfinite(self.error) and self.error > 0):
-            raise ValueError("coordinate error must be finite and positive")
-        if not (math.isfinite(self.height) and self.height >= 0):
-            raise ValueError("coordinate height must be finite and non-negative")
+        _check(self.vec, self.error, self.height)
 
     @classmethod
     def origin(cls, cfg: VivaldiConfig = DEFAULT_CONFIG) -> Coordinate:
         """Where a new node starts: the origin, maximal error, minimal height."""
         return cls((0.0,) * cfg.dimensionality, cfg.error_max, cfg.height_min)
+
+
+def _check(vec: tuple[float, ...], error: float, height: float) -> None:
+    if not all(map(math.isfinite, vec)):
+        raise ValueError("coordinate components must be finite")
+    if not (math.isfinite(error) and error > 0):
+        raise ValueError("coordinate error must be finite and positive")
+    if not (math.isfinite(height) and height >= 0):
+        raise ValueError("coordinate height must be finite and non-negative")
+
+
+_new_object = object.__new__
+# The slots' own setters: what the frozen dataclass __init__ reaches through
+# object.__setattr__, without the generic lookup.
+_set_vec = Coordinate.__dict__["vec"].__set__
+_set_error = Coordinate.__dict__["error"].__set__
+_set_height = Coordinate.__dict__["height"].__set__
+
+
+def coordinate(vec: tuple[float, ...], error: float, height: float) -> Coordinate:
+    """``Coordinate(vec, error, height)``: the same checks and the same value,
+    built without the dataclass ``__init__`` (every probe's ack builds two)."""
+    _check(vec, error, height)
+    c = _new_object(Coordinate)
+    _set_vec(c, vec)
+    _set_error(c, error)
+    _set_height(c, height)
+    return c
 
 
 def distance(a: Coordinate, b: Coordinate) -> float:
@@ -121,37 +144,48 @@ def update(
     n = len(lvec)
     if n != cfg.dimensionality or len(rvec) != n:
         raise ValueError("coordinates must have the configured dimensionality")
-    rtt = max(rtt, ZERO_THRESHOLD)
-    # Every probe's ack lands here, so the arithmetic is spelled out once:
+    if rtt < ZERO_THRESHOLD:
+        rtt = ZERO_THRESHOLD
+    # Every probe's ack lands here, so the arithmetic is spelled out once,
+    # with the very operations of the equations in the module doc, in the
+    # same order: the result is the same to the bit (test_vivaldi.py).
     # ``mag`` is what ``distance`` computes (math.dist is math.hypot of the
     # differences, to the bit), and the lengths were checked just above.
-    diff = [a - b for a, b in zip(lvec, rvec, strict=False)]
-    mag = math.hypot(*diff)
-    dist = mag + local.height + remote.height
+    mag = math.dist(lvec, rvec)
+    l_error, l_height = local.error, local.height
+    heights = l_height + remote.height
+    dist = mag + l_height + remote.height
 
     # Sample weight and error estimate.
-    total_error = max(local.error + remote.error, ZERO_THRESHOLD)
-    w = local.error / total_error
-    sample_error = abs(dist - rtt) / rtt
-    error = cfg.ce * w * sample_error + local.error * (1.0 - cfg.ce * w)
-    error = min(max(error, ZERO_THRESHOLD), cfg.error_max)
+    total_error = l_error + remote.error
+    if total_error < ZERO_THRESHOLD:
+        total_error = ZERO_THRESHOLD
+    w = l_error / total_error
+    ce_w = cfg.ce * w
+    error = ce_w * (abs(dist - rtt) / rtt) + l_error * (1.0 - ce_w)
+    if error < ZERO_THRESHOLD:
+        error = ZERO_THRESHOLD
+    if error > cfg.error_max:
+        error = cfg.error_max
 
     # Move along the unit height vector from remote to local:
     # u = [x_l - x_r, h_l + h_r] / (||x_l - x_r|| + h_l + h_r).
     force = cfg.cc * w * (rtt - dist)
-    heights = local.height + remote.height
     if mag > ZERO_THRESHOLD:
         norm = mag + heights
-        vec = tuple([x + force * d / norm for x, d in zip(lvec, diff, strict=False)])
-        height = local.height + force * heights / norm
+        # x - r is the component of the difference ``mag`` measured.
+        vec = tuple([x + force * (x - r) / norm for x, r in zip(lvec, rvec, strict=False)])
+        height = l_height + force * heights / norm
     elif force > 0:
         # Coincident and predicted too close: the paper's "random direction".
         # The pure-height unit vector would only inflate both heights.
         u = _random_unit(rng if rng is not None else random.Random(cfg.seed), n)
         vec = tuple(x + force * d for x, d in zip(lvec, u, strict=True))
-        height = local.height
+        height = l_height
     else:
         # Coincident and predicted too far: only the heights can shrink.
         vec = lvec
-        height = local.height + force
-    return Coordinate(vec, error, max(height, cfg.height_min))
+        height = l_height + force
+    if height < cfg.height_min:
+        height = cfg.height_min
+    return coordinate(vec, error, height)

@@ -39,8 +39,7 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import cached_property
-from typing import Protocol, cast
+from typing import Any, Protocol
 
 from meshd.identity import CA, StateSigner, StateVerifier, create_ca, issue_node_cert
 from meshd.policy.locality import Topology
@@ -99,6 +98,7 @@ class FakeNetwork:
 
 
 _DELIVER, _TIMER, _REFUSED, _CLOSED = 0, 1, 2, 3
+_heappush = heapq.heappush
 #: How many of its latest peers (sent to or received from) each node is taken
 #: to hold open connections with, for the closed notices of a crash.  Real
 #: connections live a minute (the transport's idle timeout), so this is few;
@@ -116,7 +116,7 @@ def uniform_latency(lo: float, hi: float) -> Latency:
     return draw
 
 
-@dataclass
+@dataclass(slots=True)
 class HarnessNode:
     """One slot of the harness: the identity outlives the cores across restarts.
 
@@ -148,10 +148,12 @@ class HarnessNode:
     #: a connection with it when it crashes.
     recent: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=RECENT_PEERS))
 
-    @cached_property
-    def id(self) -> str:
-        # Cached: every delivery names its sender; a node's name never changes.
-        return member_id(self.cluster, self.name)
+    #: The member id (set once: every delivery names its sender; a node's
+    #: name and cluster never change).
+    id: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        self.id = member_id(self.cluster, self.name)
 
     @property
     def core(self) -> Core | None:
@@ -206,7 +208,17 @@ class Cluster:
         self.verifier = StateVerifier(self.ca.cert, self.ca.trust_domain)
         self.nodes: list[HarnessNode] = []
         self._by_addr: dict[str, tuple[int, str]] = {}
-        self._heap: list[tuple[float, int, int, int, object]] = []
+        #: Events as (time, tie, kind, node, payload); the payload's type
+        #: follows the kind (a _Delivery, a timer generation, a (pool,
+        #: address) pair).  Two heaps, one order: messages and transport
+        #: facts (a few in flight, due within milliseconds) in ``_heap``,
+        #: node timers (one or two per node, due within seconds) in
+        #: ``_timers``; the loop takes the earlier top, by (time, tie), and
+        #: ties are unique, so the order is that of one heap, while a message
+        #: costs a push and a pop on a heap of a few entries instead of one
+        #: of the size of the mesh.
+        self._heap: list[tuple[float, int, int, int, Any]] = []
+        self._timers: list[tuple[float, int, int, int, Any]] = []
         self._tie = 0
         self.blocked: set[tuple[int, int]] = set()
         #: The fake network's settings stay live: ``c.loss = 0.1`` takes effect
@@ -466,11 +478,11 @@ class Cluster:
         self._tie += 1
         heapq.heappush(self._heap, (t, self._tie, kind, index, payload))
 
-    # The hot path: every event goes through _run, most through _flush, every
-    # message through _transmit and the delivery in _run.  They keep what they
-    # use in locals and call nothing they need not (a big simulation runs
-    # millions of events); what they do is what step's docstring says, in
-    # that order.
+    # The hot path: every event goes through _run (with the delivery and a
+    # copy of _flush inlined: keep the two alike), every message through
+    # _transmit.  They keep what they use in locals and call nothing they
+    # need not (a big simulation runs millions of events); what they do is
+    # what step's docstring says, in that order.
 
     def _settle(self, hn: HarnessNode) -> None:
         """After a direct call into one of ``hn``'s cores: collect, then flush."""
@@ -488,11 +500,16 @@ class Cluster:
             transmit(hn, pool, addr, msg)
         observers = self.observers
         if observers:
+            # next_event, not the events() generator: most flushes find none,
+            # and a generator is made even then.
             index = hn.index
-            for pool, event in host.events():
+            item = host.next_event()
+            while item is not None:
+                pool, event = item
                 if pool == LAN:
                     for obs in observers:
                         obs(index, event, self.now)
+                item = host.next_event()
         else:
             host.drop_events()
         if not hn.paused:
@@ -502,10 +519,10 @@ class Cluster:
                 t = now
             if t == hn.timer_at:
                 return  # the live timer event already fires then
-            hn.timer_gen += 1
+            gen = hn.timer_gen = hn.timer_gen + 1
             hn.timer_at = t
-            self._tie += 1
-            heapq.heappush(self._heap, (t, self._tie, _TIMER, hn.index, hn.timer_gen))
+            tie = self._tie = self._tie + 1
+            _heappush(self._timers, (t, tie, _TIMER, hn.index, gen))
 
     def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message) -> None:
         kind = type(msg).__name__
@@ -515,7 +532,8 @@ class Cluster:
             size = len(frame)
             payload = frame
         else:
-            size = self.sizer(msg) if self.sizer is not None else 0
+            sizer = self.sizer
+            size = sizer(msg) if sizer is not None else 0
         hn.sent_msgs[kind] += 1
         if size:
             hn.sent_bytes[kind] += size
@@ -524,44 +542,53 @@ class Cluster:
             self.dropped += 1
             return
         now = self.now
-        delay = self.network.transit(hn.index, dst[0], now)
+        j = dst[0]
+        delay = self.network.transit(hn.index, j, now)
         if delay is None:
             self.dropped += 1
             return
-        if self.nodes[dst[0]].crashed:
+        tie = self._tie = self._tie + 1
+        if self.nodes[j].crashed:
             # Nobody listens there: the connect is refused, a round trip later.
             self.dropped += 1
-            self._tie += 1
-            heapq.heappush(
-                self._heap, (now + 2 * delay, self._tie, _REFUSED, hn.index, (pool, addr))
-            )
+            _heappush(self._heap, (now + 2 * delay, tie, _REFUSED, hn.index, (pool, addr)))
             return
         hn.recent.append(dst)
-        self._tie += 1
-        heapq.heappush(
-            self._heap,
-            (now + delay, self._tie, _DELIVER, dst[0], (dst[1], hn.index, payload, size)),
-        )
+        _heappush(self._heap, (now + delay, tie, _DELIVER, j, (dst[1], hn.index, payload, size)))
 
     def _run(self, until: float, limit: int = -1) -> int:
         """Process the events due by ``until``, at most ``limit`` of them (-1: no
         limit); how many it processed.  One event is as :meth:`step` says."""
         heap = self._heap
+        timers = self._timers
         nodes = self.nodes
-        flush = self._flush
+        transmit = self._transmit
+        observers = self.observers
         pop = heapq.heappop
         received_msgs = self.received_msgs
         received_bytes = self.received_bytes
+        # Only this loop moves the clock while it runs (nothing it calls does).
+        now = self.now
         n = 0
-        while heap and heap[0][0] <= until and n != limit:
-            t, _, kind, index, payload = pop(heap)
+        while n != limit:
+            # The earlier of the two tops; (time, tie) never compares equal.
+            if heap:
+                q = timers if timers and timers[0] < heap[0] else heap
+            elif timers:
+                q = timers
+            else:
+                break
+            if q[0][0] > until:
+                break
+            t, _, kind, index, payload = pop(q)
             n += 1
-            if t > self.now:
-                self.now = t
+            if t > now:
+                self.now = now = t
             hn = nodes[index]
             host = hn.host
             if kind == _DELIVER:
-                pool, src, data, size = cast(_Delivery, payload)
+                # The payload of a delivery is a _Delivery (cast() would cost a call).
+                pool, src, data, size = payload
                 if hn.crashed or host is None or pool not in host.cores:
                     self.dropped += 1
                     continue
@@ -575,22 +602,41 @@ class Cluster:
                         continue
                     msg: Message = decoded
                 else:
-                    msg = cast(Message, data)
+                    msg = data
                 if hn.paused:
                     hn.inbox.append((pool, src, msg))
                     continue
                 self.delivered += 1
-                host.receive(pool, msg, self.now, peer=nodes[src].id)
-                flush(hn)
+                host.receive(pool, msg, now, peer=nodes[src].id)
+            elif kind == _TIMER:
+                if payload != hn.timer_gen or hn.crashed or hn.paused or host is None:
+                    continue
+                hn.timer_at = None  # consumed: the flush below sets the next one
+                host.handle_timer(now)
+            else:
+                self._transport_fact(hn, kind, payload)
                 continue
-            if kind != _TIMER:
-                self._transport_fact(hn, kind, cast(tuple[str, str], payload))
-                continue
-            if payload != hn.timer_gen or hn.crashed or hn.paused or host is None:
-                continue
-            hn.timer_at = None  # consumed: the flush below sets the next one
-            host.handle_timer(self.now)
-            flush(hn)
+            # What _flush does, inlined (one call less per event); the node
+            # runs and is not paused, as checked above.
+            for out_pool, addr, out in host.messages_to_send():
+                transmit(hn, out_pool, addr, out)
+            if observers:
+                item = host.next_event()
+                while item is not None:
+                    if item[0] == LAN:
+                        for obs in observers:
+                            obs(index, item[1], now)
+                    item = host.next_event()
+            else:
+                host.drop_events()
+            t = host.get_timer()
+            if t < now:
+                t = now
+            if t != hn.timer_at:
+                gen = hn.timer_gen = hn.timer_gen + 1
+                hn.timer_at = t
+                tie = self._tie = self._tie + 1
+                _heappush(timers, (t, tie, _TIMER, index, gen))
         return n
 
     def _transport_fact(self, hn: HarnessNode, kind: int, payload: tuple[str, str]) -> None:
