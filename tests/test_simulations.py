@@ -4,6 +4,7 @@ wire sizes, metrics, determinism, and one 200-node scenario end to end."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import random
@@ -641,3 +642,31 @@ def test_bench_sim_refuses_a_base_that_is_not_a_commit(capsys):
     assert bench.main(["--base", "no-such-commit-anywhere"]) == 2
     assert "is not a commit" in capsys.readouterr().err
     assert bench.main(["--base", "HEAD", "--rounds", "0"]) == 2
+
+
+def test_false_death_log_classifies_as_the_simulator_counts():
+    spec = importlib.util.spec_from_file_location(
+        "false_death_log", Path(__file__).parent.parent / "scripts" / "false_death_log.py"
+    )
+    assert spec is not None and spec.loader is not None
+    fdl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fdl)
+
+    def row(t, spans, now_slow=False, observer_slow=False):
+        return {
+            "t": t,
+            "subject": 1,
+            "subject_slow": spans,
+            "subject_slow_now": now_slow,
+            "observer_slow_now": observer_slow,
+        }
+
+    assert fdl.classify(row(20.0, [[15.0, None]], now_slow=True), 5.0) == "slow"
+    assert fdl.classify(row(76.0, [[15.0, 75.0]]), 5.0) == "lagging"
+    assert fdl.classify(row(80.0, [[15.0, 75.0]]), 5.0) == "healthy"
+    assert fdl.classify(row(80.0, []), 5.0) == "healthy"
+    text = fdl.summarize([row(76.0, [[15.0, 75.0]], observer_slow=True), row(90.0, [])], 5.0)
+    assert text == (
+        "2 false deaths about 1 nodes: 0 slow, 1 lagging, 1 healthy; "
+        "of them said by a slow observer: 0 slow, 1 lagging, 0 healthy"
+    )
