@@ -42,6 +42,25 @@ def run_meshd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str
     return proc
 
 
+def python_json(code: str, env: dict[str, str] | None = None) -> Any:
+    """Run ``code`` in a fresh interpreter against this tree (``env`` or ours,
+    with the repository first on PYTHONPATH); the JSON its last line prints."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=root,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def wait_until(pred: Callable[[], Any], timeout: float, what: str = "condition") -> Any:
     """Poll ``pred`` until truthy; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -11,15 +11,11 @@ path.  They check behaviour (which modules are loaded), not speed.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.agents import AgentProc, Certs
+from tests.agents import AgentProc, Certs, python_json
 
 #: Modules an idle agent must not have loaded, and why each is kept out.
 NOT_ON_THE_IDLE_PATH = {
@@ -33,7 +29,6 @@ NOT_ON_THE_IDLE_PATH = {
     "meshd.testing": "the harness is for tests and simulations",
 }
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # Everything `meshd agent` imports up to serving, without binding a socket:
 # the command line, the config, the runtime, the agent and the full HTTP app
@@ -54,20 +49,7 @@ print(json.dumps(sorted(sys.modules)))
 
 
 def _modules_after(extra: str = "") -> set[str]:
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", _START_PATH.format(extra=extra)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return set(json.loads(done.stdout.splitlines()[-1]))
+    return set(python_json(_START_PATH.format(extra=extra)))
 
 
 def _loaded(modules: set[str], name: str) -> bool:

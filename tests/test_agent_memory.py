@@ -9,11 +9,8 @@ session tickets, and page-sized TLS read buffers.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import ssl
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +19,7 @@ from meshd.agent import run
 from meshd.agent.checks import _default_session
 from meshd.agent.transport import make_client_context, make_server_context
 from meshd.identity import create_ca, issue_node_cert, write_ca, write_node_cert
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.agents import python_json
 
 _AGENT_IMPORT = """
 import json, os, ssl
@@ -50,24 +46,12 @@ def _system_cas() -> int:
 def test_the_agent_imports_aiohttp_without_the_system_ca_bundle(set_env: bool) -> None:
     if _system_cas() == 0:
         pytest.skip("this system has no CA bundle: nothing to leave out")
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
+    env = dict(os.environ)
     for name in ("SSL_CERT_FILE", "SSL_CERT_DIR"):
         env.pop(name, None)
     if set_env:
         env["SSL_CERT_FILE"] = ssl.get_default_verify_paths().cafile or ""
-    done = subprocess.run(
-        [sys.executable, "-c", _AGENT_IMPORT],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    seen = json.loads(done.stdout.splitlines()[-1])
+    seen = python_json(_AGENT_IMPORT, env)
     assert seen["verified"] == 0 and seen["unverified"] == 0
     # The environment is as it was: whatever the agent starts later finds the
     # system's CA certificates again.
@@ -94,21 +78,9 @@ print(json.dumps({"code": code, "seen": seen, "after": os.environ.get("SSL_CERT_
 
 
 def test_meshd_agent_imports_its_runtime_without_the_ca_bundle() -> None:
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    out = python_json(
+        _CMD_AGENT, dict(os.environ, SSL_CERT_FILE="/etc/ssl/certs/ca-certificates.crt")
     )
-    env["SSL_CERT_FILE"] = "/etc/ssl/certs/ca-certificates.crt"
-    done = subprocess.run(
-        [sys.executable, "-c", _CMD_AGENT],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout.splitlines()[-1])
     assert out["code"] == 0
     assert out["seen"]["run_agent"] == os.devnull
     assert out["after"] == "/etc/ssl/certs/ca-certificates.crt"
