@@ -15,7 +15,7 @@ without getting a second, different class.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -290,3 +290,13 @@ def write_node_pki(root: Path, trust: str, nodes: Sequence[str]) -> dict[str, tu
         )
         files[node] = (str(ca_pem), str(cert), str(key))
     return files
+
+
+async def until(pred: Callable[[], object], what: str, timeout: float = 5.0) -> None:
+    """Poll ``pred`` until truthy; fail after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.005)

@@ -20,7 +20,7 @@ from meshd import identity
 from meshd.agent.transport import Limits, Transport, make_client_context, make_server_context
 from meshd.metrics import Metrics
 from meshd.wire import Gossip
-from tests.fakes import write_node_pki
+from tests.fakes import until, write_node_pki
 
 TRUST = "mesh.test"
 
@@ -66,15 +66,6 @@ async def peers(
     yield start  # type: ignore[misc]
     for t in made:
         await t.close()
-
-
-async def until(pred: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def talking(a: Peer, b: Peer) -> None:

@@ -32,7 +32,7 @@ from meshd.agent.transport import (
 from meshd.metrics import Metrics
 from meshd.protocol.anti_entropy import SYNC_CHUNK_BYTES
 from meshd.wire import MAX_FRAME_BYTES, WIRE_VERSION, FrameDecoder, Gossip, Message, encode_frame
-from tests.fakes import write_node_pki
+from tests.fakes import until, write_node_pki
 
 TRUST = "mesh.test"
 NODES = ("server", "a", "b", "c")
@@ -72,16 +72,6 @@ class Server:
         return await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port, local_addr=(source, 0)), 5.0
         )
-
-
-async def until(pred: Callable[[], object], what: str, timeout: float = 5.0) -> None:
-    """Poll ``pred`` until truthy; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not pred():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 async def closed_by_server(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
