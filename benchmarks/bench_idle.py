@@ -52,7 +52,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -99,23 +98,8 @@ class _EnvProc(procs.Proc):
     def __init__(
         self, name: str, argv: Sequence[str], ready: re.Pattern[str], env: Mapping[str, str]
     ) -> None:
-        procs.Proc.__init__(self, name, argv, ready)
-        self.env = dict(env, PYTHONUNBUFFERED="1")
-        #: Not the caller's directory: ``python -c`` would import meshd from there.
-        self.cwd = tempfile.gettempdir()
-
-    def launch(self) -> procs.Proc:
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env,
-            cwd=self.cwd,
-        )
-        threading.Thread(target=self._pump, args=(self.proc.stderr,), daemon=True).start()
-        return self
+        # Not the caller's directory: ``python -c`` would import meshd from there.
+        procs.Proc.__init__(self, name, argv, ready, env, cwd=tempfile.gettempdir())
 
 
 class _EnvAgent(_EnvProc, procs.Agent):

@@ -22,7 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,10 +72,20 @@ def http_json(url: str, method: str = "GET", body: Any = None, timeout: float = 
 class Proc:
     """A child process whose stderr is pumped into ``lines`` by a daemon thread."""
 
-    def __init__(self, name: str, argv: Sequence[str], ready: re.Pattern[str]) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        ready: re.Pattern[str],
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.ready_re = ready
+        #: The child's environment (ours when None) and working directory.
+        self.env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+        self.cwd = cwd
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self.match: re.Match[str] | None = None
@@ -83,14 +93,14 @@ class Proc:
         self._termed = False
 
     def launch(self) -> Proc:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=env,
+            env=self.env,
+            cwd=self.cwd,
         )
         threading.Thread(target=self._pump, args=(self.proc.stderr,), daemon=True).start()
         return self
