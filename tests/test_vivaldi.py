@@ -17,6 +17,7 @@ from meshd.protocol.vivaldi import (
     coordinate,
     distance,
     update,
+    within,
 )
 
 ONE_D = VivaldiConfig(dimensionality=1)
@@ -182,7 +183,9 @@ def _plain_update(local, remote, rtt, cfg, rng):
         height = local.height
     else:
         vec, height = local.vec, local.height + force
-    return Coordinate(vec, error, max(height, cfg.height_min))
+    b = cfg.bound
+    vec = tuple(min(max(x, -b), b) for x in vec)
+    return Coordinate(vec, error, min(max(height, cfg.height_min), b))
 
 
 _component = st.one_of(
@@ -243,9 +246,19 @@ def test_coordinate_builds_what_the_dataclass_builds(vec, error, height):
         assert coordinate(vec, error, height) == Coordinate(vec, error, height)
 
 
-def test_a_peer_coordinate_that_overflows_the_update_is_counted_not_raised():
+@pytest.mark.parametrize(
+    "coord",
+    [
+        (1e300,) * 8 + (1.0, 0.0),  # overflows the distance
+        (1e100,) * 8 + (1.0, 0.0),  # does not: would drag our coordinate there
+        (0.0,) * 7 + (-10.5, 1.0, 0.0),  # one component just outside
+        (0.0,) * 8 + (1e-9, 1e50),  # the height
+    ],
+)
+def test_a_peer_coordinate_outside_the_bound_is_counted_and_ignored(coord):
     """Finite components pass the wire's checks, yet 1e300 overflows the
-    distance: an ack carrying them must not raise out of Core.receive."""
+    distance and 1e100 would move us to 1e100: an ack carrying either must
+    not raise out of Core.receive, nor move our coordinate."""
     from meshd.testing import Cluster
     from meshd.wire import Ack
 
@@ -262,7 +275,61 @@ def test_a_peer_coordinate_that_overflows_the_update_is_counted_not_raised():
     c.run_until(c.now + 0.0004)
     assert core.prober.probe is probe
     before = core.coord
-    c.inject(0, Ack(probe.target, seq=probe.seq, coord=(1e300,) * 8 + (1.0, 0.0)), src=target)
+    c.inject(0, Ack(probe.target, seq=probe.seq, coord=coord), src=target)
     assert core.counters["bad-coordinate"] == 1
     assert core.coord == before and probe.target not in core.coords
     assert core.prober.probe is None  # the ack still answered the probe
+
+
+def test_within_is_the_bound_on_every_component_and_the_height():
+    b = DEFAULT_CONFIG.bound
+    assert b == 10.0
+    inside = Coordinate((b, -b) + (0.0,) * 6, 1.0, b)
+    assert within(inside)
+    assert not within(Coordinate((b * 1.0001,) + (0.0,) * 7, 1.0, 0.0))
+    assert not within(Coordinate((0.0,) * 7 + (-b * 1.0001,), 1.0, 0.0))
+    assert not within(Coordinate((0.0,) * 8, 1.0, b * 1.0001))
+    with pytest.raises(ValueError, match="bound"):
+        VivaldiConfig(bound=float("inf"))
+
+
+_inside = st.floats(-DEFAULT_CONFIG.bound, DEFAULT_CONFIG.bound)
+
+
+@settings(max_examples=1000, deadline=None, derandomize=True)
+@given(
+    st.tuples(*[_inside] * 8),
+    st.tuples(*[_inside] * 8),
+    st.floats(1e-6, 1.5),
+    st.floats(1e-6, 1e9),
+    st.floats(0.0, DEFAULT_CONFIG.bound),
+    st.floats(0.0, DEFAULT_CONFIG.bound),
+    st.floats(0.0, 60.0),
+)
+def test_an_update_never_leaves_the_bound(lv, rv, le, re, lh, rh, rtt):
+    """Whatever a peer inside the bound says and however long the round
+    trip, our coordinate stays inside: what we carry in our acks passes
+    every other node's check."""
+    local = Coordinate(lv, le, lh)
+    remote = Coordinate(rv, re, rh)
+    assert within(update(local, remote, rtt, rng=random.Random(0)))
+
+
+def test_one_lying_peer_does_not_drag_the_mesh():
+    """A peer with a valid certificate whose acks always carry a coordinate
+    of 1e100: every honest node refuses it, and their coordinates (which
+    they carry in their own acks) stay where the round trips put them."""
+    from meshd.testing import Cluster
+
+    c = Cluster(12, encode=False)
+    liar = c.core(5).prober
+    liar.coord = Coordinate((1e100,) * 8, 1e-6, 0.0)
+    liar.observe_rtt = lambda *a: None  # type: ignore[method-assign]  # keeps its lie
+    c.run_for(60.0)
+    honest = [c.core(i) for i in range(12) if i != 5]
+    assert sum(core.counters["bad-coordinate"] for core in honest) >= 11  # each probed it
+    for core in honest:
+        assert within(core.coord)
+        # Loopback-like latencies (1-2 ms): nobody is anywhere near a second away.
+        assert max(map(abs, core.coord.vec)) < 0.1
+        assert c.nodes[5].id not in core.coords

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from meshd.protocol.awareness import Awareness, failed_probe_delta
 from meshd.protocol.config import Config
 from meshd.protocol.members import Member
-from meshd.protocol.vivaldi import Coordinate, VivaldiConfig, coordinate
+from meshd.protocol.vivaldi import Coordinate, VivaldiConfig, coordinate, within
 from meshd.protocol.vivaldi import distance as vivaldi_distance
 from meshd.protocol.vivaldi import update as vivaldi_update
 from meshd.wire import Ack, IndirectPing, Nack, Ping, Status
@@ -319,11 +319,17 @@ class Prober:
         except ValueError:
             self.core.counters["bad-coordinate"] += 1
             return
+        if not within(remote, self.vivaldi):
+            # Finite but far outside what a round trip gives (1e100): the
+            # update would carry us, and through our acks the mesh, there.
+            self.core.counters["bad-coordinate"] += 1
+            return
         try:
             coord = vivaldi_update(self.coord, remote, rtt, self.vivaldi, rng=self.rng)
         except ValueError:
-            # Finite but huge components (1e300) overflow the arithmetic:
-            # the peer's input, counted, never raised into the driver.
+            # Both coordinates are inside the bound, so nothing overflows;
+            # should it ever raise, the peer's input is counted, never
+            # raised into the driver.
             self.core.counters["bad-coordinate"] += 1
             return
         self.coords[member] = remote

@@ -51,6 +51,14 @@ class VivaldiConfig:
     height_min: float = 10e-6
     #: Seed of the fallback direction for coincident coordinates.
     seed: int = 0
+    #: Largest magnitude of a component, and largest height, seconds.  No
+    #: round trip a probe can measure comes near it (a probe gives up within
+    #: seconds), so a coordinate outside says its node lies or is broken:
+    #: a peer's is refused (:func:`within`) and ours is kept inside by
+    #: :func:`update`.  Without the bound one peer acking with components of
+    #: 1e100 would drag our coordinate there, and ours, carried in our acks,
+    #: every other node's after it.
+    bound: float = 10.0
 
     def __post_init__(self) -> None:
         if self.dimensionality < 1:
@@ -59,6 +67,8 @@ class VivaldiConfig:
             raise ValueError("error_max must be positive and ce, cc in (0, 1]")
         if not self.height_min > 0:
             raise ValueError("height_min must be positive")
+        if not (math.isfinite(self.bound) and self.bound > self.height_min):
+            raise ValueError("bound must be finite and above height_min")
 
 
 DEFAULT_CONFIG = VivaldiConfig()
@@ -111,6 +121,12 @@ def coordinate(vec: tuple[float, ...], error: float, height: float) -> Coordinat
     _set_error(c, error)
     _set_height(c, height)
     return c
+
+
+def within(c: Coordinate, cfg: VivaldiConfig = DEFAULT_CONFIG) -> bool:
+    """Is ``c`` inside ``cfg.bound`` (every component and the height)?"""
+    b = cfg.bound
+    return c.height <= b and max(c.vec) <= b and min(c.vec) >= -b
 
 
 def distance(a: Coordinate, b: Coordinate) -> float:
@@ -188,4 +204,11 @@ def update(
         height = l_height + force
     if height < cfg.height_min:
         height = cfg.height_min
+    # Inside the bound, whatever the sample: a long round trip (seconds,
+    # under a slow link) pushes us away from the peer by a quarter of it.
+    b = cfg.bound
+    if height > b:
+        height = b
+    if max(vec) > b or min(vec) < -b:
+        vec = tuple([b if x > b else -b if x < -b else x for x in vec])
     return coordinate(vec, error, height)
