@@ -92,6 +92,17 @@ def _chunks(items: Sequence[_Sized]) -> Iterator[tuple[Any, ...]]:
 class AntiEntropy:
     """The sync part of one core (see module doc)."""
 
+    # Slots, as Core's (see there).
+    __slots__ = (
+        "core",
+        "heavy",
+        "next_digest",
+        "next_join",
+        "next_reconnect",
+        "open_syncs",
+        "seeds",
+    )
+
     def __init__(self, core: Core) -> None:
         self.core = core
         #: Addresses we join through (retried while we know no one).

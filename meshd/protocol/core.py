@@ -128,6 +128,50 @@ class SharedView:
 class Core:
     """One member of a gossip pool, with its own origin state (see module doc)."""
 
+    # Slots: an event touches a core and its parts at once, and in a
+    # 10,000-node simulation they are cold in the cache; without an instance
+    # dict each is one block less to fetch (and holds no stray attribute).
+    __slots__ = (
+        "_apps",
+        "_bad",
+        "_crl",
+        "_events",
+        "_next_reap",
+        "_out",
+        "_rng",
+        "_signer",
+        "_suspicions",
+        "_verifier",
+        "address",
+        "anti_entropy",
+        "bridge",
+        "cluster",
+        "config",
+        "counters",
+        "down",
+        "gateway",
+        "gossip",
+        "host",
+        "id",
+        "incarnation",
+        "left",
+        "left_statement",
+        "node_meta",
+        "node_name",
+        "prober",
+        "publisher",
+        "records",
+        "region",
+        "revocation_check",
+        "revocation_number",
+        "rtt_statement",
+        "store",
+        "table",
+        "unreachable",
+        "version",
+        "zone",
+    )
+
     def __init__(
         self,
         *,

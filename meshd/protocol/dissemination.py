@@ -37,6 +37,9 @@ HURRY_GAP = 0.25
 class Dissemination:
     """The gossip part of one core (see module doc)."""
 
+    # Slots, as Core's (see there).
+    __slots__ = ("core", "last_hurry", "member_q", "next_gossip", "next_hurry", "record_q")
+
     def __init__(self, core: Core) -> None:
         self.core = core
         self.member_q: BroadcastQueue[MemberUpdate] = BroadcastQueue(lambda u: u.size)

@@ -48,6 +48,9 @@ MAX_RELAY_PASSES = 16
 class Host:
     """The cores of one node and the bridge that couples them (see module doc)."""
 
+    # Slots, as Core's (see there).
+    __slots__ = ("_events", "_next_refresh", "_out", "bridge", "cores", "lan", "wan")
+
     def __init__(self, lan: Core, now: float, wan: Core | None = None) -> None:
         if not lan.publisher:
             raise ValueError("the LAN core publishes this node's documents (publisher=True)")

@@ -76,6 +76,24 @@ class _Relay:
 class Prober:
     """The probing part of one core (see module doc)."""
 
+    # Slots, as Core's (see there).
+    __slots__ = (
+        "awareness",
+        "config",
+        "coord",
+        "coords",
+        "core",
+        "index",
+        "next_probe",
+        "order",
+        "out_of_turn",
+        "probe",
+        "relays",
+        "rng",
+        "seq",
+        "vivaldi",
+    )
+
     def __init__(self, core: Core, config: Config, rng: random.Random) -> None:
         self.core = core
         self.config = config

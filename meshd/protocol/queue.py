@@ -41,6 +41,9 @@ class _Item(Generic[T]):
 class BroadcastQueue(Generic[T]):
     """Updates keyed by ``key``; ``take`` fills a byte budget, fewest-sent first."""
 
+    # Slots, as Core's (see there).
+    __slots__ = ("_order", "_seq", "_size_of", "items")
+
     def __init__(self, size_of: Callable[[T], int]) -> None:
         self._size_of = size_of
         #: key -> its queued item.  Read only outside this class (change it

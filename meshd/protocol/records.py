@@ -36,6 +36,9 @@ MAX_BAD_PER_MESSAGE = 8
 class Records:
     """The documents one core holds and the ones it publishes (see module doc)."""
 
+    # Slots, as Core's (see there).
+    __slots__ = ("core", "dead_as_of", "left_at", "published", "scoped", "store")
+
     def __init__(self, core: Core, store: RecordStore) -> None:
         self.core = core
         self.store = store

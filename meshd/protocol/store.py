@@ -137,6 +137,23 @@ class RecordStore:
     (absent from ``live``, ``endpoints`` and ``newer_than``).
     """
 
+    # Slots, as Core's (see there).
+    __slots__ = (
+        "_apps",
+        "_base",
+        "_base_digest",
+        "_count",
+        "_digest",
+        "_dropped",
+        "_entries",
+        "_shared",
+        "_tombstones",
+        "fingerprint",
+        "index",
+        "max_origins",
+        "rejected",
+    )
+
     def __init__(self, max_origins: int = MAX_ORIGINS) -> None:
         if max_origins < 1:
             raise ValueError("max_origins must be at least 1")
