@@ -367,9 +367,16 @@ class Core:
         if self._bad >= MAX_BAD_PER_MESSAGE:
             self.counters["rejected-state:flood"] += 1
 
-        handler = _HANDLERS.get(type(msg))
-        if handler is not None:
-            handler(self, msg, now)
+        # Acks and pings are most of what arrives: straight to the prober,
+        # without the table's extra call.
+        if type(msg) is Ack:
+            self.prober.on_ack(msg, now)
+        elif type(msg) is Ping:
+            self.prober.on_ping(msg, now)
+        else:
+            handler = _HANDLERS.get(type(msg))
+            if handler is not None:
+                handler(self, msg, now)
 
     # -- commands ---------------------------------------------------------
 

@@ -207,6 +207,9 @@ class Cluster:
         self.ca = ca or create_ca("mesh.local")
         self.verifier = StateVerifier(self.ca.cert, self.ca.trust_domain)
         self.nodes: list[HarnessNode] = []
+        #: Each node's member id, by index: the delivery loop names every
+        #: sender without fetching its (cold) slot.
+        self._ids: list[str] = []
         self._by_addr: dict[str, tuple[int, str]] = {}
         #: Events as (time, tie, kind, node, payload); the payload's type
         #: follows the kind (a _Delivery, a timer generation, a (pool,
@@ -277,6 +280,7 @@ class Cluster:
             hn.wan_address = f"127.0.0.1:{40000 + i}"
             self._by_addr[hn.wan_address] = (i, WAN)
         self.nodes.append(hn)
+        self._ids.append(hn.id)
         if start:
             self._start(hn)
             if join and i > 0:
@@ -562,6 +566,7 @@ class Cluster:
         heap = self._heap
         timers = self._timers
         nodes = self.nodes
+        ids = self._ids
         transmit = self._transmit
         observers = self.observers
         pop = heapq.heappop
@@ -607,7 +612,7 @@ class Cluster:
                     hn.inbox.append((pool, src, msg))
                     continue
                 self.delivered += 1
-                host.receive(pool, msg, now, peer=nodes[src].id)
+                host.receive(pool, msg, now, peer=ids[src])
             elif kind == _TIMER:
                 if payload != hn.timer_gen or hn.crashed or hn.paused or host is None:
                     continue
