@@ -585,7 +585,7 @@ class Core:
         self.table = shared.table.share()
         self.store.adopt(shared.store)
         self.records.scoped = {m: set(d) for m, d in shared.scoped.items()}
-        self.prober.order, self.prober.index = [], 0
+        self.prober.new_round([])
 
     def inject(self, signed: SignedState, now: float) -> bool:
         """Take a document from the bridge's other pool (already verified there;
@@ -658,7 +658,7 @@ class Core:
         self.table.add(m)
         if m.id != self.id:
             # Among the members not yet probed this round: probed within it.
-            self.prober.order.append(m.id)
+            self.prober.joined.append(m.id)
 
     def _remove_member(self, member: str) -> None:
         self.prober.coords.pop(member, None)

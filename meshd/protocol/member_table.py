@@ -32,7 +32,7 @@ def view_term(m: Member) -> int:
 class MemberTable:
     """The members of one pool as one core sees them (see module doc)."""
 
-    __slots__ = ("members", "ids", "gone", "serving", "view", "_shared")
+    __slots__ = ("members", "ids", "gone", "serving", "view", "_shared", "_ids_lent")
 
     def __init__(self) -> None:
         self.members: dict[str, Member] = {}
@@ -44,6 +44,8 @@ class MemberTable:
         self.view = 0
         #: True while the containers are also another table's: copy first.
         self._shared = False
+        #: True while a reader holds ``ids`` (:meth:`lend_ids`): copy it first.
+        self._ids_lent = False
 
     def __len__(self) -> int:
         return len(self.members)
@@ -56,16 +58,31 @@ class MemberTable:
         other.serving, other.view, other._shared = self.serving, self.view, True
         return other
 
+    def lend_ids(self) -> list[str]:
+        """The id list as it is now, for a reader that keeps it (a probe
+        round's order): the table copies the list before it next adds or
+        removes a member, so what the reader holds never changes.  The
+        reader must not change it either."""
+        self._ids_lent = True
+        return self.ids
+
     def _own(self) -> None:
         if self._shared:
             self.members = dict(self.members)
             self.ids = list(self.ids)
             self.gone = set(self.gone)
             self._shared = False
+            self._ids_lent = False
+
+    def _own_ids(self) -> None:
+        self._own()
+        if self._ids_lent:
+            self.ids = list(self.ids)
+            self._ids_lent = False
 
     def add(self, m: Member) -> None:
         """A member not in the table yet."""
-        self._own()
+        self._own_ids()
         self.members[m.id] = m
         self.view ^= view_term(m)
         self.ids.append(m.id)
@@ -76,7 +93,7 @@ class MemberTable:
 
     def remove(self, member: str) -> Member:
         """Forget a member (reaped); returns it."""
-        self._own()
+        self._own_ids()
         m = self.members.pop(member)
         self.view ^= view_term(m)
         if m.serving:
