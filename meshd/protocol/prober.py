@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from meshd.protocol.awareness import Awareness, failed_probe_delta
 from meshd.protocol.config import Config
 from meshd.protocol.members import Member
-from meshd.protocol.vivaldi import Coordinate, VivaldiConfig, coordinate, within
+from meshd.protocol.vivaldi import Coordinate, VivaldiConfig, coordinate
 from meshd.protocol.vivaldi import distance as vivaldi_distance
 from meshd.protocol.vivaldi import update as vivaldi_update
 from meshd.wire import Ack, IndirectPing, Nack, Ping, Status
@@ -355,14 +355,17 @@ class Prober:
         if len(raw) != dims + 2 or rtt <= 0:
             self.core.counters["bad-coordinate"] += 1
             return
-        try:
-            remote = coordinate(tuple(raw[:dims]), raw[dims], raw[dims + 1])
-        except ValueError:
+        vec, height = raw[:dims], raw[dims + 1]
+        b = self.vivaldi.bound
+        # vivaldi.within, spelled out (every ack): finite but far outside
+        # what a round trip gives (1e100), the update would carry us, and
+        # through our acks the mesh, there.
+        if height > b or max(vec) > b or min(vec) < -b:
             self.core.counters["bad-coordinate"] += 1
             return
-        if not within(remote, self.vivaldi):
-            # Finite but far outside what a round trip gives (1e100): the
-            # update would carry us, and through our acks the mesh, there.
+        try:
+            remote = coordinate(vec, raw[dims], height)
+        except ValueError:
             self.core.counters["bad-coordinate"] += 1
             return
         try:
