@@ -48,6 +48,9 @@ def repair_bound(n: int, cfg: Config) -> float:
 
     A node syncs every scaled ``digest_interval`` (the first one drawn in
     [0.5, 1.5) of it) with a random member that already holds the state.
+    Push gossip misses some member of the pool for at most ``queue.MISS``
+    (one in a thousand) of updates: every holder sends each update
+    ``queue.retransmit_limit`` times, at least ``ln((n - 1) / MISS)``.
     """
     return 1.5 * push_pull_scale(cfg.digest_interval, n) + spread_bound(n, cfg)
 

@@ -25,7 +25,8 @@ class Config:
     suspicion_mult: int = 4
     #: Suspicion timeout ceiling = suspicion_max_timeout_mult * floor (Lifeguard).
     suspicion_max_timeout_mult: int = 6
-    #: Each broadcast goes out retransmit_mult * ceil(log10(n + 1)) times.
+    #: Each broadcast goes out retransmit_mult * ceil(log10(n + 1)) times, and
+    #: at least ln((n - 1) / 0.001) (queue.retransmit_limit).
     retransmit_mult: int = 4
     #: Seconds between gossip rounds, and members gossiped to per round.
     gossip_interval: float = 0.2
