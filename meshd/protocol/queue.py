@@ -4,8 +4,8 @@ Updates ride piggybacked on probes, acks and gossip messages.  Each is sent a
 limited number of times, ``retransmit_mult * ceil(log10(n + 1))`` and at
 least ``ln((n - 1) / MISS)`` (:func:`retransmit_limit`): enough for an
 epidemic to reach every member but once in a thousand updates, few enough
-that the queue drains.  The least-sent update goes first (ties: the newest), so a fresh
-update overtakes ones that have already spread.  An update about a key (a
+that the queue drains.  The least-sent update goes first (ties: the
+newest), so a fresh update overtakes ones that have already spread.  An update about a key (a
 member, an origin) replaces any older one about the same key: only the latest
 claim is worth bandwidth.
 """
