@@ -19,26 +19,17 @@ import argparse
 import statistics
 
 from meshd.protocol.bounds import spread_bound
-from meshd.testing import Cluster
+from meshd.testing import Cluster, record_spread
 
 
 def spreads(n: int, records: int, seed: int) -> list[float]:
     """Seconds (virtual) each new record took to reach every member."""
     c = Cluster(n, seed=seed, encode=False)
     c.run_for(30.0)
-    origin = c.nodes[0].id
     out = []
     for k in range(records):
-        version = c.register(0, "bench", f"spread-{k}")
-        docs = c.core(0).records.doc_ids(origin)
-
-        def everywhere(version: int = version, docs: list[str] = docs) -> bool:
-            return all(
-                any((c.core(i).store.version(d) or 0) >= version for d in docs) for i in range(1, n)
-            )
-
-        took = c.run_until_true(everywhere, 30.0, check_every=0.01)
-        out.append(took if took is not None else float("inf"))
+        spread = record_spread(c, 0, app=f"spread{k}", timeout=30.0)
+        out.append(max(spread.times) if spread is not None else float("inf"))
         c.run_for(1.0)  # the queues drain between records
     return out
 

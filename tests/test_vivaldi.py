@@ -253,6 +253,8 @@ def test_coordinate_builds_what_the_dataclass_builds(vec, error, height):
         (1e100,) * 8 + (1.0, 0.0),  # does not: would drag our coordinate there
         (0.0,) * 7 + (-10.5, 1.0, 0.0),  # one component just outside
         (0.0,) * 8 + (1e-9, 1e50),  # the height
+        (0.0,) * 8 + (0.0, 0.0),  # no error estimate: a weight of 0/0
+        (0.0,) * 8 + (1.0, -1.0),  # a negative height
     ],
 )
 def test_a_peer_coordinate_outside_the_bound_is_counted_and_ignored(coord):
