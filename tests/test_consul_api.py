@@ -299,6 +299,40 @@ async def test_check_update(client: TestClient, agent: FakeAgent) -> None:
     assert code == 400 and "Status must be" in text
 
 
+async def test_check_register_then_deregister(client: TestClient, agent: FakeAgent) -> None:
+    await register(client, {"ID": "web-1", "Name": "web", "Address": "192.0.2.4", "Port": 80})
+    assert agent.registrations["web-1"].check is None
+    check = {"CheckID": "web-ttl", "Name": "web alive", "ServiceID": "web-1", "TTL": "15s"}
+    assert await put(client, "/v1/agent/check/register", check) == (200, "")
+    reg = agent.registrations["web-1"]
+    assert reg.check is not None and reg.check.kind == "ttl"
+    assert dict(reg.record.meta)[CHECK_ID_KEY] == "web-ttl"
+    code, text = await put(client, "/v1/agent/check/register", {"ServiceID": "web-1", "TTL": "5s"})
+    assert code == 400 and "already has a check" in text
+    # The check's own ID reports on it.
+    assert await put(client, "/v1/agent/check/fail/web-ttl") == (200, "")
+    assert agent.registrations["web-1"].record.health == "critical"
+
+    # Deregistering the check keeps the service, passing as Consul counts a
+    # service without checks, with nothing of the check left in its meta.
+    assert await put(client, "/v1/agent/check/deregister/web-ttl") == (200, "")
+    reg = agent.registrations["web-1"]
+    assert reg.check is None and reg.record.health == "passing"
+    assert (reg.record.address, reg.record.port) == ("192.0.2.4", 80)
+    assert not [k for k, _ in reg.record.meta if k.startswith("consul.check")]
+    _, checks, _ = await get(client, "/v1/agent/checks")
+    assert "web-ttl" not in checks
+
+    # Gone, never there, or a service without a check: 404, nothing written.
+    calls = len(agent.calls)
+    for check_id in ("web-ttl", "service:web-1", "service:nope"):
+        code, text = await put(client, f"/v1/agent/check/deregister/{check_id}")
+        assert code == 404 and f'unknown check ID "{check_id}"' in text
+        assert_text_error(text)
+    assert len(agent.calls) == calls
+    assert agent.registrations["web-1"].record.health == "passing"
+
+
 # ---------------------------------------------------------------------------
 # Health
 

@@ -152,9 +152,30 @@ def test_check_register_and_maintenance(pair):
     wait_until(lambda: not cb.health.service("jobs", passing=True)[1], SPREAD, "jobs-1 out")
     assert ca.agent.check.ttl_pass(check["CheckID"])  # does not end maintenance
     assert ca.health.service("jobs", passing=True)[1] == []
+    # Nor does registering it again, as a client does when it restarts.
+    assert ca.agent.service.register("jobs", service_id="jobs-1", address="127.0.0.1", port=7100)
+    assert ca.health.service("jobs", passing=True)[1] == []
     assert ca.agent.service.maintenance("jobs-1", False)
     wait_until(lambda: cb.health.service("jobs", passing=True)[1], SPREAD, "jobs-1 back")
     assert ca.agent.service.deregister("jobs-1")
+
+
+def test_check_deregister_keeps_the_service(pair):
+    a, b = pair
+    ca, cb = client_for(a), client_for(b)
+    assert ca.agent.service.register("cron", service_id="cron-1", address="127.0.0.1", port=7200)
+    assert ca.agent.check.register(
+        "cron alive", check=consul.Check.ttl("60s"), check_id="cron-ttl", service_id="cron-1"
+    )
+    assert ca.health.service("cron", passing=True)[1] == []  # a TTL check starts critical
+    assert ca.agent.check.deregister("cron-ttl")
+    assert "cron-ttl" not in ca.agent.checks()
+    [entry] = wait_until(
+        lambda: cb.health.service("cron", passing=True)[1], SPREAD, "cron-1 passing on B"
+    )
+    assert entry["Service"]["ID"] == "cron-1"
+    assert ca.agent.check.deregister("cron-ttl") is False  # gone: 404
+    assert ca.agent.service.deregister("cron-1")
 
 
 def test_coordinates(pair):

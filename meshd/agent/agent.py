@@ -746,6 +746,13 @@ class Agent:
                 record = replace(record, health=status or "critical")
             elif reg.check is not None:
                 record = replace(record, health="critical")
+            if record.instance in self._maintenance:
+                # Maintenance holds the instance critical until it is taken
+                # out, whatever a new registration says (a client registering
+                # again on restart must not end it); taking it out restores
+                # what this registration said.
+                self._health_before[record.instance] = record.health
+                record = replace(record, health="critical")
             apps = core.apps
             apps[record.instance] = record
             problem = publish_problem(apps.values(), Publisher.of(core), record)

@@ -122,6 +122,11 @@ CHECK_TYPE_KEY = "consul.check_type"
 CHECK_NOTES_KEY = "consul.check_notes"
 KIND_KEY = "consul.kind"
 TAGGED_ADDRESSES_KEY = "consul.tagged_addresses"
+#: What a check adds to its service's meta (``_check_meta_for``): dropped
+#: with the check.
+_CHECK_META_KEYS = frozenset(
+    {CHECK_ID_KEY, CHECK_NAME_KEY, CHECK_TYPE_KEY, CHECK_NOTES_KEY, DEREGISTER_AFTER_KEY}
+)
 #: Consul's own rules for service meta (its ``structs.ValidateServiceMetadata``):
 #: keys of letters, digits, ``_`` and ``-``, none starting ``consul-``.
 MAX_META_KEY_LEN = 128
@@ -1427,6 +1432,34 @@ class _Handlers:
             await self.agent.set_health(r.instance, check.status)
         return web.Response(status=200)
 
+    async def check_deregister(self, request: web.Request) -> web.Response:
+        # The opposite of check_register: the service stays, without a check.
+        # As in Consul, a service with no check left counts as passing.
+        check_id = request.match_info["check_id"]
+        instance = self._instance_for_check(check_id)
+        reg = next(
+            (r for r in self.agent.local_registrations() if r.record.instance == instance), None
+        )
+        if reg is None or reg.check is None:
+            raise ApiError(404, f'unknown check ID "{check_id[:200]}" on this agent')
+        r = reg.record
+        native: dict[str, Any] = {
+            "app": r.app,
+            "address": r.address,
+            "port": r.port,
+            "namespace": r.namespace,
+            "protocol": r.protocol,
+            "meta": {k: v for k, v in r.meta if k not in _CHECK_META_KEYS},
+            "weight": r.weight,
+        }
+        if r.export is not None:
+            native["export"] = list(r.export)
+        try:
+            await self.agent.register(parse_registration(r.instance, native))
+        except ValueError as exc:
+            raise _bad(str(exc) or "the agent refused the change") from None
+        return web.Response(status=200)
+
     async def maintenance(self, request: web.Request) -> web.Response:
         service_id = request.match_info["service_id"]
         enable = request.query.get("enable")
@@ -1492,6 +1525,7 @@ def add_consul_routes(
         ("GET", "/v1/agent/self", h.self_),
         ("GET", "/v1/agent/members", h.members),
         ("PUT", "/v1/agent/check/register", h.check_register),
+        ("PUT", "/v1/agent/check/deregister/{check_id:.+}", h.check_deregister),
         ("PUT", "/v1/agent/service/maintenance/{service_id}", h.maintenance),
         ("GET", "/v1/health/service/{service}", capped(h.health_service)),
         ("GET", "/v1/health/state/{state}", capped(h.health_state)),
