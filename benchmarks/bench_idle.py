@@ -286,7 +286,7 @@ def main() -> int:
             serf_mesh = bench_serf.SerfMesh(tmp, args.nodes)
             serf_mesh.start()
             procs.wait_until(
-                lambda: all(c == args.nodes for c in serf_mesh.alive_counts()),
+                lambda: all(serf_mesh.alive_count(i) == args.nodes for i in range(args.nodes)),
                 args.converge_timeout,
                 f"{args.nodes} Serf members alive",
                 poll=0.5,
