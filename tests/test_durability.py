@@ -517,6 +517,10 @@ async def test_a_full_disk_answers_507_and_changes_nothing(
         assert status == 507 and "is full" in text and "\n" not in text
         _, text = await local.get("/metrics")
         assert local.metric(text, 'meshd_storage_errors_total{cause="full"}') == 3
+        # Maintenance is stored before it takes effect: refused, o1 stays passing.
+        resp = await local.client.put("/v1/agent/service/maintenance/o1?enable=true")
+        assert resp.status == 507 and "is full" in await resp.text()
+        assert local.agent.core.apps["o1"].health == "passing"  # type: ignore[union-attr]
         # A write that needs a fresh block of versions refuses before the
         # core moves, and the ceiling in memory does not run ahead of the file.
         ceiling = local.agent._version_ceiling
@@ -703,6 +707,48 @@ def test_every_field_and_the_export_scope_come_back_after_sigkill(tmp_path, cert
     a.start()
     assert a.get("/v1/apps") == before
     assert scopes() == {"web-1": "local", "api-1": "to:west", "all-1": "*"}
+
+
+@pytest.mark.e2e
+def test_maintenance_survives_a_sigkill_and_ends_with_its_registration(tmp_path, certs, agents):
+    a = AgentProc(tmp_path, certs, "n1").start()
+    agents.append(a)
+    a.register("orders", "o1", 3500)  # no check: passing
+    a.register("web", "w1", 8080, check={"ttl": "30s"})
+
+    def health() -> dict[str, str]:
+        return {x["instance"]: x["health"] for x in a.get("/v1/apps")}
+
+    def maintenance(instance: str, enable: bool) -> None:
+        path = f"/v1/agent/service/maintenance/{instance}?enable={str(enable).lower()}"
+        assert a.call("PUT", path + "&reason=upgrade")[0] == 200
+
+    a.call("PUT", "/v1/agent/check/pass/service:w1")
+    assert health() == {"o1": "passing", "w1": "passing"}
+    maintenance("o1", True)
+    maintenance("w1", True)
+    assert health() == {"o1": "critical", "w1": "critical"}
+    a.kill()  # SIGKILL: the acknowledged maintenance is on disk
+    a.start()
+    assert health() == {"o1": "critical", "w1": "critical"}
+    assert a.call("PUT", "/v1/agent/check/pass/service:w1")[0] == 200  # does not end it
+    assert health()["w1"] == "critical"
+    checks = a.get("/v1/agent/checks")
+    assert checks["service:w1"]["Output"] == "maintenance mode: upgrade"
+    # Taken out: the registration's health, or what the check reports.
+    maintenance("o1", False)
+    maintenance("w1", False)
+    assert health() == {"o1": "passing", "w1": "passing"}
+    a.kill()
+    a.start()
+    assert health()["o1"] == "passing"  # taken out is stored too
+    # A deregistration ends it: the instance registered again is served.
+    maintenance("o1", True)
+    assert a.call("DELETE", "/v1/apps/o1")[0] == 200
+    a.register("orders", "o1", 3500)
+    a.kill()
+    a.start()
+    assert health()["o1"] == "passing"
 
 
 @pytest.mark.e2e

@@ -244,6 +244,43 @@ def test_peers_most_recent_first_by_last_seen(db: StateDB, db_path: Path) -> Non
     assert db.load_peers() == ["c:1", "b:1", "a:1"]
 
 
+def test_maintenance_is_stored_per_registration_and_goes_with_it(db: StateDB) -> None:
+    db.put_registration(reg("a"), 1)
+    db.put_registration(reg("b"), 2)
+    db.set_maintenance("a", "upgrade")
+    db.set_maintenance("b", "")
+    db.set_maintenance("a", "kernel patch")  # a new reason replaces the old
+    assert db.load_maintenance() == {"a": "kernel patch", "b": ""}
+    db.set_maintenance("b", None)
+    db.set_maintenance("b", None)  # taking out what is not in: nothing happens
+    assert db.load_maintenance() == {"a": "kernel patch"}
+    # The row goes with its registration: registering the instance again
+    # later does not bring the old maintenance back.
+    assert db.delete_registration("a", 3)
+    db.put_registration(reg("a"), 4)
+    assert db.load_maintenance() == {}
+
+
+def test_a_row_for_an_instance_never_registered_is_not_loaded(db: StateDB) -> None:
+    db.set_maintenance("ghost", "left over")
+    assert db.load_maintenance() == {}
+
+
+def test_a_file_of_the_previous_schema_gains_the_maintenance_table(db_path: Path) -> None:
+    with StateDB.open(db_path) as d:
+        d.put_registration(reg("a"), 1)
+    raw = sqlite3.connect(db_path)
+    with raw:  # back to what the build before the maintenance table wrote
+        raw.execute("DROP TABLE maintenance")
+        raw.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION - 1,))
+    raw.close()
+    with StateDB.open(db_path) as d:
+        assert [r.record.instance for r in d.load_registrations()] == ["a"]
+        assert d.load_maintenance() == {}
+        d.set_maintenance("a", "upgrade")
+        assert d.load_maintenance() == {"a": "upgrade"}
+
+
 # ---------------------------------------------------------------------------
 # Opening: pragmas, locking, bad files
 

@@ -245,10 +245,18 @@ class Agent:
         # above the last life's whatever the clock says (statedb.py).
         self._index = IndexReservation(self._db, time.time())
         apps = []
+        maintenance = self._db.load_maintenance()
         for reg in regs:
             # A checked instance is not routed to until its check passes again
             # (as Consul does after a restart): the app may have died with us.
             record = reg.record if reg.check is None else replace(reg.record, health="critical")
+            reason = maintenance.get(record.instance)
+            if reason is not None:
+                # Still in maintenance: critical until taken out, which
+                # restores what the check or the registration says.
+                self._maintenance[record.instance] = reason
+                self._health_before[record.instance] = record.health
+                record = replace(record, health="critical")
             apps.append(record)
             self._checks[reg.record.instance] = reg
         now = self._loop.time()
@@ -814,18 +822,26 @@ class Agent:
         return out
 
     async def set_maintenance(self, instance: str, enable: bool, reason: str) -> bool:
-        if instance not in self._core.apps:
-            return False
-        if enable:
-            if instance not in self._maintenance:
-                self._health_before[instance] = self._core.apps[instance].health
-            self._maintenance[instance] = reason
-            self._set_health(instance, "critical")
-        elif instance in self._maintenance:
-            del self._maintenance[instance]
-            ran = self.runner.status(instance)
-            self._set_health(instance, ran or self._health_before.pop(instance, "passing"))
-        return True
+        async with self._lock:
+            if instance not in self._core.apps:
+                return False
+            if enable == (instance in self._maintenance) and (
+                not enable or self._maintenance[instance] == reason
+            ):
+                return True  # nothing to store or publish
+            # Stored before it takes effect (StorageError: nothing changed),
+            # so a restart keeps the instance out of service.
+            await asyncio.to_thread(self._db.set_maintenance, instance, reason if enable else None)
+            if enable:
+                if instance not in self._maintenance:
+                    self._health_before[instance] = self._core.apps[instance].health
+                self._maintenance[instance] = reason
+                self._set_health(instance, "critical")
+            elif instance in self._maintenance:
+                del self._maintenance[instance]
+                ran = self.runner.status(instance)
+                self._set_health(instance, ran or self._health_before.pop(instance, "passing"))
+            return True
 
     def coordinates(self) -> list[tuple[str, str, Coordinate]]:
         core = self._core

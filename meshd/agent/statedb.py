@@ -1,10 +1,10 @@
 """What lasts across restarts: one agent's durable state in ``<state_dir>/meshd.db``.
 
-The file holds the node's own registrations (what the API acknowledged), the
-``version`` and ``incarnation`` counters (both must only grow, across restarts
-too: a peer ignores an origin state or a liveness claim that is not newer than
-what it has) and the last known peers, so a restarted agent can rejoin
-without ``--join``.
+The file holds the node's own registrations (what the API acknowledged) and
+which of them are in maintenance, the ``version`` and ``incarnation``
+counters (both must only grow, across restarts too: a peer ignores an origin
+state or a liveness claim that is not newer than what it has) and the last
+known peers, so a restarted agent can rejoin without ``--join``.
 
 Durability: WAL journal with ``synchronous=FULL``, so a transaction is on
 disk (WAL fsynced) when ``COMMIT`` returns; every write method commits before
@@ -153,6 +153,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             origin TEXT PRIMARY KEY,
             signed BLOB NOT NULL,
             dead_since REAL NOT NULL
+        )""",
+    ),
+    (
+        # Instances in maintenance mode and its reason, so a restarted agent
+        # does not publish them healthy (Consul keeps its maintenance check
+        # across a restart too).  A row goes with its registration.
+        """CREATE TABLE maintenance (
+            instance TEXT PRIMARY KEY,
+            reason TEXT NOT NULL
         )""",
     ),
 )
@@ -455,10 +464,37 @@ class StateDB:
             cur = conn.execute("DELETE FROM registrations WHERE instance = ?", (instance,))
             if cur.rowcount == 0:
                 return False
+            conn.execute("DELETE FROM maintenance WHERE instance = ?", (instance,))
             if version is not None:
                 _bump(conn, VERSION, version)
             _bump(conn, WRITES, _counter(conn, WRITES) + 1)
         return True
+
+    # -- maintenance -------------------------------------------------------------
+
+    def load_maintenance(self) -> dict[str, str]:
+        """Instance -> reason, for the stored registrations in maintenance."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT m.instance, m.reason FROM maintenance AS m"
+                " JOIN registrations AS r ON r.instance = m.instance"
+            ).fetchall()
+        return {instance: str(reason) for instance, reason in rows}
+
+    def set_maintenance(self, instance: str, reason: str | None) -> None:
+        """Put ``instance`` in maintenance with ``reason``, or (None) take it out.
+
+        Committed when this returns; StateWriteError when the disk refuses,
+        and then nothing changed.
+        """
+        with self._write() as conn:
+            if reason is None:
+                conn.execute("DELETE FROM maintenance WHERE instance = ?", (instance,))
+            else:
+                conn.execute(
+                    "INSERT OR REPLACE INTO maintenance (instance, reason) VALUES (?, ?)",
+                    (instance, reason),
+                )
 
     # -- counters ----------------------------------------------------------------
 
