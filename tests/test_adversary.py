@@ -25,6 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from meshd.identity import StateSigner, issue_node_cert
 from meshd.protocol.config import Config
+from meshd.protocol.core import Core
 from meshd.testing import Cluster
 from meshd.wire import (
     AppRecord,
@@ -371,6 +372,7 @@ def test_a_peer_cannot_amplify_small_syncs_into_member_lists() -> None:
 
     c, rogue = build("same-cluster")
     me = c.core(0)
+    introduce(me, rogue, c.now)  # a member: its syncs are answered where it listens
     heavy = 0
     for _ in range(50):
         msg = PushPull(rogue.id, source_addr="127.0.0.1:1", join=True)
@@ -383,6 +385,57 @@ def test_a_peer_cannot_amplify_small_syncs_into_member_lists() -> None:
     c.run_for(3.0)  # the bucket refills: an honest pace is served again
     me.receive(PushPull(rogue.id, source_addr="127.0.0.1:1", join=True), c.now, peer=rogue.id)
     assert any(isinstance(m, PushPullReply) and m.members for _, m in me.messages_to_send())
+
+
+def introduce(me: Core, rogue: Rogue, now: float, address: str = "127.0.0.1:1") -> None:
+    """The rogue's own genuine claim, listening at ``address``: a member to ``me``."""
+    own = rogue.signer.sign_claim(MemberClaim(Status.ALIVE, rogue.id, 1, address))
+    hello = MemberUpdate(Status.ALIVE, rogue.id, 1, address, by=rogue.id, claim=own)
+    me.receive(Gossip(rogue.id, members=(hello,)), now, peer=rogue.id)
+    me.messages_to_send()
+    assert me.members[rogue.id].address == address
+
+
+def test_sync_answers_go_where_the_senders_own_claim_says() -> None:
+    """A member naming a third agent as the address to answer (``source_addr``)
+    does not get our member list sent there: it goes to the member's own address."""
+    c, rogue = build("same-cluster")
+    me, victim = c.core(0), c.nodes[1].address
+    me.set_revocations(1, b"\x30" * 1000, c.now)
+    me.messages_to_send()
+    introduce(me, rogue, c.now)
+    me.receive(
+        PushPull(rogue.id, source_addr=victim, join=True, revocations=0), c.now, peer=rogue.id
+    )
+    sent = me.messages_to_send()
+    assert any(isinstance(m, PushPullReply) and m.members for _, m in sent)
+    assert {addr for addr, _ in sent} == {"127.0.0.1:1"}
+
+
+def test_a_stranger_naming_an_address_gets_fingerprints_only() -> None:
+    """A sender we cannot place by a claim of its own (no member, no claim in
+    the message) is answered where it says, but only with the few bytes of our
+    fingerprints: no member list, digest, states or revocation list."""
+    c, rogue = build("same-cluster")
+    me, victim = c.core(0), c.nodes[1].address
+    me.set_revocations(1, b"\x30" * 1000, c.now)
+    me.messages_to_send()
+    for join in (True, False):
+        me.receive(
+            PushPull(rogue.id, source_addr=victim, join=join, view=7, revocations=0),
+            c.now,
+            peer=rogue.id,
+        )
+        [(addr, reply)] = me.messages_to_send()
+        assert addr == victim and isinstance(reply, PushPullReply)
+        assert (reply.members, reply.digest, reply.states) == ((), {}, ())
+    assert me.counters["rejected-state:unplaced-sync"] == 2
+    # Once it is a member, it is answered in full, at its own address.
+    introduce(me, rogue, c.now)
+    me.receive(PushPull(rogue.id, source_addr=victim, join=True), c.now, peer=rogue.id)
+    sent = me.messages_to_send()
+    assert any(isinstance(m, PushPullReply) and m.members for _, m in sent)
+    assert {addr for addr, _ in sent} == {"127.0.0.1:1"}
 
 
 def test_a_claim_for_the_other_pool_does_not_move_a_member() -> None:
@@ -424,6 +477,7 @@ def test_syncs_claiming_no_revocation_list_draw_it_a_rationed_number_of_times() 
     me = c.core(0)
     me.set_revocations(1, b"\x30" * 1000, c.now)
     me.messages_to_send()
+    introduce(me, rogue, c.now)  # a stranger is offered no list at all
     sent = 0
     for _ in range(50):
         # Fingerprints that agree: no member list or states, only the offer.

@@ -798,6 +798,39 @@ def test_digest_sync_with_different_views_is_answered_with_members():
     assert b.view == reply.view
 
 
+def test_a_peer_that_forgot_us_gets_our_claim_and_then_answers_in_full():
+    """After a long partition one side may have reaped the other: its sync
+    answer to a sender it cannot place is fingerprints only, marked UNPLACED,
+    and the sender follows with a full sync (its own claim first), after which
+    it is placed and answered in full.  Without that step the two would never
+    heal: the sync answer goes only where the sender's claim says."""
+    from meshd.protocol.anti_entropy import UNPLACED
+
+    a, b = make_node(1), make_node(2)
+    a.receive(Gossip(b.id, members=(b.members[b.id].update_for(Status.ALIVE, b.id),)), 0.0)
+    a.messages_to_send()
+    b.messages_to_send()
+    assert b.id in a.members and a.id not in b.members
+
+    a.anti_entropy.send_sync(b.address, full=False, dest_cluster=b.cluster)
+    [(to_b, opener)] = a.messages_to_send()
+    assert to_b == b.address and isinstance(opener, PushPull) and opener.members == ()
+    b.receive(opener, 1.0, peer=a.id)
+    [(to_a, reply)] = b.messages_to_send()
+    assert to_a == a.address and isinstance(reply, PushPullReply)
+    assert (reply.members, reply.digest, reply.states, reply.view) == ((), {}, (), UNPLACED)
+    assert b.counters["rejected-state:unplaced-sync"] == 1
+
+    a.receive(reply, 1.0, peer=b.id)
+    [(to_b, full)] = [(d, m) for d, m in a.messages_to_send() if isinstance(m, PushPull)]
+    assert to_b == b.address and full.members[0].member == a.id  # our claim first
+    b.receive(full, 2.0, peer=a.id)
+    assert a.id in b.members
+    answers = b.messages_to_send()
+    assert {d for d, _ in answers} == {a.address}
+    assert any(isinstance(m, PushPullReply) and m.members for _, m in answers)
+
+
 def test_syncs_between_agreeing_members_carry_fingerprints_only():
     nodes = [make_node(i) for i in range(1, 5)]
     net = mesh(*nodes)

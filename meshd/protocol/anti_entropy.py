@@ -89,6 +89,12 @@ def _chunks(items: Sequence[_Sized]) -> Iterator[tuple[Any, ...]]:
         yield tuple(chunk)
 
 
+#: The view a fingerprint-only answer carries to a sync opener the answerer
+#: cannot place by a claim of the opener's own: not a fingerprint (those are
+#: hashes; 0 has odds of 2^-64), it asks the opener for a full sync.
+UNPLACED = 0
+
+
 class AntiEntropy:
     """The sync part of one core (see module doc)."""
 
@@ -250,8 +256,15 @@ class AntiEntropy:
         self.next_join = now + JOIN_RETRY_INTERVAL
 
     def on_push_pull(self, msg: PushPull, now: float) -> None:
-        addr = msg.source_addr or self.core._address_of(msg.source)
-        if addr is None:
+        # Answer where the sender's own signed claim says it listens (merged
+        # from this very message first, and a sender lists itself first), not
+        # where the message says: ``source_addr`` is the sender's word alone,
+        # and trusting it would let one member have everyone it syncs with
+        # send member lists to a third agent.  A sender we cannot place by
+        # its claim (a stranger) gets the small fingerprint answer there.
+        known = self.core._address_of(msg.source)
+        addr = known or msg.source_addr
+        if not addr:
             return
         # Views that differ mean some member claim did not reach one of us:
         # answer with our list too, so member views converge within one sync.
@@ -259,13 +272,17 @@ class AntiEntropy:
         peer_cluster = _cluster_of(msg.source)
         records = self.core.store.fingerprint if peer_cluster == self.core.cluster else 0
         agree = bool(records) and msg.records == records
-        if (full or not agree) and not self.heavy_ok(msg.source, now):
+        if known is None and (full or not agree):
+            self.core.counters["rejected-state:unplaced-sync"] += 1
+        if (full or not agree) and (known is None or not self.heavy_ok(msg.source, now)):
             # Fingerprints only: enough for an honest peer to ask again later.
+            # To a sender we cannot place, the view is UNPLACED: "send your
+            # claim" (on_push_pull_reply).
             self.core._send(
                 addr,
                 PushPullReply(
                     self.core.id,
-                    view=self.core.view,
+                    view=self.core.view if known is not None else UNPLACED,
                     records=records,
                     revocations=self.core.revocation_number,
                 ),
@@ -296,7 +313,8 @@ class AntiEntropy:
             ),
         )
         self.send_members(addr, lists[1:])
-        self.core._offer_revocations(addr, msg.source, msg.revocations, now)
+        if known is not None:  # the list is up to 256 KiB: for a placed sender only
+            self.core._offer_revocations(addr, msg.source, msg.revocations, now)
         for chunk in chunks[1:]:
             self.core._send(addr, Gossip(self.core.id, states=chunk, sync=True))
 
@@ -338,6 +356,13 @@ class AntiEntropy:
                 ),
             )
             self.send_members(addr, lists[1:])
+        elif offered in (_SYNC_DIGEST, _SYNC_SHORT) and msg.view == UNPLACED and not msg.members:
+            # It could not place us by a claim of ours (it reaped us after a
+            # long partition, say) and answered fingerprints only.  Our full
+            # list, our own claim first, lets it place us: without it two
+            # sides that forgot each other would never heal.  The answer to
+            # a full sync is never escalated again.
+            self.send_sync(addr, full=True, dest_cluster=_cluster_of(msg.source))
         if msg.records and not msg.digest:
             return  # its store matches ours
         peer_cluster = _cluster_of(msg.source)
