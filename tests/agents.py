@@ -7,6 +7,7 @@ so tests never race for ports.  Waiting is always for a condition, bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -284,3 +285,30 @@ def client_for(agent: AgentProc) -> consul.Consul:
     """py-consul pointed at ``agent``'s API (its Consul-compatible subset)."""
     url = urlsplit(agent.api)
     return consul.Consul(host=url.hostname, port=url.port)
+
+
+@contextlib.contextmanager
+def two_agents(
+    root: Path, names: tuple[str, str], zones: tuple[str, str] = ("z1", "z1")
+) -> Iterator[tuple[AgentProc, AgentProc]]:
+    """Two agents of cluster ``east`` on 127.0.0.1, B joined to A, once both
+    list two alive members (within a repair bound of the ``local`` profile,
+    plus slack); stopped afterwards."""
+    from meshd.protocol.bounds import repair_bound
+    from meshd.protocol.config import Config
+
+    certs = Certs(root / "pki")
+    a = AgentProc(root, certs, names[0], zone=zones[0]).start()
+    try:
+        b = AgentProc(root, certs, names[1], zone=zones[1], join=[a.gossip]).start()
+        try:
+            wait_until(
+                lambda: all(list(x.members().values()).count("alive") == 2 for x in (a, b)),
+                repair_bound(2, Config.local()) + 5.0,
+                "2 alive members",
+            )
+            yield a, b
+        finally:
+            b.stop()
+    finally:
+        a.stop()

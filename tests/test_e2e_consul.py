@@ -20,7 +20,7 @@ import pytest
 
 from meshd.protocol.bounds import repair_bound
 from meshd.protocol.config import Config
-from tests.agents import AgentProc, Certs, client_for, wait_until
+from tests.agents import client_for, two_agents, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -31,20 +31,8 @@ SPREAD = repair_bound(2, LOCAL) + SLACK
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("consul")
-    certs = Certs(root / "pki")
-    a = AgentProc(root, certs, "ca").start()
-    b = AgentProc(root, certs, "cb", join=[a.gossip]).start()
-    try:
-        wait_until(
-            lambda: all(list(x.members().values()).count("alive") == 2 for x in (a, b)),
-            SPREAD,
-            "2 alive members",
-        )
-        yield a, b
-    finally:
-        b.stop()
-        a.stop()
+    with two_agents(tmp_path_factory.mktemp("consul"), ("ca", "cb")) as agents:
+        yield agents
 
 
 def passing(c: consul.Consul, name: str) -> list[dict]:

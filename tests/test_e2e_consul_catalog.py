@@ -19,7 +19,7 @@ import pytest
 
 from meshd.protocol.bounds import repair_bound
 from meshd.protocol.config import Config
-from tests.agents import AgentProc, Certs, client_for, wait_until
+from tests.agents import AgentProc, client_for, two_agents, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -29,16 +29,7 @@ SPREAD = repair_bound(2, LOCAL) + 5.0
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    root = tmp_path_factory.mktemp("catalog")
-    certs = Certs(root / "pki")
-    a = AgentProc(root, certs, "ca", zone="z1").start()
-    b = AgentProc(root, certs, "cb", zone="z2", join=[a.gossip]).start()
-    try:
-        wait_until(
-            lambda: all(list(x.members().values()).count("alive") == 2 for x in (a, b)),
-            SPREAD,
-            "2 alive members",
-        )
+    with two_agents(tmp_path_factory.mktemp("catalog"), ("ca", "cb"), ("z1", "z2")) as (a, b):
         ca, cb = client_for(a), client_for(b)
         assert ca.agent.service.register(
             "api", service_id="api-a", address="127.0.0.1", port=7001, tags=["v2"],
@@ -53,9 +44,6 @@ def pair(tmp_path_factory):
             "both api instances everywhere",
         )
         yield a, b
-    finally:
-        b.stop()
-        a.stop()
 
 
 def raw(agent: AgentProc, method: str, path: str) -> tuple[int, str]:

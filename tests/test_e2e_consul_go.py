@@ -20,21 +20,19 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from meshd.protocol.bounds import repair_bound
-from meshd.protocol.config import Config
-from tests.agents import AgentProc, Certs, wait_until
+from tests.agents import AgentProc, two_agents
 
 pytestmark = pytest.mark.e2e
 
 SOURCE = Path(__file__).parent / "clients" / "consul_go"
 GOPATH = Path("/usr/share/gocode")
 PACKAGE = GOPATH / "src" / "github.com" / "armon" / "consul-api"
-SPREAD = repair_bound(2, Config.local()) + 5.0
 
 
 @pytest.fixture(scope="module")
@@ -55,21 +53,9 @@ def go_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("consul-go-agents")
-    certs = Certs(root / "pki")
-    a = AgentProc(root, certs, "na").start()
-    b = AgentProc(root, certs, "nb", join=[a.gossip]).start()
-    try:
-        wait_until(
-            lambda: all(list(x.members().values()).count("alive") == 2 for x in (a, b)),
-            SPREAD,
-            "2 alive members",
-        )
-        yield a, b
-    finally:
-        b.stop()
-        a.stop()
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
+    with two_agents(tmp_path_factory.mktemp("consul-go-agents"), ("na", "nb")) as agents:
+        yield agents
 
 
 def hostport(url: str) -> str:

@@ -18,20 +18,18 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from meshd.protocol.bounds import repair_bound
-from meshd.protocol.config import Config
-from tests.agents import AgentProc, Certs, wait_until
+from tests.agents import AgentProc, two_agents
 
 pytestmark = pytest.mark.e2e
 
 CLIENT = "consul@2.0.1"
 SCRIPT = Path(__file__).parent / "clients" / "consul_node.js"
-SPREAD = repair_bound(2, Config.local()) + 5.0
 
 
 @pytest.fixture(scope="module")
@@ -54,21 +52,9 @@ def node_client(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("consul-node-agents")
-    certs = Certs(root / "pki")
-    a = AgentProc(root, certs, "na").start()
-    b = AgentProc(root, certs, "nb", join=[a.gossip]).start()
-    try:
-        wait_until(
-            lambda: all(list(x.members().values()).count("alive") == 2 for x in (a, b)),
-            SPREAD,
-            "2 alive members",
-        )
-        yield a, b
-    finally:
-        b.stop()
-        a.stop()
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentProc, AgentProc]]:
+    with two_agents(tmp_path_factory.mktemp("consul-node-agents"), ("na", "nb")) as agents:
+        yield agents
 
 
 def run_client(node_client: Path, a: AgentProc, b: AgentProc) -> dict[str, Any]:

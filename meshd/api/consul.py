@@ -81,7 +81,7 @@ from meshd.api.access import BlockingQueries
 from meshd.api.durations import parse_wait
 from meshd.api.validation import ApiError, is_host, parse_registration
 from meshd.policy.gateway import ROUTE_APP, ROUTE_NAMESPACE, route_of
-from meshd.wire import WireError, check_name
+from meshd.wire import AppRecord, WireError, check_name
 
 if TYPE_CHECKING:
     from meshd.api.filter import Filter
@@ -531,6 +531,25 @@ def _parse_tagged(raw: Any) -> dict[str, dict[str, Any]]:
             raise _bad(f"TaggedAddresses.{tag}.Port must be an integer from 0 to 65535")
         out[tag] = {"Address": address, "Port": port}
     return out
+
+
+def _with_check(r: AppRecord, meta: dict[str, str], check: dict[str, Any] | None) -> Registration:
+    """The registration of record ``r`` again, with ``meta`` and the native
+    ``check`` (None: no check), through the same validation as any other."""
+    native: dict[str, Any] = {
+        "app": r.app,
+        "address": r.address,
+        "port": r.port,
+        "namespace": r.namespace,
+        "protocol": r.protocol,
+        "meta": meta,
+        "weight": r.weight,
+    }
+    if check is not None:
+        native["check"] = check
+    if r.export is not None:
+        native["export"] = list(r.export)
+    return parse_registration(r.instance, native)
 
 
 def _check_meta_for(meta: dict[str, str], check: _Check, instance: str, name: str) -> None:
@@ -1412,20 +1431,8 @@ class _Handlers:
         r = reg.record
         meta = {k: v for k, v in r.meta}
         _check_meta_for(meta, check, r.instance, r.app)
-        native: dict[str, Any] = {
-            "app": r.app,
-            "address": r.address,
-            "port": r.port,
-            "namespace": r.namespace,
-            "protocol": r.protocol,
-            "meta": meta,
-            "weight": r.weight,
-            "check": check.native,
-        }
-        if r.export is not None:
-            native["export"] = list(r.export)
         try:
-            await self.agent.register(parse_registration(r.instance, native))
+            await self.agent.register(_with_check(r, meta, check.native))
         except ValueError as exc:
             raise _bad(str(exc) or "the agent refused the check") from None
         if check.status is not None:
@@ -1443,19 +1450,9 @@ class _Handlers:
         if reg is None or reg.check is None:
             raise ApiError(404, f'unknown check ID "{check_id[:200]}" on this agent')
         r = reg.record
-        native: dict[str, Any] = {
-            "app": r.app,
-            "address": r.address,
-            "port": r.port,
-            "namespace": r.namespace,
-            "protocol": r.protocol,
-            "meta": {k: v for k, v in r.meta if k not in _CHECK_META_KEYS},
-            "weight": r.weight,
-        }
-        if r.export is not None:
-            native["export"] = list(r.export)
+        meta = {k: v for k, v in r.meta if k not in _CHECK_META_KEYS}
         try:
-            await self.agent.register(parse_registration(r.instance, native))
+            await self.agent.register(_with_check(r, meta, None))
         except ValueError as exc:
             raise _bad(str(exc) or "the agent refused the change") from None
         return web.Response(status=200)
