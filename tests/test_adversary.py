@@ -438,6 +438,31 @@ def test_a_stranger_naming_an_address_gets_fingerprints_only() -> None:
     assert {addr for addr, _ in sent} == {"127.0.0.1:1"}
 
 
+def test_answering_unplaced_draws_one_full_sync_per_sync_we_open() -> None:
+    """A member answering every sync of ours with view 0 ("I cannot place
+    you") gets our full member list once per sync we open, never again for
+    the answer to that full sync, and nothing for answers we never asked."""
+    from meshd.protocol.anti_entropy import UNPLACED
+
+    c, rogue = build("same-cluster")
+    me = c.core(0)
+    introduce(me, rogue, c.now)
+    unplaced = PushPullReply(rogue.id, view=UNPLACED)
+
+    def full_syncs() -> int:
+        return sum(1 for _, m in me.messages_to_send() if isinstance(m, PushPull) and m.members)
+
+    me.anti_entropy.send_sync("127.0.0.1:1", full=False, dest_cluster=rogue.cluster)
+    me.messages_to_send()
+    me.receive(unplaced, c.now, peer=rogue.id)
+    assert full_syncs() == 1
+    me.receive(unplaced, c.now, peer=rogue.id)  # the answer to our full sync
+    assert full_syncs() == 0
+    for _ in range(20):  # unasked
+        me.receive(unplaced, c.now, peer=rogue.id)
+    assert full_syncs() == 0
+
+
 def test_a_claim_for_the_other_pool_does_not_move_a_member() -> None:
     """A bridge's WAN claim (its own signature, another address and incarnation)
     copied into its LAN pool changes nothing there."""
