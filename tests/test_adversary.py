@@ -398,17 +398,27 @@ def introduce(me: Core, rogue: Rogue, now: float, address: str = "127.0.0.1:1") 
 
 def test_sync_answers_go_where_the_senders_own_claim_says() -> None:
     """A member naming a third agent as the address to answer (``source_addr``)
-    does not get our member list sent there: it goes to the member's own address."""
+    does not get our member list sent there, nor anywhere: only the entry we
+    hold for it (what a restart at a new address needs), rationed."""
+    from meshd.protocol.anti_entropy import UNPLACED
+
     c, rogue = build("same-cluster")
     me, victim = c.core(0), c.nodes[1].address
     me.set_revocations(1, b"\x30" * 1000, c.now)
     me.messages_to_send()
     introduce(me, rogue, c.now)
-    me.receive(
-        PushPull(rogue.id, source_addr=victim, join=True, revocations=0), c.now, peer=rogue.id
-    )
+    for _ in range(3):
+        me.receive(
+            PushPull(rogue.id, source_addr=victim, join=True, revocations=0), c.now, peer=rogue.id
+        )
+        [(addr, reply)] = me.messages_to_send()
+        assert addr == victim and isinstance(reply, PushPullReply)
+        assert [u.member for u in reply.members] == [rogue.id]
+        assert (reply.digest, reply.states, reply.view) == ({}, (), UNPLACED)
+    # From its own address it is answered in full.
+    me.receive(PushPull(rogue.id, source_addr="127.0.0.1:1", join=True), c.now, peer=rogue.id)
     sent = me.messages_to_send()
-    assert any(isinstance(m, PushPullReply) and m.members for _, m in sent)
+    assert any(isinstance(m, PushPullReply) and len(m.members) > 1 for _, m in sent)
     assert {addr for addr, _ in sent} == {"127.0.0.1:1"}
 
 
@@ -432,7 +442,7 @@ def test_a_stranger_naming_an_address_gets_fingerprints_only() -> None:
     assert me.counters["rejected-state:unplaced-sync"] == 2
     # Once it is a member, it is answered in full, at its own address.
     introduce(me, rogue, c.now)
-    me.receive(PushPull(rogue.id, source_addr=victim, join=True), c.now, peer=rogue.id)
+    me.receive(PushPull(rogue.id, source_addr="127.0.0.1:1", join=True), c.now, peer=rogue.id)
     sent = me.messages_to_send()
     assert any(isinstance(m, PushPullReply) and m.members for _, m in sent)
     assert {addr for addr, _ in sent} == {"127.0.0.1:1"}

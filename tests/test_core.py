@@ -831,6 +831,42 @@ def test_a_peer_that_forgot_us_gets_our_claim_and_then_answers_in_full():
     assert any(isinstance(m, PushPullReply) and m.members for _, m in answers)
 
 
+def test_a_restart_at_a_new_address_without_its_state_is_placed_again():
+    """A node that lost its state directory restarts at incarnation 0 and at
+    another address; its peer holds it at incarnation 5 and the old address,
+    so its claim is stale and its join cannot be answered where it says.  The
+    fingerprint answer carries the peer's entry for it: it refutes that life
+    and follows with a full sync, which places it at its new address."""
+    from meshd.protocol.anti_entropy import UNPLACED
+
+    old, b = make_node(1, incarnation=5), make_node(2)
+    mesh(old, b)
+    assert b.members[old.id].incarnation >= 5
+    new = Core(
+        config=LAN, node="n1", cluster="east", address="127.0.0.1:29999", signer=signer("n1"),
+        verifier=VERIFIER, rng=random.Random(9), now=10.0, region="r1", zone="z1",
+    )  # fmt: skip
+    new.join([b.address], 10.0)
+    [(to_b, opener)] = new.messages_to_send()
+    b.receive(opener, 10.0, peer=new.id)
+    [(to_new, reply)] = b.messages_to_send()
+    assert to_new == new.address and isinstance(reply, PushPullReply)
+    assert reply.view == UNPLACED and [u.member for u in reply.members] == [new.id]
+
+    new.receive(reply, 10.0, peer=b.id)
+    assert new.incarnation > b.members[old.id].incarnation  # refuted the old life
+    new.messages_to_send()
+    # It knows no one yet, so it retries its join, now with the new life.
+    new.handle_timer(12.0)
+    [(to_b, full)] = [(d, m) for d, m in new.messages_to_send() if isinstance(m, PushPull)]
+    assert to_b == b.address and full.join and full.members[0].member == new.id
+    b.receive(full, 12.0, peer=new.id)
+    assert b.members[new.id].address == new.address
+    answers = b.messages_to_send()
+    assert {d for d, _ in answers} == {new.address}
+    assert any(isinstance(m, PushPullReply) and m.members for _, m in answers)
+
+
 def test_syncs_between_agreeing_members_carry_fingerprints_only():
     nodes = [make_node(i) for i in range(1, 5)]
     net = mesh(*nodes)

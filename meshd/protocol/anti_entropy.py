@@ -32,6 +32,7 @@ from meshd.wire import (
 
 if TYPE_CHECKING:
     from meshd.protocol.core import Core
+    from meshd.protocol.members import Member
 
 #: Bytes of states per anti-entropy message: with a full member list of a
 #: 10,000-node pool (~0.6 MiB) this stays under the 1 MiB frame limit.
@@ -87,6 +88,13 @@ def _chunks(items: Sequence[_Sized]) -> Iterator[tuple[Any, ...]]:
         used += s.size
     if chunk:
         yield tuple(chunk)
+
+
+def _listed(m: Member) -> list[MemberUpdate]:
+    """``m`` as a member list gives it (see ``AntiEntropy.full_member_list``)."""
+    if m.status is Status.SUSPECT:
+        return [m.update_for(Status.ALIVE, m.id), m.update_for(m.status, m.id)]
+    return [m.update_for(m.status, m.id)]
 
 
 #: The view a fingerprint-only answer carries to a sync opener the answerer
@@ -164,9 +172,7 @@ class AntiEntropy:
         """
         updates: list[MemberUpdate] = []
         for m in self.core.members.values():
-            if m.status is Status.SUSPECT:
-                updates.append(m.update_for(Status.ALIVE, m.id))
-            updates.append(m.update_for(m.status, m.id))
+            updates += _listed(m)
         return list(_chunks(updates)) or [()]
 
     def send_members(self, address: str, rest: list[tuple[MemberUpdate, ...]]) -> None:
@@ -256,14 +262,16 @@ class AntiEntropy:
         self.next_join = now + JOIN_RETRY_INTERVAL
 
     def on_push_pull(self, msg: PushPull, now: float) -> None:
-        # Answer where the sender's own signed claim says it listens (merged
-        # from this very message first, and a sender lists itself first), not
-        # where the message says: ``source_addr`` is the sender's word alone,
-        # and trusting it would let one member have everyone it syncs with
-        # send member lists to a third agent.  A sender we cannot place by
-        # its claim (a stranger) gets the small fingerprint answer there.
+        # Answer in full only where the sender's own signed claim says it
+        # listens (merged from this very message first, and a sender lists
+        # itself first): ``source_addr`` is the sender's word alone, and
+        # trusting it would let one member have everyone it syncs with send
+        # member lists to a third agent.  A sender we cannot place there (a
+        # stranger, or one whose claim we hold names another address) gets
+        # the small fingerprint answer at ``source_addr``.
         known = self.core._address_of(msg.source)
-        addr = known or msg.source_addr
+        placed = known is not None and msg.source_addr in ("", known)
+        addr = known if placed else msg.source_addr
         if not addr:
             return
         # Views that differ mean some member claim did not reach one of us:
@@ -272,17 +280,22 @@ class AntiEntropy:
         peer_cluster = _cluster_of(msg.source)
         records = self.core.store.fingerprint if peer_cluster == self.core.cluster else 0
         agree = bool(records) and msg.records == records
-        if known is None and (full or not agree):
+        if not placed and (full or not agree):
             self.core.counters["rejected-state:unplaced-sync"] += 1
-        if (full or not agree) and (known is None or not self.heavy_ok(msg.source, now)):
+        if (full or not agree) and (not placed or not self.heavy_ok(msg.source, now)):
             # Fingerprints only: enough for an honest peer to ask again later.
-            # To a sender we cannot place, the view is UNPLACED: "send your
-            # claim" (on_push_pull_reply).
+            # To a sender we cannot place, the view is UNPLACED ("send your
+            # claim", on_push_pull_reply), and the entry we hold for it if any
+            # (a restart that lost its state learns the incarnation to refute).
+            own: list[MemberUpdate] = []
+            if not placed and known is not None and self.heavy_ok(msg.source, now):
+                own = _listed(self.core.members[msg.source])
             self.core._send(
                 addr,
                 PushPullReply(
                     self.core.id,
-                    view=self.core.view if known is not None else UNPLACED,
+                    members=tuple(own),
+                    view=self.core.view if placed else UNPLACED,
                     records=records,
                     revocations=self.core.revocation_number,
                 ),
@@ -313,7 +326,7 @@ class AntiEntropy:
             ),
         )
         self.send_members(addr, lists[1:])
-        if known is not None:  # the list is up to 256 KiB: for a placed sender only
+        if placed:  # the list is up to 256 KiB: for a placed sender only
             self.core._offer_revocations(addr, msg.source, msg.revocations, now)
         for chunk in chunks[1:]:
             self.core._send(addr, Gossip(self.core.id, states=chunk, sync=True))
@@ -342,7 +355,16 @@ class AntiEntropy:
             self.core.counters["rejected-state:unsolicited"] += 1
             return
         self.core._offer_revocations(addr, msg.source, msg.revocations, now)
-        if offered in (_SYNC_DIGEST, _SYNC_SHORT) and msg.members and msg.view != self.core.view:
+        if offered in (_SYNC_DIGEST, _SYNC_SHORT) and msg.view == UNPLACED:
+            # It could not place us by a claim of ours (it reaped us after a
+            # long partition, say, or holds us at another address) and
+            # answered fingerprints only, with its entry for us if it has one
+            # (merged above: we refute an old life's).  Our full list, our own
+            # claim first, lets it place us: without it two sides that forgot
+            # each other would never heal.  The answer to a full sync is
+            # never escalated again.
+            self.send_sync(addr, full=True, dest_cluster=_cluster_of(msg.source))
+        elif offered in (_SYNC_DIGEST, _SYNC_SHORT) and msg.members and msg.view != self.core.view:
             # It sent its list because views differed; ours may hold what it
             # lacks.  Send it back as a reply, which is never answered again.
             lists = self.full_member_list()
@@ -356,13 +378,6 @@ class AntiEntropy:
                 ),
             )
             self.send_members(addr, lists[1:])
-        elif offered in (_SYNC_DIGEST, _SYNC_SHORT) and msg.view == UNPLACED and not msg.members:
-            # It could not place us by a claim of ours (it reaped us after a
-            # long partition, say) and answered fingerprints only.  Our full
-            # list, our own claim first, lets it place us: without it two
-            # sides that forgot each other would never heal.  The answer to
-            # a full sync is never escalated again.
-            self.send_sync(addr, full=True, dest_cluster=_cluster_of(msg.source))
         if msg.records and not msg.digest:
             return  # its store matches ours
         peer_cluster = _cluster_of(msg.source)
