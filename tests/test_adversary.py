@@ -462,7 +462,7 @@ def test_answering_unplaced_draws_one_full_sync_per_sync_we_open() -> None:
     def full_syncs() -> int:
         return sum(1 for _, m in me.messages_to_send() if isinstance(m, PushPull) and m.members)
 
-    me.anti_entropy.send_sync("127.0.0.1:1", full=False, dest_cluster=rogue.cluster)
+    me.anti_entropy.send_sync("127.0.0.1:1", rogue.id, full=False, dest_cluster=rogue.cluster)
     me.messages_to_send()
     me.receive(unplaced, c.now, peer=rogue.id)
     assert full_syncs() == 1
@@ -471,6 +471,61 @@ def test_answering_unplaced_draws_one_full_sync_per_sync_we_open() -> None:
     for _ in range(20):  # unasked
         me.receive(unplaced, c.now, peer=rogue.id)
     assert full_syncs() == 0
+
+
+def test_a_member_claiming_another_agents_address_draws_nothing_there() -> None:
+    """A member whose signed claim names an honest agent's address: every
+    message meant for it (probes, gossip, its syncs' full answers) is dropped
+    by the sender's transport, which finds the victim's certificate there,
+    and the sender suspects the liar on its own evidence.  The victim
+    receives nothing meant for another, and nobody honest is harmed."""
+    c, rogue = build("same-cluster")
+    victim = 1
+    address = c.nodes[victim].address
+    others = [i for i in c.running() if i != victim]
+    sent_for_rogue: list[str] = []
+    transmit = c._transmit
+
+    def spy(hn, pool, addr, msg, to):
+        if to == rogue.id:
+            sent_for_rogue.append(addr)
+        transmit(hn, pool, addr, msg, to)
+
+    c._transmit = spy  # type: ignore[method-assign]
+    for i in others:
+        introduce(c.core(i), rogue, c.now, address=address)
+        # Its sync, answered in full at its own (claimed) address.
+        c.inject(i, PushPull(rogue.id, source_addr=address, join=True), as_peer=rogue.id)
+    took = c.run_until_true(
+        lambda: all(c.core(i).members[rogue.id].status is not Status.ALIVE for i in others), 20
+    )
+    assert took is not None, "the liar is still alive in an honest view"
+    assert sent_for_rogue and set(sent_for_rogue) == {address}
+    assert c.misplaced == len(sent_for_rogue)  # every one dropped, none delivered
+    assert all(c.core(i).counters["misplaced"] >= 1 for i in others)
+    hit = c.core(victim).counters
+    assert hit["misdirected"] == 0 and hit["rejected-state:unsolicited"] == 0
+    c.run_for(REPAIR_BOUND)
+    assert honest_ok(c)
+
+
+def test_a_misplaced_report_suspects_only_the_member_still_claiming_that_address() -> None:
+    """The driver's report (another identity answered at the address) counts
+    as our own evidence, as a refused connect does: only for the member whose
+    current claim names that address; not for one that has moved since, not
+    for ourselves, not for a stranger."""
+    c, rogue = build("same-cluster")
+    me = c.core(0)
+    introduce(me, rogue, c.now, address="127.0.0.1:1")
+    me.report_misplaced(rogue.id, "127.0.0.1:2", c.now)  # it moved: no evidence
+    me.report_misplaced("east/nobody", "127.0.0.1:1", c.now)
+    me.report_misplaced(me.id, me.address, c.now)
+    assert me.counters["misplaced"] == 0
+    assert me.members[rogue.id].status is Status.ALIVE
+    me.report_misplaced(rogue.id, "127.0.0.1:1", c.now)
+    assert me.counters["misplaced"] == 1
+    assert me.members[rogue.id].status is Status.SUSPECT
+    assert me.counters["refused-suspicion"] == 1  # on the short timeout of a refusal
 
 
 def test_a_claim_for_the_other_pool_does_not_move_a_member() -> None:

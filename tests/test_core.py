@@ -812,7 +812,7 @@ def test_a_peer_that_forgot_us_gets_our_claim_and_then_answers_in_full():
     b.messages_to_send()
     assert b.id in a.members and a.id not in b.members
 
-    a.anti_entropy.send_sync(b.address, full=False, dest_cluster=b.cluster)
+    a.anti_entropy.send_sync(b.address, b.id, full=False, dest_cluster=b.cluster)
     [(to_b, opener)] = a.messages_to_send()
     assert to_b == b.address and isinstance(opener, PushPull) and opener.members == ()
     b.receive(opener, 1.0, peer=a.id)

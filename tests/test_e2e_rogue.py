@@ -288,3 +288,43 @@ def test_an_expired_certificate_cannot_even_connect(
             refused = True
     assert refused
     assert healthy(three)
+
+
+def test_a_member_claiming_another_agents_address_sends_nothing_there(
+    three: list[AgentProc], certs: Certs, tmp_path: Path
+) -> None:
+    """The rogue's own, validly signed claim names agent b's gossip address,
+    and it opens syncs asking for the answer there.  a and c find b's
+    certificate at that address: everything meant for the rogue (its syncs'
+    member lists, probes, gossip) is dropped and counted as misplaced, and
+    the rogue is taken for gone.  b receives no answer it did not ask for."""
+    rogue = Rogue(tmp_path, certs, "mallory6", "east")
+    a, b, c = three
+    claim = rogue.signer.sign_claim(MemberClaim(Status.ALIVE, rogue.id, 1, b.gossip))
+    hello = MemberUpdate(Status.ALIVE, rogue.id, 1, b.gossip, by=rogue.id, claim=claim)
+    msgs: list[Message] = [
+        Gossip(rogue.id, members=(hello,)),
+        PushPull(rogue.id, source_addr=b.gossip, join=True, members=(hello,)),
+    ]
+    unasked = b.metric("meshd_rejected_total", reason="unsolicited")
+    seen = [x.metric("meshd_rejected_total", reason="misplaced") for x in (a, c)]
+    conns = [rogue.send(x, *msgs) for x in (a, c)]
+    try:
+        wait_until(
+            lambda: all(
+                x.metric("meshd_rejected_total", reason="misplaced") > n
+                for x, n in zip((a, c), seen, strict=True)
+            ),
+            10.0,
+            "a and c dropping what was meant for the rogue",
+        )
+        wait_until(
+            lambda: all(x.members().get(rogue.id) not in (None, "alive") for x in (a, c)),
+            repair_bound(3, LOCAL) + SLACK,
+            "the rogue taken for gone",
+        )
+    finally:
+        for conn in conns:
+            conn.close()
+    assert b.metric("meshd_rejected_total", reason="unsolicited") == unasked
+    wait_until(lambda: healthy(three), repair_bound(3, LOCAL) + SLACK, "the cluster healthy")

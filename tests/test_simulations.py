@@ -280,9 +280,9 @@ def _capture(c: Cluster) -> dict[str, list]:
     seen: dict[str, list] = {}
     orig = c._transmit
 
-    def spy(hn, pool, addr, msg):
+    def spy(hn, pool, addr, msg, to):
         seen.setdefault(type(msg).__name__, []).append(msg)
-        orig(hn, pool, addr, msg)
+        orig(hn, pool, addr, msg, to)
 
     c._transmit = spy  # type: ignore[method-assign]
     return seen

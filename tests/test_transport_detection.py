@@ -4,7 +4,9 @@ Two in-process ``Transport`` objects over real TLS on 127.0.0.1.  A peer that
 goes away (its transport aborts every connection and stops listening, as a
 killed process's kernel does) is reported closed, by member id for the
 connection it opened and by address for ours, and our next connect to it is
-refused.  A connection closed because it sat idle is not reported.
+refused.  A connection closed because it sat idle is not reported.  A message
+meant for one member is never written to a connection whose peer certificate
+names another: it is dropped and reported as misplaced.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class Peer:
     address: str
     closed: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
+    received: list[tuple[str, str]] = field(default_factory=list)
+    misplaced: list[tuple[str, str]] = field(default_factory=list)
 
 
 @pytest.fixture
@@ -48,20 +52,23 @@ async def peers(
         ca, cert, key = pki[node]
         closed: list[str] = []
         refused: list[str] = []
+        received: list[tuple[str, str]] = []
+        misplaced: list[tuple[str, str]] = []
         t = Transport(
             server_ctx=make_server_context(ca, cert, key),
             client_ctx=make_client_context(ca, cert, key),
             ca_certs=[identity.load_ca(Path(ca).parent).cert],
             trust_domain=TRUST,
             metrics=Metrics(),
-            on_message=lambda peer, msg: None,
+            on_message=lambda peer, msg: received.append((peer, msg.source)),
             on_refused=refused.append,
             on_closed=closed.append,
+            on_misplaced=lambda member, address: misplaced.append((member, address)),
             limits=Limits(**limits),  # type: ignore[arg-type]
         )
         host, port = await t.listen("127.0.0.1", 0)
         made.append(t)
-        return Peer(t, f"{host}:{port}", closed, refused)
+        return Peer(t, f"{host}:{port}", closed, refused, received, misplaced)
 
     yield start  # type: ignore[misc]
     for t in made:
@@ -105,3 +112,25 @@ async def test_a_connection_closed_for_idleness_is_not_reported(peers) -> None:
     await until(lambda: not a.transport._watchers and not b.transport._watchers, "watchers done")
     assert a.closed == [] and b.closed == []
     assert a.refused == [] and b.refused == []
+
+
+async def test_a_message_for_another_member_is_never_written_there(peers) -> None:
+    """The address came from a peer's word (a claim naming another agent's
+    address): what was meant for that member is dropped once the handshake
+    shows b's certificate, and reported; b's own messages and a seed's
+    (recipient unknown) go through on the same connection."""
+    a, b = await peers("a"), await peers("b")
+    rejected = a.transport.metrics.rejected.labels("misplaced")
+    a.transport.send(b.address, Gossip("east/a"), to="east/mallory")
+    a.transport.send(b.address, Gossip("east/a", sync=True), to="east/b")
+    a.transport.send(b.address, Gossip("east/a"), to="")
+    await until(lambda: len(b.received) == 2, "b's own and the seed's message")
+    await until(lambda: a.misplaced == [("east/mallory", b.address)], "the misplaced report")
+    assert b.received == [("east/a", "east/a")] * 2
+    assert rejected._value.get() == 1
+    # Later frames for the liar on the open connection: dropped as well.
+    a.transport.send(b.address, Gossip("east/a"), to="east/mallory")
+    a.transport.send(b.address, Gossip("east/a"), to="east/b")
+    await until(lambda: len(b.received) == 3, "b's next message")
+    await until(lambda: len(a.misplaced) == 2, "the second report")
+    assert rejected._value.get() == 2

@@ -216,6 +216,7 @@ class Agent:
             pool.transport.on_message = self._receiver(pool)
             pool.transport.on_refused = self._refusal(pool)
             pool.transport.on_closed = self._closure(pool)
+            pool.transport.on_misplaced = self._misplacement(pool)
             pool.transport.revoked = self._is_revoked
 
     # ------------------------------------------------------------------
@@ -514,6 +515,15 @@ class Agent:
 
         return on_closed
 
+    def _misplacement(self, pool: _Pool) -> Callable[[str, str], None]:
+        def on_misplaced(member: str, address: str) -> None:
+            if self.host is None:
+                return
+            self.host.report_misplaced(pool.name, member, address, self._loop.time())
+            self._pump()
+
+        return on_misplaced
+
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
@@ -528,8 +538,8 @@ class Agent:
         if host is None:
             return
         host.settle(self._loop.time())
-        for pool_name, address, msg in host.messages_to_send():
-            self.pools[pool_name].transport.send(address, msg)
+        for pool_name, address, msg, to in host.messages_to_send():
+            self.pools[pool_name].transport.send(address, msg, to)
         changed = False
         for pool_name, event in host.events():
             if isinstance(event, MemberChanged):

@@ -203,13 +203,16 @@ def make_client_context(ca_file: str, cert_file: str, key_file: str) -> ssl.SSLC
 @dataclass
 class _Outbound:
     address: str
-    frames: deque[tuple[str, bytes]] = field(default_factory=deque)
+    #: (message type, frame, recipient member id or "" for anyone).
+    frames: deque[tuple[str, bytes, str]] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    #: The open connection and its peer's certificate serial (drop_revoked).
+    #: The open connection, its peer's certificate serial (drop_revoked) and
+    #: member id (the only recipient its frames may be meant for).
     writer: asyncio.StreamWriter | None = None
     reader: asyncio.StreamReader | None = None
     serial: int = -1
+    peer: str = ""
     #: Loop time of our last write on it: the peer's idle timer counts from it.
     last_write: float = 0.0
     #: The connection we closed ourselves last (idle, revoked, failed): its
@@ -232,6 +235,7 @@ class Transport:
         on_refused: Callable[[str], None],
         limits: Limits | None = None,
         on_closed: Callable[[str], None] | None = None,
+        on_misplaced: Callable[[str, str], None] | None = None,
     ) -> None:
         self.server_ctx = server_ctx
         self.client_ctx = client_ctx
@@ -243,6 +247,9 @@ class Transport:
         #: A connection with a peer ended without our asking (see _ended):
         #: called with the member id of an inbound one, the address of ours.
         self.on_closed: Callable[[str], None] = on_closed or (lambda who: None)
+        #: A connection we opened proved another identity than the member a
+        #: message was for: called with (member, address), the message dropped.
+        self.on_misplaced: Callable[[str, str], None] = on_misplaced or (lambda m, a: None)
         self.limits = limits or Limits()
         self._watchers: set[asyncio.Task[None]] = set()
         #: Whether a certificate serial is on the CA's revocation list (set by
@@ -306,8 +313,14 @@ class Transport:
 
     # -- sending -----------------------------------------------------------
 
-    def send(self, address: str, msg: Message) -> None:
-        """Queue one message for ``address``; never blocks, never raises on peers."""
+    def send(self, address: str, msg: Message, to: str = "") -> None:
+        """Queue one message for ``address``; never blocks, never raises on peers.
+
+        ``to``: the member id the message is for.  It is written only on a
+        connection whose peer certificate names that member: the address came
+        from a peer's word, and another agent may answer there.  "" (a seed,
+        whose holder we do not know yet): whoever the CA vouches for.
+        """
         if self.closing:
             return
         frame = encode_frame(msg)
@@ -321,7 +334,7 @@ class Transport:
         if len(out.frames) >= MAX_QUEUED_FRAMES:
             out.frames.popleft()
             self.metrics.rejected.labels("send-queue-full").inc()
-        out.frames.append((kind, frame))
+        out.frames.append((kind, frame, to))
         out.wake.set()
         if out.task is None or out.task.done():
             out.task = asyncio.get_running_loop().create_task(self._sender(out))
@@ -348,10 +361,18 @@ class Transport:
                         return
                 batch = list(out.frames)
                 out.frames.clear()
-                for kind, frame in batch:
+                misplaced: set[str] = set()
+                for kind, frame, to in batch:
+                    if to and to != out.peer:
+                        misplaced.add(to)
+                        continue
                     writer.write(frame)
                     self.metrics.messages_sent.labels(kind).inc()
                     self.metrics.bytes_sent.labels(kind).inc(len(frame))
+                for member in sorted(misplaced):
+                    # Never written: the peer there is another member.
+                    self._reject(out.address, "misplaced", f"{member[:80]} is not {out.peer}")
+                    self.on_misplaced(member, out.address)
                 out.last_write = asyncio.get_running_loop().time()
                 try:
                     await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
@@ -403,13 +424,16 @@ class Transport:
         try:
             if not der:
                 raise IdentityError("the server sent no certificate")
-            verify_peer_certificate(der, self.ca_certs, self.trust_domain, revoked=self.revoked)
+            cluster, node = verify_peer_certificate(
+                der, self.ca_certs, self.trust_domain, revoked=self.revoked
+            )
         except IdentityError as exc:
             out.frames.clear()
             self._reject(out.address, "bad-peer-cert", str(exc))
             writer.close()
             return None
         out.writer, out.serial = writer, x509.load_der_x509_certificate(der).serial_number
+        out.peer = member_id(cluster, node)
         out.reader, out.last_write = reader, asyncio.get_running_loop().time()
         watcher = asyncio.get_running_loop().create_task(self._watch(out, reader, writer))
         self._watchers.add(watcher)

@@ -157,7 +157,7 @@ class AntiEntropy:
         """Contact seeds with a full push-pull; retried while we know no one."""
         self.seeds = [a for a in addresses if a != self.core.address]
         for addr in self.seeds:
-            self.send_sync(addr, full=True, join=True)
+            self.send_sync(addr, "", full=True, join=True)
         self.next_join = now + JOIN_RETRY_INTERVAL if self.seeds else None
 
     def full_member_list(self) -> list[tuple[MemberUpdate, ...]]:
@@ -175,10 +175,10 @@ class AntiEntropy:
             updates += _listed(m)
         return list(_chunks(updates)) or [()]
 
-    def send_members(self, address: str, rest: list[tuple[MemberUpdate, ...]]) -> None:
+    def send_members(self, address: str, to: str, rest: list[tuple[MemberUpdate, ...]]) -> None:
         """The chunks of a member list after the first, which went in the sync."""
         for chunk in rest:
-            self.core._send(address, Gossip(self.core.id, members=chunk, sync=True))
+            self.core._send(address, Gossip(self.core.id, members=chunk, sync=True), to)
 
     def digest_for(self, cluster: str | None) -> dict[str, int]:
         """Our digest as ``cluster`` may see it (None: unknown, public docs only)."""
@@ -205,6 +205,7 @@ class AntiEntropy:
     def send_sync(
         self,
         address: str,
+        to: str,
         full: bool,
         join: bool = False,
         dest_cluster: str | None = None,
@@ -213,7 +214,8 @@ class AntiEntropy:
         """Open a sync.  ``full``: our member list and digest (a join).
         Otherwise, within our cluster, only our fingerprints (``short``): a
         peer of our cluster that agrees holds exactly what we hold.  Across
-        clusters stores differ by export, so the digest always goes."""
+        clusters stores differ by export, so the digest always goes.  ``to``:
+        the member we mean to reach there ("" for a seed)."""
         if len(self.open_syncs) > 1024:  # replies that never came: forget them
             self.open_syncs.clear()
         records = self.core.store.fingerprint if dest_cluster == self.core.cluster else 0
@@ -232,15 +234,17 @@ class AntiEntropy:
                 records=records,
                 revocations=self.core.revocation_number,
             ),
+            to,
         )
-        self.send_members(address, chunks[1:])
+        self.send_members(address, to, chunks[1:])
 
     def start_sync(self, now: float) -> None:
         peers = self.core._random_members(
             1, lambda m: m.status is Status.ALIVE and m.id != self.core.id
         )
         if peers:
-            self.send_sync(peers[0].address, full=False, dest_cluster=peers[0].cluster)
+            p = peers[0]
+            self.send_sync(p.address, p.id, full=False, dest_cluster=p.cluster)
 
     def reconnect(self, now: float) -> None:
         # A healed partition: both sides think the other dead and would never
@@ -251,14 +255,14 @@ class AntiEntropy:
         dead = sorted(n for n in self.core.table.gone if self.core.members[n].status is Status.DEAD)
         if dead:
             m = self.core.members[dead[self.core._rng.randrange(len(dead))]]
-            self.send_sync(m.address, full=False, dest_cluster=m.cluster)
+            self.send_sync(m.address, m.id, full=False, dest_cluster=m.cluster)
 
     def retry_join(self, now: float) -> None:
         if self.core.pool_size > 1 or self.core.left:
             self.next_join = None
             return
         for addr in self.seeds:
-            self.send_sync(addr, full=True, join=True)
+            self.send_sync(addr, "", full=True, join=True)
         self.next_join = now + JOIN_RETRY_INTERVAL
 
     def on_push_pull(self, msg: PushPull, now: float) -> None:
@@ -299,6 +303,7 @@ class AntiEntropy:
                     records=records,
                     revocations=self.core.revocation_number,
                 ),
+                msg.source,
             )
             return
         if agree:
@@ -324,12 +329,13 @@ class AntiEntropy:
                 records=records,
                 revocations=self.core.revocation_number,
             ),
+            msg.source,
         )
-        self.send_members(addr, lists[1:])
+        self.send_members(addr, msg.source, lists[1:])
         if placed:  # the list is up to 256 KiB: for a placed sender only
             self.core._offer_revocations(addr, msg.source, msg.revocations, now)
         for chunk in chunks[1:]:
-            self.core._send(addr, Gossip(self.core.id, states=chunk, sync=True))
+            self.core._send(addr, Gossip(self.core.id, states=chunk, sync=True), msg.source)
 
     def heavy_ok(self, source: str, now: float) -> bool:
         """May ``source`` draw one more O(n) answer from us now?  (a token bucket)"""
@@ -363,7 +369,7 @@ class AntiEntropy:
             # claim first, lets it place us: without it two sides that forgot
             # each other would never heal.  The answer to a full sync is
             # never escalated again.
-            self.send_sync(addr, full=True, dest_cluster=_cluster_of(msg.source))
+            self.send_sync(addr, msg.source, full=True, dest_cluster=_cluster_of(msg.source))
         elif offered in (_SYNC_DIGEST, _SYNC_SHORT) and msg.members and msg.view != self.core.view:
             # It sent its list because views differed; ours may hold what it
             # lacks.  Send it back as a reply, which is never answered again.
@@ -376,14 +382,15 @@ class AntiEntropy:
                     members=lists[0],
                     view=self.core.view,
                 ),
+                msg.source,
             )
-            self.send_members(addr, lists[1:])
+            self.send_members(addr, msg.source, lists[1:])
         if msg.records and not msg.digest:
             return  # its store matches ours
         peer_cluster = _cluster_of(msg.source)
         for chunk in _chunks(self.newer_for(msg.digest, peer_cluster)):
-            self.core._send(addr, Gossip(self.core.id, states=chunk, sync=True))
+            self.core._send(addr, Gossip(self.core.id, states=chunk, sync=True), msg.source)
         if offered == _SYNC_SHORT and self.lacks(msg.digest):
             # We offered fingerprints only, so it could not tell what we
             # lack: ask again with our digest.
-            self.send_sync(addr, full=False, dest_cluster=peer_cluster, short=False)
+            self.send_sync(addr, msg.source, full=False, dest_cluster=peer_cluster, short=False)

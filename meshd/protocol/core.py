@@ -262,7 +262,10 @@ class Core:
 
         #: The two broadcast queues and gossip rounds (dissemination.py).
         self.gossip = Dissemination(self)
-        self._out: list[tuple[str, Message]] = []
+        #: (address, message, recipient): the recipient is the member the
+        #: message is for ("" for a seed's address, whose holder we do not
+        #: know yet); drivers send only to a connection that proved it.
+        self._out: list[tuple[str, Message, str]] = []
         self._events: deque[Event] = deque()
 
         self._suspicions: dict[str, Suspicion] = {}
@@ -303,6 +306,21 @@ class Core:
     # Driver interface
 
     def messages_to_send(self) -> list[tuple[str, Message]]:
+        """``(address, message)`` in the order they were made (for tests and
+        tools; drivers take :meth:`addressed_messages`)."""
+        return [(address, msg) for address, msg, _ in self.addressed_messages()]
+
+    def addressed_messages(self) -> list[tuple[str, Message, str]]:
+        """``(address, message, recipient)`` in the order they were made.
+
+        ``recipient`` is the member id the message is meant for, or "" when
+        we do not know who holds the address (a seed).  A driver must not
+        hand a message to a connection whose peer proved another identity:
+        the address comes from a peer's word (its claim, a ``source_addr``),
+        and a member with a valid certificate may name another agent's
+        address there.  It reports such a connection with
+        :meth:`report_misplaced`.
+        """
         out, self._out = self._out, []
         return out
 
@@ -400,7 +418,7 @@ class Core:
             max(self.config.gossip_nodes * 2, 4), lambda m: m.serving and m.id != self.id
         )
         for m in targets:
-            self._send(m.address, Gossip(self.id, members=(update,)))
+            self._send(m.address, Gossip(self.id, members=(update,)), m.id)
 
     def set_app(self, record: AppRecord, now: float) -> int:
         """Register or replace a local instance; returns the new origin version."""
@@ -432,7 +450,7 @@ class Core:
             self.config.gossip_nodes, lambda m: m.serving and m.id != self.id
         )
         for m in targets:
-            self._send(m.address, Revocations(self.id, crl=crl))
+            self._send(m.address, Revocations(self.id, crl=crl), m.id)
 
     def _on_revocations(self, msg: Revocations, now: float) -> None:
         check = self.revocation_check
@@ -450,7 +468,7 @@ class Core:
         """Send our list to a peer whose sync showed an older one (rationed:
         a list is up to 256 KiB, a sync frame a few bytes)."""
         if theirs < self.revocation_number and self.anti_entropy.heavy_ok(source, now):
-            self._send(address, Revocations(self.id, crl=self._crl))
+            self._send(address, Revocations(self.id, crl=self._crl), source)
 
     def set_signer(self, signer: Signer, now: float) -> None:
         """A renewed certificate: sign everything we say with it from now on.
@@ -486,11 +504,33 @@ class Core:
         ]
         for m in hit:
             self.counters["refused"] += 1
-            if m.status is Status.ALIVE:
-                self._apply(m.update_for(Status.SUSPECT, self.id), now)
-            s = self._suspicions.get(m.id)
-            if s is not None and s.refused(now, refused_suspicion_timeout(self.config)):
-                self.counters["refused-suspicion"] += 1
+            self._not_there(m, now)
+
+    def report_misplaced(self, member: str, address: str, now: float) -> None:
+        """Our connection to ``address`` proved another identity than ``member``'s.
+
+        The TLS handshake is our own observation, as a refused connect is: no
+        process of ``member`` answers at the address its claim names.  Either
+        its claim is stale (it moved, or died, and another agent took the
+        address) or it names another agent's address on purpose, to have the
+        pool's traffic for it sent there.  Both are handled as a refused
+        connect: a suspicion on the short timeout, which a live member
+        refutes with a new incarnation, at a true address if it wants to stay.
+        Nothing meant for it was sent (the driver dropped it).
+        """
+        m = self.members.get(member)
+        if m is None or m.id == self.id or m.address != address or not m.serving:
+            return  # it moved since: its new address gets a chance of its own
+        self.counters["misplaced"] += 1
+        self._not_there(m, now)
+
+    def _not_there(self, m: Member, now: float) -> None:
+        """Our own evidence that ``m`` does not answer at its address."""
+        if m.status is Status.ALIVE:
+            self._apply(m.update_for(Status.SUSPECT, self.id), now)
+        s = self._suspicions.get(m.id)
+        if s is not None and s.refused(now, refused_suspicion_timeout(self.config)):
+            self.counters["refused-suspicion"] += 1
 
     def report_closed(self, member_or_address: str, now: float) -> None:
         """A connection with a serving member ended without a goodbye (EOF,
@@ -921,8 +961,8 @@ class Core:
     # ------------------------------------------------------------------
     # Helpers
 
-    def _send(self, address: str, msg: Message) -> None:
-        self._out.append((address, msg))
+    def _send(self, address: str, msg: Message, to: str) -> None:
+        self._out.append((address, msg, to))
 
     def _address_of(self, member: str) -> str | None:
         m = self.members.get(member)

@@ -113,7 +113,7 @@ class Dissemination:
         ):
             states = tuple(self.record_q.take(cfg.record_budget, limit, _exported_to(m.cluster)))
             if states:
-                self.core._send(m.address, Gossip(self.core.id, states=states))
+                self.core._send(m.address, Gossip(self.core.id, states=states), m.id)
 
     def gossip_round(self, now: float) -> None:
         cfg = self.core.config
@@ -133,7 +133,7 @@ class Dissemination:
             members, states = self.piggyback(m.cluster)
             if not members and not states:
                 continue
-            self.core._send(m.address, Gossip(self.core.id, members=members, states=states))
+            self.core._send(m.address, Gossip(self.core.id, members=members, states=states), m.id)
 
 
 def _exported_to(cluster: str) -> Callable[[SignedState], bool]:

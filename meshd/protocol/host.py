@@ -59,7 +59,7 @@ class Host:
         #: pool name -> core, LAN first: the order every pass visits them in.
         self.cores: dict[str, Core] = {LAN: lan}
         self.bridge: Bridge | None = None
-        self._out: list[tuple[str, str, Message]] = []
+        self._out: list[tuple[str, str, Message, str]] = []
         self._events: deque[tuple[str, Event]] = deque()
         self._next_refresh = math.inf
         if wan is not None:
@@ -113,6 +113,14 @@ class Host:
             core.report_closed(member_or_address, now)
             self._settle(now)
 
+    def report_misplaced(self, pool: str, member: str, address: str, now: float) -> None:
+        """The driver's connection to ``address`` on ``pool`` proved another
+        identity than ``member``'s (:meth:`Core.report_misplaced`)."""
+        core = self.cores.get(pool)
+        if core is not None:
+            core.report_misplaced(member, address, now)
+            self._settle(now)
+
     def get_timer(self) -> float:
         """When the host next wants :meth:`handle_timer` (the earliest of its cores)."""
         if self.bridge is None:
@@ -142,14 +150,15 @@ class Host:
         if bridge is not None:
             if now >= bridge.watch.deadline():
                 for address, ping in bridge.tick_watch(now):
-                    self._out.append((WAN, address, ping))
+                    self._out.append((WAN, address, ping, ping.target))
             if now >= self._next_refresh:
                 self._next_refresh = now + BRIDGE_REFRESH_INTERVAL
                 bridge.refresh(now)
         self._settle(now)
 
-    def messages_to_send(self) -> list[tuple[str, str, Message]]:
-        """``(pool, address, message)`` in the order the cores made them."""
+    def messages_to_send(self) -> list[tuple[str, str, Message, str]]:
+        """``(pool, address, message, recipient)`` in the order the cores made
+        them; ``recipient`` as in :meth:`Core.addressed_messages`."""
         out, self._out = self._out, []
         return out
 
@@ -189,8 +198,8 @@ class Host:
             # second would find both queues empty).  Most nodes of a big
             # simulation take this path after every message and timer.
             lan = self.lan
-            for addr, msg in lan.messages_to_send():
-                out.append((LAN, addr, msg))
+            for addr, msg, to in lan.addressed_messages():
+                out.append((LAN, addr, msg, to))
             event = lan.next_event()
             while event is not None:
                 events.append((LAN, event))
@@ -199,8 +208,8 @@ class Host:
         for _ in range(MAX_RELAY_PASSES):
             busy = False
             for pool, core in self.cores.items():
-                for addr, msg in core.messages_to_send():
-                    out.append((pool, addr, msg))
+                for addr, msg, to in core.addressed_messages():
+                    out.append((pool, addr, msg, to))
                 event = core.next_event()
                 while event is not None:
                     busy = True

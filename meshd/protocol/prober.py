@@ -67,6 +67,7 @@ class _Probe:
 class _Relay:
     """An indirect probe we run for ``requester``: forward its ack, or a nack."""
 
+    requester: str
     requester_addr: str
     requester_seq: int
     deadline: float
@@ -212,6 +213,7 @@ class Prober:
                 members=members,
                 states=states,
             ),
+            target.id,
         )
         self.probe = _Probe(target.id, seq, now + timeout, now + interval, sent=now)
 
@@ -239,6 +241,7 @@ class Prober:
                 target=target.id,
                 suspicion=buddy,
             ),
+            target.id,
         )
         self.core.counters["out-of-turn-probes"] += 1
         return True
@@ -283,6 +286,7 @@ class Prober:
                         target_addr=target.address,
                         nack=True,
                     ),
+                    h.id,
                 )
         if p.indirect and now >= p.end:
             self.finish(now, acked=False)
@@ -325,7 +329,9 @@ class Prober:
         c = self.coord
         coord = c.vec + (c.error, c.height)  # one concatenation: every ack carries it
         self.core._send(
-            addr, Ack(self.core.id, seq=msg.seq, members=members, states=states, coord=coord)
+            addr,
+            Ack(self.core.id, seq=msg.seq, members=members, states=states, coord=coord),
+            msg.source,
         )
 
     def on_ack(self, msg: Ack, now: float) -> None:
@@ -337,16 +343,23 @@ class Prober:
             return
         relay = self.relays.pop(msg.seq, None)
         if relay is not None:
-            self.core._send(relay.requester_addr, Ack(self.core.id, seq=relay.requester_seq))
+            self.core._send(
+                relay.requester_addr, Ack(self.core.id, seq=relay.requester_seq), relay.requester
+            )
 
     def on_indirect_ping(self, msg: IndirectPing, now: float) -> None:
         seq = self._next_seq()
         self.relays[seq] = _Relay(
-            msg.source_addr, msg.seq, now + nack_timeout(self.config.probe_timeout), msg.nack
+            msg.source,
+            msg.source_addr,
+            msg.seq,
+            now + nack_timeout(self.config.probe_timeout),
+            msg.nack,
         )
         self.core._send(
             msg.target_addr,
             Ping(self.core.id, seq=seq, source_addr=self.core.address, target=msg.target),
+            msg.target,
         )
 
     def observe_rtt(self, member: str, raw: tuple[float, ...], rtt: float) -> None:
@@ -392,4 +405,6 @@ class Prober:
         for seq in [s for s, r in self.relays.items() if now >= r.deadline]:
             r = self.relays.pop(seq)
             if r.want_nack:
-                self.core._send(r.requester_addr, Nack(self.core.id, seq=r.requester_seq))
+                self.core._send(
+                    r.requester_addr, Nack(self.core.id, seq=r.requester_seq), r.requester
+                )

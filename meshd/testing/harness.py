@@ -97,7 +97,7 @@ class FakeNetwork:
         return self.latency(src, dst, self.rng)
 
 
-_DELIVER, _TIMER, _REFUSED, _CLOSED = 0, 1, 2, 3
+_DELIVER, _TIMER, _REFUSED, _CLOSED, _MISPLACED = 0, 1, 2, 3, 4
 _heappush = heapq.heappush
 #: How many of its latest peers (sent to or received from) each node is taken
 #: to hold open connections with, for the closed notices of a crash.  Real
@@ -237,6 +237,9 @@ class Cluster:
         self.rejected: Counter[str] = Counter()
         self.delivered = 0
         self.dropped = 0
+        #: Messages not delivered because another member answers at the address
+        #: (the transport's identity check; only a lying claim makes any).
+        self.misplaced = 0
         for _ in range(n):
             self.add_node(cluster=cluster, start=False)
         for hn in self.nodes:
@@ -500,8 +503,8 @@ class Cluster:
         if host is None or hn.crashed:
             return
         transmit = self._transmit
-        for pool, addr, msg in host.messages_to_send():
-            transmit(hn, pool, addr, msg)
+        for pool, addr, msg, to in host.messages_to_send():
+            transmit(hn, pool, addr, msg, to)
         observers = self.observers
         if observers:
             # next_event, not the events() generator: most flushes find none,
@@ -528,7 +531,7 @@ class Cluster:
             tie = self._tie = self._tie + 1
             _heappush(self._timers, (t, tie, _TIMER, hn.index, gen))
 
-    def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message) -> None:
+    def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message, to: str) -> None:
         kind = type(msg).__name__
         payload: object = msg
         if self.encode:
@@ -556,6 +559,12 @@ class Cluster:
             # Nobody listens there: the connect is refused, a round trip later.
             self.dropped += 1
             _heappush(self._heap, (now + 2 * delay, tie, _REFUSED, hn.index, (pool, addr)))
+            return
+        if to and self._ids[j] != to:
+            # Another member's certificate answers there: the transport drops
+            # what was meant for ``to`` and tells the sender, a round trip later.
+            self.misplaced += 1
+            _heappush(self._heap, (now + 2 * delay, tie, _MISPLACED, hn.index, (pool, to, addr)))
             return
         hn.recent.append(dst)
         _heappush(self._heap, (now + delay, tie, _DELIVER, j, (dst[1], hn.index, payload, size)))
@@ -623,8 +632,8 @@ class Cluster:
                 continue
             # What _flush does, inlined (one call less per event); the node
             # runs and is not paused, as checked above.
-            for out_pool, addr, out in host.messages_to_send():
-                transmit(hn, out_pool, addr, out)
+            for out_pool, addr, out, to in host.messages_to_send():
+                transmit(hn, out_pool, addr, out, to)
             if observers:
                 item = host.next_event()
                 while item is not None:
@@ -644,19 +653,21 @@ class Cluster:
                 _heappush(timers, (t, tie, _TIMER, index, gen))
         return n
 
-    def _transport_fact(self, hn: HarnessNode, kind: int, payload: tuple[str, str]) -> None:
-        """A refused connect or a closed connection reaches ``hn``'s driver.
+    def _transport_fact(self, hn: HarnessNode, kind: int, payload: tuple[str, ...]) -> None:
+        """A refused connect, a closed connection or another member's identity
+        at an address reaches ``hn``'s driver.
 
         A paused driver misses it (its own probes will do), a crashed one is gone.
         """
         host = hn.host
         if hn.crashed or hn.paused or host is None:
             return
-        pool, about = payload
         if kind == _REFUSED:
-            host.report_refused(pool, about, self.now)
+            host.report_refused(payload[0], payload[1], self.now)
+        elif kind == _MISPLACED:
+            host.report_misplaced(payload[0], payload[1], payload[2], self.now)
         else:
-            host.report_closed(pool, about, self.now)
+            host.report_closed(payload[0], payload[1], self.now)
         self._flush(hn)
 
     def step(self) -> bool:
