@@ -6,7 +6,9 @@ a file that cannot be used), always as one line on stderr.
 
 Client commands (register, deregister, resolve, members) talk to the local
 HTTP API with urllib: the CLI must start fast and needs no event loop.  The
-API address is ``--api URL``, else ``$MESHD_API``, else http://127.0.0.1:7700.
+API address is ``--api URL``, else ``$MESHD_API``, else http://127.0.0.1:7700;
+an https:// API is checked against ``--api-ca FILE``, else ``$MESHD_API_CA``,
+else the system's CA bundle.
 Commands that write send the API token, if one is given (``--token``,
 ``--token-file``, ``$MESHD_HTTP_TOKEN``, ``$CONSUL_HTTP_TOKEN``, in that
 order), as ``X-Consul-Token``.
@@ -41,6 +43,9 @@ from meshd.api.validation import is_host
 
 DEFAULT_API_URL = "http://127.0.0.1:7700"
 API_ENV = "MESHD_API"
+#: CA bundle that an https:// API's certificate is checked against (the mesh
+#: CA for an agent started with --api-tls); unset: the system's bundle.
+API_CA_ENV = "MESHD_API_CA"
 #: Where write commands find the API token when no flag gives it: meshd's own
 #: variable first, then Consul's, so a shell set up for Consul works as is.
 TOKEN_ENVS = ("MESHD_HTTP_TOKEN", "CONSUL_HTTP_TOKEN")
@@ -257,6 +262,13 @@ def _add_agent_parser(commands: Any) -> None:
     )
     agent.add_argument("--api", metavar="HOST:PORT", help="HTTP API listener (127.0.0.1:7700)")
     agent.add_argument(
+        "--api-tls",
+        action="store_true",
+        default=None,
+        help="serve the API over HTTPS with this node's certificate (clients check it"
+        " against the mesh CA)",
+    )
+    agent.add_argument(
         "--api-token-file",
         metavar="FILE",
         help="file with the token every API write must carry (required off loopback)",
@@ -292,6 +304,12 @@ def _add_api_flag(parser: argparse.ArgumentParser) -> None:
         "--api",
         metavar="URL",
         help=f"agent API (default: ${API_ENV} or {DEFAULT_API_URL})",
+    )
+    parser.add_argument(
+        "--api-ca",
+        metavar="FILE",
+        help=f"CA bundle to check an https:// API against (default: ${API_CA_ENV},"
+        " else the system's)",
     )
 
 
@@ -567,7 +585,30 @@ def _api_base(args: argparse.Namespace) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise CommandError(f"{source} must be an http:// URL, not {url!r}", EXIT_USAGE)
-    return url.rstrip("/")
+    base = url.rstrip("/")
+    ca = _api_ca(args)
+    if ca is not None and parts.scheme == "https":
+        _OPENERS[base] = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=_ca_context(ca))
+        )
+    return base
+
+
+def _api_ca(args: argparse.Namespace) -> str | None:
+    given = getattr(args, "api_ca", None)
+    return given or os.environ.get(API_CA_ENV) or None
+
+
+def _ca_context(ca: str) -> Any:
+    """A client context checking the server against the bundle ``ca`` only."""
+    import ssl
+
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except FileNotFoundError:
+        raise CommandError(f"API CA file {ca} does not exist", EXIT_USAGE) from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise CommandError(f"cannot use API CA file {ca}: {_reason(exc)}", EXIT_USAGE) from None
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -589,6 +630,8 @@ def _token(args: argparse.Namespace) -> str | None:
 # The agent API is local: an http_proxy meant for the internet must not
 # intercept calls to 127.0.0.1, so proxies from the environment are ignored.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+#: API base -> its opener, when an https:// API is checked against its own CA.
+_OPENERS: dict[str, urllib.request.OpenerDirector] = {}
 
 
 def _call(base: str, method: str, path: str, body: object = None, token: str | None = None) -> Any:
@@ -696,6 +739,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         raise CommandError("--listen on every address needs --advertise HOST", EXIT_USAGE)
     config = gateway.GatewayConfig(
         api=_api_base(args),
+        api_ca=_api_ca(args),
         apps=tuple(dict.fromkeys(args.app)),
         ports=args.ports,
         listen=args.listen,
@@ -821,7 +865,7 @@ def _call_bytes(
     if token is not None:
         request.add_header("X-Consul-Token", token)
     try:
-        with _OPENER.open(request, timeout=HTTP_TIMEOUT) as response:
+        with _OPENERS.get(base, _OPENER).open(request, timeout=HTTP_TIMEOUT) as response:
             raw = response.read()
     except urllib.error.HTTPError as exc:
         raise CommandError(_error_sentence(exc)) from None

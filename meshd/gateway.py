@@ -37,6 +37,7 @@ import functools
 import hashlib
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class GatewayConfig:
     #: Route records are named ``<name>-<port>``: two gateways on one agent need two names.
     name: str = "gateway"
     token: str | None = None
+    #: CA bundle an https:// API is checked against (None: the system's).
+    api_ca: str | None = None
     check_interval: str = "10s"
     max_connections: int = DEFAULT_MAX_CONNECTIONS
 
@@ -359,7 +362,10 @@ async def run_gateway(config: GatewayConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with aiohttp.ClientSession() as session:
+    connector = None
+    if config.api_ca is not None and config.api.startswith("https://"):
+        connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=config.api_ca))
+    async with aiohttp.ClientSession(connector=connector) as session:
         gw = Gateway(config, session)
         watcher = asyncio.ensure_future(_watch(gw))
         stopper = asyncio.ensure_future(stop.wait())

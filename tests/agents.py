@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from urllib.parse import urlsplit
 
 import consul
 
-READY = re.compile(r"meshd agent ready api=(http://\S+) gossip=(\S+)")
+READY = re.compile(r"meshd agent ready api=(https?://\S+) gossip=(\S+)")
 
 
 def meshd_cmd() -> list[str]:
@@ -115,6 +116,8 @@ class AgentProc:
         self.state_dir = root / "state" / f"{cluster}-{node}"
         # A WAN listener needs the bridge role in the certificate.
         ca, cert, key = certs.issue(node, cluster, bridge="--wan-bind" in (extra or []))
+        #: The mesh CA: what an agent started with --api-tls is checked against.
+        self.ca = ca
         self.args = [
             "agent", "--node", node, "--cluster", cluster, "--region", region, "--zone", zone,
             "--bind", "127.0.0.1:0", "--api", "127.0.0.1:0", "--profile", "local",
@@ -206,7 +209,12 @@ class AgentProc:
         req = urllib.request.Request(self.api + path, data=data, method=method)
         req.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            context = (
+                ssl.create_default_context(cafile=str(self.ca))
+                if self.api.startswith("https://")
+                else None
+            )
+            with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
                 raw = resp.read()
                 ctype = resp.headers.get("Content-Type", "")
                 payload = json.loads(raw) if "json" in ctype else raw.decode()

@@ -453,6 +453,16 @@ def test_api_token_file_from_flag_and_from_file(tmp_path: Path) -> None:
     assert load_config({"config": str(conf), "api_token_file": str(path)}).api_token == TOKEN
 
 
+def test_api_tls_from_flag_and_from_file(tmp_path: Path) -> None:
+    assert load_config({"dev": True}).api_tls is False
+    assert load_config({"dev": True, "api_tls": True}).api_tls is True
+    conf = write_toml(tmp_path, "dev = true\napi_tls = true\n")
+    assert load_config({"config": str(conf)}).api_tls is True
+    bad = write_toml(tmp_path, 'dev = true\napi_tls = "yes"\n')
+    with pytest.raises(ConfigError, match="api_tls"):
+        load_config({"config": str(bad)})
+
+
 @pytest.mark.parametrize(
     ("content", "fragment"),
     [

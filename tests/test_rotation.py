@@ -9,6 +9,7 @@ handshake presents after a swap; the agent is a stub that records
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -537,3 +538,34 @@ def test_e2e_agent_takes_a_renewed_certificate(lone: tuple[AgentProc, Certs]) ->
     wait_until(lambda: presented_serial(agent, certs, "probe") == new, 10, "new cert presented")
     assert any(f"rotated certificate: serial {old:x} -> {new:x}" in ln for ln in agent.lines)
     assert agent.get("/v1/health")["status"] == "ok"
+
+
+def served_serial(server_ctx: ssl.SSLContext, ca_file: Path) -> int:
+    """The serial an HTTPS server context presents to a client checking it
+    against ``ca_file`` (no client certificate), over memory BIOs."""
+    client_ctx = ssl.create_default_context(cafile=str(ca_file))
+    client_ctx.check_hostname = False
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_ctx.wrap_bio(c_in, c_out, server_side=False)
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(20):
+        for end in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                end.do_handshake()
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    der = client.getpeercert(binary_form=True)
+    assert der
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+async def test_reload_loads_the_renewed_certificate_into_the_https_api(tmp_path: Path) -> None:
+    from meshd.agent.run import _api_context
+
+    rig = make_rig(tmp_path)
+    api = _api_context(rig.files.cert, rig.files.key)
+    rig.rotator.api_contexts = [api]
+    assert served_serial(api, rig.files.ca) == rig.current.serial
+    renewed = rig.renew()
+    assert await rig.rotator.reload("SIGHUP") is True
+    assert served_serial(api, rig.files.ca) == renewed.serial

@@ -122,6 +122,12 @@ class AgentConfig:
     #: agent reads the file itself when only the path is given).  Kept out of
     #: repr so a logged config never shows it.
     api_token: str | None = field(default=None, repr=False)
+    #: Serve the API over HTTPS with this node's certificate and key (the
+    #: ``tls_cert``/``tls_key`` pair, or dev's throwaway one), so a token sent
+    #: off loopback is not readable on the network.  Clients check the server
+    #: against the mesh CA; the certificate must name the API's address
+    #: (``meshd cert issue --ip``/``--dns``).
+    api_tls: bool = False
     #: Directory for durable state (registrations, incarnation).  Required
     #: except in dev, where None makes the agent use a throwaway directory.
     state_dir: Path | None = None
@@ -416,6 +422,7 @@ _FILE_KEYS: dict[str, type | tuple[type, ...]] = {
     "gateway": str,
     "api": str,
     "api_token_file": str,
+    "api_tls": bool,
     "state_dir": str,
     "policy": (str, dict),
     "dev": bool,
@@ -507,6 +514,7 @@ _FLAGS = {
     "gateway": "--gateway",
     "api": "--api",
     "api_token_file": "--api-token-file",
+    "api_tls": "--api-tls",
     "state_dir": "--state-dir",
     "policy": "--policy",
     "dev": "--dev",
@@ -744,6 +752,7 @@ def load_config(flags: dict[str, Any]) -> AgentConfig:
             api=api,
             api_token_file=api_token_file,
             api_token=api_token,
+            api_tls=bool(s.get("api_tls")),
             state_dir=state_dir,
             policy_file=policy_file,
             policy_table=policy_table,

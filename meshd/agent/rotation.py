@@ -139,6 +139,7 @@ class CertificateRotator:
         revoked: Callable[[int], bool] | None = None,
         clock: Callable[[], datetime] = _utcnow,
         make_contexts: Callable[[str, str, str], tuple[ssl.SSLContext, ssl.SSLContext]] = _contexts,
+        api_contexts: Sequence[ssl.SSLContext] = (),
     ) -> None:
         self.ca_file, self.cert_file, self.key_file = Path(ca_file), Path(cert_file), Path(key_file)
         self.current = current
@@ -147,6 +148,9 @@ class CertificateRotator:
         self.revoked = revoked
         self.clock = clock
         self.make_contexts = make_contexts
+        #: Server contexts of the HTTPS API: a listener keeps its context, so
+        #: the new chain is loaded into it (new handshakes present it).
+        self.api_contexts = list(api_contexts)
         self._lock = asyncio.Lock()
         #: The files as last judged (taken or refused); the watcher acts on a change.
         self._judged = self._stamp()
@@ -241,6 +245,11 @@ class CertificateRotator:
             return f"the agent could not take it: {exc}"
         for t in self.transports:
             t.server_ctx, t.client_ctx = server, client
+        for ctx in self.api_contexts:
+            try:
+                ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
+            except (ssl.SSLError, OSError) as exc:  # replaced again since: the next poll
+                log.error("the HTTPS API keeps its old certificate: %s", exc)
         old, self.current = self.current, new
         log.info(
             "rotated certificate: serial %x -> %x, valid until %s",

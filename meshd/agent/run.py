@@ -207,6 +207,16 @@ def _fmt(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _api_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """The HTTPS API's server context: this node's certificate, TLS 1.2 or
+    later (Consul clients in several languages speak 1.2), no client
+    certificate asked for (writes carry the API token)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_file), str(key_file))
+    return ctx
+
+
 async def _serve(cfg: AgentConfig) -> int:
     loop = asyncio.get_running_loop()
     # Undo steps, sync or async (a coroutine result is awaited), run in reverse on failure.
@@ -231,6 +241,7 @@ async def _serve(cfg: AgentConfig) -> int:
             node_cert: NodeCert = load_node_cert(cert_file, key_file, ca_file)
             server_ctx = make_server_context(str(ca_file), str(cert_file), str(key_file))
             client_ctx = make_client_context(str(ca_file), str(cert_file), str(key_file))
+            api_ctx = _api_context(cert_file, key_file) if cfg.api_tls else None
         except IdentityError as exc:
             raise StartError(str(exc)) from None
         except ssl.SSLError as exc:
@@ -318,7 +329,7 @@ async def _serve(cfg: AgentConfig) -> int:
         )
         await runner.setup()
         cleanup.append(runner.cleanup)
-        site = web.TCPSite(runner, cfg.api[0], cfg.api[1])
+        site = web.TCPSite(runner, cfg.api[0], cfg.api[1], ssl_context=api_ctx)
         try:
             await site.start()
         except OSError as exc:
@@ -363,6 +374,7 @@ async def _serve(cfg: AgentConfig) -> int:
         key_file=key_file,
         current=node_cert,
         transports=[transport, wan_transport],
+        api_contexts=[api_ctx] if api_ctx is not None else [],
         agent=agent,
         revoked=lambda serial: (
             (held := agent.revocations()) is not None and held.is_revoked(serial)
@@ -383,8 +395,9 @@ async def _serve(cfg: AgentConfig) -> int:
     # The DNS address is appended only when DNS is on, so the contract's line
     # stays as it was for everyone else.
     dns_part = "" if dns_bound is None else f" dns={_fmt(*dns_bound)}"
+    scheme = "https" if api_ctx is not None else "http"
     print(
-        f"meshd agent ready api=http://{_fmt(api_host, api_port)} gossip={advertise}{dns_part}",
+        f"meshd agent ready api={scheme}://{_fmt(api_host, api_port)} gossip={advertise}{dns_part}",
         file=sys.stderr,
         flush=True,
     )
