@@ -221,3 +221,42 @@ def test_a_rogue_with_valid_certificates_cannot_exhaust_an_agent(pair) -> None:
         "held handshakes timed out",
     )
     assert both_alive(n0, n1)
+
+
+def test_idle_api_connections_are_capped(pair) -> None:
+    """MAX_API_CONNECTIONS idle connections to the API (a local user, or the
+    network for an API off loopback): the next one is answered 503 and
+    closed, gossip goes on, and once they close the API answers again."""
+    import resource
+
+    from meshd.api.listener import MAX_API_CONNECTIONS
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = MAX_API_CONNECTIONS + 256
+    if soft < need:
+        if hard != resource.RLIM_INFINITY and hard < need:
+            pytest.skip(f"this process may open {hard} files, the test needs {need}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    _, _, n0, n1 = pair
+    host, port = n0.api.removeprefix("http://").rsplit(":", 1)
+    before = rejected(n0, "api-connections")
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(MAX_API_CONNECTIONS):
+            idle.append(socket.create_connection((host, int(port)), timeout=10))
+        extra = socket.create_connection((host, int(port)), timeout=10)
+        with extra:
+            extra.settimeout(10)
+            answer = b""
+            while chunk := extra.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:80]
+        assert b"too many open connections" in answer
+        # The agent's gossip does not depend on its API: both stay alive.
+        assert n1.members().get("east/n0") == "alive"
+    finally:
+        for s in idle:
+            s.close()
+    wait_until(lambda: n0.call("GET", "/v1/health")[0] == 200, 10.0, "the API answering again")
+    assert rejected(n0, "api-connections") > before
+    assert both_alive(n0, n1)

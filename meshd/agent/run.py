@@ -20,6 +20,7 @@ import asyncio.sslproto
 import contextlib
 import ipaddress
 import logging
+import math
 import os
 import shutil
 import signal
@@ -27,6 +28,7 @@ import socket
 import ssl
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +39,14 @@ from aiohttp import web
 from meshd.agent.config import AgentConfig, ConfigError, is_loopback, read_token_file
 from meshd.agent.rotation import CertificateRotator
 from meshd.agent.statedb import StateDB, StateError, ensure_state_dir
-from meshd.agent.transport import Transport, make_client_context, make_server_context
+from meshd.agent.transport import (
+    MAX_INBOUND_CONNECTIONS,
+    MAX_OUTBOUND_CONNECTIONS,
+    Transport,
+    make_client_context,
+    make_server_context,
+)
+from meshd.api.listener import MAX_API_CONNECTIONS, CappedSite
 from meshd.identity import (
     IdentityError,
     NodeCert,
@@ -207,6 +216,24 @@ def _fmt(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _api_refusal(metrics: Metrics) -> Callable[[], None]:
+    """Count a connection refused at the API's cap; say so at most once a minute."""
+    last = [-math.inf]
+
+    def refused() -> None:
+        metrics.rejected.labels("api-connections").inc()
+        now = time.monotonic()
+        if now - last[0] >= 60.0:
+            last[0] = now
+            log.warning(
+                "API connection refused: %d open, the cap (meshd_rejected_total"
+                '{reason="api-connections"} counts them)',
+                MAX_API_CONNECTIONS,
+            )
+
+    return refused
+
+
 def _api_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     """The HTTPS API's server context: this node's certificate, TLS 1.2 or
     later (Consul clients in several languages speak 1.2), no client
@@ -217,8 +244,40 @@ def _api_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     return ctx
 
 
+#: File descriptors the caps can take: the API's connections, both
+#: directions of a LAN and a WAN transport, and room for the state database,
+#: the DNS sockets and the listeners.
+FDS_NEEDED = MAX_API_CONNECTIONS + 2 * (MAX_INBOUND_CONNECTIONS + MAX_OUTBOUND_CONNECTIONS) + 256
+
+
+def _raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard one, as Go servers (Serf,
+    Consul) do at start: the caps decide how many connections we hold, and a
+    soft limit below them (1024 is common) would fail accepts and connects
+    first, gossip ones included.  Warn when even the hard limit is below."""
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except OSError:  # a system call filter may refuse even the question
+        return
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+    if soft != resource.RLIM_INFINITY and soft < FDS_NEEDED:
+        log.warning(
+            "the open files limit is %d, below the %d the connection caps may take:"
+            " raise it (LimitNOFILE=, ulimit -n) or floods may fail gossip connections",
+            soft,
+            FDS_NEEDED,
+        )
+
+
 async def _serve(cfg: AgentConfig) -> int:
     loop = asyncio.get_running_loop()
+    _raise_open_files_limit()
     # Undo steps, sync or async (a coroutine result is awaited), run in reverse on failure.
     cleanup: list[Callable[[], object]] = []
     try:
@@ -329,7 +388,9 @@ async def _serve(cfg: AgentConfig) -> int:
         )
         await runner.setup()
         cleanup.append(runner.cleanup)
-        site = web.TCPSite(runner, cfg.api[0], cfg.api[1], ssl_context=api_ctx)
+        site = CappedSite(
+            runner, cfg.api[0], cfg.api[1], ssl_context=api_ctx, on_refused=_api_refusal(metrics)
+        )
         try:
             await site.start()
         except OSError as exc:

@@ -1,0 +1,196 @@
+"""The API's listener: aiohttp's handlers behind a cap on open connections.
+
+aiohttp's own ``TCPSite`` accepts every connection it is offered.  Each one
+holds a file descriptor and a few KB until its keep-alive timeout (75 s,
+also for a connection that never sends a request), so whoever reaches the
+API (a local user; off loopback, the network) could open thousands and
+leave the agent no descriptors for its gossip connections or its state
+database.  This site counts connections from the TCP accept on, TLS
+handshakes included, and refuses those above ``max_connections`` before any
+TLS work: a plain-HTTP client reads a one-line 503, a TLS client sees the
+connection closed.  A TLS handshake that does not finish within
+``handshake_timeout`` is closed.
+
+TLS is started here (``loop.start_tls``), as the gossip transport does, and
+not by ``create_server(ssl=...)``: an accepted connection must be counted
+before its handshake, and one whose handshake fails must be released, which
+a protocol behind asyncio's own TLS layer never hears of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+#: Open API connections (established or in a TLS handshake).  Twice the
+#: blocking queries' own cap (MAX_BLOCKING_QUERIES, 1024), so that long polls
+#: never take every slot from ordinary requests; with the gossip caps, below
+#: the systemd unit's LimitNOFILE of 16384 (docs/limits.md).
+MAX_API_CONNECTIONS = 2048
+#: Seconds a client has to finish its TLS handshake.
+API_HANDSHAKE_TIMEOUT = 10.0
+
+_BUSY_BODY = b'{"error": "too many open connections to the API; retry later"}\n'
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\n"
+    b"Content-Type: application/json\r\n"
+    b"Connection: close\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
+
+
+class CappedSite(web.BaseSite):
+    """A TCP site for an :class:`aiohttp.web.AppRunner` with a connection cap."""
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_connections: int = MAX_API_CONNECTIONS,
+        handshake_timeout: float = API_HANDSHAKE_TIMEOUT,
+        on_refused: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self.host, self.port = host, port
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.on_refused = on_refused
+        #: Connections counted now: accepted and not yet ended.
+        self.open = 0
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Connection(self), self.host, self.port, backlog=self._backlog
+        )
+
+    def _handler(self) -> RequestHandler:
+        server = self._runner.server
+        assert server is not None, "the runner is set up before its site starts"
+        return server()
+
+
+class _Connection(asyncio.Protocol):
+    """One accepted connection: counted, then handed to aiohttp (after TLS)."""
+
+    def __init__(self, site: CappedSite) -> None:
+        self.site = site
+        self.counted = False
+        self.handler: RequestHandler | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        site = self.site
+        if site.open >= site.max_connections:
+            site.on_refused()
+            if site._ssl_context is None:
+                transport.write(_BUSY)
+                transport.close()
+            else:
+                transport.abort()  # no TLS work for a connection we refuse
+            return
+        site.open += 1
+        self.counted = True
+        if site._ssl_context is None:
+            self.handler = site._handler()
+            self.handler.connection_made(transport)
+        else:
+            transport.pause_reading()
+            self.task = asyncio.get_running_loop().create_task(self._tls(transport))
+
+    async def _tls(self, raw: asyncio.Transport) -> None:
+        site = self.site
+        assert site._ssl_context is not None
+        handler = site._handler()
+        try:
+            tls = await asyncio.get_running_loop().start_tls(
+                raw,
+                _AfterTls(self, handler),
+                site._ssl_context,
+                server_side=True,
+                ssl_handshake_timeout=site.handshake_timeout,
+            )
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError):
+            raw.abort()
+            self.release()
+            return
+        if tls is None:  # the connection ended during the handshake
+            self.release()
+            return
+        self.handler = handler
+        handler.connection_made(tls)
+
+    def release(self) -> None:
+        if self.counted:
+            self.counted = False
+            self.site.open -= 1
+
+    # Plain HTTP: the raw transport keeps this protocol; forward to aiohttp.
+    # (With TLS, start_tls moves the raw transport to asyncio's TLS layer,
+    # which talks to _AfterTls; until then reading is paused.)
+
+    def data_received(self, data: bytes) -> None:
+        if self.handler is not None:
+            self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self.handler is not None:
+            self.handler.eof_received()
+        return None  # aiohttp keeps no half-open connection either
+
+    def pause_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.handler is not None:
+            self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.handler is not None:
+            self.handler.connection_lost(exc)
+        elif self.task is not None:
+            self.task.cancel()  # closed before its handshake began
+        self.release()
+
+
+class _AfterTls(asyncio.Protocol):
+    """The application side of a TLS connection: aiohttp's handler, and the
+    release of the connection's count when it ends."""
+
+    def __init__(self, conn: _Connection, handler: RequestHandler) -> None:
+        self.conn, self.handler = conn, handler
+
+    def data_received(self, data: bytes) -> None:
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        self.handler.eof_received()
+        return None
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.conn.handler is not None:
+            with contextlib.suppress(Exception):
+                self.handler.connection_lost(exc)
+        self.conn.release()

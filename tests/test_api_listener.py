@@ -1,0 +1,170 @@
+"""The API's listener caps open connections (meshd/api/listener.py).
+
+A small aiohttp app behind ``CappedSite`` on 127.0.0.1 with a cap of 4: idle
+connections are counted from the accept on, the one over the cap gets a 503
+(plain HTTP) or is closed before any TLS work, a TLS handshake that never
+comes is closed after its timeout, and every ended connection is released,
+so the API serves again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from meshd.api.listener import CappedSite
+from tests.fakes import until, write_node_pki
+
+CAP = 4
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str, str]]:
+    return write_node_pki(tmp_path_factory.mktemp("pki"), "mesh.test", ("api",))
+
+
+@pytest.fixture
+async def serve(
+    pki: dict[str, tuple[str, str, str]],
+) -> AsyncIterator[Callable[..., asyncio.Future[tuple[CappedSite, int, list[int]]]]]:
+    runners: list[web.AppRunner] = []
+
+    async def start(tls: bool = False) -> tuple[CappedSite, int, list[int]]:
+        async def hello(request: web.Request) -> web.Response:
+            return web.json_response({"ok": True})
+
+        app = web.Application()
+        app.router.add_get("/hello", hello)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        ctx = None
+        if tls:
+            _, cert, key = pki["api"]
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(cert, key)
+        refused: list[int] = []
+        site = CappedSite(
+            runner,
+            "127.0.0.1",
+            0,
+            ssl_context=ctx,
+            max_connections=CAP,
+            handshake_timeout=0.3,
+            on_refused=lambda: refused.append(1),
+        )
+        await site.start()
+        port = runner.addresses[0][1]
+        return site, port, refused
+
+    yield start  # type: ignore[misc]
+    for r in runners:
+        await r.cleanup()
+
+
+def client_ctx(pki: dict[str, tuple[str, str, str]]) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=pki["api"][0])
+    ctx.check_hostname = False
+    return ctx
+
+
+async def get(port: int, ctx: ssl.SSLContext | None = None) -> dict[str, bool]:
+    scheme = "https" if ctx is not None else "http"
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx or False)) as session,
+        session.get(f"{scheme}://127.0.0.1:{port}/hello") as resp,
+    ):
+        assert resp.status == 200
+        return await resp.json()
+
+
+async def test_plain_connections_over_the_cap_get_a_503_and_are_released(serve) -> None:
+    site, port, refused = await serve()
+    assert await get(port) == {"ok": True}
+    await until(lambda: site.open == 0, "the client's connection released")
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CAP)]
+    await until(lambda: site.open == CAP, "the idle connections counted")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = await asyncio.wait_for(reader.read(), 5)  # then EOF: closed by the agent
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"too many open connections" in answer
+    assert refused == [1] and site.open == CAP
+    writer.close()
+    for _, w in idle:
+        w.close()
+    await until(lambda: site.open == 0, "every connection released")
+    assert await get(port) == {"ok": True}
+
+
+async def test_tls_over_the_cap_is_closed_before_a_handshake(serve, pki) -> None:
+    site, port, refused = await serve(tls=True)
+    assert await get(port, client_ctx(pki)) == {"ok": True}
+    await until(lambda: site.open == 0, "the client's connection released")
+    # Connections that never say hello hold a slot only until the timeout.
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CAP)]
+    await until(lambda: site.open == CAP, "the silent connections counted")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx(pki))
+    assert refused == [1]
+    await until(lambda: site.open == 0, "the silent connections closed after the handshake timeout")
+    for reader, writer in idle:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    assert await get(port, client_ctx(pki)) == {"ok": True}
+    await until(lambda: site.open == 0, "released again")
+
+
+async def test_a_failed_tls_handshake_is_released(serve, tmp_path: Path) -> None:
+    site, port, refused = await serve(tls=True)
+    # A client that trusts nobody aborts the handshake itself.
+    untrusting = ssl.create_default_context()
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        await asyncio.open_connection("127.0.0.1", port, ssl=untrusting)
+    await until(lambda: site.open == 0, "the failed handshake released")
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET / HTTP/1.1\r\n\r\n")  # plain HTTP on a TLS port
+    await writer.drain()
+    writer.close()
+    await until(lambda: site.open == 0, "the plain client released")
+    assert refused == []
+
+
+@pytest.mark.parametrize("hard", [4096, 20000])
+def test_the_agent_raises_its_open_files_limit_to_the_hard_one(hard: int) -> None:
+    """A soft limit of 256 would fail accepts long before the caps; the agent
+    takes the hard limit at start, and warns when even that is below what
+    its caps may take (FDS_NEEDED)."""
+    import resource
+    import subprocess
+    import sys
+
+    from meshd.agent.run import FDS_NEEDED
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < hard:
+        pytest.skip(f"this machine's hard open-files limit is below {hard}")
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    code = (
+        "import resource\n"
+        "from meshd.agent.run import _raise_open_files_limit\n"
+        "_raise_open_files_limit()\n"
+        "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lower,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == hard
+    assert ("below the" in done.stderr) == (hard < FDS_NEEDED), done.stderr
