@@ -348,3 +348,26 @@ def test_a_policy_change_releases_waiting_lookups(tmp_path, certs):
         assert got and got[0] < 60, got  # released by the change, not by the 120 s wait
     finally:
         agent.stop()
+
+
+def test_a_world_readable_key_is_named_at_start(tmp_path, certs):
+    """Any local user who reads the node's key speaks as the node: the agent
+    says so in its log (and still starts, as ssh-agent's users would expect
+    a warning, not a lock-out); a key of mode 600 draws no such line."""
+    import shutil
+
+    _, _, key = certs.issue("keyed", "east")
+    loose = tmp_path / "loose.key"
+    shutil.copy(key, loose)
+    loose.chmod(0o644)
+    a = AgentProc(tmp_path, certs, "keyed", extra=["--tls-key", str(loose)]).start()
+    try:
+        assert any("is readable by every user (mode 644)" in line for line in a.lines), a.lines
+    finally:
+        a.stop()
+    loose.chmod(0o600)
+    b = AgentProc(tmp_path, certs, "keyed", extra=["--tls-key", str(loose)]).start()
+    try:
+        assert not any("readable by every user" in line for line in b.lines), b.lines
+    finally:
+        b.stop()

@@ -162,6 +162,23 @@ async def _watch_policy(cfg: AgentConfig, agent: Agent) -> None:
             _reload_policy(cfg, agent)
 
 
+def _warn_if_world_readable(key_file: Path) -> None:
+    """Say so when any local user can read this node's key: with it they speak
+    as this node to the whole mesh.  Group access is left alone (Kubernetes
+    mounts keys group-readable for the pod's fsGroup)."""
+    try:
+        mode = key_file.stat().st_mode
+    except OSError:
+        return  # load_node_cert says what is wrong with it
+    if mode & 0o007:
+        log.warning(
+            "TLS key file %s is readable by every user (mode %o): anyone on this host"
+            " can speak as this node; chmod 600 it",
+            key_file,
+            mode & 0o777,
+        )
+
+
 def _api_token(cfg: AgentConfig) -> str | None:
     """The API token: as load_config read it, or from the file when only its path is set."""
     if cfg.api_token_file is None:
@@ -296,6 +313,7 @@ async def _serve(cfg: AgentConfig) -> int:
         else:
             assert cfg.tls_ca and cfg.tls_cert and cfg.tls_key
             ca_file, cert_file, key_file = cfg.tls_ca, cfg.tls_cert, cfg.tls_key
+        _warn_if_world_readable(key_file)
         try:
             node_cert: NodeCert = load_node_cert(cert_file, key_file, ca_file)
             server_ctx = make_server_context(str(ca_file), str(cert_file), str(key_file))
