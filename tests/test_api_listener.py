@@ -32,10 +32,12 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str, s
 @pytest.fixture
 async def serve(
     pki: dict[str, tuple[str, str, str]],
-) -> AsyncIterator[Callable[..., asyncio.Future[tuple[CappedSite, int, list[int]]]]]:
+) -> AsyncIterator[Callable[..., asyncio.Future[tuple[CappedSite, int, list[str]]]]]:
     runners: list[web.AppRunner] = []
 
-    async def start(tls: bool = False) -> tuple[CappedSite, int, list[int]]:
+    async def start(
+        tls: bool = False, per_address: int = CAP, loopback_exempt: bool = True
+    ) -> tuple[CappedSite, int, list[str]]:
         async def hello(request: web.Request) -> web.Response:
             return web.json_response({"ok": True})
 
@@ -49,15 +51,17 @@ async def serve(
             _, cert, key = pki["api"]
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(cert, key)
-        refused: list[int] = []
+        refused: list[str] = []
         site = CappedSite(
             runner,
             "127.0.0.1",
             0,
             ssl_context=ctx,
             max_connections=CAP,
+            max_per_address=per_address,
+            loopback_exempt=loopback_exempt,
             handshake_timeout=0.3,
-            on_refused=lambda: refused.append(1),
+            on_refused=refused.append,
         )
         await site.start()
         port = runner.addresses[0][1]
@@ -93,12 +97,37 @@ async def test_plain_connections_over_the_cap_get_a_503_and_are_released(serve) 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     answer = await asyncio.wait_for(reader.read(), 5)  # then EOF: closed by the agent
     assert answer.startswith(b"HTTP/1.1 503 ") and b"too many open connections" in answer
-    assert refused == [1] and site.open == CAP
+    assert refused == ["api-connections"] and site.open == CAP
     writer.close()
     for _, w in idle:
         w.close()
     await until(lambda: site.open == 0, "every connection released")
+    assert site.by_address == {}
     assert await get(port) == {"ok": True}
+
+
+async def test_one_address_may_hold_only_its_share(serve) -> None:
+    """With the loopback exemption off (every test client is on 127.0.0.1),
+    one address holds at most its share; with it on (the default), local
+    clients are held only to the total."""
+    site, port, refused = await serve(per_address=2, loopback_exempt=False)
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    await until(lambda: site.by_address == {"127.0.0.1": 2}, "two counted for the address")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"HTTP/1.1 503 ")
+    assert refused == ["api-connections-per-address"]
+    writer.close()
+    for _, w in idle:
+        w.close()
+    await until(lambda: site.open == 0 and site.by_address == {}, "released")
+
+    site, port, refused = await serve(per_address=2)
+    idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(CAP)]
+    await until(lambda: site.open == CAP, "loopback held only to the total")
+    assert refused == []
+    for _, w in idle:
+        w.close()
+    await until(lambda: site.open == 0, "released")
 
 
 async def test_tls_over_the_cap_is_closed_before_a_handshake(serve, pki) -> None:
@@ -110,7 +139,7 @@ async def test_tls_over_the_cap_is_closed_before_a_handshake(serve, pki) -> None
     await until(lambda: site.open == CAP, "the silent connections counted")
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx(pki))
-    assert refused == [1]
+    assert refused == ["api-connections"]
     await until(lambda: site.open == 0, "the silent connections closed after the handshake timeout")
     for reader, writer in idle:
         assert await asyncio.wait_for(reader.read(), 5) == b""

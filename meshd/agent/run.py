@@ -46,7 +46,11 @@ from meshd.agent.transport import (
     make_client_context,
     make_server_context,
 )
-from meshd.api.listener import MAX_API_CONNECTIONS, CappedSite
+from meshd.api.listener import (
+    MAX_API_CONNECTIONS,
+    MAX_API_CONNECTIONS_PER_ADDRESS,
+    CappedSite,
+)
 from meshd.identity import (
     IdentityError,
     NodeCert,
@@ -233,19 +237,22 @@ def _fmt(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _api_refusal(metrics: Metrics) -> Callable[[], None]:
-    """Count a connection refused at the API's cap; say so at most once a minute."""
+def _api_refusal(metrics: Metrics) -> Callable[[str], None]:
+    """Count a connection refused at one of the API's caps; say so at most
+    once a minute."""
     last = [-math.inf]
 
-    def refused() -> None:
-        metrics.rejected.labels("api-connections").inc()
+    def refused(reason: str) -> None:
+        metrics.rejected.labels(reason).inc()
         now = time.monotonic()
         if now - last[0] >= 60.0:
             last[0] = now
             log.warning(
-                "API connection refused: %d open, the cap (meshd_rejected_total"
-                '{reason="api-connections"} counts them)',
+                "API connection refused (%s): at most %d open, %d from one address"
+                " (meshd_rejected_total counts them)",
+                reason,
                 MAX_API_CONNECTIONS,
+                MAX_API_CONNECTIONS_PER_ADDRESS,
             )
 
     return refused

@@ -6,7 +6,8 @@ also for a connection that never sends a request), so whoever reaches the
 API (a local user; off loopback, the network) could open thousands and
 leave the agent no descriptors for its gossip connections or its state
 database.  This site counts connections from the TCP accept on, TLS
-handshakes included, and refuses those above ``max_connections`` before any
+handshakes included, and refuses those above ``max_connections`` in all or
+``max_per_address`` from one remote address (loopback exempt) before any
 TLS work: a plain-HTTP client reads a one-line 503, a TLS client sees the
 connection closed.  A TLS handshake that does not finish within
 ``handshake_timeout`` is closed.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import ssl
 from collections.abc import Callable
 
@@ -32,6 +34,10 @@ from aiohttp.web_protocol import RequestHandler
 #: never take every slot from ordinary requests; with the gossip caps, below
 #: the systemd unit's LimitNOFILE of 16384 (docs/limits.md).
 MAX_API_CONNECTIONS = 2048
+#: Of those, from one remote address (Consul's http_max_conns_per_client is
+#: 200): one pod or host cannot take every slot from the others.  Loopback
+#: is exempt, since every local client shares it (the total still counts).
+MAX_API_CONNECTIONS_PER_ADDRESS = 256
 #: Seconds a client has to finish its TLS handshake.
 API_HANDSHAKE_TIMEOUT = 10.0
 
@@ -55,16 +61,33 @@ class CappedSite(web.BaseSite):
         *,
         ssl_context: ssl.SSLContext | None = None,
         max_connections: int = MAX_API_CONNECTIONS,
+        max_per_address: int = MAX_API_CONNECTIONS_PER_ADDRESS,
+        loopback_exempt: bool = True,
         handshake_timeout: float = API_HANDSHAKE_TIMEOUT,
-        on_refused: Callable[[], None] = lambda: None,
+        on_refused: Callable[[str], None] = lambda reason: None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context)
         self.host, self.port = host, port
         self.max_connections = max_connections
+        self.max_per_address = max_per_address
+        self.loopback_exempt = loopback_exempt
         self.handshake_timeout = handshake_timeout
+        #: Called with the reason of each refusal: ``api-connections`` (the
+        #: total) or ``api-connections-per-address``.
         self.on_refused = on_refused
-        #: Connections counted now: accepted and not yet ended.
+        #: Connections counted now: accepted and not yet ended, in all and
+        #: per remote address (an address leaves the map with its last one).
         self.open = 0
+        self.by_address: dict[str, int] = {}
+
+    def _refusal(self, address: str) -> str | None:
+        if self.open >= self.max_connections:
+            return "api-connections"
+        if self.by_address.get(address, 0) >= self.max_per_address and not (
+            self.loopback_exempt and _is_loopback(address)
+        ):
+            return "api-connections-per-address"
+        return None
 
     @property
     def name(self) -> str:
@@ -89,6 +112,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, site: CappedSite) -> None:
         self.site = site
+        self.address = ""
         self.counted = False
         self.handler: RequestHandler | None = None
         self.task: asyncio.Task[None] | None = None
@@ -96,8 +120,11 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         site = self.site
-        if site.open >= site.max_connections:
-            site.on_refused()
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if peer else ""
+        refusal = site._refusal(self.address)
+        if refusal is not None:
+            site.on_refused(refusal)
             if site._ssl_context is None:
                 transport.write(_BUSY)
                 transport.close()
@@ -105,6 +132,7 @@ class _Connection(asyncio.Protocol):
                 transport.abort()  # no TLS work for a connection we refuse
             return
         site.open += 1
+        site.by_address[self.address] = site.by_address.get(self.address, 0) + 1
         self.counted = True
         if site._ssl_context is None:
             self.handler = site._handler()
@@ -138,7 +166,13 @@ class _Connection(asyncio.Protocol):
     def release(self) -> None:
         if self.counted:
             self.counted = False
-            self.site.open -= 1
+            site = self.site
+            site.open -= 1
+            left = site.by_address[self.address] - 1
+            if left:
+                site.by_address[self.address] = left
+            else:
+                del site.by_address[self.address]
 
     # Plain HTTP: the raw transport keeps this protocol; forward to aiohttp.
     # (With TLS, start_tls moves the raw transport to asyncio's TLS layer,
@@ -194,3 +228,10 @@ class _AfterTls(asyncio.Protocol):
             with contextlib.suppress(Exception):
                 self.handler.connection_lost(exc)
         self.conn.release()
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.partition("%")[0]).is_loopback
+    except ValueError:
+        return False
