@@ -21,7 +21,6 @@ a protocol behind asyncio's own TLS layer never hears of.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import ssl
 from collections.abc import Callable
@@ -224,9 +223,8 @@ class _AfterTls(asyncio.Protocol):
         self.handler.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.conn.handler is not None:
-            with contextlib.suppress(Exception):
-                self.handler.connection_lost(exc)
+        if self.conn.handler is not None:  # aiohttp was told of the connection
+            self.handler.connection_lost(exc)
         self.conn.release()
 
 
