@@ -13,10 +13,12 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from meshd.api.listener import CappedSite
 from tests.fakes import until, write_node_pki
@@ -197,3 +199,26 @@ def test_the_agent_raises_its_open_files_limit_to_the_hard_one(hard: int) -> Non
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) == hard
     assert ("below the" in done.stderr) == (hard < FDS_NEEDED), done.stderr
+
+
+async def test_requests_sent_with_the_handshake_are_all_answered(serve, pki, monkeypatch) -> None:
+    """A TLS client's first requests can arrive with the end of its handshake,
+    before the listener hands the connection to aiohttp: none is lost."""
+    site, port, _ = await serve(tls=True)
+    calls: list[str] = []
+    for name in ("connection_made", "data_received"):
+        method = getattr(RequestHandler, name)
+
+        def record(self: RequestHandler, *args: Any, _name: str = name, _m: Any = method) -> Any:
+            calls.append(_name)
+            return _m(self, *args)
+
+        monkeypatch.setattr(RequestHandler, name, record)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx(pki))
+    request = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
+    writer.write(request * 199 + b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.count(b"HTTP/1.1 200 OK") == 200
+    assert calls[0] == "connection_made" and "data_received" in calls  # aiohttp's order
+    writer.close()
+    await until(lambda: site.open == 0, "released")

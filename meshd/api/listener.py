@@ -144,10 +144,11 @@ class _Connection(asyncio.Protocol):
         site = self.site
         assert site._ssl_context is not None
         handler = site._handler()
+        app = _AfterTls(self, handler)
         try:
             tls = await asyncio.get_running_loop().start_tls(
                 raw,
-                _AfterTls(self, handler),
+                app,
                 site._ssl_context,
                 server_side=True,
                 ssl_handshake_timeout=site.handshake_timeout,
@@ -160,7 +161,7 @@ class _Connection(asyncio.Protocol):
             self.release()
             return
         self.handler = handler
-        handler.connection_made(tls)
+        app.connected(tls)
 
     def release(self) -> None:
         if self.counted:
@@ -208,12 +209,33 @@ class _AfterTls(asyncio.Protocol):
 
     def __init__(self, conn: _Connection, handler: RequestHandler) -> None:
         self.conn, self.handler = conn, handler
+        # asyncio's TLS layer delivers the data that came with the end of the
+        # handshake at once, before start_tls's caller resumes and tells
+        # aiohttp of the connection: kept here until then (at most what one
+        # read of the socket brought).
+        self.early: list[bytes] = []
+        self.early_eof = False
+
+    def connected(self, tls: asyncio.Transport) -> None:
+        """Hand the connection to aiohttp, then what arrived before."""
+        self.handler.connection_made(tls)
+        early, self.early = self.early, []
+        for data in early:
+            self.handler.data_received(data)
+        if self.early_eof:
+            self.handler.eof_received()
 
     def data_received(self, data: bytes) -> None:
-        self.handler.data_received(data)
+        if self.conn.handler is None:
+            self.early.append(data)
+        else:
+            self.handler.data_received(data)
 
     def eof_received(self) -> bool | None:
-        self.handler.eof_received()
+        if self.conn.handler is None:
+            self.early_eof = True
+        else:
+            self.handler.eof_received()
         return None
 
     def pause_writing(self) -> None:
