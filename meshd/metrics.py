@@ -39,6 +39,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.clusters_lost = Counter(
+            "meshd_clusters_lost",
+            "Times this bridge's cluster watch marked another cluster unreachable.",
+            registry=r,
+        )
         self.lookup_seconds = Histogram(
             "meshd_lookup_seconds",
             "Time to answer a resolve from the local index.",

@@ -100,6 +100,10 @@ def test_a_silent_cluster_is_failed_over_within_seconds_and_taken_back_at_once(m
         # Central is no one's concern: still reachable from west.
         clusters = {r["cluster"]: r["reachable"] for r in w1.get("/v1/clusters")}
         assert clusters.get("central") is True and clusters.get("east") is False
+        # West's bridge counts and logs the verdict for an operator's alert.
+        w0 = mesh["w0"]
+        assert w0.metric("meshd_clusters_lost_total") >= 1
+        assert any("held unreachable" in line and "east" in line for line in w0.lines)
     finally:
         for a in east:
             a.signal(signal.SIGCONT)

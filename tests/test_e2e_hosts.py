@@ -374,10 +374,14 @@ def test_e_ten_percent_loss_for_five_minutes_kills_no_one(mesh: Mesh) -> None:
     baseline(mesh)
     hosts = list(mesh.h.values())
     marks = {h.name: len(h.lines) for h in hosts}
+    # Verdicts of the bridges' cluster watches so far (earlier tests cut
+    # networks on purpose); any new one under loss is a false one.
+    lost_before = {h.name: h.metric("meshd_clusters_lost_total") for h in hosts}
     mesh.topo.start_loss(one_in=10)
     start = time.monotonic()
     samples = 0
     dead_seen: list[str] = []
+    unreachable_seen: list[str] = []
     suspect_samples = 0
     try:
         while time.monotonic() - start < LOSS_SECONDS:
@@ -388,6 +392,8 @@ def test_e_ten_percent_loss_for_five_minutes_kills_no_one(mesh: Mesh) -> None:
                     suspect_samples += status == "suspect"
                 if host.metric("meshd_members", status="dead") > 0:
                     dead_seen.append(f"{time.monotonic() - start:.0f}s {host.name}: metric")
+            at = f"{time.monotonic() - start:.0f}s"
+            unreachable_seen += [f"{at} {u}" for u in mesh.unreachable()]
             samples += 1
             time.sleep(SAMPLE_EVERY)  # a sampling period, not a synchronisation
         records = mesh.records_in_place()
@@ -403,12 +409,21 @@ def test_e_ten_percent_loss_for_five_minutes_kills_no_one(mesh: Mesh) -> None:
     suspicions = sum(
         line.endswith(" is suspect") for h in hosts for line in h.lines[marks[h.name] :]
     )
+    # The counter sees verdicts between samples too.
+    lost = {
+        h.name: h.metric("meshd_clusters_lost_total") - lost_before[h.name]
+        for h in hosts
+        if h.metric("meshd_clusters_lost_total") > lost_before[h.name]
+    }
     ratio = dropped / max(seen, 1)
+    held = len(unreachable_seen) + sum(lost.values())
     print(f"\n  e) {LOSS_SECONDS:.0f} s at {100 * ratio:.1f}% loss ({dropped} of {seen} packets"
           f" dropped): {samples} samples of 7 agents, deaths {len(dead_seen) + len(logged)},"
-          f" suspicions logged {suspicions}, suspect in samples {suspect_samples}")  # fmt: skip
+          f" suspicions logged {suspicions}, suspect in samples {suspect_samples},"
+          f" clusters held unreachable {held:.0f}")  # fmt: skip
     assert seen > 1000 and 0.07 < ratio < 0.13, (seen, dropped)
     assert dead_seen == [] and logged == [], dead_seen + logged
+    assert unreachable_seen == [] and lost == {}, (unreachable_seen, lost)
     assert records == []
     assert all(h.running for h in hosts)
 

@@ -100,7 +100,7 @@ def test_silence_for_misses_rounds_marks_a_cluster_unreachable_and_one_ack_undoe
         t = w.deadline()
         out, changed = w.tick(t, tg)
     assert w.unreachable() == {"c"}
-    assert changed
+    assert changed and w.lost == 1
     # The verdict came when the misses-th silent round timed out.
     assert t == pytest.approx(W.misses * W.interval + W.timeout, abs=1e-9)
     assert t <= watch_verdict_time()
@@ -108,6 +108,7 @@ def test_silence_for_misses_rounds_marks_a_cluster_unreachable_and_one_ack_undoe
     ping = next(p for _, p in out if p.target == "c/n1")
     assert w.on_ack("c/n1", ping.seq, t + 0.05) is True
     assert w.unreachable() == set()
+    assert w.lost == 1  # counts verdicts, not rounds: one loss so far
 
 
 def test_one_answered_round_resets_the_count():

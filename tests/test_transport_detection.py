@@ -12,6 +12,8 @@ names another: it is dropped and reported as misplaced.
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,13 @@ from pathlib import Path
 import pytest
 
 from meshd import identity
-from meshd.agent.transport import Limits, Transport, make_client_context, make_server_context
+from meshd.agent.transport import (
+    TCP_THIN_LINEAR_TIMEOUTS,
+    Limits,
+    Transport,
+    make_client_context,
+    make_server_context,
+)
 from meshd.metrics import Metrics
 from meshd.wire import Gossip
 from tests.fakes import until, write_node_pki
@@ -134,3 +142,20 @@ async def test_a_message_for_another_member_is_never_written_there(peers) -> Non
     await until(lambda: len(b.received) == 3, "b's next message")
     await until(lambda: len(a.misplaced) == 2, "the second report")
     assert rejected._value.get() == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux TCP option")
+async def test_gossip_connections_retransmit_on_linear_timeouts_both_ways(peers) -> None:
+    """A stalled thin stream must not silence a peer for seconds under WAN
+    loss: both the connection we open and the one we accept ask the kernel
+    not to double the retransmission timeout (TCP_THIN_LINEAR_TIMEOUTS)."""
+    a, b = await peers("a"), await peers("b")
+    await talking(a, b)
+    writer = a.transport._out[b.address].writer
+    assert writer is not None
+    ours = writer.get_extra_info("socket")
+    (accepted,) = b.transport._by_peer["east/a"]
+    assert accepted.raw is not None
+    theirs = accepted.raw.get_extra_info("socket")
+    for sock in (ours, theirs):
+        assert sock.getsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS) == 1

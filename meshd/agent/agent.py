@@ -188,6 +188,7 @@ class Agent:
         self.core: Core | None = None
         self._reach: tuple[int, Reach] | None = None
         self._reported: Counter[str] = Counter()  # core counters already exported
+        self._clusters_lost = 0  # the bridge watch's ``lost`` already exported
         #: Dead nodes' last documents, so the inventory lists them critical.
         self.dead = DeadNodes(reap_after)
         self._dead_reap: asyncio.TimerHandle | None = None
@@ -554,6 +555,14 @@ class Agent:
                 if pool_name == LAN:
                     self._remember(event)
         self._persist_counters()
+        bridge = host.bridge
+        if bridge is not None and bridge.watch.lost > self._clusters_lost:
+            self.metrics.clusters_lost.inc(bridge.watch.lost - self._clusters_lost)
+            self._clusters_lost = bridge.watch.lost
+            log.warning(
+                "cluster watch: no answer from %s; held unreachable from this bridge",
+                ", ".join(sorted(bridge.watch.unreachable())),
+            )
         for pool in self.pools.values():
             core = pool.core
             if core is None:

@@ -135,6 +135,9 @@ class ClusterWatch:
         self.ignored = 0
         #: Rounds that timed out unanswered (loss, or a lost cluster).
         self.missed = 0
+        #: Times a cluster went from reachable to unreachable here: a lost
+        #: cluster, or (what an operator alerts on) a healthy one behind loss.
+        self.lost = 0
 
     def deadline(self) -> float:
         t = self.next_round
@@ -234,6 +237,7 @@ class ClusterWatch:
             w.misses += 1
             if w.misses >= self.config.misses and not w.unreachable:
                 w.unreachable = True
+                self.lost += 1
                 changed = True
         return changed
 
