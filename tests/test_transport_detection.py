@@ -22,6 +22,8 @@ import pytest
 
 from meshd import identity
 from meshd.agent.transport import (
+    RTO_MAX_MS,
+    TCP_RTO_MAX_MS,
     TCP_THIN_LINEAR_TIMEOUTS,
     Limits,
     Transport,
@@ -144,11 +146,22 @@ async def test_a_message_for_another_member_is_never_written_there(peers) -> Non
     assert rejected._value.get() == 2
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux TCP option")
-async def test_gossip_connections_retransmit_on_linear_timeouts_both_ways(peers) -> None:
+def _rto_max_supported() -> bool:
+    """Whether this kernel has TCP_RTO_MAX_MS (Linux 6.15 and later)."""
+    with socket.socket() as s:
+        try:
+            s.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS)
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux TCP options")
+async def test_gossip_connections_retransmit_on_short_timeouts_both_ways(peers) -> None:
     """A stalled thin stream must not silence a peer for seconds under WAN
     loss: both the connection we open and the one we accept ask the kernel
-    not to double the retransmission timeout (TCP_THIN_LINEAR_TIMEOUTS)."""
+    not to double the retransmission timeout (TCP_THIN_LINEAR_TIMEOUTS) and,
+    where it can, to cap it at a second (TCP_RTO_MAX_MS)."""
     a, b = await peers("a"), await peers("b")
     await talking(a, b)
     writer = a.transport._out[b.address].writer
@@ -157,5 +170,8 @@ async def test_gossip_connections_retransmit_on_linear_timeouts_both_ways(peers)
     (accepted,) = b.transport._by_peer["east/a"]
     assert accepted.raw is not None
     theirs = accepted.raw.get_extra_info("socket")
+    capped = _rto_max_supported()
     for sock in (ours, theirs):
         assert sock.getsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS) == 1
+        if capped:
+            assert sock.getsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS) == RTO_MAX_MS

@@ -128,17 +128,27 @@ RATE_BYTES_PER_SECOND = 4.0 * 1024 * 1024
 RATE_BYTES_BURST = 32.0 * 1024 * 1024
 ABUSE_AFTER = 10.0
 ABUSE_GAP = 1.0
-#: Linux's TCP_THIN_LINEAR_TIMEOUTS (``linux/tcp.h``; Python does not export
-#: it).  Gossip connections are thin streams: a frame or two in flight, so a
-#: lost segment is only recovered by the retransmission timer, which doubles
-#: on each retry (0.2 + 0.4 + 0.8 + 1.6 + 3.2 s).  Under 10% loss in each
-#: direction a retry fails about one time in five, so four or five failures
-#: in a row happen every few hours of traffic and stall the connection for
-#: over 6 s: long enough for the cluster watch (12 missed rounds of 0.5 s)
-#: to call a healthy cluster unreachable.  With this option the first six
-#: retries keep the base timeout (about 0.2 s), and a stall of that length
-#: needs about ten failures in a row instead.
+#: Linux's TCP_THIN_LINEAR_TIMEOUTS and TCP_RTO_MAX_MS (``linux/tcp.h``;
+#: Python exports neither).  Gossip connections are thin streams, a frame or
+#: two in flight, so a lost segment is recovered only by the retransmission
+#: timer.  Under loss that timer grows two ways: it doubles on every retry,
+#: and lost segments inflate the round-trip variance it is computed from
+#: (timeouts of 3-13 s after a few losses at 30%).  Measured between two
+#: namespaces at 20% loss each way (benchmarks/bench_thin_streams.py, 120 s):
+#: with Linux's defaults connections went silent for over 6 s 13 times, the
+#: longest 44.6 s; with linear timeouts (the first six retries keep the base
+#: timeout) 6 times; with the timeout also capped at 1 s (the least Linux
+#: allows; kernels before 6.15 refuse the option and keep their default)
+#: never.  A silence over 6 s is long enough for the cluster watch (12
+#: missed rounds of 0.5 s) to call a healthy cluster unreachable, which one
+#: 10% loss run of the separate-hosts test saw.  With the cap, Linux gives
+#: up on a connection whose data goes unacknowledged for about 14 s instead
+#: of 15 minutes; the transport reports that as a closed connection, which
+#: makes the core probe the peer, not declare it dead.
 TCP_THIN_LINEAR_TIMEOUTS = 16
+TCP_RTO_MAX_MS = 44
+#: Milliseconds: the most a gossip segment waits for its next retransmission.
+RTO_MAX_MS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -530,14 +540,17 @@ class Transport:
 
 
 def _thin_stream(sock: object) -> None:
-    """Ask for linear retransmission timeouts on a gossip socket, where the
-    kernel has them (see TCP_THIN_LINEAR_TIMEOUTS); elsewhere do nothing:
-    option 16 means something else on other systems (TCP_KEEPALIVE on macOS)."""
+    """Ask for linear and capped retransmission timeouts on a gossip socket,
+    where the kernel has them (see TCP_THIN_LINEAR_TIMEOUTS); elsewhere do
+    nothing: the numbers mean other options on other systems (16 is
+    TCP_KEEPALIVE on macOS)."""
     setsockopt = getattr(sock, "setsockopt", None)
     if setsockopt is None or not sys.platform.startswith("linux"):
         return
     with contextlib.suppress(OSError):
         setsockopt(socket.IPPROTO_TCP, TCP_THIN_LINEAR_TIMEOUTS, 1)
+    with contextlib.suppress(OSError):
+        setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, RTO_MAX_MS)
 
 
 def _drop(out: _Outbound, writer: asyncio.StreamWriter) -> None:
