@@ -552,6 +552,33 @@ async def test_a_full_disk_answers_507_and_changes_nothing(
         await stop_local(again)
 
 
+async def test_an_unchecked_instances_health_is_stored_before_it_is_acknowledged(
+    local: Local, tls: Any, state_dir: Path
+) -> None:
+    """No check finds it again after a restart, so what the app said must be
+    on disk when the API says 200; a refused write changes nothing."""
+    assert (await local.put("/v1/apps/o1", APP))[0] == 200
+    writes = local.db.get_counter("registration_writes")
+    assert (await local.put("/v1/apps/o1/health", {"status": "critical"}))[0] == 200
+    assert local.db.get_counter("registration_writes") == writes + 1
+    # Saying it again writes nothing.
+    assert (await local.put("/v1/apps/o1/health", {"status": "critical"}))[0] == 200
+    assert local.db.get_counter("registration_writes") == writes + 1
+    with disk_full(local.db):
+        status, body = await local.put("/v1/apps/o1/health", {"status": "passing"})
+        assert status == 507 and body["error"].endswith("nothing was stored")
+        assert local.agent.core.apps["o1"].health == "critical"  # type: ignore[union-attr]
+    await stop_local(local)
+    again = await start_local(tls, state_dir)
+    try:
+        assert [(a["instance"], a["health"]) for a in await again.apps()] == [("o1", "critical")]
+        # A new registration is the app's latest word again.
+        assert (await again.put("/v1/apps/o1", APP))[0] == 200
+        assert [a["health"] for a in await again.apps()] == ["passing"]
+    finally:
+        await stop_local(again)
+
+
 async def test_a_refused_registration_stores_nothing(local: Local, tls: Any, state_dir: Path):
     # Fill the main document to just under the byte cap, then one too many.
     n = 0
@@ -749,6 +776,33 @@ def test_maintenance_survives_a_sigkill_and_ends_with_its_registration(tmp_path,
     a.kill()
     a.start()
     assert health()["o1"] == "passing"
+
+
+@pytest.mark.e2e
+def test_an_unchecked_instances_reported_health_survives_a_sigkill(tmp_path, certs, agents):
+    a = AgentProc(tmp_path, certs, "n1").start()
+    agents.append(a)
+    a.register("orders", "o1", 3500)  # no check: passing
+
+    def health() -> str:
+        (app,) = a.get("/v1/apps")
+        return str(app["health"])
+
+    assert a.call("PUT", "/v1/apps/o1/health", {"status": "critical"})[0] == 200
+    a.kill()  # SIGKILL: the acknowledged report is on disk
+    a.start()
+    assert health() == "critical"
+    assert a.resolve("orders") == []  # not routed to
+    # Reported during maintenance: what taking it out restores.
+    maintenance = "/v1/agent/service/maintenance/o1?enable="
+    assert a.call("PUT", maintenance + "true")[0] == 200
+    assert a.call("PUT", "/v1/apps/o1/health", {"status": "warning"})[0] == 200
+    assert health() == "critical"
+    assert a.call("PUT", maintenance + "false")[0] == 200
+    assert health() == "warning"
+    a.kill()
+    a.start()
+    assert health() == "warning"
 
 
 @pytest.mark.e2e

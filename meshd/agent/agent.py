@@ -820,15 +820,31 @@ class Agent:
             return True
 
     async def set_health(self, instance: str, status: str, output: str = "") -> bool:
-        if instance not in self._core.apps:
-            return False
-        reg = self._checks.get(instance)
-        if reg is not None and reg.check is not None and reg.check.kind == "ttl":
-            self.runner.report_ttl(instance, status)
-        self._outputs[instance] = output[:MAX_OUTPUT]
-        if instance not in self._maintenance:
-            self._set_health(instance, status)
-        return True
+        # Under the lock: a registration replacing this one meanwhile must
+        # not be overwritten by the copy stored below.
+        async with self._lock:
+            if instance not in self._core.apps:
+                return False
+            reg = self._checks.get(instance)
+            if reg is not None and reg.check is not None:
+                if reg.check.kind == "ttl":
+                    self.runner.report_ttl(instance, status)
+            elif reg is not None and reg.record.health != status:
+                # No check finds an unchecked instance's health again after a
+                # restart (a checked one restarts critical until its check
+                # passes), so what the app said is stored with its
+                # registration before it takes effect; StorageError: nothing
+                # changed.  Only changes are written: repeating a status is free.
+                stored = Registration(replace(reg.record, health=status), None)
+                await asyncio.to_thread(self._db.put_registration, stored, None)
+                self._checks[instance] = stored
+            self._outputs[instance] = output[:MAX_OUTPUT]
+            if instance not in self._maintenance:
+                self._set_health(instance, status)
+            elif reg is None or reg.check is None:
+                # Taking it out of maintenance restores the app's latest word.
+                self._health_before[instance] = status
+            return True
 
     def check_outputs(self) -> dict[str, str]:
         out = dict(self._outputs)
