@@ -129,22 +129,22 @@ RATE_BYTES_BURST = 32.0 * 1024 * 1024
 ABUSE_AFTER = 10.0
 ABUSE_GAP = 1.0
 #: Linux's TCP_THIN_LINEAR_TIMEOUTS and TCP_RTO_MAX_MS (``linux/tcp.h``;
-#: Python exports neither).  Gossip connections are thin streams, a frame or
+#: Python exports neither). Gossip connections are thin streams, a frame or
 #: two in flight, so a lost segment is recovered only by the retransmission
-#: timer.  Under loss that timer grows two ways: it doubles on every retry,
+#: timer. Under loss that timer grows two ways: it doubles on every retry,
 #: and lost segments inflate the round-trip variance it is computed from
-#: (timeouts of 3-13 s after a few losses at 30%).  Measured between two
-#: namespaces at 20% loss each way (benchmarks/bench_thin_streams.py, 120 s):
-#: with Linux's defaults connections went silent for over 6 s 13 times, the
-#: longest 44.6 s; with linear timeouts (the first six retries keep the base
-#: timeout) 6 times; with the timeout also capped at 1 s (the least Linux
-#: allows; kernels before 6.15 refuse the option and keep their default)
-#: never.  A silence over 6 s is long enough for the cluster watch (12
-#: missed rounds of 0.5 s) to call a healthy cluster unreachable, which one
-#: 10% loss run of the separate-hosts test saw.  With the cap, Linux gives
-#: up on a connection whose data goes unacknowledged for about 14 s instead
-#: of 15 minutes; the transport reports that as a closed connection, which
-#: makes the core probe the peer, not declare it dead.
+#: (timeouts of 3-13 s after a few losses at 30%). Measured between two
+#: namespaces at 20% loss each way for 120 s (benchmarks/bench_thin_streams.py):
+#: with Linux's defaults connections went silent for over 6 s 13 times,
+#: the longest 44.6 s; with linear timeouts (the first six retries keep the
+#: base timeout) 6 times; with the timeout also capped at 1 s (the least
+#: Linux allows; kernels before 6.15 refuse the option and keep their
+#: default) never. A silence over 6 s is long enough for the cluster watch
+#: (12 missed rounds of 0.5 s) to call a healthy cluster unreachable, most
+#: likely what one 10% loss run of the separate-hosts test saw. With the
+#: cap, Linux gives up on a connection whose data goes unacknowledged for
+#: about 14 s instead of 15 minutes; the transport reports that as a closed
+#: connection, which makes the core probe the peer, not declare it dead.
 TCP_THIN_LINEAR_TIMEOUTS = 16
 TCP_RTO_MAX_MS = 44
 #: Milliseconds: the most a gossip segment waits for its next retransmission.
@@ -620,8 +620,8 @@ class _Inbound(asyncio.Protocol):
             owner._reject(self.remote, *refusal)
             transport.abort()
             return
-        # Our replies on this connection are only TLS records, but a stalled
-        # handshake or session ticket holds the peer's frames up as well.
+        # We send only the TLS handshake on this connection (no session
+        # tickets), but a stalled handshake holds the peer's frames up too.
         _thin_stream(transport.get_extra_info("socket"))
         self.counted = self.in_handshake = True
         owner._inbound.add(self)
