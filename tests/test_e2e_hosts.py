@@ -410,11 +410,8 @@ def test_e_ten_percent_loss_for_five_minutes_kills_no_one(mesh: Mesh) -> None:
         line.endswith(" is suspect") for h in hosts for line in h.lines[marks[h.name] :]
     )
     # The counter sees verdicts between samples too.
-    lost = {
-        h.name: h.metric("meshd_clusters_lost_total") - lost_before[h.name]
-        for h in hosts
-        if h.metric("meshd_clusters_lost_total") > lost_before[h.name]
-    }
+    lost_after = {h.name: h.metric("meshd_clusters_lost_total") for h in hosts}
+    lost = {n: lost_after[n] - lost_before[n] for n in lost_after if lost_after[n] > lost_before[n]}
     ratio = dropped / max(seen, 1)
     held = len(unreachable_seen) + sum(lost.values())
     print(f"\n  e) {LOSS_SECONDS:.0f} s at {100 * ratio:.1f}% loss ({dropped} of {seen} packets"
