@@ -20,6 +20,7 @@ What must hold, and how each part is shown:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import json
@@ -30,6 +31,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time as time_module
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +39,7 @@ from typing import Any
 
 import pytest
 
+import meshd.agent.agent as agent_module
 from meshd.agent.interface import CheckSpec, Registration
 from meshd.agent.limits import Publisher, publish_problem
 from meshd.agent.statedb import (
@@ -579,6 +582,103 @@ async def test_an_unchecked_instances_health_is_stored_before_it_is_acknowledged
         await stop_local(again)
 
 
+class _Wall:
+    """The agent's wall clock, moved by hand (its loop clock stays real)."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    monotonic = staticmethod(time_module.monotonic)
+
+
+def _ttl_timer_left(local: Local, instance: str) -> float:
+    check = local.agent.runner._checks[instance]
+    assert check.timer is not None
+    return check.timer.when() - asyncio.get_running_loop().time()
+
+
+async def test_a_ttl_report_survives_a_restart_until_its_ttl_runs_out(
+    local: Local, tls: Any, state_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As Consul keeps a TTL check's state: what the app last reported is on
+    disk when the API says 200, and a restart before it runs out keeps it,
+    for what is left of it, never longer."""
+    wall = _Wall()
+    monkeypatch.setattr(agent_module, "time", wall)
+    ttl_app = {**APP, "check": {"ttl": "30s"}}
+    assert (await local.put("/v1/apps/o1", ttl_app))[0] == 200
+
+    def health(node: Local) -> str:
+        return node.agent.core.apps["o1"].health  # type: ignore[union-attr]
+
+    assert health(local) == "critical"  # not routed to before it reports
+    resp = await local.client.put("/v1/agent/check/pass/service:o1?note=all+good")
+    assert resp.status == 200
+    assert local.db.load_check_states() == {"o1": ("passing", "all good", wall.now + 30)}
+    # The same report with more than half the TTL left writes nothing ...
+    wall.now += 10
+    assert (await local.client.put("/v1/agent/check/pass/service:o1?note=all+good")).status == 200
+    assert local.db.load_check_states()["o1"][2] == wall.now + 20
+    # ... with less, it moves the stored end; a full disk cannot turn the app
+    # critical through that: the report takes effect, the old end stays.
+    wall.now += 6
+    with disk_full(local.db):
+        resp = await local.client.put("/v1/agent/check/pass/service:o1?note=all+good")
+        assert resp.status == 200
+        assert local.db.load_check_states()["o1"][2] == wall.now + 14
+        # A change the disk refuses is refused, and changes nothing.
+        resp = await local.client.put("/v1/agent/check/fail/service:o1?note=down")
+        assert resp.status == 507 and "is full" in await resp.text()
+        assert health(local) == "passing"
+    assert (await local.client.put("/v1/agent/check/warn/service:o1?note=slow")).status == 200
+    assert local.db.load_check_states() == {"o1": ("warning", "slow", wall.now + 30)}
+    assert health(local) == "warning"
+
+    # Restarted 12 s later: still warning, with 18 s of the TTL left.
+    await stop_local(local)
+    wall.now += 12
+    again = await start_local(tls, state_dir)
+    try:
+        assert health(again) == "warning"
+        assert again.agent.runner.status("o1") == "warning"
+        assert 17 < _ttl_timer_left(again, "o1") <= 18
+        checks = (await again.get("/v1/agent/checks"))[1]
+        assert (checks["service:o1"]["Status"], checks["service:o1"]["Output"]) == (
+            "warning",
+            "slow",
+        )
+    finally:
+        await stop_local(again)
+    # Restarted after it ran out: critical until the app reports again.
+    wall.now += 19
+    again = await start_local(tls, state_dir)
+    try:
+        assert health(again) == "critical"
+        assert again.agent.runner.status("o1") == "critical"
+        # A clock set back cannot stretch a report past one TTL.
+        assert (await again.client.put("/v1/agent/check/pass/service:o1")).status == 200
+    finally:
+        await stop_local(again)
+    wall.now -= 3600
+    again = await start_local(tls, state_dir)
+    try:
+        assert health(again) == "passing"
+        assert _ttl_timer_left(again, "o1") <= 30
+        # Another check replaces the report of the old one; so does a deregistration.
+        assert (await again.put("/v1/apps/o1", {**APP, "check": {"ttl": "60s"}}))[0] == 200
+        assert again.db.load_check_states() == {}
+        assert health(again) == "critical"
+        assert (await again.client.put("/v1/agent/check/pass/service:o1")).status == 200
+        assert "o1" in again.db.load_check_states()
+        assert (await again.client.delete("/v1/apps/o1")).status == 200
+        assert again.db.load_check_states() == {}
+    finally:
+        await stop_local(again)
+
+
 async def test_a_refused_registration_stores_nothing(local: Local, tls: Any, state_dir: Path):
     # Fill the main document to just under the byte cap, then one too many.
     n = 0
@@ -803,6 +903,30 @@ def test_an_unchecked_instances_reported_health_survives_a_sigkill(tmp_path, cer
     a.kill()
     a.start()
     assert health() == "warning"
+
+
+@pytest.mark.e2e
+def test_a_ttl_checked_instance_is_still_served_after_a_sigkill(tmp_path, certs, agents):
+    """The Consul TTL pattern: the app reports every few seconds; the agent
+    crashes and comes back within the TTL; the app is served throughout what
+    is left of its last report, as Consul would keep it."""
+    a = AgentProc(tmp_path, certs, "n1").start()
+    agents.append(a)
+    a.register("web", "w1", 8080, check={"ttl": "60s"})
+    assert a.resolve("web") == []  # not before it reports
+    assert a.call("PUT", "/v1/agent/check/pass/service:w1?note=ok")[0] == 200
+    assert [e["instance"] for e in a.resolve("web")] == ["w1"]
+    a.kill()
+    a.start()
+    assert [e["instance"] for e in a.resolve("web")] == ["w1"]
+    checks = a.get("/v1/agent/checks")
+    assert (checks["service:w1"]["Status"], checks["service:w1"]["Output"]) == ("passing", "ok")
+    # What it said last, also when that was bad.
+    assert a.call("PUT", "/v1/agent/check/fail/service:w1?note=db+down")[0] == 200
+    a.kill()
+    a.start()
+    assert a.resolve("web") == []
+    assert a.get("/v1/agent/checks")["service:w1"]["Output"] == "db down"
 
 
 @pytest.mark.e2e

@@ -266,19 +266,65 @@ def test_a_row_for_an_instance_never_registered_is_not_loaded(db: StateDB) -> No
     assert db.load_maintenance() == {}
 
 
-def test_a_file_of_the_previous_schema_gains_the_maintenance_table(db_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("version", "tables"),
+    [(3, ("maintenance", "check_state")), (4, ("check_state",))],
+    ids=["before-maintenance", "before-check-state"],
+)
+def test_a_file_of_an_earlier_schema_gains_the_new_tables(
+    db_path: Path, version: int, tables: tuple[str, ...]
+) -> None:
     with StateDB.open(db_path) as d:
         d.put_registration(reg("a"), 1)
     raw = sqlite3.connect(db_path)
-    with raw:  # back to what the build before the maintenance table wrote
-        raw.execute("DROP TABLE maintenance")
-        raw.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION - 1,))
+    with raw:  # back to what the build before those tables wrote
+        for table in tables:
+            raw.execute(f"DROP TABLE {table}")
+        raw.execute("UPDATE schema_version SET version = ?", (version,))
     raw.close()
     with StateDB.open(db_path) as d:
         assert [r.record.instance for r in d.load_registrations()] == ["a"]
         assert d.load_maintenance() == {}
         d.set_maintenance("a", "upgrade")
         assert d.load_maintenance() == {"a": "upgrade"}
+        assert d.load_check_states() == {}
+        d.set_check_state("a", "passing", "ok", 1e9)
+        assert d.load_check_states() == {"a": ("passing", "ok", 1e9)}
+
+
+def test_a_ttl_check_state_goes_with_its_registration_and_its_check(db: StateDB) -> None:
+    ttl = CheckSpec(kind="ttl", ttl=30.0)
+    db.put_registration(reg("a", check=ttl), 1)
+    db.set_check_state("a", "warning", "slow", 2e9)
+    db.set_check_state("ghost", "passing", "", 2e9)  # never registered: not loaded
+    assert db.load_check_states() == {"a": ("warning", "slow", 2e9)}
+    db.put_registration(reg("a", check=ttl), 2)  # the same check: kept
+    assert db.load_check_states() == {"a": ("warning", "slow", 2e9)}
+    db.put_registration(reg("a", check=CheckSpec(kind="ttl", ttl=60.0)), 3)
+    assert db.load_check_states() == {}  # another check: the old report says nothing
+    db.set_check_state("a", "passing", "", 2e9)
+    assert db.delete_registration("a", 4)
+    db.put_registration(reg("a", check=ttl), 5)
+    assert db.load_check_states() == {}  # gone with its registration
+    with pytest.raises(ValueError, match="status must be one of"):
+        db.set_check_state("a", "up", "", 2e9)
+
+
+def test_a_garbled_check_state_row_is_skipped(
+    db: StateDB, caplog: pytest.LogCaptureFixture
+) -> None:
+    db.put_registration(reg("a", check=CheckSpec(kind="ttl", ttl=30.0)), 1)
+    db.put_registration(reg("b", check=CheckSpec(kind="ttl", ttl=30.0)), 2)
+    db.set_check_state("a", "passing", "", 2e9)
+    db.set_check_state("b", "passing", "", 2e9)
+    conn = db._conn
+    assert conn is not None
+    with conn:  # hand-edited rows
+        conn.execute("UPDATE check_state SET status = 'up' WHERE instance = 'a'")
+        conn.execute("UPDATE check_state SET expires = 'soon' WHERE instance = 'b'")
+    with caplog.at_level(logging.WARNING):
+        assert db.load_check_states() == {}
+    assert sum("skipping stored check state" in r.getMessage() for r in caplog.records) == 2
 
 
 # ---------------------------------------------------------------------------

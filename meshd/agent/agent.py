@@ -208,6 +208,9 @@ class Agent:
         self._outputs: dict[str, str] = {}
         self._maintenance: dict[str, str] = {}
         self._health_before: dict[str, str] = {}
+        # Instance -> (status, output, expires on the wall clock) of the last
+        # TTL report stored, to tell which reports need a write.
+        self._ttl_stored: dict[str, tuple[str, str, float]] = {}
         self.runner = CheckRunner(self._on_check_status)
         #: The CA's revocation list in force: refused at every handshake and
         #: every verification (the predicates below read it).
@@ -248,10 +251,25 @@ class Agent:
         self._index = IndexReservation(self._db, time.time())
         apps = []
         maintenance = self._db.load_maintenance()
+        ttl_states = self._db.load_check_states()
+        wall = time.time()
+        ttl_left: dict[str, float] = {}
         for reg in regs:
             # A checked instance is not routed to until its check passes again
             # (as Consul does after a restart): the app may have died with us.
             record = reg.record if reg.check is None else replace(reg.record, health="critical")
+            state = ttl_states.get(record.instance)
+            if reg.check is not None and reg.check.kind == "ttl" and state is not None:
+                # Except what its app reported on a TTL check that has not
+                # run out yet (Consul keeps a TTL check's state too): the
+                # report vouches for the app until then, restart or not.
+                status, output, expires = state
+                if expires > wall:
+                    record = replace(record, health=status)
+                    ttl_left[record.instance] = expires - wall
+                    self._ttl_stored[record.instance] = state
+                    if output:
+                        self._outputs[record.instance] = output
             reason = maintenance.get(record.instance)
             if reason is not None:
                 # Still in maintenance: critical until taken out, which
@@ -295,9 +313,16 @@ class Agent:
             self._persisted[WAN] = wan_inc + 1
             wan_core = wan.core = make(wan, wan_inc)
         self.host = Host(lan_core, now, wan=wan_core)
-        for reg in regs:
+        for record in apps:
+            reg = self._checks[record.instance]
             if reg.check is not None:
-                self.runner.start(reg.record.instance, reg.check, initial="critical")
+                left = ttl_left.get(record.instance)
+                initial = (
+                    "critical"
+                    if left is None
+                    else self._health_before.get(record.instance, record.health)
+                )
+                self.runner.start(record.instance, reg.check, initial=initial, ttl_left=left)
         seeds = join or self._db.load_peers()
         if seeds:
             lan_core.join(seeds, now)
@@ -794,6 +819,8 @@ class Agent:
             old = self._checks.get(record.instance)
             self._checks[record.instance] = reg
             if old is None or old.check != reg.check:
+                # put_registration dropped the stored report of the old check.
+                self._ttl_stored.pop(record.instance, None)
                 self.runner.stop(record.instance)
                 if reg.check is not None:
                     self.runner.start(record.instance, reg.check, initial=record.health)
@@ -816,6 +843,7 @@ class Agent:
             self._outputs.pop(instance, None)
             self._maintenance.pop(instance, None)
             self._health_before.pop(instance, None)
+            self._ttl_stored.pop(instance, None)
             self._pump()
             return True
 
@@ -828,6 +856,9 @@ class Agent:
             reg = self._checks.get(instance)
             if reg is not None and reg.check is not None:
                 if reg.check.kind == "ttl":
+                    # Stored before it takes effect (StorageError: nothing
+                    # changed), so a restart within the TTL keeps it.
+                    await self._store_ttl_report(instance, reg.check.ttl, status, output)
                     self.runner.report_ttl(instance, status)
             elif reg is not None and reg.record.health != status:
                 # No check finds an unchecked instance's health again after a
@@ -845,6 +876,34 @@ class Agent:
                 # Taking it out of maintenance restores the app's latest word.
                 self._health_before[instance] = status
             return True
+
+    async def _store_ttl_report(self, instance: str, ttl: float, status: str, output: str) -> None:
+        """Store a TTL report unless the stored one says the same and has more
+        than half its TTL left.
+
+        So an app reporting every few seconds costs a write per half TTL, not
+        one per report, and a restart keeps its status for at least half a
+        TTL after its last report (never longer than a whole one): it reports
+        again before then or turns critical, as without the restart.
+        """
+        output = output[:MAX_OUTPUT]
+        wall = time.time()
+        stored = self._ttl_stored.get(instance)
+        same = stored is not None and stored[:2] == (status, output)
+        if same and stored is not None and stored[2] - wall > ttl / 2:
+            return
+        expires = wall + ttl
+        try:
+            await asyncio.to_thread(self._db.set_check_state, instance, status, output, expires)
+        except StorageError:
+            if not same:
+                raise  # a change the disk refused: refused, nothing changed
+            # Only the end moved: what is stored is still what the app says,
+            # with an earlier end, so a full disk does not turn a healthy app
+            # critical.  The state file counted it and shows it degraded.
+            log.debug("TTL report of %s not stored: the disk refused", instance)
+            return
+        self._ttl_stored[instance] = (status, output, expires)
 
     def check_outputs(self) -> dict[str, str]:
         out = dict(self._outputs)

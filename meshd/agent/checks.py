@@ -145,13 +145,22 @@ class CheckRunner:
 
     # -- control -------------------------------------------------------------
 
-    def start(self, instance: str, spec: CheckSpec, initial: str | None = None) -> str:
+    def start(
+        self,
+        instance: str,
+        spec: CheckSpec,
+        initial: str | None = None,
+        ttl_left: float | None = None,
+    ) -> str:
         """Start (or replace) the check of ``instance``; returns its initial status.
 
         Without ``initial`` a new check starts critical (Consul's rule: not
         routed to until proven healthy).  Replacing a running check keeps its
         current status instead, as Consul does on re-registration, so
         re-sending an unchanged registration does not flap a healthy instance.
+        ``ttl_left`` (TTL checks only) arms the first deadline that many
+        seconds away instead of a whole ``ttl``: what is left of a report
+        made before a restart.
         """
         if self._closed:
             raise RuntimeError("the check runner has been stopped")
@@ -165,7 +174,7 @@ class CheckRunner:
         check = _Check(spec=spec, status=initial)
         self._checks[instance] = check
         if spec.kind == "ttl":
-            self._arm_ttl(instance, check)
+            self._arm_ttl(instance, check, ttl_left)
         else:
             task = asyncio.get_running_loop().create_task(
                 self._probe_loop(instance, check), name=f"meshd-check-{instance}"
@@ -241,11 +250,15 @@ class CheckRunner:
             # The callback is the agent's; its bug must not stop health checking.
             log.exception("status callback failed for %s", instance)
 
-    def _arm_ttl(self, instance: str, check: _Check) -> None:
+    def _arm_ttl(self, instance: str, check: _Check, delay: float | None = None) -> None:
         if check.timer is not None:
             check.timer.cancel()
+        ttl = check.spec.ttl
+        # Never longer than a whole TTL: a restored report cannot outlive
+        # what the app said, whatever the stored deadline.
+        delay = ttl if delay is None else max(0.0, min(delay, ttl))
         check.timer = asyncio.get_running_loop().call_later(
-            check.spec.ttl, self._ttl_expired, instance, check
+            delay, self._ttl_expired, instance, check
         )
 
     def _ttl_expired(self, instance: str, check: _Check) -> None:

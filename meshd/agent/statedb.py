@@ -1,7 +1,8 @@
 """What lasts across restarts: one agent's durable state in ``<state_dir>/meshd.db``.
 
-The file holds the node's own registrations (what the API acknowledged) and
-which of them are in maintenance, the ``version`` and ``incarnation``
+The file holds the node's own registrations (what the API acknowledged),
+which of them are in maintenance, the last report of each TTL check and when
+it runs out, the ``version`` and ``incarnation``
 counters (both must only grow, across restarts too: a peer ignores an origin
 state or a liveness claim that is not newer than what it has) and the last
 known peers, so a restarted agent can rejoin without ``--join``.
@@ -77,7 +78,7 @@ from pathlib import Path
 from typing import Any
 
 from meshd.agent.checks import validate_spec
-from meshd.agent.interface import CheckSpec, Registration, StorageError
+from meshd.agent.interface import HEALTH, CheckSpec, Registration, StorageError
 from meshd.wire import AppRecord
 
 log = logging.getLogger("meshd.statedb")
@@ -162,6 +163,18 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE maintenance (
             instance TEXT PRIMARY KEY,
             reason TEXT NOT NULL
+        )""",
+    ),
+    (
+        # The last report of an instance's TTL check and when it runs out
+        # (wall-clock seconds), so a restart within the TTL keeps what the app
+        # said, as Consul keeps a TTL check's state.  A row goes with its
+        # registration, and with its check when a registration changes it.
+        """CREATE TABLE check_state (
+            instance TEXT PRIMARY KEY,
+            status TEXT NOT NULL,
+            output TEXT NOT NULL,
+            expires REAL NOT NULL
         )""",
     ),
 )
@@ -448,6 +461,12 @@ class StateDB:
             if version is not None:
                 _bump(conn, VERSION, version)
             _bump(conn, WRITES, _counter(conn, WRITES) + 1)
+            row = conn.execute(
+                "SELECT check_spec FROM registrations WHERE instance = ?", (reg.record.instance,)
+            ).fetchone()
+            if row is not None and row[0] != check:
+                # A report of the old check says nothing about the new one.
+                conn.execute("DELETE FROM check_state WHERE instance = ?", (reg.record.instance,))
             conn.execute(
                 "INSERT OR REPLACE INTO registrations (instance, record, check_spec, updated_at)"
                 " VALUES (?, ?, ?, ?)",
@@ -465,6 +484,7 @@ class StateDB:
             if cur.rowcount == 0:
                 return False
             conn.execute("DELETE FROM maintenance WHERE instance = ?", (instance,))
+            conn.execute("DELETE FROM check_state WHERE instance = ?", (instance,))
             if version is not None:
                 _bump(conn, VERSION, version)
             _bump(conn, WRITES, _counter(conn, WRITES) + 1)
@@ -495,6 +515,46 @@ class StateDB:
                     "INSERT OR REPLACE INTO maintenance (instance, reason) VALUES (?, ?)",
                     (instance, reason),
                 )
+
+    # -- TTL check state ---------------------------------------------------------
+
+    def load_check_states(self) -> dict[str, tuple[str, str, float]]:
+        """Instance -> (status, output, expires) of the stored registrations'
+        last TTL reports.  A row that is not one (a hand-edited file) is
+        skipped with a warning: the instance then starts critical."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT c.instance, c.status, c.output, c.expires FROM check_state AS c"
+                " JOIN registrations AS r ON r.instance = c.instance"
+            ).fetchall()
+        out = {}
+        for instance, status, output, expires in rows:
+            if (
+                status not in HEALTH
+                or not isinstance(output, str)
+                or not isinstance(expires, float)
+                or not math.isfinite(expires)
+            ):
+                log.warning("%s: skipping stored check state of %r", self.path, instance)
+                continue
+            out[str(instance)] = (str(status), output, expires)
+        return out
+
+    def set_check_state(self, instance: str, status: str, output: str, expires: float) -> None:
+        """Store the last report of ``instance``'s TTL check, good until
+        ``expires`` (wall-clock seconds).
+
+        Committed when this returns; StateWriteError when the disk refuses,
+        and then nothing changed.
+        """
+        if status not in HEALTH:
+            raise ValueError(f"status must be one of {', '.join(HEALTH)}")
+        with self._write() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO check_state (instance, status, output, expires)"
+                " VALUES (?, ?, ?, ?)",
+                (instance, status, output, expires),
+            )
 
     # -- counters ----------------------------------------------------------------
 
