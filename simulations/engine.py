@@ -631,15 +631,9 @@ class Simulation(Cluster):
         self.collector.watch_failover(w, self.now)
 
     def _sent_totals(self) -> tuple[Counter[str], Counter[str], list[int], list[int]]:
-        msgs: Counter[str] = Counter()
-        nbytes: Counter[str] = Counter()
-        per_msgs, per_bytes = [], []
-        for h in self.nodes:
-            msgs.update(h.sent_msgs)
-            nbytes.update(h.sent_bytes)
-            per_msgs.append(sum(h.sent_msgs.values()))
-            per_bytes.append(sum(h.sent_bytes.values()))
-        return msgs, nbytes, per_msgs, per_bytes
+        per_msgs = [h.sent_count for h in self.nodes]
+        per_bytes = [h.sent_size for h in self.nodes]
+        return Counter(self.sent_msgs), Counter(self.sent_bytes), per_msgs, per_bytes
 
 
 def _join_cmd(join: Callable[[int, int], None], i: int, seed: int) -> Callable[[], None]:

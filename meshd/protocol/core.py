@@ -348,6 +348,9 @@ class Core:
         return t
 
     def handle_timer(self, now: float) -> None:
+        """Run what is due by ``now``; each part acts only on its own due
+        deadlines, so a call before any of them does nothing (a host calls
+        its single core without asking :meth:`get_timer` first)."""
         self.prober.expire_relays(now)
         self._expire_suspicions(now)
         self.prober.tick(now, self.left)
@@ -882,6 +885,8 @@ class Core:
         self._suspicions[m.id] = Suspicion(now, accuser, k, lo, hi, via)
 
     def _expire_suspicions(self, now: float) -> None:
+        if not self._suspicions:
+            return  # mostly none: no list to build on every timer
         expired = [member for member, s in self._suspicions.items() if now >= s.deadline]
         for member in expired:
             m = self.members.get(member)
