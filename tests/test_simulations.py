@@ -4,6 +4,7 @@ wire sizes, metrics, determinism, and one 200-node scenario end to end."""
 from __future__ import annotations
 
 import hashlib
+import heapq
 import importlib.util
 import json
 import math
@@ -225,6 +226,56 @@ def test_partitions_two_way_one_way_clusters_and_heal():
     assert net.lost(0, 2, 0) and net.lost(4, 1, 0) and not net.lost(2, 4, 0)
     assert not net.lost(0, 1, 0)
     assert net.lost_partition == 5
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_node_timers_in_slots_come_out_in_the_order_of_one_heap(seed):
+    """The harness keeps far node timers in slots and only the current slot in
+    a heap, for speed: timers must still come out by (time, tie), ties in
+    the order they were scheduled, whatever the times (equal ones, on a
+    slot's edge, huge, infinite) and whenever they are scheduled."""
+    c = Cluster(1, seed=seed)
+    c._timers.clear()  # the node's own timer: only ours below
+    c._slots.clear()
+    c._slot_keys.clear()
+    rng = random.Random(seed)
+    slot = 1 / 256
+    pending: set[tuple] = set()
+    tie = 0
+    now = 0.0
+
+    def pop() -> None:
+        # What the loop does: the next slot when the heap ran dry, then its top.
+        nonlocal now
+        if not c._timers and c._slot_keys:
+            c._next_slot()
+        entry = heapq.heappop(c._timers)
+        assert entry == min(pending)  # the earliest, ties in scheduling order
+        pending.remove(entry)
+        now = entry[0]
+
+    for _ in range(2500):
+        if pending and rng.random() < 0.45:
+            pop()
+            continue
+        kind = rng.random()
+        if kind < 0.1:
+            t = now  # due at once
+        elif kind < 0.2 and now < 1e15:
+            t = (int(now / slot) + rng.randint(0, 3)) * slot  # a slot's edge
+        elif kind < 0.3 and pending:
+            t = rng.choice(sorted(pending))[0]  # a time already scheduled
+        elif kind < 0.33:
+            t = rng.choice([math.inf, 1e15, 5e17])
+        else:
+            t = now + rng.expovariate(1.0)
+        tie += 1
+        entry = (t, tie, 1, 0, tie)
+        c._push_timer(entry)
+        pending.add(entry)
+    while pending:
+        pop()
+    assert not c._timers and not c._slot_keys and not c._slots
 
 
 @pytest.mark.parametrize(
