@@ -224,9 +224,6 @@ class Simulation(Cluster):
             network=self.net,
             sizer=_size,
         )
-        # Per node: messages and bytes received (sent ones are in HarnessNode.sent_*).
-        self.recv_msgs = self.received_msgs
-        self.recv_bytes = self.received_bytes
         self.collector = Collector(
             self.index_of,
             lambda i: i in self.down,
@@ -613,7 +610,7 @@ class Simulation(Cluster):
         self.observers.append(self.collector)
         self.net.enabled = True
         self.sent0 = self._sent_totals()
-        self.recv0 = (list(self.recv_msgs), list(self.recv_bytes))
+        self.recv0 = (self.received_msgs, self.received_bytes)
         for app in sc.apps:
             if app.failover:
                 self._watch_failover(app.name, app.failover)

@@ -91,8 +91,8 @@ def build_results(sim: Simulation, wall_s: float, wall_build_s: float) -> dict[s
     per_node_bytes = [(b1 - b0) / measure_s for b0, b1 in zip(per_bytes0, per_bytes1, strict=True)]
     per_node_msgs = [(m1 - m0) / measure_s for m0, m1 in zip(per_msgs0, per_msgs1, strict=True)]
     recv_msgs0, recv_bytes0 = sim.recv0
-    recv_msgs = sum(sim.recv_msgs) - sum(recv_msgs0)
-    recv_bytes = sum(sim.recv_bytes) - sum(recv_bytes0)
+    recv_msgs = sim.received_msgs - recv_msgs0
+    recv_bytes = sim.received_bytes - recv_bytes0
 
     failover: dict[str, Any] = {}
     series_failover: dict[str, Any] = {}

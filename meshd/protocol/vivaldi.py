@@ -229,4 +229,17 @@ def update(
         height = b
     if max(vec) > b or min(vec) < -b:
         vec = tuple([b if x > b else -b if x < -b else x for x in vec])
-    return coordinate(vec, error, height)
+    # coordinate()'s checks, in its order and words, the components by their
+    # sum: clamped just above, each is inside the finite bound or NaN (which
+    # no comparison moves), so the sum is finite exactly when they all are.
+    if not math.isfinite(sum(vec)):
+        raise ValueError("coordinate components must be finite")
+    if not (math.isfinite(error) and error > 0):
+        raise ValueError("coordinate error must be finite and positive")
+    if not (math.isfinite(height) and height >= 0):
+        raise ValueError("coordinate height must be finite and non-negative")
+    c = _new_object(Coordinate)
+    _set_vec(c, vec)
+    _set_error(c, error)
+    _set_height(c, height)
+    return c

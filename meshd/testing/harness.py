@@ -242,6 +242,9 @@ class Cluster:
         self._heap: list[tuple[float, int, int, int, Any]] = []
         self._timers: list[tuple[float, int, int, int, Any]] = []
         self._horizon = 0.0
+        #: The indexes of the crashed nodes (each HarnessNode.crashed too), so
+        #: a send asks this set, not the receiver's slot, cold in a big mesh.
+        self._crashed: set[int] = set()
         self._slots: dict[int, list[tuple[float, int, int, int, Any]]] = {}
         self._slot_keys: list[int] = []
         self._tie = 0
@@ -252,12 +255,13 @@ class Cluster:
             self.rng, latency or uniform_latency(0.0005, 0.002), loss, self.blocked
         )
         self.network: Network = network or self.fake
-        #: Per node: messages and bytes delivered to it (sent ones: HarnessNode.sent_*).
-        #: Messages and bytes sent by all nodes, per message kind.
+        #: Messages and bytes sent by all nodes, per message kind (per node:
+        #: HarnessNode.sent_count and sent_size).
         self.sent_msgs: Counter[str] = Counter()
         self.sent_bytes: Counter[str] = Counter()
-        self.received_msgs: list[int] = []
-        self.received_bytes: list[int] = []
+        #: Messages and bytes delivered, all nodes together.
+        self.received_msgs = 0
+        self.received_bytes = 0
         self.observers: list[Callable[[int, Event, float], None]] = []
         self.rejected: Counter[str] = Counter()
         self.delivered = 0
@@ -300,8 +304,6 @@ class Cluster:
         cert = issue_node_cert(self.ca, name, cluster, bridge=bridge)
         hn = HarnessNode(i, name, cluster, address, region, zone, StateSigner(cert))
         hn.gateway = gateway
-        self.received_msgs.append(0)
-        self.received_bytes.append(0)
         self._by_addr[address] = (i, LAN)
         if bridge:
             hn.is_bridge = True
@@ -360,6 +362,7 @@ class Cluster:
         wan = make(WAN, self.wan_config, hn.wan_address, wan_incarnation) if hn.is_bridge else None
         hn.host = Host(lan, self.now, wan=wan)
         hn.crashed = False
+        self._crashed.discard(hn.index)
         self.node_started(hn)
         self._flush(hn)
 
@@ -410,6 +413,7 @@ class Cluster:
         """Stop node ``i`` at once: no leave, no more messages, timers gone."""
         hn = self.nodes[i]
         hn.crashed = True
+        self._crashed.add(i)
         hn.inbox.clear()
         hn.timer_gen += 1
         hn.timer_at = None
@@ -610,7 +614,7 @@ class Cluster:
             self.dropped += 1
             return
         tie = self._tie = self._tie + 1
-        if self.nodes[j].crashed:
+        if j in self._crashed:
             # Nobody listens there: the connect is refused, a round trip later.
             self.dropped += 1
             _heappush(self._heap, (now + 2 * delay, tie, _REFUSED, hn.index, (pool, addr)))
@@ -637,90 +641,94 @@ class Cluster:
         transmit = self._transmit
         observers = self.observers
         pop = heapq.heappop
-        received_msgs = self.received_msgs
-        received_bytes = self.received_bytes
+        # Counted in locals, added to the totals when the loop ends.
+        received_msgs = received_bytes = 0
         # Only this loop moves the clock while it runs (nothing it calls does).
         now = self.now
         n = 0
-        while n != limit:
-            if not timers and slot_keys:
-                horizon = self._next_slot()
-            # The earlier of the two tops; (time, tie) never compares equal.
-            if heap:
-                q = timers if timers and timers[0] < heap[0] else heap
-            elif timers:
-                q = timers
-            else:
-                break
-            if q[0][0] > until:
-                break
-            t, _, kind, index, payload = pop(q)
-            n += 1
-            if t > now:
-                self.now = now = t
-            hn = nodes[index]
-            host = hn.host
-            if kind == _DELIVER:
-                # The payload of a delivery is a _Delivery (cast() would cost a call).
-                pool, src, data, size = payload
-                if hn.crashed or host is None or pool not in host.cores:
-                    self.dropped += 1
-                    continue
-                received_msgs[index] += 1
-                received_bytes[index] += size
-                hn.recent.append((src, pool))
-                if isinstance(data, bytes):
-                    decoded = decode_message(data[4:])
-                    if isinstance(decoded, Rejection):
-                        self.rejected[decoded.reason] += 1
+        try:
+            while n != limit:
+                if not timers and slot_keys:
+                    horizon = self._next_slot()
+                # The earlier of the two tops; (time, tie) never compares equal.
+                if heap:
+                    q = timers if timers and timers[0] < heap[0] else heap
+                elif timers:
+                    q = timers
+                else:
+                    break
+                if q[0][0] > until:
+                    break
+                t, _, kind, index, payload = pop(q)
+                n += 1
+                if t > now:
+                    self.now = now = t
+                hn = nodes[index]
+                host = hn.host
+                if kind == _DELIVER:
+                    # The payload of a delivery is a _Delivery (cast() would cost a call).
+                    pool, src, data, size = payload
+                    if hn.crashed or host is None or pool not in host.cores:
+                        self.dropped += 1
                         continue
-                    msg: Message = decoded
-                else:
-                    msg = data
-                if hn.paused:
-                    hn.inbox.append((pool, src, msg))
-                    continue
-                self.delivered += 1
-                host.receive(pool, msg, now, peer=ids[src])
-            elif kind == _TIMER:
-                if payload != hn.timer_gen or hn.crashed or hn.paused or host is None:
-                    continue
-                hn.timer_at = None  # consumed: the flush below sets the next one
-                host.handle_timer(now)
-            else:
-                self._transport_fact(hn, kind, payload)
-                continue
-            # What _flush does, inlined (one call less per event); the node
-            # runs and is not paused, as checked above.
-            for out_pool, addr, out, to in host.messages_to_send():
-                transmit(hn, out_pool, addr, out, to)
-            if observers:
-                item = host.next_event()
-                while item is not None:
-                    if item[0] == LAN:
-                        for obs in observers:
-                            obs(index, item[1], now)
-                    item = host.next_event()
-            else:
-                host.drop_events()
-            t = host.get_timer()
-            if t < now:
-                t = now
-            if t != hn.timer_at:
-                gen = hn.timer_gen = hn.timer_gen + 1
-                hn.timer_at = t
-                tie = self._tie = self._tie + 1
-                # _push_timer, inlined.
-                if t < horizon:
-                    _heappush(timers, (t, tie, _TIMER, index, gen))
-                else:
-                    k = int(t * _SLOTS_PER_S) if t < _LAST_SLOT_AT else _LAST_SLOT
-                    slot = slots.get(k)
-                    if slot is None:
-                        slots[k] = [(t, tie, _TIMER, index, gen)]
-                        _heappush(slot_keys, k)
+                    received_msgs += 1
+                    received_bytes += size
+                    hn.recent.append((src, pool))
+                    if isinstance(data, bytes):
+                        decoded = decode_message(data[4:])
+                        if isinstance(decoded, Rejection):
+                            self.rejected[decoded.reason] += 1
+                            continue
+                        msg: Message = decoded
                     else:
-                        slot.append((t, tie, _TIMER, index, gen))
+                        msg = data
+                    if hn.paused:
+                        hn.inbox.append((pool, src, msg))
+                        continue
+                    self.delivered += 1
+                    host.receive(pool, msg, now, peer=ids[src])
+                elif kind == _TIMER:
+                    if payload != hn.timer_gen or hn.crashed or hn.paused or host is None:
+                        continue
+                    hn.timer_at = None  # consumed: the flush below sets the next one
+                    host.handle_timer(now)
+                else:
+                    self._transport_fact(hn, kind, payload)
+                    continue
+                # What _flush does, inlined (one call less per event); the node
+                # runs and is not paused, as checked above.
+                for out_pool, addr, out, to in host.messages_to_send():
+                    transmit(hn, out_pool, addr, out, to)
+                if observers:
+                    item = host.next_event()
+                    while item is not None:
+                        if item[0] == LAN:
+                            for obs in observers:
+                                obs(index, item[1], now)
+                        item = host.next_event()
+                else:
+                    host.drop_events()
+                t = host.get_timer()
+                if t < now:
+                    t = now
+                if t != hn.timer_at:
+                    gen = hn.timer_gen = hn.timer_gen + 1
+                    hn.timer_at = t
+                    tie = self._tie = self._tie + 1
+                    # _push_timer, inlined.
+                    if t < horizon:
+                        _heappush(timers, (t, tie, _TIMER, index, gen))
+                    else:
+                        k = int(t * _SLOTS_PER_S) if t < _LAST_SLOT_AT else _LAST_SLOT
+                        slot = slots.get(k)
+                        if slot is None:
+                            slots[k] = [(t, tie, _TIMER, index, gen)]
+                            _heappush(slot_keys, k)
+                        else:
+                            slot.append((t, tie, _TIMER, index, gen))
+        finally:
+            self.received_msgs += received_msgs
+            self.received_bytes += received_bytes
         return n
 
     def _transport_fact(self, hn: HarnessNode, kind: int, payload: tuple[str, ...]) -> None:
