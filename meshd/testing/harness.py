@@ -242,9 +242,6 @@ class Cluster:
         self._heap: list[tuple[float, int, int, int, Any]] = []
         self._timers: list[tuple[float, int, int, int, Any]] = []
         self._horizon = 0.0
-        #: The indexes of the crashed nodes (each HarnessNode.crashed too), so
-        #: a send asks this set, not the receiver's slot, cold in a big mesh.
-        self._crashed: set[int] = set()
         self._slots: dict[int, list[tuple[float, int, int, int, Any]]] = {}
         self._slot_keys: list[int] = []
         self._tie = 0
@@ -362,7 +359,6 @@ class Cluster:
         wan = make(WAN, self.wan_config, hn.wan_address, wan_incarnation) if hn.is_bridge else None
         hn.host = Host(lan, self.now, wan=wan)
         hn.crashed = False
-        self._crashed.discard(hn.index)
         self.node_started(hn)
         self._flush(hn)
 
@@ -413,7 +409,6 @@ class Cluster:
         """Stop node ``i`` at once: no leave, no more messages, timers gone."""
         hn = self.nodes[i]
         hn.crashed = True
-        self._crashed.add(i)
         hn.inbox.clear()
         hn.timer_gen += 1
         hn.timer_at = None
@@ -614,7 +609,7 @@ class Cluster:
             self.dropped += 1
             return
         tie = self._tie = self._tie + 1
-        if j in self._crashed:
+        if self.nodes[j].crashed:
             # Nobody listens there: the connect is refused, a round trip later.
             self.dropped += 1
             _heappush(self._heap, (now + 2 * delay, tie, _REFUSED, hn.index, (pool, addr)))
