@@ -16,6 +16,8 @@ from meshd.protocol.vivaldi import (
     VivaldiConfig,
     coordinate,
     distance,
+    pack,
+    unpack,
     update,
     within,
 )
@@ -342,3 +344,54 @@ def test_one_lying_peer_does_not_drag_the_mesh():
         # Loopback-like latencies (1-2 ms): nobody is anywhere near a second away.
         assert max(map(abs, core.coord.vec)) < 0.1
         assert c.nodes[5].id not in core.coords
+
+
+_finite = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    st.integers(1, 9).flatmap(lambda n: st.tuples(*[_finite] * n)),
+    _finite.filter(lambda e: e > 0),
+    _finite.filter(lambda h: h >= 0),
+)
+def test_a_packed_coordinate_unpacks_to_the_same_values(vec, error, height):
+    """The prober keeps each peer's coordinate packed: every value, of any
+    dimensionality, comes back to the bit (0.0 and -0.0 included)."""
+    c = Coordinate(vec, error, height)
+    data = pack(c)
+    assert isinstance(data, bytes) and len(data) == 8 * (len(vec) + 2)
+    back = unpack(data)
+    assert type(back) is Coordinate and back == c
+    assert [math.copysign(1, x) for x in back.vec] == [math.copysign(1, x) for x in vec]
+
+
+@pytest.mark.parametrize("data", [b"", b"\0" * 16, b"\0" * 81])
+def test_unpack_refuses_what_pack_never_makes(data):
+    with pytest.raises(ValueError):
+        unpack(data)
+
+
+def test_unpack_checks_the_values_as_any_coordinate():
+    nan = pack(Coordinate((0.0,) * 8, 1.0, 0.0))[:-8] + b"\0\0\0\0\0\0\xf8\x7f"  # height NaN
+    with pytest.raises(ValueError):
+        unpack(nan)
+
+
+def test_a_probed_peer_is_placed_packed_and_predicted_from_its_coordinate():
+    """What a node keeps per peer is the packed coordinate the peer's ack
+    carried: the prediction is the distance to it, and Core.coords unpacks
+    the same coordinate."""
+    from meshd.testing import Cluster
+
+    c = Cluster(4, encode=False)
+    c.run_for(20.0)
+    core = c.core(0)
+    placed = core.prober.placed
+    assert placed, "twenty probes placed nobody"
+    assert all(isinstance(v, bytes) for v in placed.values())
+    for member, data in placed.items():
+        remote = unpack(data)
+        assert core.coords[member] == remote
+        assert core.estimated_rtt(member) == distance(core.coord, remote)
+    assert core.estimated_rtt("nobody") is None

@@ -73,7 +73,7 @@ from meshd.protocol.suspicion import (
     suspicion_max,
     suspicion_min,
 )
-from meshd.protocol.vivaldi import Coordinate
+from meshd.protocol.vivaldi import Coordinate, unpack
 from meshd.wire import (
     Ack,
     AppRecord,
@@ -704,7 +704,7 @@ class Core:
             self.prober.joined.append(m.id)
 
     def _remove_member(self, member: str) -> None:
-        self.prober.coords.pop(member, None)
+        self.prober.placed.pop(member, None)
         self.table.remove(member)
 
     def _set_status(
@@ -938,8 +938,8 @@ class Core:
 
     @property
     def coords(self) -> dict[str, Coordinate]:
-        """The last coordinate each member we probed told us."""
-        return self.prober.coords
+        """The last coordinate each member we probed told us (a new dict)."""
+        return {member: unpack(data) for member, data in self.prober.placed.items()}
 
     def estimated_rtt(self, member: str) -> float | None:
         """Predicted round trip to ``member`` in seconds, when we have placed it."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from meshd.protocol.awareness import Awareness, failed_probe_delta
 from meshd.protocol.config import Config
 from meshd.protocol.members import Member
-from meshd.protocol.vivaldi import Coordinate, VivaldiConfig, coordinate
+from meshd.protocol.vivaldi import Coordinate, VivaldiConfig, coordinate, pack, unpack
 from meshd.protocol.vivaldi import distance as vivaldi_distance
 from meshd.protocol.vivaldi import update as vivaldi_update
 from meshd.wire import Ack, IndirectPing, Nack, Ping, Status
@@ -82,7 +82,6 @@ class Prober:
         "awareness",
         "config",
         "coord",
-        "coords",
         "core",
         "index",
         "next_probe",
@@ -90,6 +89,7 @@ class Prober:
         "joined",
         "moved",
         "out_of_turn",
+        "placed",
         "probe",
         "relays",
         "rng",
@@ -103,10 +103,13 @@ class Prober:
         self.rng = rng
         self.awareness = Awareness(config.awareness_max_multiplier)
         #: Vivaldi: our network coordinate, and the last one each member we
-        #: probed told us (fed by the round trips of direct probes).
+        #: probed told us (fed by the round trips of direct probes), packed
+        #: (vivaldi.pack): one per member probed, so thousands in a large
+        #: pool, and packed they are a third of the memory and nothing the
+        #: garbage collector has to walk.
         self.vivaldi = VivaldiConfig()
         self.coord = Coordinate.origin(self.vivaldi)
-        self.coords: dict[str, Coordinate] = {}
+        self.placed: dict[str, bytes] = {}
         #: This probe round's order: positions ``[:index]`` probed, the rest
         #: drawn one at a time (a lazy Fisher-Yates shuffle: a random order
         #: without an O(n) shuffle up front, and a newcomer appended lands at
@@ -389,15 +392,15 @@ class Prober:
             # raised into the driver.
             self.core.counters["bad-coordinate"] += 1
             return
-        self.coords[member] = remote
+        self.placed[member] = pack(remote)
         self.coord = coord
 
     def estimated_rtt(self, member: str) -> float | None:
         """Predicted round trip to ``member`` in seconds, when we have placed it."""
         if member == self.core.id:
             return 0.0
-        remote = self.coords.get(member)
-        return None if remote is None else vivaldi_distance(self.coord, remote)
+        remote = self.placed.get(member)
+        return None if remote is None else vivaldi_distance(self.coord, unpack(remote))
 
     def expire_relays(self, now: float) -> None:
         if not self.relays:

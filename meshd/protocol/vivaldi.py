@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 from dataclasses import dataclass
 
 
@@ -121,6 +122,38 @@ def coordinate(vec: tuple[float, ...], error: float, height: float) -> Coordinat
     _set_error(c, error)
     _set_height(c, height)
     return c
+
+
+#: One ``struct.Struct`` per dimensionality: little-endian doubles, the
+#: components, then the error and the height.
+_PACKINGS: dict[int, struct.Struct] = {}
+
+
+def _packing(dimensionality: int) -> struct.Struct:
+    s = _PACKINGS.get(dimensionality)
+    if s is None:
+        s = _PACKINGS[dimensionality] = struct.Struct(f"<{dimensionality + 2}d")
+    return s
+
+
+def pack(c: Coordinate) -> bytes:
+    """``c`` as bytes (:func:`unpack` gives it back, every value to the bit).
+
+    A node keeps the coordinate of every member it has probed: a Coordinate
+    with its tuple and ten float objects is about 400 bytes and three objects
+    the garbage collector walks; packed, it is one 113-byte object it never
+    walks.  In a pool of 10,000 that is every node's table of thousands.
+    """
+    return _packing(len(c.vec)).pack(*c.vec, c.error, c.height)
+
+
+def unpack(data: bytes) -> Coordinate:
+    """The coordinate :func:`pack` made ``data`` from (checked as any other)."""
+    n, rest = divmod(len(data), 8)
+    if rest or n < 3:
+        raise ValueError("a packed coordinate is 8 bytes per component, error and height")
+    values = _packing(n - 2).unpack(data)
+    return coordinate(values[:-2], values[-2], values[-1])
 
 
 def within(c: Coordinate, cfg: VivaldiConfig = DEFAULT_CONFIG) -> bool:
