@@ -582,6 +582,41 @@ async def test_catalog_service_lists_every_instance(client: TestClient, agent: F
     assert [r["ServiceID"] for r in rows] == ["orders-1"]
 
 
+async def test_enable_tag_override_reads_back_as_registered(client: TestClient, agent: FakeAgent):
+    """Consul clients compare what they registered with what the agent
+    answers: the flag comes back as given in every view of the service,
+    false by default and again after a registration without it."""
+
+    async def flags() -> list[bool]:
+        _, one, _ = await get(client, "/v1/agent/service/orders-1")
+        _, services, _ = await get(client, "/v1/agent/services")
+        _, health, _ = await get(client, "/v1/health/service/orders")
+        _, rows, _ = await get(client, "/v1/catalog/service/orders")
+        return [
+            one["EnableTagOverride"],
+            services["orders-1"]["EnableTagOverride"],
+            health[0]["Service"]["EnableTagOverride"],
+            rows[0]["ServiceEnableTagOverride"],
+        ]
+
+    await register(client, GO_BODY)
+    assert await flags() == [False] * 4
+    await register(client, {**GO_BODY, "EnableTagOverride": True})
+    assert await flags() == [True] * 4
+    _, one, _ = await get(client, "/v1/agent/service/orders-1")
+    assert one["Meta"] == {"version": "2"}  # the flag is not a meta pair of the app's
+    await register(client, GO_BODY)
+    assert await flags() == [False] * 4
+
+
+async def test_enable_tag_override_must_be_a_boolean(client: TestClient, agent: FakeAgent):
+    status, text = await put(
+        client, "/v1/agent/service/register", {**GO_BODY, "EnableTagOverride": "yes"}
+    )
+    assert status == 400 and "EnableTagOverride must be true or false" in text
+    assert agent.calls == []
+
+
 # ---------------------------------------------------------------------------
 # Agent and status
 

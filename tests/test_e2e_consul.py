@@ -45,6 +45,7 @@ def test_register_on_a_resolve_block_and_deregister_on_b(pair):
     assert ca.agent.service.register(
         "orders", service_id="orders-1", address="127.0.0.1", port=3500,
         tags=["v1"], meta={"DAPR_PORT": "50001"}, check=consul.Check.ttl("30s"),
+        enable_tag_override=True,
     )  # fmt: skip
     # A TTL check starts critical, as in Consul: nothing to route to yet.
     assert passing(ca, "orders") == []
@@ -54,6 +55,7 @@ def test_register_on_a_resolve_block_and_deregister_on_b(pair):
     svc = entry["Service"]
     assert (svc["ID"], svc["Address"], svc["Port"]) == ("orders-1", "127.0.0.1", 3500)
     assert svc["Tags"] == ["v1"] and svc["Meta"] == {"DAPR_PORT": "50001"}
+    assert svc["EnableTagOverride"] is True  # as registered, on the other agent too
     assert (entry["Node"]["Node"], entry["Node"]["Datacenter"]) == ("ca", "east")
     assert entry["Checks"][0]["Status"] == "passing"
     assert cb.catalog.services()[1] == {"orders": ["v1"]}

@@ -122,6 +122,8 @@ CHECK_TYPE_KEY = "consul.check_type"
 CHECK_NOTES_KEY = "consul.check_notes"
 KIND_KEY = "consul.kind"
 TAGGED_ADDRESSES_KEY = "consul.tagged_addresses"
+#: Present ("true") only when a registration asked for EnableTagOverride.
+TAG_OVERRIDE_KEY = "consul.enable_tag_override"
 #: What a check adds to its service's meta (``_check_meta_for``): dropped
 #: with the check.
 _CHECK_META_KEYS = frozenset(
@@ -288,6 +290,7 @@ class _Consulish:
     check_notes: str = ""
     kind: str = ""
     tagged: dict[str, Any] | None = None
+    tag_override: bool = False
 
 
 def _consulish(instance: str, app: str, meta: dict[str, str]) -> _Consulish:
@@ -308,6 +311,7 @@ def _consulish(instance: str, app: str, meta: dict[str, str]) -> _Consulish:
         check_notes=meta.get(CHECK_NOTES_KEY, ""),
         kind=meta.get(KIND_KEY, ""),
         tagged=tagged,
+        tag_override=meta.get(TAG_OVERRIDE_KEY) == "true",
     )
 
 
@@ -455,6 +459,13 @@ def parse_service(
     tagged = f.get("taggedaddresses")
     if _given(tagged):
         meta[TAGGED_ADDRESSES_KEY] = _dumps(_parse_tagged(tagged))
+    # Nothing in meshd rewrites an agent's tags (Consul's anti-entropy is
+    # what the flag tempers), so it is kept only to be read back as given.
+    override = f.get("enabletagoverride")
+    if override is not None and override is not True and override is not False:
+        raise _bad("EnableTagOverride must be true or false")
+    if override:
+        meta[TAG_OVERRIDE_KEY] = "true"
 
     checks: list[Any] = []
     if _given(f.get("check")):
@@ -805,7 +816,7 @@ def _service_json(
         "Meta": dict(c.meta),
         "Port": port,
         "Weights": {"Passing": weight, "Warning": 1},
-        "EnableTagOverride": False,
+        "EnableTagOverride": c.tag_override,
         "Kind": c.kind,
     }
     if c.tagged is not None:
@@ -849,7 +860,7 @@ def catalog_entry(e: Endpoint, where: Where) -> dict[str, Any]:
         "ServicePort": e.port,
         "ServiceMeta": dict(c.meta),
         "ServiceWeights": {"Passing": e.weight, "Warning": 1},
-        "ServiceEnableTagOverride": False,
+        "ServiceEnableTagOverride": c.tag_override,
         "CreateIndex": where.index,
         "ModifyIndex": where.index,
     }
