@@ -139,10 +139,10 @@ def _packing(dimensionality: int) -> struct.Struct:
 def pack(c: Coordinate) -> bytes:
     """``c`` as bytes (:func:`unpack` gives it back, every value to the bit).
 
-    A node keeps the coordinate of every member it has probed: a Coordinate
-    with its tuple and ten float objects is about 400 bytes and three objects
-    the garbage collector walks; packed, it is one 113-byte object it never
-    walks.  In a pool of 10,000 that is every node's table of thousands.
+    A node keeps the coordinate of every member it has probed, thousands in
+    a large pool.  As a Coordinate, its tuple and ten floats, each is about
+    400 bytes and two objects the garbage collector walks; packed, it is one
+    113-byte object the collector never visits.
     """
     return _packing(len(c.vec)).pack(*c.vec, c.error, c.height)
 
