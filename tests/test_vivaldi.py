@@ -17,6 +17,7 @@ from meshd.protocol.vivaldi import (
     coordinate,
     distance,
     pack,
+    packed_distance,
     unpack,
     update,
     within,
@@ -364,6 +365,26 @@ def test_a_packed_coordinate_unpacks_to_the_same_values(vec, error, height):
     back = unpack(data)
     assert type(back) is Coordinate and back == c
     assert [math.copysign(1, x) for x in back.vec] == [math.copysign(1, x) for x in vec]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    st.integers(1, 9).flatmap(
+        lambda n: st.tuples(st.tuples(*[_finite] * n), st.tuples(*[_finite] * n))
+    ),
+    st.tuples(_finite.filter(lambda h: h >= 0), _finite.filter(lambda h: h >= 0)),
+)
+def test_packed_distance_is_the_distance_to_the_unpacked_coordinate(vecs, heights):
+    """What a lookup ranks by, without building the coordinate: the same
+    value to the bit (or the same overflow to infinity)."""
+    a = Coordinate(vecs[0], 1.0, heights[0])
+    b = Coordinate(vecs[1], 1.0, heights[1])
+    assert repr(packed_distance(a, pack(b))) == repr(distance(a, b))
+
+
+def test_packed_distance_refuses_another_dimensionality():
+    with pytest.raises(ValueError):
+        packed_distance(Coordinate((0.0,) * 8, 1.0, 0.0), pack(Coordinate((0.0,) * 3, 1.0, 0.0)))
 
 
 @pytest.mark.parametrize("data", [b"", b"\0" * 16, b"\0" * 81])

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING
 from meshd.protocol.awareness import Awareness, failed_probe_delta
 from meshd.protocol.config import Config
 from meshd.protocol.members import Member
-from meshd.protocol.vivaldi import Coordinate, VivaldiConfig, coordinate, pack, unpack
-from meshd.protocol.vivaldi import distance as vivaldi_distance
+from meshd.protocol.vivaldi import Coordinate, VivaldiConfig, coordinate, pack, packed_distance
 from meshd.protocol.vivaldi import update as vivaldi_update
 from meshd.wire import Ack, IndirectPing, Nack, Ping, Status
 
@@ -400,7 +399,7 @@ class Prober:
         if member == self.core.id:
             return 0.0
         remote = self.placed.get(member)
-        return None if remote is None else vivaldi_distance(self.coord, unpack(remote))
+        return None if remote is None else packed_distance(self.coord, remote)
 
     def expire_relays(self, now: float) -> None:
         if not self.relays:

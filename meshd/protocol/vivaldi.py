@@ -156,6 +156,16 @@ def unpack(data: bytes) -> Coordinate:
     return coordinate(values[:-2], values[-2], values[-1])
 
 
+def packed_distance(c: Coordinate, data: bytes) -> float:
+    """``distance(c, unpack(data))``, to the bit, without building the
+    coordinate: a lookup ranks each instance in our cluster by it."""
+    packing = _packing(len(c.vec))
+    if len(data) != packing.size:
+        raise ValueError("coordinates of different dimensionality")
+    values: tuple[float, ...] = packing.unpack(data)
+    return math.dist(c.vec, values[:-2]) + c.height + values[-1]
+
+
 def within(c: Coordinate, cfg: VivaldiConfig = DEFAULT_CONFIG) -> bool:
     """Is ``c`` inside ``cfg.bound`` (every component and the height)?"""
     b = cfg.bound
