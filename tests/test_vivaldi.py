@@ -17,6 +17,7 @@ from meshd.protocol.vivaldi import (
     coordinate,
     distance,
     pack,
+    pack_values,
     packed_distance,
     unpack,
     update,
@@ -362,6 +363,8 @@ def test_a_packed_coordinate_unpacks_to_the_same_values(vec, error, height):
     c = Coordinate(vec, error, height)
     data = pack(c)
     assert isinstance(data, bytes) and len(data) == 8 * (len(vec) + 2)
+    # What the prober packs straight from an ack's values: the same bytes.
+    assert pack_values((*vec, error, height)) == data
     back = unpack(data)
     assert type(back) is Coordinate and back == c
     assert [math.copysign(1, x) for x in back.vec] == [math.copysign(1, x) for x in vec]

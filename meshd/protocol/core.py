@@ -327,6 +327,10 @@ class Core:
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
+    def drop_events(self) -> None:
+        """Forget pending events (a driver that watches none)."""
+        self._events.clear()
+
     def get_timer(self) -> float:
         # Asked after every message and timer: comparisons, not min() calls.
         t = self.prober.deadline()

@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING
 from meshd.protocol.awareness import Awareness, failed_probe_delta
 from meshd.protocol.config import Config
 from meshd.protocol.members import Member
-from meshd.protocol.vivaldi import Coordinate, VivaldiConfig, coordinate, pack, packed_distance
+from meshd.protocol.vivaldi import (
+    Coordinate,
+    VivaldiConfig,
+    coordinate,
+    pack_values,
+    packed_distance,
+)
 from meshd.protocol.vivaldi import update as vivaldi_update
 from meshd.wire import Ack, IndirectPing, Nack, Ping, Status
 
@@ -391,7 +397,7 @@ class Prober:
             # raised into the driver.
             self.core.counters["bad-coordinate"] += 1
             return
-        self.placed[member] = pack(remote)
+        self.placed[member] = pack_values(raw)  # the bytes of pack(remote)
         self.coord = coord
 
     def estimated_rtt(self, member: str) -> float | None:

@@ -143,6 +143,9 @@ class HarnessNode:
     wan_address: str = ""
     gateway: str = ""
     host: Host | None = None
+    #: The host's LAN core when it is its only one (no bridge): the event
+    #: loop drives it directly, as the host would (see ``Cluster._run``).
+    solo: Core | None = None
     crashed: bool = False
     paused: bool = False
     inbox: list[tuple[str, int, Message]] = field(default_factory=list)
@@ -358,6 +361,7 @@ class Cluster:
         lan = make(LAN, self.config, hn.address, incarnation)
         wan = make(WAN, self.wan_config, hn.wan_address, wan_incarnation) if hn.is_bridge else None
         hn.host = Host(lan, self.now, wan=wan)
+        hn.solo = lan if wan is None else None
         hn.crashed = False
         self.node_started(hn)
         self._flush(hn)
@@ -681,29 +685,55 @@ class Cluster:
                         hn.inbox.append((pool, src, msg))
                         continue
                     self.delivered += 1
-                    host.receive(pool, msg, now, peer=ids[src])
+                    solo = hn.solo
+                    if solo is None:
+                        host.receive(pool, msg, now, peer=ids[src])
+                    else:
+                        solo.receive(msg, now, peer=ids[src])
                 elif kind == _TIMER:
                     if payload != hn.timer_gen or hn.crashed or hn.paused or host is None:
                         continue
                     hn.timer_at = None  # consumed: the flush below sets the next one
-                    host.handle_timer(now)
+                    solo = hn.solo
+                    if solo is None:
+                        host.handle_timer(now)
+                    else:
+                        solo.handle_timer(now)
                 else:
                     self._transport_fact(hn, kind, payload)
                     continue
                 # What _flush does, inlined (one call less per event); the node
                 # runs and is not paused, as checked above.
-                for out_pool, addr, out, to in host.messages_to_send():
-                    transmit(hn, out_pool, addr, out, to)
-                if observers:
-                    item = host.next_event()
-                    while item is not None:
-                        if item[0] == LAN:
-                            for obs in observers:
-                                obs(index, item[1], now)
+                if solo is None:
+                    for out_pool, addr, out, to in host.messages_to_send():
+                        transmit(hn, out_pool, addr, out, to)
+                    if observers:
                         item = host.next_event()
+                        while item is not None:
+                            if item[0] == LAN:
+                                for obs in observers:
+                                    obs(index, item[1], now)
+                            item = host.next_event()
+                    else:
+                        host.drop_events()
+                    t = host.get_timer()
                 else:
-                    host.drop_events()
-                t = host.get_timer()
+                    # A host without a bridge only moves its core's messages
+                    # and events into its own queues (Host._settle), and its
+                    # timer is its core's: the same, without the copies.  Its
+                    # own queues are empty here, since every call into a host
+                    # from this harness is followed by a flush.
+                    for addr, out, to in solo.addressed_messages():
+                        transmit(hn, LAN, addr, out, to)
+                    if observers:
+                        event = solo.next_event()
+                        while event is not None:
+                            for obs in observers:
+                                obs(index, event, now)
+                            event = solo.next_event()
+                    else:
+                        solo.drop_events()
+                    t = solo.get_timer()
                 if t < now:
                     t = now
                 if t != hn.timer_at:
