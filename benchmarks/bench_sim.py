@@ -20,6 +20,14 @@ between all runs, and any difference is printed (and the exit status is 1).
 
 The machine facts (CPU model, cores, memory, Python, load average before and
 after) come first, so that two outputs can be compared knowingly.
+
+``--instructions`` counts instead of timing: each side runs once under
+valgrind's callgrind (Debian package ``valgrind``), both at once, and the
+report is the number of machine instructions each executed and their ratio.
+The count does not depend on what else the machine is doing (a run takes
+about 40 times as long as without valgrind), so it settles what the drift
+of a shared machine hides: whether a change removed work.  It does not see
+waits on memory, which grow with the number of nodes: time a large run too.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -73,13 +82,22 @@ def _git(*args: str) -> str:
     return done.stdout.strip()
 
 
-def run_once(tree: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    """One run of the scenario with the code of ``tree``; its results and CPU time."""
+def _command(args: argparse.Namespace, out: Path) -> list[str]:
     cmd = [sys.executable, "-m", "simulations", "run", args.scenario, "--nodes", str(args.nodes)]
     cmd += ["--out", str(out), "--no-plots", "--quiet"]
     for item in args.set or []:
         cmd += ["--set", item]
-    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED="0")
+    return cmd
+
+
+def _env(tree: Path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(tree), PYTHONHASHSEED="0")
+
+
+def run_once(tree: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """One run of the scenario with the code of ``tree``; its results and CPU time."""
+    cmd = _command(args, out)
+    env = _env(tree)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=tree, env=env, check=False, capture_output=True, text=True)
@@ -91,6 +109,47 @@ def run_once(tree: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     r["bench_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     r["bench_process_s"] = wall_process
     return r
+
+
+#: callgrind's total at exit: "==PID== Collected : 41758443908".
+_COLLECTED = re.compile(r"^==\d+== Collected : (\d+)$", re.MULTILINE)
+
+
+def count_instructions(
+    trees: dict[str, Path], args: argparse.Namespace, tmp: Path
+) -> dict[str, dict[str, Any]]:
+    """One run of each side under callgrind, all at once; each side's results
+    with ``bench_instructions``, the instructions its process executed."""
+    procs = {}
+    for side, tree in trees.items():
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+        cmd += _command(args, tmp / side)
+        procs[side] = (
+            cmd,
+            tree,
+            subprocess.Popen(
+                cmd,
+                cwd=tree,
+                env=_env(tree),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
+    out: dict[str, dict[str, Any]] = {}
+    failed = []
+    for side, (cmd, tree, proc) in procs.items():
+        _, err = proc.communicate()
+        found = _COLLECTED.search(err)
+        if proc.returncode != 0 or found is None:
+            failed.append(f"{' '.join(cmd)} in {tree}: exit {proc.returncode}\n{err[-2000:]}")
+            continue
+        r: dict[str, Any] = json.loads((tmp / side / "results.json").read_text(encoding="utf-8"))
+        r["bench_instructions"] = int(found.group(1))
+        out[side] = r
+    if failed:
+        raise RuntimeError("\n".join(failed))
+    return out
 
 
 def deterministic(r: dict[str, Any]) -> dict[str, Any]:
@@ -116,10 +175,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="runs of each side (alternating)")
     ap.add_argument("--set", action="append", metavar="FIELD=VALUE")
     ap.add_argument("--keep", action="store_true", help="keep the base worktree and outputs")
+    ap.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count each side's instructions under valgrind (one run each, both at once)",
+    )
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.nodes < 1:
         print("error: --rounds and --nodes must be at least 1", file=sys.stderr)
         return 2
+    if args.instructions and shutil.which("valgrind") is None:
+        print("error: --instructions needs valgrind (apt-get install valgrind)", file=sys.stderr)
+        return 2
+    if args.instructions:
+        args.rounds = 1
     try:
         base_rev = _git("rev-parse", "--verify", f"{args.base}^{{commit}}")
     except subprocess.CalledProcessError:
@@ -134,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in machine_facts():
         print(line)
     print(
-        f"scenario {args.scenario}, {args.nodes:,} nodes, {args.rounds} rounds; "
+        f"scenario {args.scenario}, {args.nodes:,} nodes, "
+        f"{'instructions counted' if args.instructions else f'{args.rounds} rounds'}; "
         f"base {base_rev[:10]}, new {head}{dirty} ({ROOT})",
         flush=True,
     )
@@ -143,7 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     _git("worktree", "add", "--detach", "--quiet", str(base_tree), base_rev)
     runs: dict[str, list[dict[str, Any]]] = {"base": [], "new": []}
     try:
-        for k in range(args.rounds):
+        if args.instructions:
+            counted = count_instructions({"base": base_tree, "new": ROOT}, args, tmp)
+            for side in ("base", "new"):
+                r = counted[side]
+                runs[side].append(r)
+                print(
+                    f"  {side:4}: {r['bench_instructions']:,} instructions; {_figures(r)}",
+                    flush=True,
+                )
+        for k in range(0 if args.instructions else args.rounds):
             for side, tree in (("base", base_tree), ("new", ROOT)):
                 r = run_once(tree, args, tmp / f"{side}{k}")
                 runs[side].append(r)
@@ -163,6 +242,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"kept {tmp}")
 
+    if args.instructions:
+        base_i, new_i = runs["base"][0]["bench_instructions"], runs["new"][0]["bench_instructions"]
+        print(f"instructions new/base: {new_i / base_i:.3f} ({base_i / new_i:.2f}x fewer)")
+    else:
+        _print_times(runs)
+    return _compare(runs)
+
+
+def _print_times(runs: dict[str, list[dict[str, Any]]]) -> None:
     def med(side: str, key: str) -> float:
         return float(statistics.median(r[key] for r in runs[side]))
 
@@ -182,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     for line in machine_facts()[2:]:
         print(f"after: {line}")
+
+
+def _compare(runs: dict[str, list[dict[str, Any]]]) -> int:
+    """Print whether every run gave the same figures; the exit status."""
     ref = deterministic(runs["base"][0])
     # A field one side's simulator does not report yet (added since the base
     # commit) cannot differ; it is named, not compared.

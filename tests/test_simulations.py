@@ -698,6 +698,34 @@ def test_bench_sim_refuses_a_base_that_is_not_a_commit(capsys):
     assert bench.main(["--base", "HEAD", "--rounds", "0"]) == 2
 
 
+def test_bench_sim_instructions_reads_each_sides_count(tmp_path, monkeypatch):
+    """--instructions runs each side under valgrind and takes the count it
+    prints at exit (a stand-in valgrind here: the real one takes minutes)."""
+    import argparse
+    import os
+
+    bench = _bench_sim()
+    fake = tmp_path / "bin" / "valgrind"
+    fake.parent.mkdir()
+    fake.write_text(
+        '#!/bin/sh\nshift 2\n"$@"; rc=$?\necho "==42== Collected : 1234" >&2\nexit $rc\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    args = argparse.Namespace(scenario="convergence", nodes=5, set=["duration_s=10"])
+    root = Path(__file__).resolve().parent.parent
+    out = bench.count_instructions({"base": root, "new": root}, args, tmp_path)
+    assert {side: r["bench_instructions"] for side, r in out.items()} == {"base": 1234, "new": 1234}
+    assert bench.deterministic(out["base"]) == bench.deterministic(out["new"])
+
+
+def test_bench_sim_instructions_needs_valgrind(capsys, monkeypatch):
+    bench = _bench_sim()
+    monkeypatch.setattr(bench.shutil, "which", lambda name: None)
+    assert bench.main(["--base", "HEAD", "--instructions"]) == 2
+    assert "needs valgrind" in capsys.readouterr().err
+
+
 def test_false_death_log_classifies_as_the_simulator_counts():
     spec = importlib.util.spec_from_file_location(
         "false_death_log", Path(__file__).parent.parent / "scripts" / "false_death_log.py"
