@@ -783,7 +783,8 @@ class Cluster:
         the node flushed.  A node's timer is live only if it is the last one
         :meth:`_flush` set (``timer_gen``) and the node runs: then its host
         handles its timers (every core whose deadline has come, a due bridge
-        refresh), and the node is flushed.
+        refresh), and the node is flushed.  (A node without a bridge has its
+        single core driven directly, which is all its host would do.)
         """
         return self._run(math.inf, 1) == 1
 
