@@ -637,6 +637,65 @@ async def test_agent_services_service_and_checks(client: TestClient, agent: Fake
     assert checks["service:orders-1"]["Type"] == "ttl"
 
 
+async def test_agent_health_by_id_answers_the_status_in_the_code(client, agent):
+    """Consul's local health endpoint: 200 passing, 429 warning, 503
+    critical (maintenance included), the instance and its checks as JSON or
+    the status alone as text; 404 for an instance the agent does not hold."""
+    await register(client, GO_BODY)
+    await register(client, {"Name": "plain", "Port": 1})
+    path = "/v1/agent/health/service/id/orders-1"
+    for verb, status, code in (("pass", "passing", 200), ("warn", "warning", 429),
+                               ("fail", "critical", 503)):  # fmt: skip
+        await put(client, f"/v1/agent/check/{verb}/service:orders-1?note=said")
+        got, body, _ = await get(client, path)
+        assert got == code and body["AggregatedStatus"] == status
+        assert body["Service"]["ID"] == "orders-1" and body["Service"]["Service"] == "orders"
+        assert [(c["CheckID"], c["Status"]) for c in body["Checks"]] == [
+            ("service:orders-1", status)
+        ]
+        got, text, _ = await get(client, path + "?format=text")
+        assert (got, text) == (code, status)
+        resp = await client.get(path, headers={"Accept": "text/plain"})
+        assert (resp.status, await resp.text()) == (code, status)
+    await put(client, "/v1/agent/check/pass/service:orders-1")
+    await put(client, "/v1/agent/service/maintenance/orders-1?enable=true&reason=x")
+    got, body, _ = await get(client, path)
+    assert (got, body["AggregatedStatus"]) == (503, "critical")
+    # No check: passing, with no checks listed.
+    got, body, _ = await get(client, "/v1/agent/health/service/id/plain")
+    assert (got, body["AggregatedStatus"], body["Checks"]) == (200, "passing", [])
+    got, body, _ = await get(client, "/v1/agent/health/service/id/nope")
+    assert got == 404 and body == {"AggregatedStatus": "critical", "Service": None, "Checks": None}
+    got, text, _ = await get(client, "/v1/agent/health/service/id/nope?format=text")
+    assert (got, text) == (404, "ServiceId nope not found")
+    got, body, _ = await get(client, path + "?format=json")
+    assert got == 503 and isinstance(body, dict)
+
+
+async def test_agent_health_by_name_answers_the_worst_instance(client, agent):
+    await register(client, {**GO_BODY, "ID": "o-pass"})
+    await register(client, {**GO_BODY, "ID": "o-warn"})
+    await register(client, {"Name": "other", "Port": 1})
+    await put(client, "/v1/agent/check/pass/o-pass")
+    await put(client, "/v1/agent/check/warn/o-warn")
+    path = "/v1/agent/health/service/name/orders"
+    got, body, _ = await get(client, path)
+    assert got == 429
+    assert sorted((i["Service"]["ID"], i["AggregatedStatus"]) for i in body) == [
+        ("o-pass", "passing"), ("o-warn", "warning"),
+    ]  # fmt: skip
+    assert (await get(client, path + "?format=text"))[:2] == (429, "warning")
+    await put(client, "/v1/agent/check/fail/o-pass")
+    assert (await get(client, path + "?format=text"))[:2] == (503, "critical")
+    await put(client, "/v1/agent/check/pass/o-pass")
+    await put(client, "/v1/agent/check/pass/o-warn")
+    assert (await get(client, path + "?format=text"))[:2] == (200, "passing")
+    got, body, _ = await get(client, "/v1/agent/health/service/name/nope")
+    assert (got, body) == (404, [])
+    got, text, _ = await get(client, "/v1/agent/health/service/name/nope?format=text")
+    assert (got, text) == (404, "ServiceName nope Not Found")
+
+
 async def test_agent_self(client: TestClient) -> None:
     status, body, _ = await get(client, "/v1/agent/self")
     assert status == 200

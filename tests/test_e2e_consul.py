@@ -13,6 +13,7 @@ import http.server
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import consul
@@ -160,3 +161,37 @@ def test_agent_self_and_leader(pair):
     assert me["Config"]["NodeName"] == "ca" and me["Config"]["Datacenter"] == "east"
     assert all(isinstance(v, dict) for v in me.values())
     assert c.status.leader() == a.gossip
+
+
+def test_local_health_endpoint_answers_in_its_status_code(pair):
+    """What a load balancer asks the agent on its own host: the instance's
+    health as the status code (200, 429, 503) and as text, following the
+    TTL check that py-consul reports to."""
+    a, _ = pair
+    c = client_for(a)
+
+    def ask(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"{a.api}{path}", timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:  # 429, 503 and 404 arrive as errors
+            return exc.code, exc.read().decode()
+
+    c.agent.service.register(
+        "lb", service_id="lb-1", address="127.0.0.1", port=9100, check=consul.Check.ttl("60s")
+    )
+    try:
+        for report, status, code in ((c.agent.check.ttl_pass, "passing", 200),
+                                     (c.agent.check.ttl_warn, "warning", 429),
+                                     (c.agent.check.ttl_fail, "critical", 503)):  # fmt: skip
+            report("service:lb-1")
+            assert ask("/v1/agent/health/service/id/lb-1?format=text") == (code, status)
+            assert ask("/v1/agent/health/service/name/lb?format=text") == (code, status)
+        code, text = ask("/v1/agent/health/service/name/lb")
+        assert code == 503
+        assert [(i["Service"]["ID"], i["AggregatedStatus"]) for i in json.loads(text)] == [
+            ("lb-1", "critical")
+        ]
+    finally:
+        c.agent.service.deregister("lb-1")
+    assert ask("/v1/agent/health/service/id/lb-1?format=text") == (404, "ServiceId lb-1 not found")

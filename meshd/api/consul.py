@@ -1134,29 +1134,74 @@ class _Handlers:
                 return self._json(self._agent_service(reg))
         raise ApiError(404, f'unknown service ID "{service_id[:200]}" on this agent')
 
+    def _agent_check(self, reg: Registration, outputs: dict[str, str]) -> dict[str, Any] | None:
+        """The instance's check as the agent lists it; None without a check."""
+        if reg.check is None:
+            return None
+        r = reg.record
+        c = _consulish(r.instance, r.app, dict(r.meta))
+        return {
+            "Node": self.agent.node_name,
+            "CheckID": c.check_id,
+            "Name": c.check_name,
+            "Status": r.health,
+            "Notes": c.check_notes,
+            "Output": outputs.get(r.instance, ""),
+            "ServiceID": r.instance,
+            "ServiceName": r.app,
+            "ServiceTags": c.tags,
+            "Type": reg.check.kind,
+        }
+
     async def checks(self, request: web.Request) -> web.Response:
         f = self._filter(request)
         outputs = self.agent.check_outputs()
         out = {}
         for reg in self._local(request):
-            if reg.check is None:
-                continue
-            r = reg.record
-            c = _consulish(r.instance, r.app, dict(r.meta))
-            out[c.check_id] = {
-                "Node": self.agent.node_name,
-                "CheckID": c.check_id,
-                "Name": c.check_name,
-                "Status": r.health,
-                "Notes": c.check_notes,
-                "Output": outputs.get(r.instance, ""),
-                "ServiceID": r.instance,
-                "ServiceName": r.app,
-                "ServiceTags": c.tags,
-                "Type": reg.check.kind,
-            }
+            check = self._agent_check(reg, outputs)
+            if check is not None:
+                out[check["CheckID"]] = check
         kept = self._apply(f, list(out.values()))
         return self._json({c["CheckID"]: c for c in kept})
+
+    def _checks_info(self, reg: Registration, outputs: dict[str, str]) -> dict[str, Any]:
+        # The instance's health is its check's status, critical in
+        # maintenance (the agent sets it so), passing without a check: what
+        # Consul aggregates over an instance's checks.
+        check = self._agent_check(reg, outputs)
+        return {
+            "AggregatedStatus": reg.record.health,
+            "Service": self._agent_service(reg),
+            "Checks": [] if check is None else [check],
+        }
+
+    async def health_by_id(self, request: web.Request) -> web.Response:
+        """``GET /v1/agent/health/service/id/{id}``: one local instance's health,
+        in the status code too (200 passing, 429 warning, 503 critical), so a
+        load balancer can ask the agent without reading the body."""
+        service_id = request.match_info["service_id"]
+        reg = next((r for r in self._local(request) if r.record.instance == service_id), None)
+        if reg is None:
+            reason = f"ServiceId {service_id[:200]} not found"
+            return _health_answer(request, 404, reason, _NO_INFO)
+        info = self._checks_info(reg, self.agent.check_outputs())
+        status = info["AggregatedStatus"]
+        return _health_answer(request, _HEALTH_CODES[status], status, info)
+
+    async def health_by_name(self, request: web.Request) -> web.Response:
+        """``GET /v1/agent/health/service/name/{name}``: every local instance
+        of the service, the code and text of the worst."""
+        name = request.match_info["service_name"]
+        outputs = self.agent.check_outputs()
+        infos = [
+            self._checks_info(reg, outputs)
+            for reg in self._local(request)
+            if reg.record.app == name
+        ]
+        if not infos:
+            return _health_answer(request, 404, f"ServiceName {name[:200]} Not Found", [])
+        worst = max((i["AggregatedStatus"] for i in infos), key=_HEALTH_CODES.__getitem__)
+        return _health_answer(request, _HEALTH_CODES[worst], worst, infos)
 
     def _member_json(self, m: MemberInfo) -> dict[str, Any]:
         host, port = _split_hostport(m.address)
@@ -1499,6 +1544,24 @@ class _Handlers:
         return self._json([self._leader(request)])
 
 
+#: An instance's health as the status code of the agent's local health
+#: endpoints, worst last (Consul's: 200, 429 Too Many Requests, 503).
+_HEALTH_CODES = {"passing": 200, "warning": 429, "critical": 503}
+
+#: The body of a local health answer about an instance the agent does not hold.
+_NO_INFO: dict[str, Any] = {"AggregatedStatus": "critical", "Service": None, "Checks": None}
+
+
+def _health_answer(request: web.Request, code: int, text: str, body: Any) -> web.Response:
+    """A local health answer: the status as plain text when the client asks
+    for it (``Accept: text/plain``, or ``format=text`` without that header),
+    else ``body`` as JSON; ``code`` either way."""
+    accept = request.headers.get("Accept", "")
+    if accept.startswith("text/plain") or request.query.get("format") == "text":
+        return web.Response(status=code, text=text)
+    return web.Response(status=code, body=_dumps(body).encode(), content_type="application/json")
+
+
 def _blocks(request: web.Request) -> bool:
     """Whether :meth:`_Handlers._block` will wait: a well-formed ``index`` above 0."""
     text = request.query.get("index", "")
@@ -1530,6 +1593,8 @@ def add_consul_routes(
         ("GET", "/v1/agent/services", h.services),
         ("GET", "/v1/agent/service/{service_id}", h.service),
         ("GET", "/v1/agent/checks", h.checks),
+        ("GET", "/v1/agent/health/service/id/{service_id}", h.health_by_id),
+        ("GET", "/v1/agent/health/service/name/{service_name}", h.health_by_name),
         ("GET", "/v1/agent/self", h.self_),
         ("GET", "/v1/agent/members", h.members),
         ("PUT", "/v1/agent/check/register", h.check_register),
