@@ -1554,8 +1554,8 @@ _NO_INFO: dict[str, Any] = {"AggregatedStatus": "critical", "Service": None, "Ch
 
 def _health_answer(request: web.Request, code: int, text: str, body: Any) -> web.Response:
     """A local health answer: the status as plain text when the client asks
-    for it (``Accept: text/plain``, or ``format=text`` without that header),
-    else ``body`` as JSON; ``code`` either way."""
+    for it (``Accept: text/plain``, or ``format=text``), else ``body`` as
+    JSON; ``code`` either way."""
     accept = request.headers.get("Accept", "")
     if accept.startswith("text/plain") or request.query.get("format") == "text":
         return web.Response(status=code, text=text)
