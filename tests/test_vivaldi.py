@@ -259,6 +259,8 @@ def test_coordinate_builds_what_the_dataclass_builds(vec, error, height):
         (0.0,) * 8 + (1e-9, 1e50),  # the height
         (0.0,) * 8 + (0.0, 0.0),  # no error estimate: a weight of 0/0
         (0.0,) * 8 + (1.0, -1.0),  # a negative height
+        (0.0, 1.0, 0.0),  # the wire's shortest: 1 dimension, not our 8
+        (0.0,) * 32 + (1.0, 0.0),  # the wire's longest: 32 dimensions
     ],
 )
 def test_a_peer_coordinate_outside_the_bound_is_counted_and_ignored(coord):
