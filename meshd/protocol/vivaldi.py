@@ -144,13 +144,13 @@ def pack(c: Coordinate) -> bytes:
     400 bytes and two objects the garbage collector walks; packed, it is one
     113-byte object the collector never visits.
     """
-    return _packing(len(c.vec)).pack(*c.vec, c.error, c.height)
+    return pack_values((*c.vec, c.error, c.height))
 
 
 def pack_values(values: tuple[float, ...]) -> bytes:
     """``pack(coordinate(values[:-2], values[-2], values[-1]))`` for values
-    already checked that way (an ack's coordinate, once it placed the peer):
-    the same bytes, without taking the tuple apart and joining it again."""
+    already checked that way: what the prober stores from an ack, whose
+    coordinate comes as that flat tuple, without building one to take apart."""
     return _packing(len(values) - 2).pack(*values)
 
 

@@ -514,10 +514,12 @@ class Cluster:
         heapq.heappush(self._heap, (t, self._tie, kind, index, payload))
 
     # The hot path: every event goes through _run (with the delivery and a
-    # copy of _flush inlined: keep the two alike), every message through
-    # _transmit.  They keep what they use in locals and call nothing they
-    # need not (a big simulation runs millions of events); what they do is
-    # what step's docstring says, in that order.
+    # copy of _flush inlined: keep the two alike; for a node without a
+    # bridge the copy takes from its core what _flush takes from its host,
+    # the same messages and events), every message through _transmit.
+    # They keep what they use in locals and call nothing they need not (a
+    # big simulation runs millions of events); what they do is what step's
+    # docstring says, in that order.
 
     def _settle(self, hn: HarnessNode) -> None:
         """After a direct call into one of ``hn``'s cores: collect, then flush."""
