@@ -24,8 +24,9 @@ import ipaddress
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
 import msgpack
 
@@ -1156,8 +1157,42 @@ def _init_of(cls: type[Message]) -> Any:
     return init
 
 
+def _unchecked_of(cls: type[Message]) -> Any:
+    """A function building a ``cls`` from all its fields, positionally, that
+    skips the checks (see :func:`unchecked`)."""
+    ns: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
+    names = [f.name for f in dataclasses.fields(cls)]
+    body = ["    m = _new(_cls)"]
+    for k, name in enumerate(names):
+        slot = next(c.__dict__[name] for c in cls.__mro__ if name in c.__dict__)
+        ns[f"_set{k}"] = slot.__set__
+        body.append(f"    _set{k}(m, {name})")
+    body.append("    return m")
+    src = f"def build_{cls.__name__}({', '.join(names)}):\n" + "\n".join(body) + "\n"
+    exec(compile(src, f"<wire unchecked {cls.__name__}>", "exec"), ns)
+    return ns[f"build_{cls.__name__}"]
+
+
+_M = TypeVar("_M", bound=Message)
+
+
+def unchecked(cls: type[_M]) -> Callable[..., _M]:
+    """A builder of ``cls`` taking every field positionally, in declaration
+    order, that does not run the checks of ``__post_init__``.
+
+    Only for a core's own probes and acks, built many times a second from
+    values it checked already (its id and address, checked when it built its
+    own claim; member ids from its table; updates and states from its
+    queues; a sequence number it masked; its Vivaldi coordinate, checked by
+    ``vivaldi.update``).  Whatever a peer sends is checked when decoded, as
+    decoding builds through the checked ``__init__``.
+    """
+    return cast(Callable[..., _M], _UNCHECKED[cls])
+
+
 #: The dataclass's own ``__init__`` of each type (the tests compare against them).
 _DATACLASS_INITS = {cls: cls.__init__ for cls in MESSAGE_CLASSES.values()}
+_UNCHECKED = {cls: _unchecked_of(cls) for cls in MESSAGE_CLASSES.values()}
 
 for _cls in MESSAGE_CLASSES.values():
     # The dataclass __init__ looks __post_init__ up on the class when it runs.

@@ -10,7 +10,7 @@ driver plug in:
   partitions and latency (``Cluster(network=...)``);
 - the sizes: every message is counted in exact wire bytes per node and type,
   :func:`simulations.wiresize.wire_size`, without encoding
-  (``Cluster(sizer=...)``); the harness counts what each node receives;
+  (``Cluster(sizers=...)``); the harness counts what each node receives;
 - identities: ``add_node`` gives deterministic ones (a node's key and
   certificate serial come from the seed), so that certificate sizes, hence
   byte counts, are the same in every run of one scenario and seed;
@@ -59,7 +59,6 @@ from meshd.protocol.reach import compute_reach
 from meshd.testing import Cluster, HarnessNode
 from meshd.wire import (
     AppRecord,
-    Message,
     PushPullReply,
     SignedState,
     Status,
@@ -71,12 +70,6 @@ from simulations.metrics import Collector, Detection, FailoverWatch, Spread
 from simulations.network import Network
 from simulations.scenario import Scenario
 from simulations.wiresize import SIZERS as _SIZERS
-
-
-def _size(msg: Message) -> int:
-    """Exact wire bytes of ``msg`` without encoding it (simulations.wiresize)."""
-    return _SIZERS[type(msg)](msg)
-
 
 # ----------------------------------------------------------------------
 # Deterministic identities
@@ -222,7 +215,7 @@ class Simulation(Cluster):
             join=False,
             ca=_deterministic_ca(),
             network=self.net,
-            sizer=_size,
+            sizers=_SIZERS,
         )
         self.collector = Collector(
             self.index_of,
@@ -243,11 +236,13 @@ class Simulation(Cluster):
         (the scenario schedules joins)."""
         start = kw.pop("start", True)
         kw.pop("join", None)
-        hn = super().add_node(start=False, join=False, **kw)
+        # The identity first, so that the harness issues none to throw away.
+        name = kw["name"] = kw.get("name") or f"n{len(self.nodes)}"
+        cluster = kw.setdefault("cluster", "east")
+        nc = _deterministic_cert(self.ca, self.seed, cluster, name, kw.get("bridge", False))
+        hn = super().add_node(start=False, join=False, signer=StateSigner(nc), **kw)
         ix = self.net.add_node(hn.cluster)
         assert ix == hn.index
-        nc = _deterministic_cert(self.ca, self.seed, hn.cluster, hn.name, hn.is_bridge)
-        hn.signer = StateSigner(nc)
         self.index_of[hn.id] = hn.index
         if start:
             self.start(hn.index)

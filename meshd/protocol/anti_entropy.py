@@ -131,16 +131,6 @@ class AntiEntropy:
         self.next_reconnect = math.inf
         self.next_join: float | None = None
 
-    def deadline(self) -> float:
-        """The earliest time this part wants the core's timer."""
-        t = self.next_digest
-        if self.next_reconnect < t and self.core.config.reconnect_interval > 0:
-            t = self.next_reconnect
-        j = self.next_join
-        if j is not None and j < t:
-            t = j
-        return t
-
     def tick(self, now: float) -> None:
         """The sync part of the core's timer: a due sync, reconnect or join retry."""
         cfg = self.core.config

@@ -28,7 +28,14 @@ class Awareness:
         self.score = 0
 
     def apply(self, delta: int) -> None:
-        self.score = min(max(self.score + delta, 0), self._max - 1)
+        # Clamped to [0, max - 1] by comparisons, not min(max()): every acked
+        # probe lands here.
+        score = self.score + delta
+        if score < 0:
+            score = 0
+        elif score >= self._max:
+            score = self._max - 1
+        self.score = score
 
     def scale(self, timeout: float) -> float:
         return timeout * (self.score + 1)

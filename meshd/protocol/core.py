@@ -50,6 +50,7 @@ fails verification is counted in ``counters`` and dropped.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
@@ -273,7 +274,9 @@ class Core:
         jitter = rng.random()
         self.prober.next_probe = now + config.probe_interval * jitter
         self.anti_entropy.next_digest = now + config.digest_interval * (0.5 + rng.random())
-        self.anti_entropy.next_reconnect = now + config.reconnect_interval * (0.5 + rng.random())
+        reconnect = now + config.reconnect_interval * (0.5 + rng.random())
+        # An interval of 0 turns reconnecting off: no deadline at all.
+        self.anti_entropy.next_reconnect = reconnect if config.reconnect_interval > 0 else math.inf
         self._next_reap = now + self._reap_period
 
         self.gossip.member_q.push(self.id, self.members[self.id].update_for(Status.ALIVE, self.id))
@@ -332,11 +335,30 @@ class Core:
         self._events.clear()
 
     def get_timer(self) -> float:
-        # Asked after every message and timer: comparisons, not min() calls.
-        t = self.prober.deadline()
-        u = self.anti_entropy.deadline()
-        if u < t:
-            t = u
+        """The earliest deadline of any part: the prober's next probe, its
+        probe's ack or end, a relay's nack; the next sync, reconnect or join
+        retry; the reap; the gossip rounds; a suspicion's expiry."""
+        # Asked after every message and timer: each part's deadlines read in
+        # place, by comparisons, without a call per part or min() calls.
+        prober = self.prober
+        t = prober.next_probe
+        p = prober.probe
+        if p is not None:
+            d = p.end if p.indirect else p.ack_deadline
+            if d < t:
+                t = d
+        if prober.relays:
+            for r in prober.relays.values():
+                if r.deadline < t:
+                    t = r.deadline
+        ae = self.anti_entropy
+        if ae.next_digest < t:
+            t = ae.next_digest
+        if ae.next_reconnect < t:
+            t = ae.next_reconnect
+        j = ae.next_join
+        if j is not None and j < t:
+            t = j
         if self._next_reap < t:
             t = self._next_reap
         g = self.gossip.next_gossip
@@ -376,10 +398,17 @@ class Core:
         if msg.source == self.id:
             return
         self._bad = 0
-        members = getattr(msg, "members", ())
-        states = getattr(msg, "states", ())
-        synced = getattr(msg, "sync", False)
-        if synced or isinstance(msg, (PushPull, PushPullReply)):
+        if type(msg) is Ack or type(msg) is Ping:
+            # Most of what arrives, and never a sync: their own fields, without
+            # the lookups with defaults that the other types need.
+            members = msg.members
+            states = msg.states
+            synced = False
+        else:
+            members = getattr(msg, "members", ())
+            states = getattr(msg, "states", ())
+            synced = getattr(msg, "sync", False) or isinstance(msg, (PushPull, PushPullReply))
+        if synced:
             self._merge_remote_members(msg.source, members, now)
             self.records.merge(states, now, rebroadcast=False)
         else:

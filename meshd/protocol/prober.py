@@ -30,7 +30,7 @@ from meshd.protocol.vivaldi import (
     packed_distance,
 )
 from meshd.protocol.vivaldi import update as vivaldi_update
-from meshd.wire import Ack, IndirectPing, Nack, Ping, Status
+from meshd.wire import Ack, IndirectPing, Nack, Ping, Status, unchecked
 
 if TYPE_CHECKING:
     from meshd.protocol.core import Core
@@ -43,6 +43,13 @@ NACK_TIMEOUT_FRACTION = 0.8
 #: restart, a flapping link, a peer that opens and drops connections on
 #: purpose) costs at most this many pings per probe interval.
 MAX_OUT_OF_TURN = 64
+
+
+#: A round's probe and its ack, built without the message checks: every field
+#: is the core's own, already checked (see meshd.wire.unchecked); one of each
+#: per member per probe interval.
+_probe_ping = unchecked(Ping)
+_ack = unchecked(Ack)
 
 
 def nack_timeout(probe_timeout: float) -> float:
@@ -135,20 +142,6 @@ class Prober:
         #: member id -> when we last probed it out of turn (see probe_now).
         self.out_of_turn: dict[str, float] = {}
 
-    def deadline(self) -> float:
-        """The earliest time this part wants the core's timer."""
-        t = self.next_probe
-        p = self.probe
-        if p is not None:
-            d = p.end if p.indirect else p.ack_deadline
-            if d < t:
-                t = d
-        if self.relays:
-            for r in self.relays.values():
-                if r.deadline < t:
-                    t = r.deadline
-        return t
-
     def tick(self, now: float, left: bool) -> None:
         """The probe part of the core's timer (after relays and suspicions expired)."""
         if self.probe is not None:
@@ -210,17 +203,10 @@ class Prober:
         if cfg.lifeguard and target.status is Status.SUSPECT:
             buddy = target.update_for(Status.SUSPECT, self.core.id)
         members, states = self.core.gossip.piggyback(target.cluster)
-        self.core._send(
+        core = self.core
+        core._send(
             target.address,
-            Ping(
-                self.core.id,
-                seq=seq,
-                source_addr=self.core.address,
-                target=target.id,
-                suspicion=buddy,
-                members=members,
-                states=states,
-            ),
+            _probe_ping(core.id, seq, core.address, target.id, buddy, members, states),
             target.id,
         )
         self.probe = _Probe(target.id, seq, now + timeout, now + interval, sent=now)
@@ -336,11 +322,7 @@ class Prober:
         members, states = self.core.gossip.piggyback(msg.source.partition("/")[0])
         c = self.coord
         coord = c.vec + (c.error, c.height)  # one concatenation: every ack carries it
-        self.core._send(
-            addr,
-            Ack(self.core.id, seq=msg.seq, members=members, states=states, coord=coord),
-            msg.source,
-        )
+        self.core._send(addr, _ack(self.core.id, msg.seq, members, states, coord), msg.source)
 
     def on_ack(self, msg: Ack, now: float) -> None:
         p = self.probe

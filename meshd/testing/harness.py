@@ -24,7 +24,7 @@ delivery, so the harness exercises the real codec and counts real sizes.
 
 The network is an interface (:class:`Network`: ``transit(src, dst, now)``
 gives a delay or None for a lost message); :class:`FakeNetwork` is the
-default above.  The simulator passes its own model and a sizer instead of
+default above.  The simulator passes its own model and sizers instead of
 overriding anything here.
 
 Run ``python -m meshd.testing --nodes 64`` for the figures of the standard
@@ -37,7 +37,7 @@ import heapq
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -113,8 +113,10 @@ _LAST_SLOT = 1 << 62
 #: one notice suffices for fast detection, and a fixed ring keeps the model
 #: free of per-pair state in a 10,000-node simulation.
 RECENT_PEERS = 16
-#: A delivery event's payload: (pool, sending node, message or frame, wire bytes).
-_Delivery = tuple[str, int, object, int]
+#: A delivery event's payload: (pool, (sending node, pool), message or frame,
+#: wire bytes).  The pair is the sender's own, made once (``HarnessNode.entry``):
+#: the receiver files it in ``recent`` as it is.
+_Delivery = tuple[str, tuple[int, str], object, int]
 
 
 def uniform_latency(lo: float, hi: float) -> Latency:
@@ -160,6 +162,9 @@ class HarnessNode:
     #: (node, pool) of its latest RECENT_PEERS messages either way: who holds
     #: a connection with it when it crashes.
     recent: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=RECENT_PEERS))
+    #: pool -> (index, pool): what a message it sends in that pool files in
+    #: its receiver's ``recent`` (one pair per node and pool, not per message).
+    entry: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     #: The member id (set once: every delivery names its sender; a node's
     #: name and cluster never change).
@@ -205,17 +210,18 @@ class Cluster:
         join: bool = True,
         ca: CA | None = None,
         network: Network | None = None,
-        sizer: Callable[[Message], int] | None = None,
+        sizers: Mapping[type[Message], Callable[[Message], int]] | None = None,
     ) -> None:
         """``network`` replaces the fake one (``latency``, ``loss`` and the
-        partition methods then do nothing); ``sizer`` counts the bytes of a
-        message that is not encoded (``encode=False``)."""
+        partition methods then do nothing); ``sizers`` count the bytes of a
+        message that is not encoded (``encode=False``), one function per
+        message type."""
         self.seed = seed
         self.rng = random.Random(seed)
         self.config = config or Config.lan()
         self.wan_config = wan_config or Config.wan()
         self.encode = encode
-        self.sizer = sizer
+        self.sizers = sizers
         self.now = 0.0
         self.ca = ca or create_ca("mesh.local")
         self.verifier = StateVerifier(self.ca.cert, self.ca.trust_domain)
@@ -296,19 +302,24 @@ class Cluster:
         gateway: str = "",
         seed: int | None = None,
         wan_seed: int | None = None,
+        signer: StateSigner | None = None,
     ) -> HarnessNode:
-        """Add a node; ``seed``/``wan_seed`` name the nodes it joins through."""
+        """Add a node; ``seed``/``wan_seed`` name the nodes it joins through.
+
+        ``signer`` is its identity (a certificate for ``cluster``/``name``,
+        the bridge role on a bridge); by default one is issued by the CA."""
         i = len(self.nodes)
         name = name or f"n{i}"
         address = f"127.0.0.1:{20000 + i}"
-        cert = issue_node_cert(self.ca, name, cluster, bridge=bridge)
-        hn = HarnessNode(i, name, cluster, address, region, zone, StateSigner(cert))
+        if signer is None:
+            signer = StateSigner(issue_node_cert(self.ca, name, cluster, bridge=bridge))
+        hn = HarnessNode(i, name, cluster, address, region, zone, signer)
         hn.gateway = gateway
-        self._by_addr[address] = (i, LAN)
+        self._by_addr[address] = hn.entry[LAN] = (i, LAN)
         if bridge:
             hn.is_bridge = True
             hn.wan_address = f"127.0.0.1:{40000 + i}"
-            self._by_addr[hn.wan_address] = (i, WAN)
+            self._by_addr[hn.wan_address] = hn.entry[WAN] = (i, WAN)
         self.nodes.append(hn)
         self._ids.append(hn.id)
         if start:
@@ -587,15 +598,16 @@ class Cluster:
         return self._horizon
 
     def _transmit(self, hn: HarnessNode, pool: str, addr: str, msg: Message, to: str) -> None:
-        kind = type(msg).__name__
+        cls = type(msg)
+        kind = cls.__name__
         payload: object = msg
         if self.encode:
             frame = encode_frame(msg)
             size = len(frame)
             payload = frame
         else:
-            sizer = self.sizer
-            size = sizer(msg) if sizer is not None else 0
+            sizers = self.sizers
+            size = sizers[cls](msg) if sizers is not None else 0
         # Per kind on the cluster, per node as totals: two counters that
         # every message touches anyway instead of two per node, cold in a
         # large simulation.
@@ -627,7 +639,8 @@ class Cluster:
             _heappush(self._heap, (now + 2 * delay, tie, _MISPLACED, hn.index, (pool, to, addr)))
             return
         hn.recent.append(dst)
-        _heappush(self._heap, (now + delay, tie, _DELIVER, j, (dst[1], hn.index, payload, size)))
+        delivery = (dst[1], hn.entry[pool], payload, size)
+        _heappush(self._heap, (now + delay, tie, _DELIVER, j, delivery))
 
     def _run(self, until: float, limit: int = -1) -> int:
         """Process the events due by ``until``, at most ``limit`` of them (-1: no
@@ -668,13 +681,14 @@ class Cluster:
                 host = hn.host
                 if kind == _DELIVER:
                     # The payload of a delivery is a _Delivery (cast() would cost a call).
-                    pool, src, data, size = payload
+                    pool, sender, data, size = payload
                     if hn.crashed or host is None or pool not in host.cores:
                         self.dropped += 1
                         continue
                     received_msgs += 1
                     received_bytes += size
-                    hn.recent.append((src, pool))
+                    hn.recent.append(sender)
+                    src = sender[0]
                     if isinstance(data, bytes):
                         decoded = decode_message(data[4:])
                         if isinstance(decoded, Rejection):
