@@ -20,6 +20,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from meshd.protocol.sampling import below
 from meshd.wire import (
     Gossip,
     MemberUpdate,
@@ -244,7 +245,7 @@ class AntiEntropy:
         # both ways; if it is really gone, the attempt cost one small message.
         dead = sorted(n for n in self.core.table.gone if self.core.members[n].status is Status.DEAD)
         if dead:
-            m = self.core.members[dead[self.core._rng.randrange(len(dead))]]
+            m = self.core.members[dead[below(self.core._rng, len(dead))]]
             self.send_sync(m.address, m.id, full=False, dest_cluster=m.cluster)
 
     def retry_join(self, now: float) -> None:

@@ -67,6 +67,7 @@ from meshd.protocol.member_table import MemberTable
 from meshd.protocol.members import Member, Move, decide
 from meshd.protocol.prober import Prober
 from meshd.protocol.records import MAX_BAD_PER_MESSAGE, Records
+from meshd.protocol.sampling import below
 from meshd.protocol.store import RecordStore, StoreSnapshot
 from meshd.protocol.suspicion import (
     Suspicion,
@@ -1020,7 +1021,7 @@ class Core:
         for _ in range(tries):
             if len(picked) >= k:
                 break
-            m = self.members[ids[self._rng.randrange(len(ids))]]
+            m = self.members[ids[below(self._rng, len(ids))]]
             if m.id not in picked and accept(m):
                 picked[m.id] = m
         if len(picked) < k:

@@ -63,9 +63,9 @@ class Dissemination:
         if self.next_gossip is not None and now >= self.next_gossip:
             self.gossip_round(now)
 
-    def piggyback(
-        self, dest_cluster: str
-    ) -> tuple[tuple[MemberUpdate, ...], tuple[SignedState, ...]]:
+    def piggyback(self, dest: str) -> tuple[tuple[MemberUpdate, ...], tuple[SignedState, ...]]:
+        """What rides on a message to the member ``dest`` (its cluster
+        decides which documents may go): claims and documents, fewest-sent first."""
         member_q, record_q = self.member_q, self.record_q
         if not member_q.items and not record_q.items:
             return (), ()  # the usual case on every probe and ack: nothing waits
@@ -75,7 +75,7 @@ class Dissemination:
         states: tuple[SignedState, ...] = ()
         if record_q:
             states = tuple(
-                record_q.take(cfg.record_budget, limit, lambda s: may_reach(s.origin, dest_cluster))
+                record_q.take(cfg.record_budget, limit, _exported_to(dest.partition("/")[0]))
             )
         return members, states
 
@@ -130,7 +130,7 @@ class Dissemination:
             return m.status is Status.DEAD and now - m.since < cfg.gossip_to_the_dead
 
         for m in self.core._random_members(cfg.gossip_nodes, eligible):
-            members, states = self.piggyback(m.cluster)
+            members, states = self.piggyback(m.id)
             if not members and not states:
                 continue
             self.core._send(m.address, Gossip(self.core.id, members=members, states=states), m.id)

@@ -31,7 +31,7 @@ A pair missing from the table is not a move: the claim is stale and ignored.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from meshd.wire import MemberUpdate, SignedClaim, Status
 
@@ -89,19 +89,20 @@ class Member:
     #: The member's own signed claim at ``incarnation`` (alive, or left):
     #: passed on with every alive or left update, so others verify it too.
     claim: SignedClaim | None = None
+    #: Counted in the pool: alive or suspected (not yet dead).  Derived from
+    #: ``status`` when the member is made, as ``cluster`` from ``id``: every
+    #: probe and gossip round reads them.
+    serving: bool = field(init=False, repr=False, compare=False)
+    #: The cluster part of ``id``.
+    cluster: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def cluster(self) -> str:
-        return self.id.partition("/")[0]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "serving", self.status in (Status.ALIVE, Status.SUSPECT))
+        object.__setattr__(self, "cluster", self.id.partition("/")[0])
 
     @property
     def name(self) -> str:
         return self.id.partition("/")[2]
-
-    @property
-    def serving(self) -> bool:
-        """Counted in the pool: alive or suspected (not yet dead)."""
-        return self.status in (Status.ALIVE, Status.SUSPECT)
 
     def update_for(self, status: Status, by: str) -> MemberUpdate:
         # Accusations go without the claim: they name the incarnation the

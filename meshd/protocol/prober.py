@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING
 from meshd.protocol.awareness import Awareness, failed_probe_delta
 from meshd.protocol.config import Config
 from meshd.protocol.members import Member
+from meshd.protocol.sampling import below
 from meshd.protocol.vivaldi import (
     Coordinate,
     VivaldiConfig,
-    coordinate,
     pack_values,
     packed_distance,
 )
-from meshd.protocol.vivaldi import update as vivaldi_update
+from meshd.protocol.vivaldi import update_from as vivaldi_update_from
 from meshd.wire import Ack, IndirectPing, Nack, Ping, Status, unchecked
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ class Prober:
                 # One step of a Fisher-Yates shuffle: a uniform pick among the
                 # members not yet probed this round, swapped into place i.
                 i = self.index
-                j = self.rng.randrange(i, n)
+                j = i + below(self.rng, n - i)
                 here = moved.pop(i, None)
                 if here is None:
                     here = order[i] if i < size else joined[i - size]
@@ -202,7 +202,7 @@ class Prober:
         buddy = None
         if cfg.lifeguard and target.status is Status.SUSPECT:
             buddy = target.update_for(Status.SUSPECT, self.core.id)
-        members, states = self.core.gossip.piggyback(target.cluster)
+        members, states = self.core.gossip.piggyback(target.id)
         core = self.core
         core._send(
             target.address,
@@ -319,7 +319,7 @@ class Prober:
         addr = msg.source_addr or self.core._address_of(msg.source)
         if addr is None:
             return
-        members, states = self.core.gossip.piggyback(msg.source.partition("/")[0])
+        members, states = self.core.gossip.piggyback(msg.source)
         c = self.coord
         coord = c.vec + (c.error, c.height)  # one concatenation: every ack carries it
         self.core._send(addr, _ack(self.core.id, msg.seq, members, states, coord), msg.source)
@@ -358,7 +358,7 @@ class Prober:
         if len(raw) != dims + 2 or rtt <= 0:
             self.core.counters["bad-coordinate"] += 1
             return
-        vec, height = raw[:dims], raw[dims + 1]
+        vec, error, height = raw[:dims], raw[dims], raw[dims + 1]
         b = self.vivaldi.bound
         # vivaldi.within, spelled out (every ack): finite but far outside
         # what a round trip gives (1e100), the update would carry us, and
@@ -366,13 +366,15 @@ class Prober:
         if height > b or max(vec) > b or min(vec) < -b:
             self.core.counters["bad-coordinate"] += 1
             return
-        try:
-            remote = coordinate(vec, raw[dims], height)
-        except ValueError:
+        # The rest of vivaldi.coordinate's checks, without building the
+        # coordinate (NaN fails every comparison; a NaN component makes the
+        # update below raise).  The ack's own check already made every value
+        # a finite float.
+        if not (0 < error < math.inf and height >= 0):
             self.core.counters["bad-coordinate"] += 1
             return
         try:
-            coord = vivaldi_update(self.coord, remote, rtt, self.vivaldi, rng=self.rng)
+            coord = vivaldi_update_from(self.coord, vec, error, height, rtt, self.vivaldi, self.rng)
         except ValueError:
             # Both coordinates are inside the bound, so nothing overflows;
             # should it ever raise, the peer's input is counted, never

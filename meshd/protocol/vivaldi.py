@@ -204,9 +204,28 @@ def update(
     rng: random.Random | None = None,
 ) -> Coordinate:
     """``local`` moved by one round-trip sample ``rtt`` (seconds) to the node at ``remote``."""
+    return update_from(local, remote.vec, remote.error, remote.height, rtt, cfg, rng)
+
+
+def update_from(
+    local: Coordinate,
+    rvec: tuple[float, ...],
+    r_error: float,
+    r_height: float,
+    rtt: float,
+    cfg: VivaldiConfig = DEFAULT_CONFIG,
+    rng: random.Random | None = None,
+) -> Coordinate:
+    """:func:`update` towards the coordinate ``(rvec, r_error, r_height)``
+    given by its values: what the prober has from an ack, without building a
+    Coordinate to take apart again.
+
+    The values need not have passed :func:`coordinate`'s checks: whatever
+    they are, the result passes them or this raises ValueError.
+    """
     if not (math.isfinite(rtt) and rtt >= 0):
         raise ValueError("rtt must be a finite non-negative number of seconds")
-    lvec, rvec = local.vec, remote.vec
+    lvec = local.vec
     n = len(lvec)
     if n != cfg.dimensionality or len(rvec) != n:
         raise ValueError("coordinates must have the configured dimensionality")
@@ -219,11 +238,11 @@ def update(
     # differences, to the bit), and the lengths were checked just above.
     mag = math.dist(lvec, rvec)
     l_error, l_height = local.error, local.height
-    heights = l_height + remote.height
-    dist = mag + l_height + remote.height
+    heights = l_height + r_height
+    dist = mag + l_height + r_height
 
     # Sample weight and error estimate.
-    total_error = l_error + remote.error
+    total_error = l_error + r_error
     if total_error < ZERO_THRESHOLD:
         total_error = ZERO_THRESHOLD
     w = l_error / total_error
