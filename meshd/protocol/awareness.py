@@ -19,26 +19,39 @@ from __future__ import annotations
 class Awareness:
     """Score in ``[0, max_multiplier - 1]``; timeouts scale by ``score + 1``."""
 
-    __slots__ = ("_max", "score")
+    __slots__ = ("_max", "_score", "factor")
 
     def __init__(self, max_multiplier: int) -> None:
         if max_multiplier < 1:
             raise ValueError("max_multiplier must be at least 1")
         self._max = max_multiplier
-        self.score = 0
+        self._score = 0
+        #: What timeouts are multiplied by: ``score + 1``, kept with the score
+        #: (every probe reads it twice).
+        self.factor = 1
+
+    @property
+    def score(self) -> int:
+        return self._score
+
+    @score.setter
+    def score(self, score: int) -> None:
+        self._score = score
+        self.factor = score + 1
 
     def apply(self, delta: int) -> None:
         # Clamped to [0, max - 1] by comparisons, not min(max()): every acked
         # probe lands here.
-        score = self.score + delta
+        score = self._score + delta
         if score < 0:
             score = 0
         elif score >= self._max:
             score = self._max - 1
-        self.score = score
+        self._score = score
+        self.factor = score + 1
 
     def scale(self, timeout: float) -> float:
-        return timeout * (self.score + 1)
+        return timeout * self.factor
 
 
 def failed_probe_delta(expected_nacks: int, nacks: int) -> int:

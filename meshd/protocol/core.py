@@ -378,11 +378,20 @@ class Core:
         """Run what is due by ``now``; each part acts only on its own due
         deadlines, so a call before any of them does nothing (a host calls
         its single core without asking :meth:`get_timer` first)."""
-        self.prober.expire_relays(now)
-        self._expire_suspicions(now)
-        self.prober.tick(now, self.left)
-        self.gossip.tick(now)
-        self.anti_entropy.tick(now)
+        # Every timer event lands here: a part with nothing pending is not
+        # called at all (each still checks its own deadlines when it is).
+        prober = self.prober
+        if prober.relays:
+            prober.expire_relays(now)
+        if self._suspicions:
+            self._expire_suspicions(now)
+        prober.tick(now, self.left)
+        gossip = self.gossip
+        if gossip.next_gossip is not None or gossip.next_hurry is not None:
+            gossip.tick(now)
+        ae = self.anti_entropy
+        if now >= ae.next_digest or now >= ae.next_reconnect or ae.next_join is not None:
+            ae.tick(now)
         if now >= self._next_reap:
             self._next_reap = now + self._reap_period
             self._reap(now)

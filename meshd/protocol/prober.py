@@ -26,8 +26,8 @@ from meshd.protocol.sampling import below
 from meshd.protocol.vivaldi import (
     Coordinate,
     VivaldiConfig,
-    pack_values,
     packed_distance,
+    packing,
 )
 from meshd.protocol.vivaldi import update_from as vivaldi_update_from
 from meshd.wire import Ack, IndirectPing, Nack, Ping, Status, unchecked
@@ -101,6 +101,7 @@ class Prober:
         "joined",
         "moved",
         "out_of_turn",
+        "packing",
         "placed",
         "probe",
         "relays",
@@ -122,6 +123,7 @@ class Prober:
         self.vivaldi = VivaldiConfig()
         self.coord = Coordinate.origin(self.vivaldi)
         self.placed: dict[str, bytes] = {}
+        self.packing = packing(self.vivaldi.dimensionality)
         #: This probe round's order: positions ``[:index]`` probed, the rest
         #: drawn one at a time (a lazy Fisher-Yates shuffle: a random order
         #: without an O(n) shuffle up front, and a newcomer appended lands at
@@ -162,7 +164,7 @@ class Prober:
         self.order, self.joined, self.moved, self.index = ids, [], {}, 0
 
     def _next_target(self) -> Member | None:
-        members = self.core.members
+        members = self.core.table.members  # Core.members, without the property's call
         for _ in range(2):
             order, joined, moved = self.order, self.joined, self.moved
             size = len(order)
@@ -192,12 +194,14 @@ class Prober:
 
     def start(self, now: float) -> None:
         cfg = self.config
-        interval = self.awareness.scale(cfg.probe_interval) if cfg.lifeguard else cfg.probe_interval
+        # Lifeguard stretches both by our awareness (Awareness.scale, its factor read once).
+        factor = self.awareness.factor if cfg.lifeguard else 1
+        interval = cfg.probe_interval * factor
         self.next_probe = now + interval
         target = self._next_target()
         if target is None:
             return
-        timeout = self.awareness.scale(cfg.probe_timeout) if cfg.lifeguard else cfg.probe_timeout
+        timeout = cfg.probe_timeout * factor
         seq = self._next_seq()
         buddy = None
         if cfg.lifeguard and target.status is Status.SUSPECT:
@@ -381,7 +385,9 @@ class Prober:
             # raised into the driver.
             self.core.counters["bad-coordinate"] += 1
             return
-        self.placed[member] = pack_values(raw)  # the bytes of pack(remote)
+        # pack_values(raw), the bytes of vivaldi.pack(remote), with the packing
+        # of our dimensionality (raw's length was checked above).
+        self.placed[member] = self.packing.pack(*raw)
         self.coord = coord
 
     def estimated_rtt(self, member: str) -> float | None:

@@ -129,7 +129,8 @@ def coordinate(vec: tuple[float, ...], error: float, height: float) -> Coordinat
 _PACKINGS: dict[int, struct.Struct] = {}
 
 
-def _packing(dimensionality: int) -> struct.Struct:
+def packing(dimensionality: int) -> struct.Struct:
+    """The ``struct.Struct`` :func:`pack` uses for coordinates of ``dimensionality``."""
     s = _PACKINGS.get(dimensionality)
     if s is None:
         s = _PACKINGS[dimensionality] = struct.Struct(f"<{dimensionality + 2}d")
@@ -151,7 +152,7 @@ def pack_values(values: tuple[float, ...]) -> bytes:
     """``pack(coordinate(values[:-2], values[-2], values[-1]))`` for values
     already checked that way: what the prober stores from an ack, whose
     coordinate comes as that flat tuple, without building one to take apart."""
-    return _packing(len(values) - 2).pack(*values)
+    return packing(len(values) - 2).pack(*values)
 
 
 def unpack(data: bytes) -> Coordinate:
@@ -159,17 +160,17 @@ def unpack(data: bytes) -> Coordinate:
     n, rest = divmod(len(data), 8)
     if rest or n < 3:
         raise ValueError("a packed coordinate is 8 bytes per component, error and height")
-    values = _packing(n - 2).unpack(data)
+    values = packing(n - 2).unpack(data)
     return coordinate(values[:-2], values[-2], values[-1])
 
 
 def packed_distance(c: Coordinate, data: bytes) -> float:
     """``distance(c, unpack(data))``, to the bit, without building the
     coordinate: a lookup ranks each instance in our cluster by it."""
-    packing = _packing(len(c.vec))
-    if len(data) != packing.size:
+    layout = packing(len(c.vec))
+    if len(data) != layout.size:
         raise ValueError("coordinates of different dimensionality")
-    values: tuple[float, ...] = packing.unpack(data)
+    values: tuple[float, ...] = layout.unpack(data)
     return math.dist(c.vec, values[:-2]) + c.height + values[-1]
 
 
