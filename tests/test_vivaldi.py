@@ -13,13 +13,10 @@ from hypothesis import strategies as st
 from meshd.protocol.vivaldi import (
     DEFAULT_CONFIG,
     Coordinate,
+    Placements,
     VivaldiConfig,
     coordinate,
     distance,
-    pack,
-    pack_values,
-    packed_distance,
-    unpack,
     update,
     within,
 )
@@ -355,21 +352,48 @@ _finite = st.floats(allow_nan=False, allow_infinity=False)
 
 @settings(max_examples=300, deadline=None, derandomize=True)
 @given(
-    st.integers(1, 9).flatmap(lambda n: st.tuples(*[_finite] * n)),
-    _finite.filter(lambda e: e > 0),
-    _finite.filter(lambda h: h >= 0),
+    st.integers(1, 9).flatmap(
+        lambda n: st.lists(
+            st.tuples(
+                st.sampled_from(["east/a", "east/b", "west/c"]),
+                st.tuples(*[_finite] * n),
+                _finite.filter(lambda e: e > 0),
+                _finite.filter(lambda h: h >= 0),
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    ),
 )
-def test_a_packed_coordinate_unpacks_to_the_same_values(vec, error, height):
-    """The prober keeps each peer's coordinate packed: every value, of any
-    dimensionality, comes back to the bit (0.0 and -0.0 included)."""
-    c = Coordinate(vec, error, height)
-    data = pack(c)
-    assert isinstance(data, bytes) and len(data) == 8 * (len(vec) + 2)
-    # What the prober packs straight from an ack's values: the same bytes.
-    assert pack_values((*vec, error, height)) == data
-    back = unpack(data)
-    assert type(back) is Coordinate and back == c
-    assert [math.copysign(1, x) for x in back.vec] == [math.copysign(1, x) for x in vec]
+def test_placements_give_back_each_members_last_coordinate_to_the_bit(puts):
+    """The prober keeps each peer's last coordinate packed: every value, of
+    any dimensionality, comes back to the bit (0.0 and -0.0 included), a
+    later one replaces an earlier one in place."""
+    placed = Placements(len(puts[0][1]))
+    last = {}
+    for member, vec, error, height in puts:
+        placed.put(member, (*vec, error, height))
+        last[member] = Coordinate(vec, error, height)
+    assert len(placed) == len(last)
+    for member, c in last.items():
+        back = placed.get(member)
+        assert type(back) is Coordinate and back == c
+        assert [math.copysign(1, x) for x in back.vec] == [math.copysign(1, x) for x in c.vec]
+    assert placed.coordinates() == last
+    assert placed.get("east/nobody") is None and "east/nobody" not in placed
+
+
+def test_a_discarded_member_is_gone_and_its_slot_reused():
+    placed = Placements(2)
+    placed.put("east/a", (1.0, 2.0, 0.5, 0.001))
+    placed.put("east/b", (3.0, 4.0, 0.5, 0.002))
+    placed.discard("east/a")
+    placed.discard("east/never")  # nothing to forget: nothing happens
+    assert "east/a" not in placed and placed.get("east/a") is None
+    placed.put("east/c", (5.0, 6.0, 0.5, 0.003))
+    assert placed.get("east/b") == Coordinate((3.0, 4.0), 0.5, 0.002)
+    assert placed.get("east/c") == Coordinate((5.0, 6.0), 0.5, 0.003)
+    assert len(placed._values) == 2 * 4  # c took a's slot: the array did not grow
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
@@ -379,29 +403,24 @@ def test_a_packed_coordinate_unpacks_to_the_same_values(vec, error, height):
     ),
     st.tuples(_finite.filter(lambda h: h >= 0), _finite.filter(lambda h: h >= 0)),
 )
-def test_packed_distance_is_the_distance_to_the_unpacked_coordinate(vecs, heights):
+def test_placed_distance_is_the_distance_to_the_kept_coordinate(vecs, heights):
     """What a lookup ranks by, without building the coordinate: the same
     value to the bit (or the same overflow to infinity)."""
     a = Coordinate(vecs[0], 1.0, heights[0])
     b = Coordinate(vecs[1], 1.0, heights[1])
-    assert repr(packed_distance(a, pack(b))) == repr(distance(a, b))
+    placed = Placements(len(vecs[0]))
+    placed.put("east/b", (*b.vec, b.error, b.height))
+    assert repr(placed.distance(a, "east/b")) == repr(distance(a, b))
+    assert placed.distance(a, "east/nobody") is None
 
 
-def test_packed_distance_refuses_another_dimensionality():
+def test_placements_refuse_another_dimensionality():
+    placed = Placements(8)
     with pytest.raises(ValueError):
-        packed_distance(Coordinate((0.0,) * 8, 1.0, 0.0), pack(Coordinate((0.0,) * 3, 1.0, 0.0)))
-
-
-@pytest.mark.parametrize("data", [b"", b"\0" * 16, b"\0" * 81])
-def test_unpack_refuses_what_pack_never_makes(data):
+        placed.put("east/a", (0.0, 0.0, 1.0, 0.0))
+    placed.put("east/a", (0.0,) * 8 + (1.0, 0.0))
     with pytest.raises(ValueError):
-        unpack(data)
-
-
-def test_unpack_checks_the_values_as_any_coordinate():
-    nan = pack(Coordinate((0.0,) * 8, 1.0, 0.0))[:-8] + b"\0\0\0\0\0\0\xf8\x7f"  # height NaN
-    with pytest.raises(ValueError):
-        unpack(nan)
+        placed.distance(Coordinate((0.0,) * 3, 1.0, 0.0), "east/a")
 
 
 def test_a_probed_peer_is_placed_packed_and_predicted_from_its_coordinate():
@@ -414,10 +433,8 @@ def test_a_probed_peer_is_placed_packed_and_predicted_from_its_coordinate():
     c.run_for(20.0)
     core = c.core(0)
     placed = core.prober.placed
-    assert placed, "twenty probes placed nobody"
-    assert all(isinstance(v, bytes) for v in placed.values())
-    for member, data in placed.items():
-        remote = unpack(data)
+    assert len(placed), "twenty probes placed nobody"
+    for member, remote in placed.coordinates().items():
         assert core.coords[member] == remote
         assert core.estimated_rtt(member) == distance(core.coord, remote)
     assert core.estimated_rtt("nobody") is None

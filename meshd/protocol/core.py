@@ -75,7 +75,7 @@ from meshd.protocol.suspicion import (
     suspicion_max,
     suspicion_min,
 )
-from meshd.protocol.vivaldi import Coordinate, unpack
+from meshd.protocol.vivaldi import Coordinate
 from meshd.wire import (
     Ack,
     AppRecord,
@@ -747,7 +747,7 @@ class Core:
             self.prober.joined.append(m.id)
 
     def _remove_member(self, member: str) -> None:
-        self.prober.placed.pop(member, None)
+        self.prober.placed.discard(member)
         self.table.remove(member)
 
     def _set_status(
@@ -982,7 +982,7 @@ class Core:
     @property
     def coords(self) -> dict[str, Coordinate]:
         """The last coordinate each member we probed told us (a new dict)."""
-        return {member: unpack(data) for member, data in self.prober.placed.items()}
+        return self.prober.placed.coordinates()
 
     def estimated_rtt(self, member: str) -> float | None:
         """Predicted round trip to ``member`` in seconds, when we have placed it."""

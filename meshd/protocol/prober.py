@@ -25,9 +25,8 @@ from meshd.protocol.members import Member
 from meshd.protocol.sampling import below
 from meshd.protocol.vivaldi import (
     Coordinate,
+    Placements,
     VivaldiConfig,
-    packed_distance,
-    packing,
 )
 from meshd.protocol.vivaldi import update_from as vivaldi_update_from
 from meshd.wire import Ack, IndirectPing, Nack, Ping, Status, unchecked
@@ -101,7 +100,6 @@ class Prober:
         "joined",
         "moved",
         "out_of_turn",
-        "packing",
         "placed",
         "probe",
         "relays",
@@ -116,14 +114,12 @@ class Prober:
         self.rng = rng
         self.awareness = Awareness(config.awareness_max_multiplier)
         #: Vivaldi: our network coordinate, and the last one each member we
-        #: probed told us (fed by the round trips of direct probes), packed
-        #: (vivaldi.pack): one per member probed, so thousands in a large
-        #: pool, and packed they are a third of the memory and nothing the
-        #: garbage collector has to walk.
+        #: probed told us (fed by the round trips of direct probes): one per
+        #: member probed, so thousands in a large pool, kept packed in one
+        #: array (vivaldi.Placements).
         self.vivaldi = VivaldiConfig()
         self.coord = Coordinate.origin(self.vivaldi)
-        self.placed: dict[str, bytes] = {}
-        self.packing = packing(self.vivaldi.dimensionality)
+        self.placed = Placements(self.vivaldi.dimensionality)
         #: This probe round's order: positions ``[:index]`` probed, the rest
         #: drawn one at a time (a lazy Fisher-Yates shuffle: a random order
         #: without an O(n) shuffle up front, and a newcomer appended lands at
@@ -385,17 +381,14 @@ class Prober:
             # raised into the driver.
             self.core.counters["bad-coordinate"] += 1
             return
-        # pack_values(raw), the bytes of vivaldi.pack(remote), with the packing
-        # of our dimensionality (raw's length was checked above).
-        self.placed[member] = self.packing.pack(*raw)
+        self.placed.put(member, raw)
         self.coord = coord
 
     def estimated_rtt(self, member: str) -> float | None:
         """Predicted round trip to ``member`` in seconds, when we have placed it."""
         if member == self.core.id:
             return 0.0
-        remote = self.placed.get(member)
-        return None if remote is None else packed_distance(self.coord, remote)
+        return self.placed.distance(self.coord, member)
 
     def expire_relays(self, now: float) -> None:
         if not self.relays:

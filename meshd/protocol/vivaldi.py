@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import random
 import struct
+from array import array
 from dataclasses import dataclass
 
 
@@ -124,54 +125,94 @@ def coordinate(vec: tuple[float, ...], error: float, height: float) -> Coordinat
     return c
 
 
-#: One ``struct.Struct`` per dimensionality: little-endian doubles, the
-#: components, then the error and the height.
+#: One ``struct.Struct`` per dimensionality: native doubles, the components,
+#: then the error and the height (the layout of a slot in :class:`Placements`).
 _PACKINGS: dict[int, struct.Struct] = {}
 
 
 def packing(dimensionality: int) -> struct.Struct:
-    """The ``struct.Struct`` :func:`pack` uses for coordinates of ``dimensionality``."""
+    """The layout of one coordinate of ``dimensionality`` in :class:`Placements`."""
     s = _PACKINGS.get(dimensionality)
     if s is None:
-        s = _PACKINGS[dimensionality] = struct.Struct(f"<{dimensionality + 2}d")
+        s = _PACKINGS[dimensionality] = struct.Struct(f"={dimensionality + 2}d")
     return s
 
 
-def pack(c: Coordinate) -> bytes:
-    """``c`` as bytes (:func:`unpack` gives it back, every value to the bit).
+class Placements:
+    """The last coordinate each member told us, packed: ``member -> slot``,
+    and the values of every slot (components, error, height) in one array
+    of doubles.
 
-    A node keeps the coordinate of every member it has probed, thousands in
-    a large pool.  As a Coordinate, its tuple and ten floats, each is about
-    400 bytes and two objects the garbage collector walks; packed, it is one
-    113-byte object the collector never visits.
+    A node keeps one per member it has probed: thousands in a large pool,
+    and a simulator holds ten thousand nodes' worth.  As Coordinate objects
+    each would be a tuple and ten floats (~400 bytes, objects the garbage
+    collector walks); as one bytes object each, ~130 bytes allocated anew on
+    every ack, the heap of a 10,000-node simulation grew by 1.3 MB a virtual
+    second and every event slowed as it grew (simulations/RESULTS.md).
+    Here a member's new coordinate overwrites its slot, a new member extends
+    the array, and a member's only object is its entry in the slot table.
+    Values come back to the bit.
     """
-    return pack_values((*c.vec, c.error, c.height))
 
+    __slots__ = ("_free", "_layout", "_slots", "_values", "_width")
 
-def pack_values(values: tuple[float, ...]) -> bytes:
-    """``pack(coordinate(values[:-2], values[-2], values[-1]))`` for values
-    already checked that way: what the prober stores from an ack, whose
-    coordinate comes as that flat tuple, without building one to take apart."""
-    return packing(len(values) - 2).pack(*values)
+    def __init__(self, dimensionality: int) -> None:
+        self._layout = packing(dimensionality)
+        self._width = dimensionality + 2
+        self._slots: dict[str, int] = {}
+        self._values = array("d")
+        #: Slots of members forgotten (:meth:`discard`), taken before the array grows.
+        self._free: list[int] = []
 
+    def __len__(self) -> int:
+        return len(self._slots)
 
-def unpack(data: bytes) -> Coordinate:
-    """The coordinate :func:`pack` made ``data`` from (checked as any other)."""
-    n, rest = divmod(len(data), 8)
-    if rest or n < 3:
-        raise ValueError("a packed coordinate is 8 bytes per component, error and height")
-    values = packing(n - 2).unpack(data)
-    return coordinate(values[:-2], values[-2], values[-1])
+    def __contains__(self, member: object) -> bool:
+        return member in self._slots
 
+    def put(self, member: str, values: tuple[float, ...]) -> None:
+        """Keep the coordinate ``values`` (components, error, height) of
+        ``member``; the caller checked them as :func:`coordinate` would."""
+        if len(values) != self._width:
+            raise ValueError("a coordinate of another dimensionality")
+        k = self._slots.get(member)
+        if k is None:
+            if not self._free:
+                self._slots[member] = len(self._values) // self._width
+                self._values.extend(values)
+                return
+            k = self._slots[member] = self._free.pop()
+        self._layout.pack_into(self._values, 8 * self._width * k, *values)
 
-def packed_distance(c: Coordinate, data: bytes) -> float:
-    """``distance(c, unpack(data))``, to the bit, without building the
-    coordinate: a lookup ranks each instance in our cluster by it."""
-    layout = packing(len(c.vec))
-    if len(data) != layout.size:
-        raise ValueError("coordinates of different dimensionality")
-    values: tuple[float, ...] = layout.unpack(data)
-    return math.dist(c.vec, values[:-2]) + c.height + values[-1]
+    def get(self, member: str) -> Coordinate | None:
+        """The coordinate kept for ``member``, None when there is none."""
+        k = self._slots.get(member)
+        if k is None:
+            return None
+        values = self._layout.unpack_from(self._values, 8 * self._width * k)
+        return coordinate(values[:-2], values[-2], values[-1])
+
+    def distance(self, c: Coordinate, member: str) -> float | None:
+        """``distance(c, self.get(member))``, to the bit, without building
+        the coordinate (a lookup ranks each instance in our cluster by it);
+        None when ``member`` has no coordinate here."""
+        k = self._slots.get(member)
+        if k is None:
+            return None
+        if len(c.vec) != self._width - 2:
+            raise ValueError("coordinates of different dimensionality")
+        values: tuple[float, ...] = self._layout.unpack_from(self._values, 8 * self._width * k)
+        return math.dist(c.vec, values[:-2]) + c.height + values[-1]
+
+    def discard(self, member: str) -> None:
+        """Forget ``member``'s coordinate (its slot is reused)."""
+        k = self._slots.pop(member, None)
+        if k is not None:
+            self._free.append(k)
+
+    def coordinates(self) -> dict[str, Coordinate]:
+        """Every member's coordinate, in a new dict."""
+        return {m: c for m in self._slots if (c := self.get(m)) is not None}
 
 
 def within(c: Coordinate, cfg: VivaldiConfig = DEFAULT_CONFIG) -> bool:

@@ -678,11 +678,15 @@ class Cluster:
                 if t > now:
                     self.now = now = t
                 hn = nodes[index]
-                host = hn.host
+                # A node without a bridge (``solo``) has its host, and its only
+                # address is in the LAN pool: its host need not be asked.
+                solo = hn.solo
                 if kind == _DELIVER:
                     # The payload of a delivery is a _Delivery (cast() would cost a call).
                     pool, sender, data, size = payload
-                    if hn.crashed or host is None or pool not in host.cores:
+                    if hn.crashed or (
+                        solo is None and (hn.host is None or pool not in hn.host.cores)
+                    ):
                         self.dropped += 1
                         continue
                     received_msgs += 1
@@ -701,19 +705,20 @@ class Cluster:
                         hn.inbox.append((pool, src, msg))
                         continue
                     self.delivered += 1
-                    solo = hn.solo
                     if solo is None:
-                        host.receive(pool, msg, now, peer=ids[src])
+                        hn.host.receive(pool, msg, now, ids[src])  # type: ignore[union-attr]
                     else:
-                        solo.receive(msg, now, peer=ids[src])
+                        solo.receive(msg, now, ids[src])
                 elif kind == _TIMER:
-                    if payload != hn.timer_gen or hn.crashed or hn.paused or host is None:
+                    if payload != hn.timer_gen or hn.crashed or hn.paused:
                         continue
-                    hn.timer_at = None  # consumed: the flush below sets the next one
-                    solo = hn.solo
                     if solo is None:
-                        host.handle_timer(now)
+                        if hn.host is None:
+                            continue
+                        hn.timer_at = None  # consumed: the flush below sets the next one
+                        hn.host.handle_timer(now)
                     else:
+                        hn.timer_at = None
                         solo.handle_timer(now)
                 else:
                     self._transport_fact(hn, kind, payload)
@@ -721,6 +726,8 @@ class Cluster:
                 # What _flush does, inlined (one call less per event); the node
                 # runs and is not paused, as checked above.
                 if solo is None:
+                    host = hn.host
+                    assert host is not None  # checked with the event above
                     for out_pool, addr, out, to in host.messages_to_send():
                         transmit(hn, out_pool, addr, out, to)
                     if observers:
