@@ -53,7 +53,7 @@ import dataclasses
 import math
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -314,7 +314,7 @@ class Core:
         tools; drivers take :meth:`addressed_messages`)."""
         return [(address, msg) for address, msg, _ in self.addressed_messages()]
 
-    def addressed_messages(self) -> list[tuple[str, Message, str]]:
+    def addressed_messages(self) -> Sequence[tuple[str, Message, str]]:
         """``(address, message, recipient)`` in the order they were made.
 
         ``recipient`` is the member id the message is meant for, or "" when
@@ -325,7 +325,10 @@ class Core:
         address there.  It reports such a connection with
         :meth:`report_misplaced`.
         """
-        out, self._out = self._out, []
+        out = self._out
+        if not out:
+            return ()  # after many events: no new list to make
+        self._out = []
         return out
 
     def next_event(self) -> Event | None:

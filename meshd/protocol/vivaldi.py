@@ -179,7 +179,8 @@ class Placements:
         if k is None:
             if not self._free:
                 self._slots[member] = len(self._values) // self._width
-                self._values.extend(values)
+                # One copy of the packed values, not ten appends of a float.
+                self._values.frombytes(self._layout.pack(*values))
                 return
             k = self._slots[member] = self._free.pop()
         self._layout.pack_into(self._values, 8 * self._width * k, *values)

@@ -114,7 +114,7 @@ _LAST_SLOT = 1 << 62
 #: free of per-pair state in a 10,000-node simulation.
 RECENT_PEERS = 16
 #: A delivery event's payload: (pool, (sending node, pool), message or frame,
-#: wire bytes).  The pair is the sender's own, made once (``HarnessNode.entry``):
+#: wire bytes).  The pair is the sender's own, made once (``HarnessNode.lan_entry``):
 #: the receiver files it in ``recent`` as it is.
 _Delivery = tuple[str, tuple[int, str], object, int]
 
@@ -162,9 +162,11 @@ class HarnessNode:
     #: (node, pool) of its latest RECENT_PEERS messages either way: who holds
     #: a connection with it when it crashes.
     recent: deque[tuple[int, str]] = field(default_factory=lambda: deque(maxlen=RECENT_PEERS))
-    #: pool -> (index, pool): what a message it sends in that pool files in
-    #: its receiver's ``recent`` (one pair per node and pool, not per message).
-    entry: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: (index, pool) of its LAN and WAN addresses: what a message it sends
+    #: files in its receiver's ``recent`` (one pair per node and pool, made
+    #: once, not one per message).
+    lan_entry: tuple[int, str] = (-1, LAN)
+    wan_entry: tuple[int, str] = (-1, WAN)
 
     #: The member id (set once: every delivery names its sender; a node's
     #: name and cluster never change).
@@ -315,11 +317,11 @@ class Cluster:
             signer = StateSigner(issue_node_cert(self.ca, name, cluster, bridge=bridge))
         hn = HarnessNode(i, name, cluster, address, region, zone, signer)
         hn.gateway = gateway
-        self._by_addr[address] = hn.entry[LAN] = (i, LAN)
+        self._by_addr[address] = hn.lan_entry = (i, LAN)
         if bridge:
             hn.is_bridge = True
             hn.wan_address = f"127.0.0.1:{40000 + i}"
-            self._by_addr[hn.wan_address] = hn.entry[WAN] = (i, WAN)
+            self._by_addr[hn.wan_address] = hn.wan_entry = (i, WAN)
         self.nodes.append(hn)
         self._ids.append(hn.id)
         if start:
@@ -639,7 +641,7 @@ class Cluster:
             _heappush(self._heap, (now + 2 * delay, tie, _MISPLACED, hn.index, (pool, to, addr)))
             return
         hn.recent.append(dst)
-        delivery = (dst[1], hn.entry[pool], payload, size)
+        delivery = (dst[1], hn.lan_entry if pool == LAN else hn.wan_entry, payload, size)
         _heappush(self._heap, (now + delay, tie, _DELIVER, j, delivery))
 
     def _run(self, until: float, limit: int = -1) -> int:
