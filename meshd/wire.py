@@ -10,7 +10,8 @@ hostile length prefix or a huge declared array costs nothing.
 
 Messages and data are frozen, slotted dataclasses validated when built; a
 value that violates an invariant raises ``ValueError`` (our own misuse), which
-the decoder turns into a rejection (peer input).
+the decoder turns into a rejection (peer input).  :func:`unchecked` builds
+without the checks, for a core's own probes and acks only (see there).
 
 The numbers in :class:`MsgType` and :class:`Status` are protocol: append only,
 never renumber, never reuse.

@@ -1071,3 +1071,22 @@ def test_generated_message_init_equals_the_dataclass_init(cls, data):
 
 def test_a_default_digest_is_a_new_map_each_time():
     assert PushPull("east/n1").digest is not PushPull("east/n1").digest
+
+
+@PROPERTY
+@given(messages)
+def test_an_unchecked_build_is_the_checked_message(msg: Message) -> None:
+    """``wire.unchecked`` (a core's own probes and acks) builds the very
+    message the checked constructor builds from the same fields."""
+    fields = [getattr(msg, f.name) for f in dataclasses.fields(msg)]
+    built = wire.unchecked(type(msg))(*fields)
+    assert type(built) is type(msg) and built == msg
+    assert encode_frame(built) == encode_frame(msg)
+
+
+def test_what_an_unchecked_build_lets_through_a_peer_still_refuses() -> None:
+    # The builder skips the checks on our side only: decoding builds through
+    # the checked constructor, so a bad field is refused at the receiver.
+    bad = wire.unchecked(Ack)("east/n1", 2**32, (), (), (math.nan,) * 10)
+    got = decode_message(encode_frame(bad)[4:])
+    assert isinstance(got, Rejection) and got.reason == "malformed"
