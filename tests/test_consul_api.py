@@ -796,3 +796,33 @@ async def test_a_native_registrations_check_type_shows_in_consul_answers(client:
     checks = {c["CheckID"]: c for c in entries[0]["Checks"]}
     assert checks["service:jobs-1"]["Type"] == "ttl"
     assert checks["serfHealth"]["Type"] == ""
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "named"),
+    [
+        ("GET", "/v1/agent/metrics", "/metrics"),
+        ("GET", "/v1/agent/metrics?format=prometheus", "/metrics"),
+        ("GET", "/v1/agent/host", "host information"),
+        ("GET", "/v1/agent/version", "/v1/agent/self"),
+        ("GET", "/v1/agent/monitor", "log streaming"),
+        ("PUT", "/v1/agent/reload", "reload"),
+        ("PUT", "/v1/agent/maintenance?enable=true", "node maintenance"),
+        ("PUT", "/v1/agent/leave", "leaving"),
+        ("PUT", "/v1/agent/join/10.0.0.1", "--join"),
+        ("PUT", "/v1/agent/force-leave/n1", "force-leave"),
+        ("PUT", "/v1/agent/token/default", "API token"),
+        ("PUT", "/v1/catalog/register", "/v1/agent/service/register"),
+        ("PUT", "/v1/catalog/deregister", "agent endpoint"),
+        ("GET", "/v1/coordinate/datacenters", "WAN coordinates"),
+    ],
+)
+async def test_consul_endpoints_meshd_lacks_answer_501_with_a_sentence(
+    client: TestClient, method: str, path: str, named: str
+) -> None:
+    # Not a 404 "no API route": a client must not read it as "nothing there".
+    resp = await client.request(method, path)
+    text = await resp.text()
+    assert resp.status == 501, (path, resp.status, text)
+    assert text.startswith("meshd does not implement") and named in text, text
+    assert "\n" not in text.strip()

@@ -185,6 +185,10 @@ def test_unknown_datacenter_and_what_meshd_does_not_do(pair):
         ("PUT", "/v1/session/create"),
         ("GET", "/v1/query"),
         ("PUT", "/v1/txn"),
+        ("GET", "/v1/agent/version"),
+        ("GET", "/v1/agent/host"),
+        ("GET", "/v1/agent/metrics"),
+        ("GET", "/v1/coordinate/datacenters"),
     ):
         status, text = raw(a, method, path)
         assert status == 501 and "meshd does not implement" in text, (path, status, text)

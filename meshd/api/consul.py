@@ -149,6 +149,26 @@ _NOT_IMPLEMENTED = {
     "snapshot": "snapshots",
     "operator": "operator endpoints",
 }
+#: Single Consul endpoints beside those families that meshd does not
+#: implement (path -> what): 501 with a sentence too, rather than the 404 of
+#: an unknown route, which a client reads as "no such thing".
+_NOT_IMPLEMENTED_PATHS = {
+    "/v1/agent/metrics": "Consul's agent metrics (meshd's own are at /metrics, Prometheus text)",
+    "/v1/agent/host": "Consul's host information",
+    "/v1/agent/version": "Consul's version endpoint (/v1/agent/self names meshd's version)",
+    "/v1/agent/monitor": "Consul's log streaming",
+    "/v1/agent/reload": "Consul's configuration reload",
+    "/v1/agent/maintenance": "node maintenance (an instance's maintenance is implemented)",
+    "/v1/agent/leave": "leaving through the API (stop the agent instead)",
+    "/v1/agent/join/{rest:.*}": "joining through the API (start the agent with --join)",
+    "/v1/agent/force-leave/{rest:.*}": "force-leave",
+    "/v1/agent/token/{rest:.*}": _NOT_IMPLEMENTED["acl"],
+    "/v1/catalog/register": (
+        "writing the catalog directly (register with /v1/agent/service/register)"
+    ),
+    "/v1/catalog/deregister": "writing the catalog directly (deregister with the agent endpoint)",
+    "/v1/coordinate/datacenters": "the WAN coordinates of Consul servers",
+}
 #: Blocking queries: Consul's own default and ceiling for ``wait``.
 DEFAULT_WAIT = 300.0
 MAX_WAIT = 600.0
@@ -1616,6 +1636,8 @@ def add_consul_routes(
     for family, what in _NOT_IMPLEMENTED.items():
         for path in (f"/v1/{family}", f"/v1/{family}/{{rest:.*}}"):
             routes.append(("*", path, _not_implemented(what)))
+    for path, what in _NOT_IMPLEMENTED_PATHS.items():
+        routes.append(("*", path, _not_implemented(what)))
     return [r.add_route(method, path, _text_errors(handler)) for method, path, handler in routes]
 
 
