@@ -1129,6 +1129,11 @@ def _message_checks(msg: Message) -> None:
     Message.__post_init__(msg)
 
 
+def _slot_setter(cls: type[Message], name: str) -> Any:
+    """The setter of field ``name``'s slot (on ``cls`` or the base declaring it)."""
+    return next(c.__dict__[name] for c in cls.__mro__ if name in c.__dict__).__set__
+
+
 def _init_of(cls: type[Message]) -> Any:
     """``cls.__init__`` as the dataclass writes it (same parameters, defaults
     and default factories, then ``__post_init__``), setting each field
@@ -1137,8 +1142,7 @@ def _init_of(cls: type[Message]) -> Any:
     ns: dict[str, Any] = {"_MISSING": dataclasses.MISSING}
     params, body = [], []
     for k, f in enumerate(dataclasses.fields(cls)):
-        slot = next(c.__dict__[f.name] for c in cls.__mro__ if f.name in c.__dict__)
-        ns[f"_set{k}"] = slot.__set__
+        ns[f"_set{k}"] = _slot_setter(cls, f.name)
         if f.default is not dataclasses.MISSING:
             ns[f"_default{k}"] = f.default
             params.append(f"{f.name}=_default{k}")
@@ -1165,8 +1169,7 @@ def _unchecked_of(cls: type[Message]) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     body = ["    m = _new(_cls)"]
     for k, name in enumerate(names):
-        slot = next(c.__dict__[name] for c in cls.__mro__ if name in c.__dict__)
-        ns[f"_set{k}"] = slot.__set__
+        ns[f"_set{k}"] = _slot_setter(cls, name)
         body.append(f"    _set{k}(m, {name})")
     body.append("    return m")
     src = f"def build_{cls.__name__}({', '.join(names)}):\n" + "\n".join(body) + "\n"

@@ -3,13 +3,15 @@ from meshd.protocol.awareness import Awareness, failed_probe_delta
 
 def test_score_is_clamped_and_scales_timeouts():
     a = Awareness(8)
-    assert a.scale(0.5) == 0.5
+    assert a.factor == 1
     a.apply(3)
-    assert a.score == 3 and a.scale(0.5) == 2.0
+    assert a.score == 3 and a.factor == 4
     a.apply(100)
-    assert a.score == 7  # max_multiplier - 1
+    assert a.score == 7 and a.factor == 8  # max_multiplier - 1
     a.apply(-100)
-    assert a.score == 0
+    assert a.score == 0 and a.factor == 1
+    a.score = 2  # set directly (tests do): the factor follows
+    assert a.factor == 3
 
 
 def test_failed_probe_counts_missing_nacks():

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 
 class Awareness:
-    """Score in ``[0, max_multiplier - 1]``; timeouts scale by ``score + 1``."""
+    """Score in ``[0, max_multiplier - 1]``; timeouts are multiplied by
+    ``factor``, ``score + 1``."""
 
     __slots__ = ("_max", "_score", "factor")
 
@@ -27,7 +28,7 @@ class Awareness:
         self._max = max_multiplier
         self._score = 0
         #: What timeouts are multiplied by: ``score + 1``, kept with the score
-        #: (every probe reads it twice).
+        #: (every probe reads it).
         self.factor = 1
 
     @property
@@ -49,9 +50,6 @@ class Awareness:
             score = self._max - 1
         self._score = score
         self.factor = score + 1
-
-    def scale(self, timeout: float) -> float:
-        return timeout * self.factor
 
 
 def failed_probe_delta(expected_nacks: int, nacks: int) -> int:

@@ -948,7 +948,7 @@ class Core:
                 # A sick node (its probes failing) holds its verdict; it
                 # looks again each probe interval as its health moves.
                 verdict = s.expire(
-                    now, cfg.probe_timeout, self.awareness.score + 1, cfg.probe_interval
+                    now, cfg.probe_timeout, self.awareness.factor, cfg.probe_interval
                 )
             else:
                 verdict = s.expire(now, cfg.probe_timeout)

@@ -190,7 +190,7 @@ class Prober:
 
     def start(self, now: float) -> None:
         cfg = self.config
-        # Lifeguard stretches both by our awareness (Awareness.scale, its factor read once).
+        # Lifeguard stretches both by our awareness.
         factor = self.awareness.factor if cfg.lifeguard else 1
         interval = cfg.probe_interval * factor
         self.next_probe = now + interval

@@ -130,7 +130,7 @@ def coordinate(vec: tuple[float, ...], error: float, height: float) -> Coordinat
 _PACKINGS: dict[int, struct.Struct] = {}
 
 
-def packing(dimensionality: int) -> struct.Struct:
+def _packing(dimensionality: int) -> struct.Struct:
     """The layout of one coordinate of ``dimensionality`` in :class:`Placements`."""
     s = _PACKINGS.get(dimensionality)
     if s is None:
@@ -157,7 +157,7 @@ class Placements:
     __slots__ = ("_free", "_layout", "_slots", "_values", "_width")
 
     def __init__(self, dimensionality: int) -> None:
-        self._layout = packing(dimensionality)
+        self._layout = _packing(dimensionality)
         self._width = dimensionality + 2
         self._slots: dict[str, int] = {}
         self._values = array("d")
@@ -188,8 +188,9 @@ class Placements:
     def get(self, member: str) -> Coordinate | None:
         """The coordinate kept for ``member``, None when there is none."""
         k = self._slots.get(member)
-        if k is None:
-            return None
+        return None if k is None else self._at(k)
+
+    def _at(self, k: int) -> Coordinate:
         values = self._layout.unpack_from(self._values, 8 * self._width * k)
         return coordinate(values[:-2], values[-2], values[-1])
 
@@ -213,7 +214,7 @@ class Placements:
 
     def coordinates(self) -> dict[str, Coordinate]:
         """Every member's coordinate, in a new dict."""
-        return {m: c for m in self._slots if (c := self.get(m)) is not None}
+        return {m: self._at(k) for m, k in self._slots.items()}
 
 
 def within(c: Coordinate, cfg: VivaldiConfig = DEFAULT_CONFIG) -> bool:
