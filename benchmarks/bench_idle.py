@@ -12,9 +12,10 @@ and its resident memory (VmRSS, sampled every ``--sample`` seconds).
 
 Reported per agent: CPU as % of one core over the window (median and max over
 agents) and peak RSS in MB (median and max over agents).  The same is reported
-for a baseline: idle ``python -c`` processes that import aiohttp, cryptography
-and msgpack and sleep, the interpreter's floor.  Gossip traffic (messages and
-bytes sent, from each agent's /metrics) is read before and after the window.
+for a baseline: idle ``python -c`` processes that import asyncio, ssl,
+httptools, cryptography and msgpack and sleep, the interpreter's floor.
+Gossip traffic (messages and bytes sent, from each agent's /metrics) is read
+before and after the window.
 
 All agents share 2 cores, so this is the cost of the protocol itself with no
 traffic; nothing else is happening in the mesh.
@@ -70,7 +71,7 @@ CLUSTER = "bench"
 START_BATCH = 8
 BASELINE_CODE = (
     "import sys, time\n"
-    "import aiohttp, aiohttp.web, cryptography, cryptography.x509, msgpack\n"
+    "import asyncio, ssl, httptools, cryptography, cryptography.x509, msgpack\n"
     "print('baseline ready', file=sys.stderr, flush=True)\n"
     "time.sleep(float(sys.argv[1]))\n"
 )
@@ -356,7 +357,7 @@ def main() -> int:
             "reference": f"meshd agent, reference tree {ref_tree.name if ref_tree else ''}",
             "Serf": "Serf agent",
             "interpreter": "interpreter only (python -c)",
-            "floor": "floor: + aiohttp, cryptography, msgpack",
+            "floor": "floor: + asyncio, ssl, httptools, cryptography, msgpack",
             "imports": "imports: + the agent's modules",
             "imports (reference)": "imports, reference tree",
         }
@@ -387,7 +388,8 @@ def main() -> int:
         m = medians
         breakdown = [
             "Where an idle agent's RSS goes (medians, MB):",
-            f"- interpreter {m['interpreter']:.1f}; libraries (aiohttp, cryptography, msgpack) "
+            f"- interpreter {m['interpreter']:.1f}; libraries (asyncio, ssl, httptools,"
+            f" cryptography, msgpack) "
             f"+{m['floor'] - m['interpreter']:.1f} = floor {m['floor']:.1f}",
             f"- meshd's modules +{m['imports'] - m['floor']:.1f} = imports {m['imports']:.1f}",
             f"- the running agent (sockets, TLS, state, {args.nodes - 1} peers) "

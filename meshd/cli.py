@@ -17,14 +17,13 @@ order), as ``X-Consul-Token``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -530,44 +529,14 @@ def _cmd_ca_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-#: The variables through which OpenSSL finds the system's CA certificates.
-_CA_BUNDLE_ENVS = ("SSL_CERT_FILE", "SSL_CERT_DIR")
-
-
-@contextlib.contextmanager
-def _without_system_ca_bundle() -> Iterator[None]:
-    """Import aiohttp in here and its import-time TLS contexts load no CA certificates.
-
-    aiohttp builds two client contexts when it is imported, each loading the
-    system's whole CA bundle: about 2 MB of an idle agent's memory
-    (benchmarks/RESULTS.md), for a client the agent uses only for HTTP health
-    checks, which bring their own context (meshd/agent/checks.py).  Should
-    anything else use aiohttp's defaults, an https URL fails verification: it
-    fails closed.  The environment is restored before the agent starts, and
-    nothing changes when aiohttp was already imported.
-    """
-    saved = {name: os.environ.get(name) for name in _CA_BUNDLE_ENVS}
-    for name in _CA_BUNDLE_ENVS:
-        os.environ[name] = os.devnull
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _cmd_agent(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(vars(args))
     except ConfigError as exc:
         raise CommandError(str(exc), EXIT_USAGE) from None
-    # Imported here: the runtime pulls in aiohttp and the protocol core, which
-    # the client commands do not need and should not wait for.
-    with _without_system_ca_bundle():
-        from meshd.agent.run import run_agent
+    # Imported here: the runtime pulls in the API server and the protocol
+    # core, which the client commands do not need and should not wait for.
+    from meshd.agent.run import run_agent
 
     return run_agent(cfg)
 

@@ -19,10 +19,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from meshd.api.app import create_app
 from tests.agents import Certs
+from tests.api_server import api_client
 from tests.fakes import FakeAgent
 
 
@@ -35,7 +36,7 @@ def agent() -> FakeAgent:
 @pytest.fixture
 async def client(agent: FakeAgent) -> AsyncIterator[TestClient]:
     """The real HTTP application over ``agent``, no API token."""
-    async with TestClient(TestServer(create_app(agent))) as c:
+    async with api_client(create_app(agent)) as c:
         yield c
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from meshd.agent.agent import Agent
 from meshd.agent.statedb import DB_FILE, StateDB
@@ -21,6 +21,7 @@ from meshd.identity import StateVerifier, create_ca, issue_node_cert, write_ca, 
 from meshd.metrics import Metrics
 from meshd.policy.policy import Policy
 from meshd.protocol.config import Config
+from tests.api_server import api_client
 
 #: What ``start_local`` takes: the node's certificate, then the CA, certificate
 #: and key files.
@@ -92,7 +93,7 @@ async def start_local(tls: TLS, state_dir: Path, policy: Policy | None = None) -
     db = StateDB.open(state_dir / DB_FILE)
     agent.attach_statedb(db)
     agent.start([])
-    client = TestClient(TestServer(create_app(agent)))
+    client = api_client(create_app(agent))
     await client.start_server()
     return Local(agent, db, client)
 

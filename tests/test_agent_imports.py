@@ -26,6 +26,9 @@ NOT_ON_THE_IDLE_PATH = {
     "difflib": "only a config file with an unknown key needs a suggestion",
     "importlib.metadata": "the version: only --version and /v1/agent/self ask",
     "meshd.gateway": "the gateway is another command",
+    "aiohttp": "the API has its own HTTP server; only HTTP health checks use aiohttp's client",
+    "multidict": "aiohttp's, never needed without it",
+    "yarl": "aiohttp's, never needed without it",
     "meshd.testing": "the harness is for tests and simulations",
 }
 
@@ -61,7 +64,7 @@ def test_the_agent_start_path_leaves_unneeded_modules_unloaded() -> None:
     loaded = {name: why for name, why in NOT_ON_THE_IDLE_PATH.items() if _loaded(modules, name)}
     assert not loaded, f"imported on the agent's start path: {loaded}"
     # The check sees what it looks for: the agent's own modules are there.
-    assert {"meshd.agent.agent", "meshd.api.consul", "aiohttp.web"} <= modules
+    assert {"meshd.agent.agent", "meshd.api.consul", "meshd.api.connection"} <= modules
 
 
 def test_each_lazy_import_still_loads_where_it_is_needed() -> None:
@@ -75,8 +78,12 @@ def test_each_lazy_import_still_loads_where_it_is_needed() -> None:
         "p = pathlib.Path(tempfile.mkdtemp()) / 'p.toml'\n"
         "p.write_text('')\n"
         "load_policy_file(p)\n"
+        "import asyncio\n"
+        "from meshd.agent.checks import _default_session\n"
+        "async def close(): await _default_session().close()\n"
+        "asyncio.run(close())\n"
     )
-    for name in ("importlib.metadata", "dns", "meshd.api.dns", "tomllib"):
+    for name in ("importlib.metadata", "dns", "meshd.api.dns", "tomllib", "aiohttp"):
         assert _loaded(modules, name), name
 
 

@@ -16,7 +16,7 @@ import math
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -26,6 +26,7 @@ from meshd.api.app import MAX_BODY_BYTES, create_app
 from meshd.api.durations import parse_duration
 from meshd.api.validation import ApiError, is_host, parse_check
 from meshd.wire import AppRecord
+from tests.api_server import ApiTestServer, api_client
 from tests.fakes import FakeAgent
 
 VALID = {"app": "orders", "address": "192.0.2.3", "port": 3500}
@@ -637,10 +638,9 @@ def _counting_resolves(agent: FakeAgent) -> list[tuple[Any, ...]]:
 
 def _hot_answers(client: TestClient) -> dict[Any, Any]:
     """The resolve handler's remembered answers (the route's bound method's owner)."""
-    assert isinstance(client.server, TestServer)
+    assert isinstance(client.server, ApiTestServer)
     for route in client.server.app.router.routes():
-        resource = route.resource
-        if route.method == "GET" and resource and resource.canonical == "/v1/resolve/{app}":
+        if route.method == "GET" and route.canonical == "/v1/resolve/{app}":
             hot: dict[Any, Any] = getattr(route.handler, "__self__")._hot  # noqa: B009
             return hot
     raise AssertionError("no resolve route")
@@ -954,7 +954,7 @@ valid_bodies = st.fixed_dictionaries(
 @given(body=st.one_of(json_values, near_valid, valid_bodies))
 async def test_random_registration_bodies_never_500(body: Any) -> None:
     agent = FakeAgent()
-    async with TestClient(TestServer(create_app(agent))) as client:
+    async with api_client(create_app(agent)) as client:
         resp = await client.put("/v1/apps/x", data=json.dumps(body))
         answer = await resp.json()
     event(f"status {resp.status}")  # shows in --hypothesis-show-statistics: both paths reached

@@ -22,8 +22,7 @@ from urllib.parse import quote
 
 import consul
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from aiohttp.test_utils import TestClient
 
 from meshd.api.access import (
     MAX_BLOCKING_QUERIES,
@@ -35,8 +34,10 @@ from meshd.api.access import (
     require_token,
 )
 from meshd.api.app import BLOCKING_KEY, create_app
+from meshd.api.http import Headers, Request, Response, json_response
 from meshd.metrics import Metrics
 from tests.agents import AgentProc, Certs, meshd_cmd, run_meshd, wait_until
+from tests.api_server import api_client
 from tests.fakes import FakeAgent
 
 TOKEN = "s3cr3t-Token+/="
@@ -64,7 +65,7 @@ def agent(agent: FakeAgent) -> FakeAgent:
 
 @pytest.fixture
 async def client(agent: FakeAgent) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(create_app(agent, api_token=TOKEN))) as c:
+    async with api_client(create_app(agent, api_token=TOKEN)) as c:
         yield c
 
 
@@ -235,12 +236,12 @@ async def test_a_write_route_added_later_is_protected_by_default(agent: FakeAgen
     app = create_app(agent, api_token=TOKEN)
     reached: list[str] = []
 
-    async def revoke(request: web.Request) -> web.Response:
+    async def revoke(request: Request) -> Response:
         reached.append(request.method)
-        return web.json_response({"ok": True})
+        return json_response({"ok": True})
 
     app.router.add_post("/v1/revocations", revoke)
-    async with TestClient(TestServer(app)) as c:
+    async with api_client(app) as c:
         status, _, text = await send(c, "POST", "/v1/revocations", {"serial": 1})
         assert_refusal(status, "application/json", text, True, MISSING_TOKEN)
         assert reached == []
@@ -252,13 +253,13 @@ async def test_a_write_route_added_later_is_protected_by_default(agent: FakeAgen
 
 
 async def test_without_a_token_configured_writes_are_open(agent: FakeAgent) -> None:
-    async with TestClient(TestServer(create_app(agent))) as c:
+    async with api_client(create_app(agent)) as c:
         status, _, _ = await send(c, "DELETE", "/v1/apps/web-1", None)
         assert status == 200 and agent.calls == ["deregister web-1"]
 
 
-def request_with(path: str = "/v1/apps/x", **headers: str) -> web.Request:
-    return make_mocked_request("PUT", path, headers=headers)
+def request_with(path: str = "/v1/apps/x", **headers: str) -> Request:
+    return Request("PUT", path, Headers({k.lower(): v for k, v in headers.items()}))
 
 
 @pytest.mark.parametrize(
@@ -296,7 +297,7 @@ async def test_token_comparison_survives_any_presented_value(
 
 def test_misuse_raises() -> None:
     with pytest.raises(ValueError):
-        require_token("", Metrics(), lambda r, s, m: web.Response())
+        require_token("", Metrics(), lambda r, s, m: Response())
     with pytest.raises(ValueError):
         BlockingQueries(Metrics(), 0)
     assert BlockingQueries(Metrics()).limit == MAX_BLOCKING_QUERIES
@@ -372,7 +373,7 @@ async def test_blocking_queries_past_the_cap_get_503_and_others_still_answer() -
     agent.seed()
     app = create_app(agent, max_blocking_queries=2)
     cap = app[BLOCKING_KEY]
-    async with TestClient(TestServer(app)) as c:
+    async with api_client(app) as c:
         index = agent.index
         native = f"/v1/resolve/web?index={index}&wait=20s"
         consul_blocking = f"/v1/health/service/web?index={index + 1}&wait=20s"
@@ -424,7 +425,7 @@ async def test_a_failing_blocking_query_frees_its_slot() -> None:
         raise RuntimeError("boom")
 
     agent.wait_for_index = broken  # type: ignore[method-assign]
-    async with TestClient(TestServer(app)) as c:
+    async with api_client(app) as c:
         for _ in range(3):
             assert (await c.get("/v1/resolve/web?index=1")).status == 500
         assert app[BLOCKING_KEY].in_flight == 0

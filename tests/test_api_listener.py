@@ -1,6 +1,6 @@
 """The API's listener caps open connections (meshd/api/listener.py).
 
-A small aiohttp app behind ``CappedSite`` on 127.0.0.1 with a cap of 4: idle
+A small application behind ``ApiListener`` on 127.0.0.1 with a cap of 4: idle
 connections are counted from the accept on, the one over the cap gets a 503
 (plain HTTP) or is closed before any TLS work, a TLS handshake that never
 comes is closed after its timeout, and every ended connection is released,
@@ -17,10 +17,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
-from meshd.api.listener import CappedSite
+from meshd.api.connection import HttpConnection
+from meshd.api.http import Request, Response, json_response
+from meshd.api.listener import ApiListener
+from meshd.api.routes import Application
 from tests.fakes import until, write_node_pki
 
 CAP = 4
@@ -34,28 +35,25 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, str, s
 @pytest.fixture
 async def serve(
     pki: dict[str, tuple[str, str, str]],
-) -> AsyncIterator[Callable[..., asyncio.Future[tuple[CappedSite, int, list[str]]]]]:
-    runners: list[web.AppRunner] = []
+) -> AsyncIterator[Callable[..., asyncio.Future[tuple[ApiListener, int, list[str]]]]]:
+    listeners: list[ApiListener] = []
 
     async def start(
         tls: bool = False, per_address: int = CAP, loopback_exempt: bool = True
-    ) -> tuple[CappedSite, int, list[str]]:
-        async def hello(request: web.Request) -> web.Response:
-            return web.json_response({"ok": True})
+    ) -> tuple[ApiListener, int, list[str]]:
+        async def hello(request: Request) -> Response:
+            return json_response({"ok": True})
 
-        app = web.Application()
+        app = Application()
         app.router.add_get("/hello", hello)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        runners.append(runner)
         ctx = None
         if tls:
             _, cert, key = pki["api"]
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(cert, key)
         refused: list[str] = []
-        site = CappedSite(
-            runner,
+        site = ApiListener(
+            app,
             "127.0.0.1",
             0,
             ssl_context=ctx,
@@ -66,12 +64,13 @@ async def serve(
             on_refused=refused.append,
         )
         await site.start()
-        port = runner.addresses[0][1]
+        listeners.append(site)
+        port = site.address[1]
         return site, port, refused
 
     yield start  # type: ignore[misc]
-    for r in runners:
-        await r.cleanup()
+    for listener in listeners:
+        await listener.close()
 
 
 def client_ctx(pki: dict[str, tuple[str, str, str]]) -> ssl.SSLContext:
@@ -203,22 +202,23 @@ def test_the_agent_raises_its_open_files_limit_to_the_hard_one(hard: int) -> Non
 
 async def test_requests_sent_with_the_handshake_are_all_answered(serve, pki, monkeypatch) -> None:
     """A TLS client's first requests can arrive with the end of its handshake,
-    before the listener hands the connection to aiohttp: none is lost."""
+    before the listener hands the connection to its HTTP handler: none is lost."""
     site, port, _ = await serve(tls=True)
     calls: list[str] = []
     for name in ("connection_made", "data_received"):
-        method = getattr(RequestHandler, name)
+        method = getattr(HttpConnection, name)
 
-        def record(self: RequestHandler, *args: Any, _name: str = name, _m: Any = method) -> Any:
+        def record(self: HttpConnection, *args: Any, _name: str = name, _m: Any = method) -> Any:
             calls.append(_name)
             return _m(self, *args)
 
-        monkeypatch.setattr(RequestHandler, name, record)
+        monkeypatch.setattr(HttpConnection, name, record)
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx(pki))
     request = b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n"
     writer.write(request * 199 + b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     answer = await asyncio.wait_for(reader.read(), 5)
     assert answer.count(b"HTTP/1.1 200 OK") == 200
-    assert calls[0] == "connection_made" and "data_received" in calls  # aiohttp's order
+    # The order a protocol is told: the connection, then its data.
+    assert calls[0] == "connection_made" and "data_received" in calls
     writer.close()
     await until(lambda: site.open == 0, "released")

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.utils import (
@@ -31,6 +30,7 @@ from hypothesis import strategies as st
 
 from meshd import revocation, wire
 from meshd.api.app import create_app
+from meshd.api.listener import ApiListener
 from meshd.cli import main
 from meshd.identity import CA, create_ca, issue_node_cert
 from meshd.revocation import (
@@ -49,6 +49,7 @@ from meshd.revocation import (
     verify_revocation_list,
 )
 from meshd.wire import Rejection
+from tests.api_server import api_client
 from tests.fakes import FakeAgent
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
@@ -459,7 +460,7 @@ def fake(ca: CA) -> FakeAgent:
 
 @pytest.fixture
 async def client(fake: FakeAgent) -> AsyncIterator[TestClient]:
-    async with TestClient(TestServer(create_app(fake))) as c:
+    async with api_client(create_app(fake)) as c:
         yield c
 
 
@@ -542,14 +543,12 @@ async def test_api_foreign_list_names_the_reason(
 
 @pytest.fixture
 async def api_url(fake: FakeAgent) -> AsyncIterator[str]:
-    runner = web.AppRunner(create_app(fake))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    listener = ApiListener(create_app(fake), "127.0.0.1", 0)
+    await listener.start()
     try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+        yield f"http://127.0.0.1:{listener.address[1]}"
     finally:
-        await runner.cleanup()
+        await listener.close()
 
 
 async def run(*argv: str) -> int:

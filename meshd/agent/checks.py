@@ -32,11 +32,15 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from meshd.agent.interface import HEALTH, CheckSpec
+
+if TYPE_CHECKING:
+    # Imported where a probe needs it: an agent without HTTP checks never
+    # loads aiohttp's client (benchmarks/idle-memory.md).
+    import aiohttp
 
 log = logging.getLogger("meshd.checks")
 
@@ -47,7 +51,7 @@ MAX_PROBE_TIMEOUT = 10.0
 USER_AGENT = "meshd health check"
 
 StatusCallback = Callable[[str, str], None]
-SessionFactory = Callable[[], aiohttp.ClientSession]
+SessionFactory = Callable[[], "aiohttp.ClientSession"]
 
 
 def probe_timeout(interval: float) -> float:
@@ -285,6 +289,8 @@ class CheckRunner:
             await asyncio.sleep(max(0.0, spec.interval - (time.monotonic() - started)))
 
     async def _probe_http(self, url: str, timeout: float) -> tuple[str, str]:
+        import aiohttp
+
         if self._session is None:
             self._session = self._session_factory()
         try:
@@ -312,14 +318,14 @@ class CheckRunner:
 
 
 def _default_session() -> aiohttp.ClientSession:
+    import aiohttp
+
     # A fresh connection per probe (as Consul does): a pooled keep-alive
     # connection could keep passing while the app no longer accepts new ones,
     # and idle sockets to every local app are a cost for nothing.  Proxy
     # variables are ignored: a probe of a local app must not go via a proxy.
-    # An explicit context, verifying against the system's CA certificates as
-    # aiohttp's default would: ``meshd agent`` imports aiohttp without them
-    # (meshd/cli.py, _without_system_ca_bundle), and only agents that run an
-    # HTTP check pay for loading them, once, here.
+    # An explicit context, verifying against the system's CA certificates,
+    # with HTTP/1.1 offered by ALPN.
     tls = ssl.create_default_context()
     tls.set_alpn_protocols(["http/1.1"])
     return aiohttp.ClientSession(

@@ -34,8 +34,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from meshd.agent.config import AgentConfig, ConfigError, is_loopback, read_token_file
 from meshd.agent.rotation import CertificateRotator
 from meshd.agent.statedb import StateDB, StateError, ensure_state_dir
@@ -49,7 +47,7 @@ from meshd.agent.transport import (
 from meshd.api.listener import (
     MAX_API_CONNECTIONS,
     MAX_API_CONNECTIONS_PER_ADDRESS,
-    CappedSite,
+    ApiListener,
 )
 from meshd.identity import (
     IdentityError,
@@ -81,7 +79,7 @@ log = logging.getLogger("meshd.agent")
 #: applies within this (the issue asks for within a second).
 POLICY_POLL_INTERVAL = 0.25
 #: Seconds a request may still run once the agent stops accepting connections,
-#: before it is cut (aiohttp waits up to twice this).  Blocking queries are
+#: before it is cut.  Blocking queries are
 #: answered at once; what remains is a write waiting on the disk, whose
 #: client may retry.  Short: the state directory stays locked until then.
 API_DRAIN_TIMEOUT = 1.0
@@ -402,27 +400,20 @@ async def _serve(cfg: AgentConfig) -> int:
         # whoever reads the log.
         app = create_app(agent, api_token=api_token)
 
-        async def release_blocked_queries(app: web.Application) -> None:
-            # on_shutdown runs after the listener closed and before aiohttp
-            # waits for the requests in progress.
-            agent.stop_waiting()
-
-        app.on_shutdown.append(release_blocked_queries)
-        runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=API_DRAIN_TIMEOUT
-        )
-        await runner.setup()
-        cleanup.append(runner.cleanup)
-        site = CappedSite(
-            runner, cfg.api[0], cfg.api[1], ssl_context=api_ctx, on_refused=_api_refusal(metrics)
+        # on_shutdown runs after the listener stopped accepting and before it
+        # waits for the requests in progress.
+        app.on_shutdown.append(lambda app: agent.stop_waiting())
+        api_listener = ApiListener(
+            app, cfg.api[0], cfg.api[1], ssl_context=api_ctx, on_refused=_api_refusal(metrics)
         )
         try:
-            await site.start()
+            await api_listener.start()
         except OSError as exc:
             raise StartError(
                 f"cannot listen for the API on {_fmt(*cfg.api)}: {_why(exc)}"
             ) from None
-        api_host, api_port = runner.addresses[0][:2]
+        cleanup.append(api_listener.close)
+        api_host, api_port = api_listener.address
         dns_server, dns_bound = await _start_dns(cfg, agent, metrics)
         if dns_server is not None:
             cleanup.append(dns_server.close)
@@ -495,7 +486,7 @@ async def _serve(cfg: AgentConfig) -> int:
     try:
         # The API and DNS first: a client's wait must not hold up the leave,
         # nor the state directory a restarted agent needs.
-        await runner.cleanup()
+        await api_listener.close(API_DRAIN_TIMEOUT)
         if dns_server is not None:
             await dns_server.close()
         log.info("leaving the mesh")

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
-from aiohttp import web
-from aiohttp.typedefs import Middleware
-
+from meshd.api.http import Request, Response
+from meshd.api.routes import Handler, Middleware
 from meshd.metrics import Metrics
 
 __all__ = [
@@ -69,12 +68,11 @@ MISSING_TOKEN = (
 )
 WRONG_TOKEN = "Permission denied: the API token sent is not this agent's token"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: How a refusal is answered on the route a request matched (JSON or text).
-Refusal = Callable[[int, str, dict[str, str] | None], web.StreamResponse]
+Refusal = Callable[[int, str, dict[str, str] | None], Response]
 
 
-def presented_token(request: web.Request) -> str | None:
+def presented_token(request: Request) -> str | None:
     """The token a request carries, looked up as Consul does; None if it has none.
 
     An empty value counts as absent, as in Consul (its clients send the header
@@ -103,7 +101,7 @@ def _digest(token: str) -> bytes:
 
 
 def require_token(
-    token: str, metrics: Metrics, refuse: Callable[[web.Request, int, str], web.StreamResponse]
+    token: str, metrics: Metrics, refuse: Callable[[Request, int, str], Response]
 ) -> Middleware:
     """Middleware refusing every write that does not carry ``token`` (see the module doc).
 
@@ -115,8 +113,7 @@ def require_token(
     expected = _digest(token)
     denied = metrics.rejected.labels("api-token")
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def middleware(request: Request, handler: Handler) -> Response:
         if request.method in READ_METHODS:
             return await handler(request)
         presented = presented_token(request)
@@ -144,12 +141,12 @@ class BlockingQueries:
         self._refused = metrics.rejected.labels("blocking-queries")
 
     def guard(
-        self, handler: Handler, blocks: Callable[[web.Request], bool], refuse: Refusal
+        self, handler: Handler, blocks: Callable[[Request], bool], refuse: Refusal
     ) -> Handler:
         """``handler``, with requests for which ``blocks(request)`` holds counted against
         the cap and refused with 503 past it; other requests pass straight through."""
 
-        async def guarded(request: web.Request) -> web.StreamResponse:
+        async def guarded(request: Request) -> Response:
             if not blocks(request):
                 return await handler(request)
             if self.in_flight >= self.limit:

@@ -1,4 +1,4 @@
-"""The local HTTP API (contract: "Local HTTP API"), an aiohttp application over AgentAPI.
+"""The local HTTP API (contract: "Local HTTP API"): the application over AgentAPI.
 
 Handlers are thin: parse and validate (``validation.py``), make one agent call,
 answer JSON.  Everything that can go wrong becomes ``{"error": "<one sentence>"}``
@@ -11,7 +11,7 @@ agent's lookup, so ``meshd_lookup_seconds`` measures the index, not the network.
 An answer is encoded once per agent generation; a request whose exact path and
 query were already validated and answered in this generation (the common case:
 a sidecar asking the same question again) is served from those bytes without
-parsing its query again, so it costs little more than aiohttp's own handling.
+parsing its query again, so it costs little more than reading the request.
 """
 
 from __future__ import annotations
@@ -21,19 +21,17 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-from aiohttp.typedefs import Middleware
-from multidict import CIMultiDict
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from meshd.agent.interface import AgentAPI, StorageError
 from meshd.api.access import MAX_BLOCKING_QUERIES, BlockingQueries, require_token
 from meshd.api.consul import add_consul_routes, text_error
 from meshd.api.durations import parse_wait
+from meshd.api.http import HTTPError, Request, Response
 from meshd.api.revocations import add_revocation_routes
+from meshd.api.routes import AppKey, Application, Handler, Middleware, Route
 from meshd.api.validation import ApiError, parse_health, parse_registration
 from meshd.metrics import Metrics
 from meshd.wire import WireError, check_name
@@ -54,9 +52,9 @@ MAX_WAIT = 300.0
 UNMATCHED = "unmatched"
 
 #: Lets later additions on the same listener (the Consul subset) reach the agent.
-AGENT_KEY = web.AppKey("meshd_agent", AgentAPI)
+AGENT_KEY: AppKey[AgentAPI] = AppKey("meshd_agent")
 #: The blocking-query cap of this listener (tests read how many are waiting).
-BLOCKING_KEY = web.AppKey("meshd_blocking_queries", BlockingQueries)
+BLOCKING_KEY: AppKey[BlockingQueries] = AppKey("meshd_blocking_queries")
 
 # Compact separators: smaller answers, and slightly faster to produce.
 _dumps = functools.partial(json.dumps, separators=(",", ":"))
@@ -64,8 +62,6 @@ _INDEX = re.compile(r"[0-9]{1,20}")
 _MAX_INDEX = 2**64 - 1
 _TRUE = frozenset(("", "1", "true"))  # "" is a bare ?all, which Consul-style flags treat as set
 _FALSE = frozenset(("0", "false"))
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 #: Encoded resolve answers kept; past it the cache starts over (bounded memory
@@ -78,11 +74,13 @@ MAX_CACHED_ANSWERS = 4096
 MAX_HOT_TARGET = 320
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        body=_dumps(data).encode(), status=status, headers=headers, content_type="application/json"
+    )
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     return _json({"error": message}, status=status, headers=headers)
 
 
@@ -94,7 +92,7 @@ def _loads(raw: bytes) -> Any:
     return json.loads(raw, parse_constant=no_constants)
 
 
-async def _read_json(request: web.Request) -> Any:
+async def _read_json(request: Request) -> Any:
     raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
     if not raw.strip():
         raise ApiError(400, "request body is empty; send a JSON object")
@@ -111,50 +109,41 @@ def _name(value: str, what: str) -> str:
         raise ApiError(400, str(exc)) from None
 
 
-def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
-    """aiohttp's own refusals (no route, wrong method, body too large) as JSON errors."""
-    path = request.path[:200]
-    headers = None
-    if isinstance(exc, web.HTTPNotFound):
-        message = f"no API route matches {path}"
-    elif isinstance(exc, web.HTTPMethodNotAllowed):
-        allowed = ", ".join(sorted(exc.allowed_methods))
-        message = f"method {request.method} is not allowed on {path}; allowed: {allowed}"
-        headers = {"Allow": ",".join(sorted(exc.allowed_methods))}
-    elif isinstance(exc, web.HTTPRequestEntityTooLarge):
-        message = f"request body is larger than the limit of {MAX_BODY_BYTES} bytes"
-    else:
-        message = (exc.reason or "request refused").lower()
-    return _error(exc.status, message, headers)
+def _from_http_error(request: Request, exc: HTTPError) -> Response:
+    """The HTTP layer's own refusals (no route, wrong method, body too large) as JSON errors."""
+    if exc.status == 405:
+        allowed = sorted(exc.allowed_methods)
+        return _error(
+            405, f"{exc.message}; allowed: {', '.join(allowed)}", {"Allow": ",".join(allowed)}
+        )
+    return _error(exc.status, exc.message)
 
 
 def _errors_and_counts(metrics: Metrics) -> Middleware:
     # Children of the counter, cached by route object: labels() takes a lock and
     # builds a key on every call.  Bounded by routes x statuses, both small fixed
-    # sets; the routes aiohttp makes up for a request that matched none are new
-    # objects every time, so those are looked up by label instead.
-    counters: dict[tuple[Any, int], Any] = {}
+    # sets; the routes made up for a request that matched none are new objects
+    # every time, so those are looked up by label instead.
+    counters: dict[tuple[Route, int], Any] = {}
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def middleware(request: Request, handler: Handler) -> Response:
         try:
             response = await handler(request)
         except ApiError as exc:
             response = _error(exc.status, exc.message)
         except StorageError as exc:  # 507 full disk, 503 other; nothing was changed
             response = _error(exc.status, exc.message)
-        except web.HTTPException as exc:
-            response = _from_http_exception(request, exc)
+        except HTTPError as exc:
+            response = _from_http_error(request, exc)
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path[:200])
             response = _error(500, "internal error in the agent; its log has the details")
         route = request.match_info.route
         counter = counters.get((route, response.status))
         if counter is None:
-            resource = route.resource
-            name = UNMATCHED if resource is None else resource.canonical
+            name = route.canonical or UNMATCHED
             counter = metrics.http_requests.labels(route=name, status=str(response.status))
-            if resource is not None:
+            if route.canonical:
                 counters[(route, response.status)] = counter
         counter.inc()
         return response
@@ -177,12 +166,12 @@ class _Handlers:
         #: answered in ``_hot_generation``.  Routing and validation depend only on
         #: that string and on the policy (part of the generation), so a hit needs
         #: none of them again.  Bodies are the ones ``_answers`` holds (shared).
-        self._hot: dict[str, tuple[bytes, CIMultiDict[str]]] = {}
+        self._hot: dict[str, tuple[bytes, dict[str, str]]] = {}
         self._hot_generation: Any = None
         #: The full resolve with its blocking-query cap; set by create_app.
         self.resolve_slow: Handler = self._resolve
 
-    async def resolve(self, request: web.Request) -> web.StreamResponse:
+    async def resolve(self, request: Request) -> Response:
         started = time.perf_counter()
         generation = self.agent.generation
         if generation != self._hot_generation:
@@ -192,10 +181,10 @@ class _Handlers:
         if hot is None:
             return await self.resolve_slow(request)
         self.lookup_seconds.observe(time.perf_counter() - started)
-        # A copy: aiohttp adds Content-Length, Date and Server to the dict it is given.
-        return web.Response(body=hot[0], headers=CIMultiDict(hot[1]))
+        # The headers are shared, not copied: the connection only reads them.
+        return Response(body=hot[0], headers=hot[1])
 
-    async def register(self, request: web.Request) -> web.Response:
+    async def register(self, request: Request) -> Response:
         instance = request.match_info["instance"]
         reg = parse_registration(instance, await _read_json(request))
         try:
@@ -204,23 +193,23 @@ class _Handlers:
             raise ApiError(400, str(exc) or "the agent refused the registration") from None
         return _json({"instance": instance, "version": version})
 
-    async def deregister(self, request: web.Request) -> web.Response:
+    async def deregister(self, request: Request) -> Response:
         instance = _name(request.match_info["instance"], "instance")
         if not await self.agent.deregister(instance):
             raise ApiError(404, f"instance {instance!r} is not registered on this node")
         return _json({"instance": instance, "deregistered": True})
 
-    async def set_health(self, request: web.Request) -> web.Response:
+    async def set_health(self, request: Request) -> Response:
         instance = _name(request.match_info["instance"], "instance")
         status = parse_health(await _read_json(request))
         if not await self.agent.set_health(instance, status):
             raise ApiError(404, f"instance {instance!r} is not registered on this node")
         return _json({"instance": instance, "status": status})
 
-    async def list_apps(self, request: web.Request) -> web.Response:
+    async def list_apps(self, request: Request) -> Response:
         return _json([reg.to_json() for reg in self.agent.local_registrations()])
 
-    async def _resolve(self, request: web.Request) -> web.Response:
+    async def _resolve(self, request: Request) -> Response:
         app = _name(request.match_info["app"], "app")
         query = request.query
         # An empty parameter (?namespace=) means "not given", as in Consul.
@@ -256,7 +245,7 @@ class _Handlers:
             if len(self._answers) >= MAX_CACHED_ANSWERS:
                 self._answers.clear()  # bounded; refilled by what is asked next
             self._answers[key] = (generation, index, body)
-        headers = CIMultiDict({"Content-Type": "application/json", "X-Meshd-Index": str(index)})
+        headers = {"Content-Type": "application/json", "X-Meshd-Index": str(index)}
         target = request.raw_path
         if not index_text and len(target) <= MAX_HOT_TARGET:
             if generation != self._hot_generation:
@@ -266,24 +255,24 @@ class _Handlers:
                 self._hot.clear()  # bounded; refilled by what is asked next
             self._hot[target] = (body, headers)
         self.lookup_seconds.observe(time.perf_counter() - started)
-        return web.Response(body=body, headers=CIMultiDict(headers))
+        return Response(body=body, headers=headers)
 
-    async def members(self, request: web.Request) -> web.Response:
+    async def members(self, request: Request) -> Response:
         cluster = request.query.get("cluster") or None
         if cluster is not None:
             _name(cluster, "cluster")
         return _json([m.to_json() for m in self.agent.members(cluster)])
 
-    async def clusters(self, request: web.Request) -> web.Response:
+    async def clusters(self, request: Request) -> Response:
         return _json([c.to_json() for c in self.agent.clusters()])
 
-    async def records(self, request: web.Request) -> web.Response:
+    async def records(self, request: Request) -> Response:
         return _json(self.agent.records())
 
-    async def get_policy(self, request: web.Request) -> web.Response:
+    async def get_policy(self, request: Request) -> Response:
         return _json(self.agent.policy_json())
 
-    async def put_policy(self, request: web.Request) -> web.Response:
+    async def put_policy(self, request: Request) -> Response:
         data = await _read_json(request)
         if not isinstance(data, dict):
             raise ApiError(400, "the policy must be a JSON object")
@@ -292,7 +281,7 @@ class _Handlers:
         except ValueError as exc:  # PolicyError: one sentence naming the field
             raise ApiError(400, str(exc)) from None
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request) -> Response:
         agent = self.agent
         reason = agent.storage_error
         if reason is not None:
@@ -309,10 +298,10 @@ class _Handlers:
             )
         return _json({"status": "ok", "node": agent.node_name, "cluster": agent.cluster})
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def metrics(self, request: Request) -> Response:
         # Set as a header: the content type carries parameters, which
-        # web.Response(content_type=...) refuses.
-        return web.Response(
+        # Response(content_type=...) refuses.
+        return Response(
             body=self.agent.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
@@ -335,7 +324,7 @@ def _wait(value: str | None) -> float:
         raise ApiError(400, 'wait must be a duration such as "200ms", "30s" or "5m"') from None
 
 
-def _blocks(request: web.Request) -> bool:
+def _blocks(request: Request) -> bool:
     """A native resolve waits whenever it carries a well-formed ``index``."""
     text = request.query.get("index", "")
     return _INDEX.fullmatch(text) is not None and int(text) <= _MAX_INDEX
@@ -346,16 +335,16 @@ def create_app(
     *,
     api_token: str | None = None,
     max_blocking_queries: int = MAX_BLOCKING_QUERIES,
-) -> web.Application:
-    """The local API over ``agent``, ready for ``web.AppRunner`` or a test server.
+) -> Application:
+    """The local API over ``agent``, ready for ``meshd.api.listener.ApiListener``.
 
     With ``api_token`` every write needs it (``meshd.api.access``); without,
     the API is open, which the agent allows only on a loopback address.
     ``max_blocking_queries`` caps the blocking queries waiting at once.
     """
-    consul_routes: set[web.AbstractRoute] = set()
+    consul_routes: set[Route] = set()
 
-    def refuse(request: web.Request, status: int, message: str) -> web.StreamResponse:
+    def refuse(request: Request, status: int, message: str) -> Response:
         # Each route family answers a refusal the way it answers its other errors.
         if request.match_info.route in consul_routes:
             return text_error(status, message)
@@ -365,7 +354,7 @@ def create_app(
     if api_token is not None:
         # Inside the counting middleware, so refused writes are counted by route too.
         middlewares.append(require_token(api_token, agent.metrics, refuse))
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
+    app = Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     app[AGENT_KEY] = agent
     blocking = app[BLOCKING_KEY] = BlockingQueries(agent.metrics, max_blocking_queries)
     h = _Handlers(agent)

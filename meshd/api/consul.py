@@ -62,11 +62,9 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
-
-from aiohttp import web
 
 from meshd.agent.interface import (
     HEALTH,
@@ -79,6 +77,8 @@ from meshd.agent.interface import (
 from meshd.agent.inventory import DEREGISTER_AFTER_KEY
 from meshd.api.access import BlockingQueries
 from meshd.api.durations import parse_wait
+from meshd.api.http import HTTPError, Request, Response
+from meshd.api.routes import Application, Handler, Route
 from meshd.api.validation import ApiError, is_host, parse_registration
 from meshd.policy.gateway import ROUTE_APP, ROUTE_NAMESPACE, route_of
 from meshd.wire import AppRecord, WireError, check_name
@@ -204,8 +204,6 @@ _LEADER_HEADERS = {"X-Consul-KnownLeader": "true", "X-Consul-LastContact": "0"}
 
 _dumps = functools.partial(json.dumps, separators=(",", ":"))
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 
 def _bad(message: str) -> ApiError:
     return ApiError(400, message)
@@ -240,9 +238,9 @@ def _given(value: Any) -> bool:
     return value is not None and value != "" and value != 0 and value != [] and value != {}
 
 
-def text_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def text_error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """An error as Consul answers one: the sentence as plain text."""
-    return web.Response(
+    return Response(
         status=status, text=message, content_type="text/plain", charset="utf-8", headers=headers
     )
 
@@ -897,15 +895,15 @@ def _text_errors(handler: Handler) -> Handler:
     """Consul answers errors as plain text; the native API's middleware would answer JSON."""
 
     @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
+    async def wrapped(request: Request) -> Response:
         try:
             return await handler(request)
         except ApiError as exc:
             return text_error(exc.status, exc.message)
         except StorageError as exc:  # 507 full disk, 503 other; nothing was changed
             return text_error(exc.status, exc.message)
-        except web.HTTPRequestEntityTooLarge:
-            return text_error(413, "request body is too large")
+        except HTTPError as exc:  # the body was over the limit
+            return text_error(exc.status, exc.message)
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path[:200])
             return text_error(500, "internal error in the agent; its log has the details")
@@ -920,7 +918,7 @@ def _loads(raw: bytes) -> Any:
     return json.loads(raw, parse_constant=no_constants)
 
 
-async def _read_json(request: web.Request, what: str) -> Any:
+async def _read_json(request: Request, what: str) -> Any:
     raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
     if not raw.strip():
         raise _bad(f"request body is empty; send {what}")
@@ -944,7 +942,7 @@ class _Handlers:
 
     # -- helpers ---------------------------------------------------------------
 
-    def _namespace(self, request: web.Request) -> str | None:
+    def _namespace(self, request: Request) -> str | None:
         ns = request.query.get("ns") or request.headers.get("X-Consul-Namespace")
         return _name(ns, "namespace") if ns else None
 
@@ -962,7 +960,7 @@ class _Handlers:
         host = _split_hostport(me.address)[0]
         return host if is_host(host) and host not in ("0.0.0.0", "::") else None
 
-    async def _block(self, request: web.Request) -> None:
+    async def _block(self, request: Request) -> None:
         """Consul's blocking query: wait until the answer may differ from ``index``."""
         text = request.query.get("index")
         if not text:
@@ -980,7 +978,7 @@ class _Handlers:
         return {"X-Consul-Index": str(index + 1), **_LEADER_HEADERS}
 
     @staticmethod
-    def _filter(request: web.Request) -> Filter | None:
+    def _filter(request: Request) -> Filter | None:
         text = request.query.get("filter") or ""
         if not text.strip():
             return None
@@ -1006,7 +1004,7 @@ class _Handlers:
         agent = self.agent
         return sorted({agent.cluster, *(c.cluster for c in agent.clusters())})
 
-    def _dc(self, request: web.Request) -> str:
+    def _dc(self, request: Request) -> str:
         """``?dc=``: a cluster this agent knows of, else Consul's error."""
         dc = request.query.get("dc") or ""
         if dc and dc not in self._clusters():
@@ -1064,10 +1062,10 @@ class _Handlers:
             self._routes = (generation, gateway_routes(records))
         return self._routes[1]
 
-    def _json(self, data: Any, index: int | None = None) -> web.Response:
+    def _json(self, data: Any, index: int | None = None) -> Response:
         headers = None if index is None else self._query_headers(index)
         body = _dumps(data).encode()
-        return web.Response(body=body, content_type="application/json", headers=headers)
+        return Response(body=body, content_type="application/json", headers=headers)
 
     def _instance_for_check(self, check_id: str) -> str | None:
         """A local instance by its check's ID: custom, ``service:<ID>``, or bare ``<ID>``."""
@@ -1083,7 +1081,7 @@ class _Handlers:
 
     # -- agent -------------------------------------------------------------------
 
-    async def register(self, request: web.Request) -> web.Response:
+    async def register(self, request: Request) -> Response:
         body = await _read_json(request, "a Consul service definition")
         parsed = parse_service(body, self._namespace(request), self._own_host)
         try:
@@ -1092,9 +1090,9 @@ class _Handlers:
             raise _bad(str(exc) or "the agent refused the registration") from None
         if parsed.status is not None:
             await self.agent.set_health(parsed.registration.record.instance, parsed.status)
-        return web.Response(status=200)
+        return Response(status=200)
 
-    async def deregister(self, request: web.Request) -> web.Response:
+    async def deregister(self, request: Request) -> Response:
         service_id = request.match_info["service_id"]
         try:
             check_name(service_id, "service ID")
@@ -1103,26 +1101,26 @@ class _Handlers:
             known = False
         if not known:
             raise ApiError(404, f'unknown service ID "{service_id[:200]}" on this agent')
-        return web.Response(status=200)
+        return Response(status=200)
 
-    async def _report(self, request: web.Request, status: str, output: str = "") -> web.Response:
+    async def _report(self, request: Request, status: str, output: str = "") -> Response:
         check_id = request.match_info["check_id"]
         instance = self._instance_for_check(check_id)
         output = output or request.query.get("note", "")
         if instance is None or not await self.agent.set_health(instance, status, output):
             raise ApiError(404, f'unknown check ID "{check_id[:200]}" on this agent')
-        return web.Response(status=200)
+        return Response(status=200)
 
-    async def check_pass(self, request: web.Request) -> web.Response:
+    async def check_pass(self, request: Request) -> Response:
         return await self._report(request, "passing")
 
-    async def check_warn(self, request: web.Request) -> web.Response:
+    async def check_warn(self, request: Request) -> Response:
         return await self._report(request, "warning")
 
-    async def check_fail(self, request: web.Request) -> web.Response:
+    async def check_fail(self, request: Request) -> Response:
         return await self._report(request, "critical")
 
-    async def check_update(self, request: web.Request) -> web.Response:
+    async def check_update(self, request: Request) -> Response:
         body = await _read_json(request, 'an object such as {"Status": "passing"}')
         folded = _fold(body) if isinstance(body, dict) else {}
         status = folded.get("status")
@@ -1131,7 +1129,7 @@ class _Handlers:
         output = folded.get("output")
         return await self._report(request, status, output if isinstance(output, str) else "")
 
-    def _local(self, request: web.Request) -> list[Registration]:
+    def _local(self, request: Request) -> list[Registration]:
         ns = self._namespace(request) or "default"
         return [r for r in self.agent.local_registrations() if r.record.namespace == ns]
 
@@ -1142,12 +1140,12 @@ class _Handlers:
         out["Datacenter"] = self.agent.cluster
         return out
 
-    async def services(self, request: web.Request) -> web.Response:
+    async def services(self, request: Request) -> Response:
         f = self._filter(request)
         services = [self._agent_service(r) for r in self._local(request)]
         return self._json({s["ID"]: s for s in self._apply(f, services)})
 
-    async def service(self, request: web.Request) -> web.Response:
+    async def service(self, request: Request) -> Response:
         service_id = request.match_info["service_id"]
         for reg in self._local(request):
             if reg.record.instance == service_id:
@@ -1173,7 +1171,7 @@ class _Handlers:
             "Type": reg.check.kind,
         }
 
-    async def checks(self, request: web.Request) -> web.Response:
+    async def checks(self, request: Request) -> Response:
         f = self._filter(request)
         outputs = self.agent.check_outputs()
         out = {}
@@ -1195,7 +1193,7 @@ class _Handlers:
             "Checks": [] if check is None else [check],
         }
 
-    async def health_by_id(self, request: web.Request) -> web.Response:
+    async def health_by_id(self, request: Request) -> Response:
         """``GET /v1/agent/health/service/id/{id}``: one local instance's health,
         in the status code too (200 passing, 429 warning, 503 critical), so a
         load balancer can ask the agent without reading the body."""
@@ -1208,7 +1206,7 @@ class _Handlers:
         status = info["AggregatedStatus"]
         return _health_answer(request, _HEALTH_CODES[status], status, info)
 
-    async def health_by_name(self, request: web.Request) -> web.Response:
+    async def health_by_name(self, request: Request) -> Response:
         """``GET /v1/agent/health/service/name/{name}``: every local instance
         of the service, the code and text of the worst."""
         name = request.match_info["service_name"]
@@ -1239,7 +1237,7 @@ class _Handlers:
             "Status": _SERF_STATUS.get(m.status, 0),
         }
 
-    async def self_(self, request: web.Request) -> web.Response:
+    async def self_(self, request: Request) -> Response:
         # Dapr decodes this as map[string]map[string]any: every top-level
         # value must be an object.
         agent = self.agent
@@ -1265,12 +1263,12 @@ class _Handlers:
             }
         )
 
-    async def members(self, request: web.Request) -> web.Response:
+    async def members(self, request: Request) -> Response:
         return self._json([self._member_json(m) for m in self.agent.members()])
 
     # -- health and catalog --------------------------------------------------------
 
-    async def health_service(self, request: web.Request) -> web.Response:
+    async def health_service(self, request: Request) -> Response:
         q = request.query
         app = _name(request.match_info["service"], "service name")
         namespace = self._namespace(request) or "default"
@@ -1311,7 +1309,7 @@ class _Handlers:
             if len(self._answers) >= MAX_CACHED_ANSWERS:
                 self._answers.clear()  # bounded; refilled by what is asked next
             self._answers[key] = (generation, index, body)
-        return web.Response(
+        return Response(
             body=body, content_type="application/json", headers=self._query_headers(index)
         )
 
@@ -1328,7 +1326,7 @@ class _Handlers:
             out.append(_service_check(e, c, where, self._is_local(e)))
         return out
 
-    async def health_state(self, request: web.Request) -> web.Response:
+    async def health_state(self, request: Request) -> Response:
         state = request.match_info["state"]
         if state != "any" and state not in HEALTH:
             raise _bad("state must be any, passing, warning or critical")
@@ -1343,7 +1341,7 @@ class _Handlers:
             checks = [c for c in checks if c["Status"] == state]
         return self._json(self._apply(f, checks), index)
 
-    async def health_checks(self, request: web.Request) -> web.Response:
+    async def health_checks(self, request: Request) -> Response:
         app = _name(request.match_info["service"], "service name")
         namespace = self._namespace(request) or "default"
         dc = self._dc(request)
@@ -1355,7 +1353,7 @@ class _Handlers:
         checks = self._checks_of(rows, self._where(index), serf=False)
         return self._json(self._apply(f, checks), index)
 
-    async def health_node(self, request: web.Request) -> web.Response:
+    async def health_node(self, request: Request) -> Response:
         node = request.match_info["node"]
         namespace = self._namespace(request) or "default"
         dc = self._dc(request) or self.agent.cluster
@@ -1374,7 +1372,7 @@ class _Handlers:
             checks.insert(0, _serf_check(node, alive, reachable, where.index))
         return self._json(self._apply(f, checks), index)
 
-    async def catalog_services(self, request: web.Request) -> web.Response:
+    async def catalog_services(self, request: Request) -> Response:
         namespace = self._namespace(request) or "default"
         dc = self._dc(request)
         meta = parse_node_meta(request.query.getall("node-meta", []))
@@ -1398,7 +1396,7 @@ class _Handlers:
     def _catalog(self, rows: list[Endpoint], where: Where) -> list[dict[str, Any]]:
         return [catalog_entry(e, where) for e in rows]
 
-    async def catalog_service(self, request: web.Request) -> web.Response:
+    async def catalog_service(self, request: Request) -> Response:
         q = request.query
         app = _name(request.match_info["service"], "service name")
         namespace = self._namespace(request) or "default"
@@ -1428,7 +1426,7 @@ class _Handlers:
                 out[e.node] = _node_json(e, where)
         return [out[n] for n in sorted(out)]
 
-    async def catalog_nodes(self, request: web.Request) -> web.Response:
+    async def catalog_nodes(self, request: Request) -> Response:
         namespace = self._namespace(request) or "default"
         dc = self._dc(request) or self.agent.cluster
         meta = parse_node_meta(request.query.getall("node-meta", []))
@@ -1439,7 +1437,7 @@ class _Handlers:
         nodes = [n for n in nodes if all(n["Meta"].get(k) == v for k, v in meta.items())]
         return self._json(self._apply(f, nodes), index)
 
-    async def catalog_node(self, request: web.Request) -> web.Response:
+    async def catalog_node(self, request: Request) -> Response:
         node = request.match_info["node"]
         namespace = self._namespace(request) or "default"
         dc = self._dc(request) or self.agent.cluster
@@ -1462,10 +1460,10 @@ class _Handlers:
         kept = self._apply(f, services)
         return self._json({"Node": found, "Services": {s["ID"]: s for s in kept}}, index)
 
-    async def catalog_datacenters(self, request: web.Request) -> web.Response:
+    async def catalog_datacenters(self, request: Request) -> Response:
         return self._json(self._clusters())
 
-    async def coordinate_nodes(self, request: web.Request) -> web.Response:
+    async def coordinate_nodes(self, request: Request) -> Response:
         dc = self._dc(request) or self.agent.cluster
         await self._block(request)
         out = [
@@ -1486,7 +1484,7 @@ class _Handlers:
 
     # -- checks and maintenance ------------------------------------------------------
 
-    async def check_register(self, request: web.Request) -> web.Response:
+    async def check_register(self, request: Request) -> Response:
         body = await _read_json(request, "a Consul check definition")
         if not isinstance(body, dict):
             raise _bad("request body must be a JSON object (a Consul check definition)")
@@ -1513,9 +1511,9 @@ class _Handlers:
             raise _bad(str(exc) or "the agent refused the check") from None
         if check.status is not None:
             await self.agent.set_health(r.instance, check.status)
-        return web.Response(status=200)
+        return Response(status=200)
 
-    async def check_deregister(self, request: web.Request) -> web.Response:
+    async def check_deregister(self, request: Request) -> Response:
         # The opposite of check_register: the service stays, without a check.
         # As in Consul, a service with no check left counts as passing.
         check_id = request.match_info["check_id"]
@@ -1531,9 +1529,9 @@ class _Handlers:
             await self.agent.register(_with_check(r, meta, None))
         except ValueError as exc:
             raise _bad(str(exc) or "the agent refused the change") from None
-        return web.Response(status=200)
+        return Response(status=200)
 
-    async def maintenance(self, request: web.Request) -> web.Response:
+    async def maintenance(self, request: Request) -> Response:
         service_id = request.match_info["service_id"]
         enable = request.query.get("enable")
         if enable is None:
@@ -1542,11 +1540,11 @@ class _Handlers:
         reason = request.query.get("reason", "")[:MAX_META_VALUE_LEN]
         if not await self.agent.set_maintenance(service_id, on, reason):
             raise ApiError(404, f'unknown service ID "{service_id[:200]}" on this agent')
-        return web.Response(status=200)
+        return Response(status=200)
 
     # -- status --------------------------------------------------------------------
 
-    def _leader(self, request: web.Request) -> str:
+    def _leader(self, request: Request) -> str:
         # meshd has no leader and no servers.  Clients that probe Consul's
         # health with this call (a common readiness check) take an empty
         # answer as "no leader, cluster down" and stop, so we answer this
@@ -1557,10 +1555,10 @@ class _Handlers:
             return str(me.address)
         return request.host
 
-    async def leader(self, request: web.Request) -> web.Response:
+    async def leader(self, request: Request) -> Response:
         return self._json(self._leader(request))
 
-    async def peers(self, request: web.Request) -> web.Response:
+    async def peers(self, request: Request) -> Response:
         return self._json([self._leader(request)])
 
 
@@ -1572,25 +1570,25 @@ _HEALTH_CODES = {"passing": 200, "warning": 429, "critical": 503}
 _NO_INFO: dict[str, Any] = {"AggregatedStatus": "critical", "Service": None, "Checks": None}
 
 
-def _health_answer(request: web.Request, code: int, text: str, body: Any) -> web.Response:
+def _health_answer(request: Request, code: int, text: str, body: Any) -> Response:
     """A local health answer: the status as plain text when the client asks
     for it (``Accept: text/plain``, or ``format=text``), else ``body`` as
     JSON; ``code`` either way."""
     accept = request.headers.get("Accept", "")
     if accept.startswith("text/plain") or request.query.get("format") == "text":
-        return web.Response(status=code, text=text)
-    return web.Response(status=code, body=_dumps(body).encode(), content_type="application/json")
+        return Response(status=code, text=text)
+    return Response(status=code, body=_dumps(body).encode(), content_type="application/json")
 
 
-def _blocks(request: web.Request) -> bool:
+def _blocks(request: Request) -> bool:
     """Whether :meth:`_Handlers._block` will wait: a well-formed ``index`` above 0."""
     text = request.query.get("index", "")
     return _INDEX.fullmatch(text) is not None and 0 < int(text) <= _MAX_INDEX
 
 
 def add_consul_routes(
-    app: web.Application, agent: AgentAPI, blocking: BlockingQueries | None = None
-) -> list[web.AbstractRoute]:
+    app: Application, agent: AgentAPI, blocking: BlockingQueries | None = None
+) -> list[Route]:
     """Add the Consul-compatible routes to ``app`` (the native API's application).
 
     Routes that may block count against ``blocking``, the listener's cap on
@@ -1642,7 +1640,7 @@ def add_consul_routes(
 
 
 def _not_implemented(what: str) -> Handler:
-    async def handler(request: web.Request) -> web.Response:
+    async def handler(request: Request) -> Response:
         raise ApiError(501, f"meshd does not implement {what}; it is a discovery mesh only")
 
     return handler

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from aiohttp import web
-
 from meshd.agent.interface import AgentAPI
+from meshd.api.http import Request, Response, json_response
+from meshd.api.routes import Application
 from meshd.api.validation import ApiError
 from meshd.revocation import StaleRevocationList, verify_revocation_list
 from meshd.wire import Rejection
@@ -30,7 +30,7 @@ class _RevocationHandlers:
     def __init__(self, agent: AgentAPI) -> None:
         self.agent = agent
 
-    async def put(self, request: web.Request) -> web.Response:
+    async def put(self, request: Request) -> Response:
         # Capped by the application's client_max_size before this runs.
         body = await request.read()
         if not body.strip():
@@ -47,16 +47,16 @@ class _RevocationHandlers:
         except StaleRevocationList as exc:
             agent.metrics.rejected.labels(reason=f"crl-{exc.verdict}").inc()
             raise ApiError(409, str(exc)) from None
-        return web.json_response({"number": held.number, "revoked": len(held.serials)})
+        return json_response({"number": held.number, "revoked": len(held.serials)})
 
-    async def get(self, request: web.Request) -> web.Response:
+    async def get(self, request: Request) -> Response:
         held = self.agent.revocations()
         if held is None:
-            return web.json_response({"number": 0, "revoked": []})
-        return web.json_response(held.to_json())
+            return json_response({"number": 0, "revoked": []})
+        return json_response(held.to_json())
 
 
-def add_revocation_routes(app: web.Application, agent: AgentAPI) -> None:
+def add_revocation_routes(app: Application, agent: AgentAPI) -> None:
     """Add ``PUT`` and ``GET /v1/revocations`` to the local API ``app``.
 
     Errors are raised as ApiError and answered by the application's error
