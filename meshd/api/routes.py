@@ -147,6 +147,12 @@ class Router:
         return HTTPError(404, f"no API route matches {path[:200]}")
 
 
+def _through(middleware: Middleware, handler: Handler, request: Request) -> Awaitable[Response]:
+    # A plain function returning the middleware's coroutine: one frame fewer
+    # per middleware per request than an async wrapper.
+    return middleware(request, handler)
+
+
 class AppKey(Generic[T]):
     """A typed key for what an application holds (``app[KEY]``)."""
 
@@ -188,7 +194,7 @@ class Application:
 
     def _chain(self, handler: Handler) -> Handler:
         for middleware in reversed(self.middlewares):
-            handler = functools.partial(middleware, handler=handler)  # type: ignore[call-arg]
+            handler = functools.partial(_through, middleware, handler)
         return handler
 
     async def handle(self, request: Request) -> Response:
