@@ -29,7 +29,7 @@ from meshd.agent.interface import AgentAPI, StorageError
 from meshd.api.access import MAX_BLOCKING_QUERIES, BlockingQueries, require_token
 from meshd.api.consul import add_consul_routes, text_error
 from meshd.api.durations import parse_wait
-from meshd.api.http import HTTPError, Request, Response
+from meshd.api.http import HTTPError, Request, Response, json_response
 from meshd.api.revocations import add_revocation_routes
 from meshd.api.routes import AppKey, Application, Handler, Middleware, Route
 from meshd.api.validation import ApiError, parse_health, parse_registration
@@ -75,9 +75,7 @@ MAX_HOT_TARGET = 320
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        body=_dumps(data).encode(), status=status, headers=headers, content_type="application/json"
-    )
+    return json_response(data, status=status, headers=headers, dumps=_dumps)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -93,7 +91,7 @@ def _loads(raw: bytes) -> Any:
 
 
 async def _read_json(request: Request) -> Any:
-    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    raw = await request.read()  # a 413 (HTTPError) past client_max_size
     if not raw.strip():
         raise ApiError(400, "request body is empty; send a JSON object")
     try:

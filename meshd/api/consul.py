@@ -919,7 +919,7 @@ def _loads(raw: bytes) -> Any:
 
 
 async def _read_json(request: Request, what: str) -> Any:
-    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    raw = await request.read()  # a 413 (HTTPError) past client_max_size
     if not raw.strip():
         raise _bad(f"request body is empty; send {what}")
     try:

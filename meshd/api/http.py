@@ -18,6 +18,7 @@ own format.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator, Mapping
 from http import HTTPStatus
@@ -281,6 +282,7 @@ def json_response(
     )
 
 
+@functools.cache  # a few statuses, all set by meshd's own code
 def reason(status: int) -> str:
     """The reason phrase of a status code (``Unknown`` for one HTTP does not name)."""
     try:
