@@ -443,3 +443,26 @@ async def test_one_endless_header_is_cut_off_before_it_ends(serve: Serve) -> Non
     finally:
         writer.close()
     await _still_serving(port)
+
+
+async def test_one_read_of_many_small_requests_queues_only_a_few(serve: Serve) -> None:
+    """Thousands of tiny pipelined requests in one write are all answered, in
+    order, while at most MAX_PIPELINED plus one parser slice's worth wait."""
+    waiting: list[int] = []
+    app = Application()
+    listener, port = await serve(app)
+
+    async def count(request: Request) -> Response:
+        (conn,) = listener.serving
+        waiting.append(len(conn._pending))
+        return Response(text=request.path[1:])
+
+    app.router.add_get("/{n}", count)
+    requests = [b"GET /%d HTTP/1.1\r\n\r\n" % i for i in range(5000)]
+    raw = await _exchange(
+        port, b"".join(requests) + b"GET /end HTTP/1.1\r\nConnection: close\r\n\r\n"
+    )
+    answers = _responses(raw)
+    assert [body for _, _, body in answers] == [b"%d" % i for i in range(5000)] + [b"end"]
+    per_slice = connection.FEED_SLICE // len(requests[0]) + 1
+    assert max(waiting) <= connection.MAX_PIPELINED + per_slice

@@ -181,6 +181,9 @@ class HttpConnection(asyncio.Protocol):
         #: What to write before closing: the refusal of a request that could
         #: not be read while an earlier one was being answered.
         self._last_words = b""
+        #: Bytes read and not yet given to the parser: kept back while
+        #: MAX_PIPELINED requests wait for their answers.
+        self._unfed = b""
         #: Half-closed, reading and dropping the client's input (LINGER_*).
         self._lingering = False
         self._lingered = 0
@@ -202,13 +205,25 @@ class HttpConnection(asyncio.Protocol):
                 if self._lingered > LINGER_BYTES and self.transport is not None:
                     self.transport.close()
             return
+        if self._unfed:
+            data = self._unfed + data
+            self._unfed = b""
+        self._consume(data)
+
+    def _consume(self, data: bytes) -> None:
+        """Feed ``data`` to the parser a slice at a time, keeping back what comes
+        once MAX_PIPELINED requests wait, so one read of many small requests
+        cannot queue thousands."""
         try:
-            if len(data) <= FEED_SLICE:
+            if len(data) <= FEED_SLICE and len(self._pending) < MAX_PIPELINED:
                 self._feed(data)
             else:
                 view = memoryview(data)
                 for at in range(0, len(data), FEED_SLICE):
                     if self.closing:
+                        break
+                    if len(self._pending) >= MAX_PIPELINED:
+                        self._unfed = bytes(view[at:])  # fed as answers go out
                         break
                     self._feed(view[at : at + FEED_SLICE])
         except _Refuse as refusal:
@@ -228,6 +243,7 @@ class HttpConnection(asyncio.Protocol):
             self._stop_reading()
         except httptools.HttpParserError as exc:
             self._refuse(400, f"malformed HTTP request: {_parser_reason(exc)}")
+        self._update_reading()
 
     def _feed(self, data: bytes | memoryview) -> None:
         self.parser.feed_data(data)
@@ -319,8 +335,14 @@ class HttpConnection(asyncio.Protocol):
             # Absolute-form and asterisk-form targets name no API path.
             raise _Refuse(400, "the request target must be a path starting with /")
         length = self._fields.get("content-length")
-        # (llhttp has checked it is a number that fits 64 bits.)
-        if length is not None and length.isdigit() and int(length) > self.limit:
+        # (llhttp has checked it is a number that fits 64 bits; isascii keeps
+        # digits of other scripts, which int() would read, out all the same.)
+        if (
+            length is not None
+            and length.isascii()
+            and length.isdigit()
+            and int(length) > self.limit
+        ):
             self._too_large(request)
         if (
             self._fields.get("expect", "").lower() == "100-continue"
@@ -373,6 +395,9 @@ class HttpConnection(asyncio.Protocol):
         try:
             while pending:
                 request = self._current = pending.popleft()
+                if self._unfed and not self.closing:
+                    unfed, self._unfed = self._unfed, b""
+                    self._consume(unfed)  # may queue more; this loop answers them
                 self._update_reading()
                 try:
                     response = await self.app.handle(request)
@@ -455,7 +480,9 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self._lingering:
             return
-        wanted_pause = self._write_paused or len(self._pending) >= MAX_PIPELINED
+        wanted_pause = (
+            self._write_paused or len(self._pending) >= MAX_PIPELINED or bool(self._unfed)
+        )
         if wanted_pause and not self._read_paused:
             self._read_paused = True
             transport.pause_reading()
